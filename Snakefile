@@ -1,0 +1,18 @@
+# layerscope: labelled prompts -> per-layer activation caches -> probes, geometry, patching, figures.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/datasets.smk"
+include: "workflow/rules/activations.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,53 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Never let a test reach for the model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def copy_workflow(dest: Path) -> Path:
+    """A throwaway copy of the workflow (code, config, demo data and model) to run Snakemake in."""
+    for name in ("Snakefile", "workflow", "config", "demo", "profiles", "envs"):
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", *args]
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """Parse the 'Job stats' table of a Snakemake dry run into {rule: count} (no 'total')."""
+    counts: dict[str, int] = {}
+    lines = output.splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.split() == ["job", "count"])
+    except StopIteration:
+        return counts  # "Nothing to be done"
+    for line in lines[start + 2 :]:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO

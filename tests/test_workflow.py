@@ -1,0 +1,102 @@
+"""The Snakemake workflow as a user runs it: lint, dry run, the demo job, and what reruns after a config edit."""
+
+import re
+import subprocess
+import sys
+
+import h5py
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import copy_workflow, job_counts, run_snakemake
+
+pytestmark = pytest.mark.slow
+
+
+def test_lint_is_clean(repo):
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--lint"], cwd=repo, capture_output=True, text=True, timeout=120
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert not re.search(r"lints for|warning", out, re.IGNORECASE), out
+
+
+def test_dry_run_lists_jobs_for_default_config(tmp_path):
+    work = copy_workflow(tmp_path)
+    proc = run_snakemake(work, "-n")
+    counts = job_counts(proc.stdout)
+    config = yaml.safe_load((work / "config/config.yaml").read_text())
+    n_datasets = len(config["datasets"])
+    assert counts["prepare_dataset"] == n_datasets
+    assert counts["cache_activations"] == n_datasets * len(config["models"])
+    assert counts["layer_index"] == n_datasets * len(config["models"])
+    assert counts["extract_layer"] > 0
+
+
+def test_bad_config_fails_before_any_job(tmp_path):
+    work = copy_workflow(tmp_path)
+    cfg = yaml.safe_load((work / "config/config.yaml").read_text())
+    cfg["models"]["demo"]["layers"] = [0, 99]
+    (work / "config/config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = run_snakemake(work, "-n", check=False)
+    assert proc.returncode != 0
+    assert "models.demo.layers" in proc.stdout + proc.stderr
+    assert "99" in proc.stdout + proc.stderr
+    assert not (work / "results").exists()
+
+
+def _small_config(work, **model_overrides):
+    """The demo config narrowed to two datasets and three layers, to keep the end-to-end run short."""
+    cfg = yaml.safe_load((work / "config/config.yaml").read_text())
+    cfg["datasets"] = {k: cfg["datasets"][k] for k in ("numbers_phase2", "tasks")}
+    cfg["models"]["demo"]["layers"] = [1, 3, 5]
+    cfg["models"]["demo"].update(model_overrides)
+    cfg["activations"]["components"] = ["resid_post"]
+    return cfg
+
+
+def _write(work, cfg):
+    (work / "config/config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def test_demo_run_and_rerun_only_changed_layers(tmp_path):
+    work = copy_workflow(tmp_path)
+    cfg = _small_config(work)
+    _write(work, cfg)
+    run_snakemake(work)
+
+    for ds in ("numbers_phase2", "tasks"):
+        table = pd.read_csv(work / f"results/datasets/{ds}/prompts.csv", dtype=str, keep_default_na=False)
+        assert list(table.columns[:4]) == ["prompt_id", "text", "label", "group"]
+        for layer in (1, 3, 5):
+            with h5py.File(work / f"results/activations/demo/{ds}/layer_{layer}.h5") as f:
+                assert f.attrs["layer"] == layer
+                assert f["resid_post/mean"].shape[0] == len(table)
+                assert [p.decode() for p in f["prompt_id"][:]] == table["prompt_id"].tolist()
+
+    assert job_counts(run_snakemake(work, "-n").stdout) == {}
+
+    # Adding a layer: no forward pass, only that layer's file and the per-(model, dataset) index.
+    cfg["models"]["demo"]["layers"] = [1, 2, 3, 5]
+    _write(work, cfg)
+    assert job_counts(run_snakemake(work, "-n").stdout) == {"all": 1, "extract_layer": 2, "layer_index": 2}
+    run_snakemake(work)
+
+    # Removing a layer: only the index is rebuilt.
+    cfg["models"]["demo"]["layers"] = [1, 3, 5]
+    _write(work, cfg)
+    assert job_counts(run_snakemake(work, "-n").stdout) == {"all": 1, "layer_index": 2}
+    run_snakemake(work)
+
+    # A batch-size edit changes nothing numerically and reruns nothing.
+    cfg["models"]["demo"]["batch_size"] = 7
+    _write(work, cfg)
+    assert job_counts(run_snakemake(work, "-n").stdout) == {}
+
+    # Changing the dtype changes every cached number: everything downstream of the model reruns.
+    cfg["models"]["demo"]["dtype"] = "bfloat16"
+    _write(work, cfg)
+    counts = job_counts(run_snakemake(work, "-n").stdout)
+    assert counts == {"all": 1, "cache_activations": 2, "extract_layer": 6, "layer_index": 2}

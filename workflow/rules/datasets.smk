@@ -1,0 +1,17 @@
+# Stage 1: every dataset kind -> one normalized prompt table.
+
+
+rule prepare_dataset:
+    input:
+        lambda wc: dataset_files(dataset_spec(wc)),
+    output:
+        table="results/datasets/{dataset}/prompts.csv",
+        summary="results/datasets/{dataset}/summary.json",
+    params:
+        spec=lambda wc: stable(dataset_spec(wc)),
+    log:
+        "logs/prepare_dataset/{dataset}.log",
+    conda:
+        "../../envs/core.yaml"
+    script:
+        "../scripts/prepare_dataset.py"
