@@ -1,5 +1,6 @@
 # Config validation, target lists and small helpers shared by every stage.
 import json
+import re
 
 from snakemake.utils import validate
 
