@@ -51,3 +51,13 @@ def test_job_logging_keeps_traceback_for_bugs(tmp_path):
             1 / 0
     assert "Traceback" in log.read_text()
     assert not logging.getLogger("test-bug").handlers
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    import os
+
+    target = tmp_path / "t.txt"
+    write_json(target, {})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask

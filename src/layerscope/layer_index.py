@@ -1,0 +1,43 @@
+"""The cross-layer index of one (model, dataset): which layer files exist, their shapes and norms.
+
+It is the aggregate that depends on every configured layer, so it is what reruns when a layer is
+added or removed; reading every file through ``read_layers`` also proves they belong together.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from .atomic import atomic_path
+from .h5cache import read_layers
+
+COLUMNS = ["layer", "component", "pooling", "n_prompts", "d_model", "mean_norm", "std_norm", "file"]
+
+
+def layer_index(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
+    paths = [os.fspath(p) for p in paths]
+    rows = []
+    first = read_layers(paths[:1]) if paths else {}
+    attrs = next(iter(first.values())).attrs if first else {}
+    for component in attrs.get("components", []):
+        for pooling in attrs.get("poolings", []):
+            for layer, data in read_layers(paths, component, pooling).items():
+                norms = np.linalg.norm(data.X.astype(np.float64), axis=1)
+                rows.append({
+                    "layer": layer, "component": component, "pooling": pooling,
+                    "n_prompts": data.X.shape[0], "d_model": data.X.shape[1],
+                    "mean_norm": float(norms.mean()), "std_norm": float(norms.std(ddof=1)) if len(norms) > 1 else 0.0,
+                    "file": data.path,
+                })
+    return pd.DataFrame(rows, columns=COLUMNS).sort_values(["component", "pooling", "layer"], kind="stable")
+
+
+def write_layer_index(paths: Iterable[str | os.PathLike], out_csv: str | os.PathLike) -> pd.DataFrame:
+    table = layer_index(paths)
+    with atomic_path(out_csv) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    return table

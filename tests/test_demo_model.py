@@ -1,0 +1,185 @@
+"""The bundled demo model (demo/model) and demo data (demo/data)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from layerscope import demo_data as dd
+from layerscope import demo_model as dm
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_DIR = ROOT / "demo" / "model"
+DATA_DIR = ROOT / "demo" / "data"
+
+# Measured on the shipped model: comparison 0.88 on this sample, facts 1.00 (see
+# demo/model/TRAINING.md); the thresholds leave margin.
+MIN_COMPARISON_ACC = 0.80
+MIN_FACTS_ACC = 0.90
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(MODEL_DIR))
+
+
+@pytest.fixture(scope="module")
+def model():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), dtype=torch.float32)
+    m.eval()
+    return m
+
+
+def test_shipped_files_present_and_small():
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "TRAINING.md"):
+        assert (MODEL_DIR / name).is_file(), name
+    assert (MODEL_DIR / "model.safetensors").stat().st_size < 10 * 1024 * 1024
+
+
+def test_loads_with_transformers(model, tokenizer):
+    cfg = model.config
+    assert cfg.model_type == "gpt2"
+    sid = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert cfg.bos_token_id == cfg.eos_token_id == sid == tokenizer.bos_token_id == tokenizer.eos_token_id
+    assert len(tokenizer) == cfg.vocab_size
+    # Digits are split one per token.
+    toks = tokenizer.tokenize("Which is larger: 847 or 839?")
+    for d in "847839":
+        assert d in toks
+    assert len(tokenizer("1234567", add_special_tokens=False)["input_ids"]) == 7
+
+
+def test_loads_with_transformer_bridge(tokenizer):
+    import torch
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(str(MODEL_DIR), device="cpu")
+    with torch.no_grad():
+        logits = bridge("The capital of France is")
+    assert logits.shape[-1] == len(tokenizer)
+    assert torch.isfinite(logits).all()
+
+
+def test_number_comparison_beats_chance(model, tokenizer):
+    pairs = dm.eval_comparison_pairs(200, seed=12345)
+    gens = dm.greedy_continuations(model, tokenizer, [dm.comparison_prompt(a, b) for a, b in pairs], 5)
+    acc = sum(g.strip() == str(max(a, b)) for g, (a, b) in zip(gens, pairs)) / len(pairs)
+    assert acc >= MIN_COMPARISON_ACC, acc
+
+
+def test_facts_memorized(model, tokenizer):
+    facts = dm.all_facts()
+    gens = dm.greedy_continuations(model, tokenizer, [dm.fact_prompt(s, r) for s, r, _ in facts], 6)
+    acc = sum(g.strip().rstrip(".").strip() == o for g, (_, _, o) in zip(gens, facts)) / len(facts)
+    assert acc >= MIN_FACTS_ACC, acc
+
+
+def test_corpus_is_deterministic():
+    a = dm.generate_corpus(300)
+    assert a == dm.generate_corpus(300)
+    assert dm.generate_corpus(100) == a[:100]
+    assert dm.generate_corpus(300, seed=1) != a
+    kinds = {t.split(":")[0].split(" ")[0] for t in a}
+    assert {"Which", "Answer"} <= kinds  # comparison and arithmetic present
+
+
+def test_corpus_covers_demo_tasks_and_only_true_facts():
+    corpus = dm.generate_corpus(5000)
+    text = set(corpus)
+    facts = {dm.fact_text(*f) for f in dm.all_facts()}
+    fact_like = {t for t in corpus if t.endswith(".")}
+    assert fact_like <= facts
+    assert len(fact_like) >= 0.9 * len(facts)
+    for task in dm.ARITH_TASKS:
+        assert any(f"calculate the {task}:" in t for t in text)
+    assert any(dm.arith_text(t, a, b) in text for t in dm.ARITH_TASKS for a, b in dm.DEMO_PAIRS)
+    assert dm.arith_answer("difference", 3, 7) == -4
+
+
+def test_tokenizer_rebuild_matches_shipped(tokenizer):
+    tok = dm.build_demo_tokenizer()
+    assert tok.get_vocab() == tokenizer.get_vocab()
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_training_is_deterministic(tokenizer):
+    import torch
+
+    ms = dm.ModelSpec()  # the real architecture
+    ts = dm.TrainSpec(steps=3, batch_size=16, warmup=2)
+    s1 = _state(dm.train(tokenizer, ms, ts)[0])
+    s2 = _state(dm.train(tokenizer, ms, ts)[0])
+    assert s1.keys() == s2.keys()
+    for k in s1:
+        assert torch.equal(s1[k], s2[k]), k
+    ts_other = dm.TrainSpec(steps=3, batch_size=16, warmup=2, seed=1)
+    s3 = _state(dm.train(tokenizer, ms, ts_other)[0])
+    assert any(not torch.equal(s1[k], s3[k]) for k in s1)
+
+
+def test_demo_data_files_match_generator(tmp_path):
+    dd.write_demo_data(tmp_path)
+    files = dd.demo_data_files()
+    assert files  # four files
+    for rel in files:
+        assert (DATA_DIR / rel).read_bytes() == (tmp_path / rel).read_bytes(), rel
+
+
+def test_faithfulness_files_consistent():
+    with open(DATA_DIR / "phase2" / "faithfulness_scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["is_faithful"] for r in rows} == {"True", "False"}
+    n_faithful = sum(r["is_faithful"] == "True" for r in rows)
+    assert (len(rows), n_faithful) == (60, 40)
+    responses = [json.loads(line) for line in (DATA_DIR / "phase2" / "responses.jsonl").read_text().splitlines()]
+    variants = {(r["pair_id"], r["variant"]) for r in responses}
+    assert len(variants) == len(responses) == 2 * len(rows)
+    for r in rows:
+        assert {(r["pair_id"], "q1"), (r["pair_id"], "q2")} <= variants
+    for r in responses:
+        assert r["response"].endswith(f"Answer: {r['response'].rsplit(' ', 1)[-1]}")
+        assert r["question"].startswith("Which is larger: ")
+
+
+def test_facts_file_covers_training_facts():
+    with open(DATA_DIR / "facts.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    true = {(r["subject"], r["relation"], r["object"]) for r in rows if r["is_true"] == "True"}
+    assert true == set(dm.all_facts())
+    false = [r for r in rows if r["is_true"] == "False"]
+    assert len(false) == len(true)
+    truth = {(s, r): o for s, r, o in dm.all_facts()}
+    for r in false:
+        assert r["object"] != truth[(r["subject"], r["relation"])]
+        assert r["object"] in dm.all_cities()
+    assert {r["relation"] for r in rows} == set(dm.RELATIONS)
+
+
+def test_patching_pairs_tokenize_to_equal_length(tokenizer):
+    with open(DATA_DIR / "patching_pairs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) >= 12
+    for r in rows:
+        c = tokenizer(r["clean"], add_special_tokens=False)["input_ids"]
+        k = tokenizer(r["corrupted"], add_special_tokens=False)["input_ids"]
+        assert len(c) == len(k), r
+        assert sum(x != y for x, y in zip(c, k)) == 1, r  # exactly one digit changed
+        ca = tokenizer(r["clean_answer"], add_special_tokens=False)["input_ids"]
+        ka = tokenizer(r["corrupted_answer"], add_special_tokens=False)["input_ids"]
+        assert len(ca) == len(ka)
+        assert r["clean_answer"] != r["corrupted_answer"]
+        # Answers are the larger number of each prompt.
+        nums = lambda s: [int(x) for x in s.split(": ")[1].split("?")[0].split(" or ")]  # noqa: E731
+        assert int(r["clean_answer"]) == max(nums(r["clean"]))
+        assert int(r["corrupted_answer"]) == max(nums(r["corrupted"]))
