@@ -1,0 +1,961 @@
+"""Linear probes with honest uncertainty: pure functions on arrays.
+
+The question answered per layer is "is this label linearly readable here, and how sure
+are we?", typically on small datasets (tens of examples, paired examples that must stay
+together). Everything here takes arrays (``X`` of shape ``(n, d)``, labels ``y``, optional
+``groups``) and returns plain results; nothing reads or writes files.
+
+Procedure of :func:`fit_probe`
+------------------------------
+* Probe: ``StandardScaler -> LogisticRegression`` (lbfgs, L2; multinomial for more than two
+  classes), see :func:`build_probe`.
+* Outer cross-validation: :func:`make_folds` -- ``StratifiedGroupKFold`` (stratified by label,
+  every group inside one fold), repeated ``n_repeats`` times with a different seeded shuffle.
+  ``n_splits`` is lowered to the smallest number of groups that contain a class.
+* Inner cross-validation (training fold only): a grid search over ``Cs`` with
+  ``StratifiedGroupKFold(inner_splits)`` on the training rows and their groups, scored by the
+  primary metric; ties go to the smallest C (strongest regularisation).
+* Metrics per outer fold: accuracy, balanced accuracy, AUROC, F1; summarised over all
+  folds x repeats with mean, std and a 95% interval (see "Interval" below).
+* Controls: label-permutation test, random-direction control, majority/chance baselines.
+* Final probe fitted on all data; its direction is returned in the original activation space.
+
+Interval
+--------
+The 95% interval is the *corrected repeated k-fold t-interval* (Nadeau & Bengio 2003,
+"Inference for the generalization error"; Bouckaert & Frank 2004). The ``J = n_splits *
+n_repeats`` fold scores are correlated (training sets overlap, and every repeat reuses the
+same examples), so the naive standard error ``s / sqrt(J)`` is far too small. The corrected
+variance of the mean is ``s**2 * (1/J + n_test/n_train)`` with ``s`` the std (ddof=1) of the
+fold scores and ``n_test/n_train`` the mean test/train size ratio; the interval is
+``mean +- t_{0.975, J-1} * sqrt(that)``, clipped to ``[0, 1]``. It is a heuristic correction
+(the true correlation between folds is unknown); in the simulations of both papers it was
+close to nominal where the uncorrected interval is badly too narrow. It describes the
+uncertainty of the estimated score of *this* procedure on data like this, not of one
+particular fitted probe. If every fold scores the same (e.g. AUROC 1.0 everywhere) the
+interval has zero width, which understates the uncertainty; ``notes`` then says so.
+Folds whose metric is undefined (e.g. AUROC on a test fold that lacks a class) are left
+out, and ``n`` counts the folds used.
+
+Primary metric
+--------------
+AUROC for binary labels, balanced accuracy for more than two classes (recorded as
+``primary_metric``). The permutation test and random-direction control use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from collections import Counter
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import sklearn
+from scipy import stats
+from scipy.stats import rankdata
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+
+# (imported eagerly: BLAS/OpenMP libraries loaded *inside* a threadpool_limits block are not
+# limited, and their idle worker threads then spin and slow every small fit ~10x)
+
+from .errors import InputError
+
+__all__ = [
+    "METRICS",
+    "ProbeInputError",
+    "ProbeResult",
+    "build_probe",
+    "cross_dataset_matrix",
+    "effective_n_splits",
+    "fit_probe",
+    "fold_metrics",
+    "interpret",
+    "make_folds",
+    "summary_rows",
+]
+
+METRICS: tuple[str, ...] = ("accuracy", "balanced_accuracy", "auroc", "f1")
+
+CI_METHOD = (
+    "corrected repeated k-fold t-interval (Nadeau & Bengio 2003): "
+    "mean +- t(0.975, J-1) * sqrt(s^2 * (1/J + n_test/n_train)) over J correlated fold scores, "
+    "clipped to [0, 1]"
+)
+
+_MAX_FOLD_ATTEMPTS = 20
+
+
+class ProbeInputError(InputError, ValueError):
+    """Arrays given to a probe function cannot be used (shape, labels, groups, settings)."""
+
+
+# --------------------------------------------------------------------------------------
+# input handling
+# --------------------------------------------------------------------------------------
+
+
+def _py(v: Any) -> Any:
+    """numpy scalar -> plain Python scalar (labels, counts)."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _check_X(X: Any, name: str = "X") -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2:
+        raise ProbeInputError(f"{name} must be 2-D (n_samples, n_features), got shape {X.shape}")
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        raise ProbeInputError(f"{name} is empty (shape {X.shape})")
+    if not np.all(np.isfinite(X)):
+        raise ProbeInputError(f"{name} contains NaN or infinite values")
+    return X
+
+
+def _check_labels(y: Any, n: int, name: str = "y") -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1 or y.shape[0] != n:
+        raise ProbeInputError(f"{name} must be 1-D with {n} entries (one per row of X), got shape {y.shape}")
+    if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
+        raise ProbeInputError(f"{name} contains NaN")
+    if y.dtype.kind == "O":
+        if any(v is None for v in y):
+            raise ProbeInputError(f"{name} contains None")
+    return y
+
+
+def _check_groups(groups: Any, n: int) -> np.ndarray:
+    """Groups -> integer codes 0..G-1 (None: every row is its own group)."""
+    if groups is None:
+        return np.arange(n)
+    g = _check_labels(groups, n, "groups")
+    _, codes = np.unique(g, return_inverse=True)
+    return codes.astype(np.int64)
+
+
+def _encode(y: np.ndarray, positive_class: Any = None) -> tuple[np.ndarray, list]:
+    """Labels -> integer codes and the class list in code order.
+
+    Classes are sorted; for binary labels the positive class is moved last, so code 1 is
+    always the positive class (default: the last class in sorted order).
+    """
+    classes = list(np.unique(y))
+    if len(classes) < 2:
+        raise ProbeInputError(f"y has a single class ({_py(classes[0])!r}); a probe needs at least 2")
+    if positive_class is not None:
+        if len(classes) != 2:
+            raise ProbeInputError("positive_class only applies to binary labels")
+        matches = [c for c in classes if c == positive_class]
+        if not matches:
+            raise ProbeInputError(
+                f"positive_class {positive_class!r} is not one of the classes {[_py(c) for c in classes]}"
+            )
+        classes = [c for c in classes if not c == positive_class] + matches
+    lookup = {c: i for i, c in enumerate(classes)}
+    codes = np.fromiter((lookup[v] for v in y), dtype=np.int64, count=len(y))
+    return codes, [_py(c) for c in classes]
+
+
+def _groups_per_class(codes: np.ndarray, gcodes: np.ndarray, k: int) -> np.ndarray:
+    return np.array([np.unique(gcodes[codes == c]).size for c in range(k)], dtype=np.int64)
+
+
+def effective_n_splits(y: Any, groups: Any = None, n_splits: int = 5) -> int:
+    """The number of outer folds actually used: ``min(n_splits, fewest groups holding a class)``.
+
+    Raises :class:`ProbeInputError` if some class occurs in fewer than 2 groups (then no
+    split can put that class into both a training and a test fold).
+    """
+    y = np.asarray(y)
+    gcodes = _check_groups(groups, len(y))
+    codes, classes = _encode(_check_labels(y, len(y)))
+    gpc = _groups_per_class(codes, gcodes, len(classes))
+    if gpc.min() < 2:
+        bad = {str(classes[c]): int(gpc[c]) for c in range(len(classes)) if gpc[c] < 2}
+        raise ProbeInputError(
+            f"every class needs examples in at least 2 groups for grouped cross-validation; "
+            f"groups per class: {bad}"
+        )
+    if n_splits < 2:
+        raise ProbeInputError(f"n_splits must be >= 2, got {n_splits}")
+    return int(min(n_splits, gpc.min()))
+
+
+# --------------------------------------------------------------------------------------
+# folds
+# --------------------------------------------------------------------------------------
+
+
+def _derived_seed(*parts: int) -> int:
+    """A 32-bit seed derived from integer parts (independent streams per repeat/fold/attempt)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _fold_ids_once(codes: np.ndarray, gcodes: np.ndarray, n_splits: int, random_state: int) -> np.ndarray:
+    ids = np.full(len(codes), -1, dtype=np.int64)
+    cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=random_state)
+    with warnings.catch_warnings():
+        # "least populated class has only N members": expected with grouped small data
+        warnings.simplefilter("ignore", UserWarning)
+        for f, (_, test) in enumerate(cv.split(np.zeros((len(codes), 1)), codes, gcodes)):
+            ids[test] = f
+    return ids
+
+
+def _folds_ok(codes: np.ndarray, ids: np.ndarray, k: int) -> tuple[bool, bool]:
+    """(every training fold has every class, every test fold has every class)."""
+    train_ok = test_ok = True
+    for f in range(int(ids.max()) + 1):
+        te = ids == f
+        if np.unique(codes[~te]).size < k:
+            train_ok = False
+        if np.unique(codes[te]).size < k:
+            test_ok = False
+    return train_ok, test_ok
+
+
+def _make_fold_ids(
+    codes: np.ndarray, gcodes: np.ndarray, k: int, n_splits: int, n_repeats: int, seed: int, tag: int = 0
+) -> tuple[np.ndarray, list[int]]:
+    """Fold ids (n_repeats, n) and the random_state used per repeat.
+
+    The shuffle of repeat ``r`` uses ``random_state = derived(seed, tag, r, attempt)``; the
+    first attempt whose folds all contain every class is kept (a later attempt is only
+    needed for awkward group structures). If none does within a few attempts, folds whose
+    *test* part lacks a class are accepted (their AUROC is undefined); a *training* part
+    lacking a class is an error.
+    """
+    out = np.empty((n_repeats, len(codes)), dtype=np.int64)
+    states: list[int] = []
+    for r in range(n_repeats):
+        fallback = None
+        for attempt in range(_MAX_FOLD_ATTEMPTS):
+            rs = _derived_seed(seed, tag, r, attempt)
+            ids = _fold_ids_once(codes, gcodes, n_splits, rs)
+            train_ok, test_ok = _folds_ok(codes, ids, k)
+            if train_ok and test_ok:
+                break
+            if train_ok and fallback is None:
+                fallback = (ids, rs)
+        else:
+            if fallback is None:
+                raise ProbeInputError(
+                    f"could not build {n_splits} grouped folds in which every training part holds every "
+                    f"class; use fewer n_splits or check the groups"
+                )
+            ids, rs = fallback
+        out[r] = ids
+        states.append(rs)
+    return out, states
+
+
+def make_folds(
+    y: Any, groups: Any = None, *, n_splits: int = 5, n_repeats: int = 3, seed: int = 0
+) -> np.ndarray:
+    """Outer fold assignment used by :func:`fit_probe`: int array ``(n_repeats, n)``.
+
+    ``out[r, i]`` is the test fold of row ``i`` in repeat ``r`` (``0 .. n_splits_eff-1``,
+    with ``n_splits_eff = effective_n_splits(y, groups, n_splits)``). Folds come from
+    ``StratifiedGroupKFold(shuffle=True)``: labels are stratified and each group lies in a
+    single fold. ``groups=None`` treats every row as its own group.
+    """
+    y = np.asarray(y)
+    n = len(y)
+    gcodes = _check_groups(groups, n)
+    codes, classes = _encode(_check_labels(y, n))
+    k_eff = effective_n_splits(y, groups, n_splits)
+    if n_repeats < 1:
+        raise ProbeInputError(f"n_repeats must be >= 1, got {n_repeats}")
+    ids, _ = _make_fold_ids(codes, gcodes, len(classes), k_eff, n_repeats, seed)
+    return ids
+
+
+# --------------------------------------------------------------------------------------
+# probe and metrics
+# --------------------------------------------------------------------------------------
+
+
+def build_probe(C: float = 1.0, max_iter: int = 1000):
+    """The probe pipeline: ``StandardScaler -> LogisticRegression(C, lbfgs, L2)``.
+
+    With more than two classes lbfgs fits the multinomial (softmax) model.
+    """
+    return make_pipeline(StandardScaler(), LogisticRegression(C=float(C), solver="lbfgs", max_iter=int(max_iter)))
+
+
+class _Fitter:
+    """Fits probes, counting (not printing) convergence warnings."""
+
+    def __init__(self, max_iter: int) -> None:
+        self.max_iter = max_iter
+        self.n_fits = 0
+        self.n_not_converged = 0
+
+    def fit(self, X: np.ndarray, y: np.ndarray, C: float):
+        model = build_probe(C, self.max_iter)
+        with sklearn.config_context(assume_finite=True, skip_parameter_validation=True), \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            model.fit(X, y)
+        self.n_fits += 1
+        if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+            self.n_not_converged += 1
+        return model
+
+
+def _auroc_binary(y01: np.ndarray, score: np.ndarray) -> float:
+    """Mann-Whitney AUROC (ties count 1/2); equals ``roc_auc_score`` up to rounding."""
+    pos = y01 == 1
+    n1 = int(pos.sum())
+    n0 = y01.size - n1
+    if n1 == 0 or n0 == 0:
+        return math.nan
+    ranks = rankdata(score, method="average")
+    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
+
+
+def fold_metrics(y_true: Any, proba: Any, k: int) -> dict[str, float]:
+    """Metrics of one test fold from integer labels ``0..k-1`` and ``predict_proba`` columns.
+
+    The prediction is the arg-max column (what ``predict`` returns). For binary labels code
+    1 is the positive class: AUROC uses ``proba[:, 1]`` and F1 is the positive-class F1.
+    For more classes AUROC is one-vs-rest macro and F1 is macro over all ``k`` classes.
+    Balanced accuracy is the mean recall over the classes present in ``y_true``. Undefined
+    values (AUROC when the fold lacks a class) are NaN; F1 of a class never true nor
+    predicted is 0. Computed with numpy (scikit-learn's metric functions cost ~10 ms of
+    input checking per call); the tests check equality with ``sklearn.metrics``.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    proba = np.asarray(proba, dtype=np.float64)
+    pred = np.argmax(proba, axis=1)
+    true_n = np.bincount(y_true, minlength=k)
+    pred_n = np.bincount(pred, minlength=k)
+    tp = np.bincount(y_true[pred == y_true], minlength=k)
+    present = true_n > 0
+    denom = true_n + pred_n
+    f1 = np.divide(2.0 * tp, denom, out=np.zeros(k), where=denom > 0)
+    out = {
+        "accuracy": float(np.mean(pred == y_true)),
+        "balanced_accuracy": float(np.mean(tp[present] / true_n[present])),
+    }
+    if not present.all():
+        out["auroc"] = math.nan
+    elif k == 2:
+        out["auroc"] = _auroc_binary(y_true, proba[:, 1])
+    else:
+        out["auroc"] = float(np.mean([_auroc_binary((y_true == c).astype(np.int64), proba[:, c]) for c in range(k)]))
+    out["f1"] = float(f1[1]) if k == 2 else float(np.mean(f1))
+    return out
+
+
+def _primary(k: int) -> str:
+    return "auroc" if k == 2 else "balanced_accuracy"
+
+
+def _score_primary(y_true: np.ndarray, model, X: np.ndarray, k: int) -> float:
+    return fold_metrics(y_true, model.predict_proba(X), k)[_primary(k)]
+
+
+def _default_C(Cs: Sequence[float]) -> float:
+    """C used when inner CV is impossible: 1.0 if in the grid, else the grid's geometric middle."""
+    if any(c == 1.0 for c in Cs):
+        return 1.0
+    return float(Cs[len(Cs) // 2])
+
+
+def _select_C(
+    X: np.ndarray,
+    codes: np.ndarray,
+    gcodes: np.ndarray,
+    k: int,
+    Cs: Sequence[float],
+    inner_splits: int,
+    seed_parts: tuple[int, ...],
+    fitter: _Fitter,
+) -> tuple[float, str]:
+    """Grid search over ``Cs`` by grouped, stratified inner CV on (X, codes) only.
+
+    Returns (C, source) with source ``"inner_cv"``, ``"single"`` (one-element grid) or
+    ``"default"`` (some class has < 2 groups here, so no inner CV is possible).
+    """
+    if len(Cs) == 1:
+        return float(Cs[0]), "single"
+    gpc = _groups_per_class(codes, gcodes, k)
+    if gpc.size < k or gpc.min() < 2:
+        return _default_C(Cs), "default"
+    n_inner = int(min(inner_splits, gpc.min()))
+    ids, _ = _make_fold_ids(codes, gcodes, k, n_inner, 1, _derived_seed(*seed_parts), tag=1)
+    ids = ids[0]
+    scores = np.full((len(Cs), n_inner), np.nan)
+    for f in range(n_inner):
+        te = ids == f
+        tr = ~te
+        if np.unique(codes[tr]).size < k or np.unique(codes[te]).size < k:
+            continue
+        for i, C in enumerate(Cs):
+            m = fitter.fit(X[tr], codes[tr], C)
+            scores[i, f] = _score_primary(codes[te], m, X[te], k)
+    if np.all(np.isnan(scores)):
+        return _default_C(Cs), "default"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(scores, axis=1)
+    mean = np.where(np.isnan(mean), -np.inf, mean)
+    best = int(np.flatnonzero(mean >= mean.max() - 1e-12)[0])  # Cs ascending: smallest C wins ties
+    return float(Cs[best]), "inner_cv"
+
+
+def _cv_fixed_C(X: np.ndarray, codes: np.ndarray, ids: np.ndarray, k: int, C: float, fitter: _Fitter) -> float:
+    """Mean primary metric over the folds ``ids`` (1-D) with a fixed C."""
+    vals = []
+    for f in range(int(ids.max()) + 1):
+        te = ids == f
+        m = fitter.fit(X[~te], codes[~te], C)
+        vals.append(_score_primary(codes[te], m, X[te], k))
+    vals = np.asarray(vals)
+    vals = vals[np.isfinite(vals)]
+    return float(vals.mean()) if vals.size else math.nan
+
+
+# --------------------------------------------------------------------------------------
+# summaries, baselines
+# --------------------------------------------------------------------------------------
+
+
+def _summarise(values: Sequence[float], test_train_ratio: float) -> dict[str, Any]:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    n = int(v.size)
+    if n == 0:
+        return {"mean": math.nan, "std": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": 0}
+    mean = float(v.mean())
+    if n < 2:
+        return {"mean": mean, "std": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": n}
+    std = float(v.std(ddof=1))
+    half = float(stats.t.ppf(0.975, n - 1)) * math.sqrt(std**2 * (1.0 / n + test_train_ratio))
+    return {
+        "mean": mean,
+        "std": std,
+        "ci_low": float(max(0.0, mean - half)),
+        "ci_high": float(min(1.0, mean + half)),
+        "n": n,
+    }
+
+
+def _baselines(codes: np.ndarray, k: int) -> tuple[dict[str, float], dict[str, float]]:
+    """(majority, chance) scores per metric, from the overall class frequencies.
+
+    majority: always predict the most frequent class (constant scores -> AUROC 0.5).
+    chance: predict a random class drawn from the class frequencies, ignoring X
+    (expected accuracy sum p_c^2, balanced accuracy 1/k, AUROC 0.5, binary F1 = p_pos,
+    macro F1 = 1/k).
+    """
+    p = np.bincount(codes, minlength=k) / len(codes)
+    m = int(np.argmax(p))
+    if k == 2:
+        f1_major = 2 * p[1] / (1 + p[1]) if m == 1 else 0.0
+        f1_chance = float(p[1])
+    else:
+        f1_major = 2 * p[m] / (1 + p[m]) / k
+        f1_chance = 1.0 / k
+    majority = {"accuracy": float(p[m]), "balanced_accuracy": 1.0 / k, "auroc": 0.5, "f1": float(f1_major)}
+    chance = {"accuracy": float(np.sum(p**2)), "balanced_accuracy": 1.0 / k, "auroc": 0.5, "f1": f1_chance}
+    return majority, chance
+
+
+def _jsonable(obj: Any) -> Any:
+    """Recursively: numpy -> Python, NaN/inf -> None, tuples -> lists, keys -> str."""
+    if isinstance(obj, dict):
+        return {str(_py(k)): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    obj = _py(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+@dataclass
+class ProbeResult:
+    """Everything :func:`fit_probe` found. ``to_dict()`` is JSON-safe (NaN -> None).
+
+    Fold-level lists (``fold_scores[metric]``, ``fold_C``, ``fold_C_source``) are ordered
+    repeat-major: entry ``r * n_splits + f`` is fold ``f`` of repeat ``r``; ``fold_ids[r][i]``
+    is the test fold of row ``i`` in repeat ``r``.
+
+    The final probe satisfies ``X @ np.array(coef).T + intercept == decision_function(X)``
+    in the original activation space. Binary: one row, scoring ``classes[1]`` (= the
+    positive class). Multi-class: one row per class in ``classes`` order.
+    """
+
+    classes: list
+    positive_class: Any
+    primary_metric: str
+    n_samples: int
+    n_features: int
+    n_groups: int
+    n_per_class: dict[str, int]
+    n_groups_per_class: dict[str, int]
+    seed: int
+    Cs: list[float]
+    max_iter: int
+    n_splits_requested: int
+    n_splits: int
+    n_repeats: int
+    inner_splits: int
+    fold_ids: list[list[int]]
+    folds_sha256: str
+    fold_random_states: list[int]
+    fold_C: list[float]
+    fold_C_source: list[str]
+    fold_scores: dict[str, list[float]]
+    metrics: dict[str, dict[str, Any]]
+    ci_method: str
+    majority: dict[str, float]
+    chance: dict[str, float]
+    permutation: dict[str, Any]
+    random_directions: dict[str, Any]
+    C: float
+    C_source: str
+    coef: list[list[float]]
+    intercept: list[float]
+    n_fits: int
+    n_not_converged: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), allow_nan=False, **kwargs)
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """``X @ coef.T + intercept`` in activation space (shape (n,) binary, (n, k) otherwise)."""
+        s = np.asarray(X, dtype=np.float64) @ np.asarray(self.coef).T + np.asarray(self.intercept)
+        return s[:, 0] if s.shape[1] == 1 else s
+
+
+# --------------------------------------------------------------------------------------
+# fit_probe
+# --------------------------------------------------------------------------------------
+
+
+def _check_settings(n_splits: int, n_repeats: int, inner_splits: int, Cs: Sequence[float], n_permutations: int,
+                    n_random_directions: int) -> list[float]:
+    if n_splits < 2:
+        raise ProbeInputError(f"n_splits must be >= 2, got {n_splits}")
+    if n_repeats < 1:
+        raise ProbeInputError(f"n_repeats must be >= 1, got {n_repeats}")
+    if inner_splits < 2:
+        raise ProbeInputError(f"inner_splits must be >= 2, got {inner_splits}")
+    if n_permutations < 0 or n_random_directions < 0:
+        raise ProbeInputError("n_permutations and n_random_directions must be >= 0")
+    Cs = sorted(float(c) for c in Cs)
+    if not Cs or any(not (c > 0 and math.isfinite(c)) for c in Cs):
+        raise ProbeInputError(f"Cs must be a non-empty list of positive numbers, got {Cs}")
+    return Cs
+
+
+def fit_probe(
+    X: Any,
+    y: Any,
+    groups: Any = None,
+    *,
+    n_splits: int = 5,
+    n_repeats: int = 3,
+    inner_splits: int = 3,
+    Cs: Sequence[float] = (0.001, 0.01, 0.1, 1, 10, 100),
+    n_permutations: int = 100,
+    n_random_directions: int = 20,
+    seed: int = 0,
+    max_iter: int = 1000,
+    positive_class: Any = None,
+    blas_threads: int | None = 1,
+) -> ProbeResult:
+    """Cross-validated linear probe of ``y`` from ``X`` with intervals and controls.
+
+    Parameters
+    ----------
+    X : (n, d) activations. y : (n,) labels (any sortable type). groups : (n,) group ids
+        (rows of a group always share a fold), or None for one group per row.
+    n_splits, n_repeats : outer ``StratifiedGroupKFold``; ``n_splits`` is lowered to the
+        fewest groups holding a class (recorded as ``n_splits`` vs ``n_splits_requested``);
+        a class in fewer than 2 groups is an error. Repeat ``r`` shuffles with a
+        ``random_state`` derived from ``(seed, r)`` (see ``fold_random_states``).
+    inner_splits, Cs : grid search of C by grouped stratified CV inside each training fold
+        (scored by the primary metric; ties -> smallest C). If a training fold has a class
+        in fewer than 2 groups, inner CV is impossible and C = 1.0 (or the grid's middle)
+        is used, recorded in ``fold_C_source``.
+    n_permutations : label-permutation test of the primary metric (0 to skip). To keep the
+        cost down each permutation runs ONE repeat of outer CV with a FIXED C, the C most
+        often chosen by the inner CV (ties -> smaller C). The observed statistic is computed
+        the same way on the true labels (``permutation["observed"]``; it can differ slightly
+        from ``metrics[primary]["mean"]``, which uses all repeats and nested C selection).
+        If every group has a single label, labels are permuted between groups (the group
+        structure is kept; ``scheme="groups"``), else between rows (``scheme="rows"``,
+        only exact when rows within a group are exchangeable). Folds are rebuilt for each
+        permuted labelling with repeat 0's seed. ``p = (1 + #{perm >= observed}) / (1 + n)``.
+    n_random_directions : control: ``X`` projected on that many random unit directions
+        (seeded, Gaussian), each scored by a 1-D probe (same fixed C, repeat-0 folds);
+        reports mean and 95th percentile of the primary metric. If arbitrary directions
+        already read the label well, the signal is broad rather than direction-specific;
+        compare the probe's score with ``random_directions["p95"]``.
+    positive_class : binary only; default the last class in sorted order.
+    blas_threads : BLAS/OpenMP threads while fitting (1 avoids heavy oversubscription for
+        the many tiny fits here; None leaves the libraries' defaults).
+
+    Returns
+    -------
+    ProbeResult; the interval method is documented in the module docstring and recorded as
+    ``ci_method``. The result is deterministic for given inputs and ``seed``.
+    """
+    Cs = _check_settings(n_splits, n_repeats, inner_splits, Cs, n_permutations, n_random_directions)
+    X = _check_X(X)
+    n, d = X.shape
+    y = _check_labels(y, n)
+    gcodes = _check_groups(groups, n)
+    codes, classes = _encode(y, positive_class)
+    k = len(classes)
+    primary = _primary(k)
+    k_eff = effective_n_splits(y, gcodes, n_splits)
+    notes: list[str] = []
+    if k_eff < n_splits:
+        notes.append(f"n_splits lowered from {n_splits} to {k_eff}: a class occurs in only {k_eff} groups")
+
+    if blas_threads is None:
+        ctx = nullcontext()
+    else:
+        ctx = threadpool_limits(limits=int(blas_threads))
+    with ctx:
+        return _fit_probe(X, codes, gcodes, classes, k, primary, k_eff, notes, n_splits=n_splits,
+                          n_repeats=n_repeats, inner_splits=inner_splits, Cs=Cs, n_permutations=n_permutations,
+                          n_random_directions=n_random_directions, seed=seed, max_iter=max_iter)
+
+
+def _fit_probe(X, codes, gcodes, classes, k, primary, k_eff, notes, *, n_splits, n_repeats, inner_splits, Cs,
+               n_permutations, n_random_directions, seed, max_iter) -> ProbeResult:
+    n, d = X.shape
+    fitter = _Fitter(max_iter)
+    fold_ids, states = _make_fold_ids(codes, gcodes, k, k_eff, n_repeats, seed)
+    for r in range(n_repeats):
+        if not _folds_ok(codes, fold_ids[r], k)[1]:
+            notes.append(f"repeat {r}: a test fold lacks a class; its AUROC is undefined and left out")
+
+    # ---- outer CV with nested C selection
+    scores: dict[str, list[float]] = {m: [] for m in METRICS}
+    fold_C: list[float] = []
+    fold_src: list[str] = []
+    ratios: list[float] = []
+    for r in range(n_repeats):
+        for f in range(k_eff):
+            te = fold_ids[r] == f
+            tr = ~te
+            C, src = _select_C(X[tr], codes[tr], gcodes[tr], k, Cs, inner_splits, (seed, 2, r, f), fitter)
+            model = fitter.fit(X[tr], codes[tr], C)
+            fm = fold_metrics(codes[te], model.predict_proba(X[te]), k)
+            for m in METRICS:
+                scores[m].append(fm[m])
+            fold_C.append(C)
+            fold_src.append(src)
+            ratios.append(te.sum() / tr.sum())
+    ratio = float(np.mean(ratios))
+    metrics = {m: _summarise(scores[m], ratio) for m in METRICS}
+    if metrics[primary]["std"] == 0.0:
+        notes.append(f"every fold scored {primary} = {metrics[primary]['mean']:.4g}: the t-interval has zero "
+                     f"width and understates the uncertainty of so few test examples")
+    majority, chance = _baselines(codes, k)
+
+    # fixed C for the controls: the most often chosen one (ties -> smaller C)
+    counts = Counter(fold_C)
+    C_fixed = min(counts, key=lambda c: (-counts[c], c))
+
+    # ---- permutation test
+    one_label = all(np.unique(codes[gcodes == g]).size == 1 for g in np.unique(gcodes))
+    scheme = "groups" if one_label else "rows"
+    perm: dict[str, Any] = {
+        "metric": primary,
+        "scheme": scheme,
+        "n_permutations": int(n_permutations),
+        "C": C_fixed,
+        "n_repeats": 1,
+        "observed": None,
+        "scores": [],
+        "p_value": None,
+    }
+    if n_permutations > 0:
+        observed = _cv_fixed_C(X, codes, fold_ids[0], k, C_fixed, fitter)
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 3]))
+        if one_label:
+            uniq = np.unique(gcodes)
+            glabel = np.empty(int(gcodes.max()) + 1, dtype=np.int64)
+            for g in uniq:
+                glabel[g] = codes[gcodes == g][0]
+        perm_scores = []
+        for _ in range(n_permutations):
+            if one_label:
+                new = glabel.copy()
+                new[uniq] = glabel[uniq][rng.permutation(uniq.size)]
+                pc = new[gcodes]
+            else:
+                pc = codes[rng.permutation(n)]
+            try:
+                kp = effective_n_splits(pc, gcodes, k_eff)
+                pids, _ = _make_fold_ids(pc, gcodes, k, kp, 1, seed)
+            except ProbeInputError:  # row permutation left a class in < 2 groups: no valid CV
+                perm_scores.append(math.nan)
+                continue
+            perm_scores.append(_cv_fixed_C(X, pc, pids[0], k, C_fixed, fitter))
+        ps = np.asarray(perm_scores)
+        # NaN permutation scores (undefined metric) count as >= observed: conservative
+        hits = int(np.sum(~(ps < observed))) if math.isfinite(observed) else n_permutations
+        perm.update(observed=observed, scores=perm_scores, p_value=(1 + hits) / (1 + n_permutations))
+
+    # ---- random-direction control
+    rand: dict[str, Any] = {"n": int(n_random_directions), "metric": primary, "C": C_fixed, "scores": [],
+                            "mean": None, "p95": None}
+    if n_random_directions > 0:
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 4]))
+        U = rng.standard_normal((d, n_random_directions))
+        U /= np.linalg.norm(U, axis=0, keepdims=True)
+        P = X @ U
+        rs = [_cv_fixed_C(P[:, [j]], codes, fold_ids[0], k, C_fixed, fitter) for j in range(n_random_directions)]
+        arr = np.asarray(rs)
+        fin = arr[np.isfinite(arr)]
+        rand.update(scores=rs, mean=float(fin.mean()) if fin.size else None,
+                    p95=float(np.percentile(fin, 95)) if fin.size else None)
+
+    # ---- final probe on all data
+    C_final, C_src = _select_C(X, codes, gcodes, k, Cs, inner_splits, (seed, 5), fitter)
+    final = fitter.fit(X, codes, C_final)
+    scaler, lr = final[0], final[-1]
+    W = lr.coef_ / scaler.scale_[None, :]
+    b = lr.intercept_ - W @ scaler.mean_
+
+    if fitter.n_not_converged:
+        notes.append(f"{fitter.n_not_converged} of {fitter.n_fits} fits hit max_iter={max_iter} without converging")
+
+    ids_list = fold_ids.tolist()
+    sha = hashlib.sha256(json.dumps(ids_list, separators=(",", ":")).encode()).hexdigest()
+    n_per_class = {str(classes[c]): int(np.sum(codes == c)) for c in range(k)}
+    gpc = _groups_per_class(codes, gcodes, k)
+    return ProbeResult(
+        classes=classes,
+        positive_class=classes[1] if k == 2 else None,
+        primary_metric=primary,
+        n_samples=int(n),
+        n_features=int(d),
+        n_groups=int(np.unique(gcodes).size),
+        n_per_class=n_per_class,
+        n_groups_per_class={str(classes[c]): int(gpc[c]) for c in range(k)},
+        seed=int(seed),
+        Cs=list(Cs),
+        max_iter=int(max_iter),
+        n_splits_requested=int(n_splits),
+        n_splits=int(k_eff),
+        n_repeats=int(n_repeats),
+        inner_splits=int(inner_splits),
+        fold_ids=ids_list,
+        folds_sha256=sha,
+        fold_random_states=[int(s) for s in states],
+        fold_C=fold_C,
+        fold_C_source=fold_src,
+        fold_scores=scores,
+        metrics=metrics,
+        ci_method=CI_METHOD,
+        majority=majority,
+        chance=chance,
+        permutation=perm,
+        random_directions=rand,
+        C=C_final,
+        C_source=C_src,
+        coef=W.tolist(),
+        intercept=b.tolist(),
+        n_fits=fitter.n_fits,
+        n_not_converged=fitter.n_not_converged,
+        notes=notes,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# interpretation and tidy rows
+# --------------------------------------------------------------------------------------
+
+
+def interpret(
+    ci_low: float,
+    ci_high: float,
+    thresholds: tuple[float, float] = (0.55, 0.65),
+    *,
+    chance: float = 0.5,
+) -> str:
+    """Verbal reading of a 95% interval (never of the mean alone).
+
+    ``thresholds = (weak, strong)`` are stated on a scale where chance is 0.5 (AUROC,
+    binary balanced accuracy); for a metric whose chance level is ``chance`` they are
+    shifted by ``chance - 0.5`` (e.g. 5-class balanced accuracy, chance 0.2: 0.25, 0.35).
+    With ``weak``/``strong`` the shifted thresholds:
+
+    * ``"direction exists"``  if ``ci_low > strong``
+    * ``"weak"``              if ``weak < ci_low <= strong``
+    * ``"no linear signal"``  if ``ci_high < weak`` (the interval rules out even a weak effect)
+    * ``"inconclusive"``      otherwise (the interval straddles ``weak``), or if a bound is NaN/None.
+    """
+    weak, strong = (float(t) + (float(chance) - 0.5) for t in thresholds)
+    if not weak <= strong:
+        raise ValueError(f"thresholds must be (weak, strong) with weak <= strong, got {thresholds}")
+    lo = math.nan if ci_low is None else float(ci_low)
+    hi = math.nan if ci_high is None else float(ci_high)
+    if lo > hi:
+        raise ValueError(f"ci_low {lo} > ci_high {hi}")
+    if lo > strong:
+        return "direction exists"
+    if lo > weak:
+        return "weak"
+    if hi < weak:
+        return "no linear signal"
+    return "inconclusive"
+
+
+_ROW_COLUMNS = (
+    "metric", "mean", "std", "ci_low", "ci_high", "ci_method", "n", "n_per_class", "chance", "majority",
+    "baseline", "primary", "p_permutation", "random_direction_p95", "n_splits", "n_repeats", "C", "interpretation",
+)
+
+
+def summary_rows(result: ProbeResult | Mapping[str, Any], thresholds: tuple[float, float] = (0.55, 0.65),
+                 **keys: Any) -> list[dict[str, Any]]:
+    """Tidy rows, one per metric (``METRICS`` order), with ``keys`` (model, dataset, layer, ...) first.
+
+    Columns: ``metric, mean, std, ci_low, ci_high, ci_method, n`` (folds used), ``n_per_class``
+    (JSON string), ``chance`` and ``majority`` (see baselines), ``baseline = max(chance,
+    majority)``, ``primary`` (bool), ``p_permutation`` (only on the primary-metric row, the
+    only metric the permutation test was run for; None elsewhere and when skipped),
+    ``random_direction_p95`` (primary row only), ``n_splits, n_repeats, C`` (final probe)
+    and ``interpretation`` = :func:`interpret` of the interval with the thresholds shifted to
+    the row's ``baseline`` (so accuracy on 60/40 data must clear 0.65/0.75).
+    NaN values become None. ``result`` may be a :class:`ProbeResult` or its ``to_dict()``.
+    """
+    clash = set(keys) & set(_ROW_COLUMNS)
+    if clash:
+        raise ValueError(f"key columns clash with summary columns: {sorted(clash)}")
+    d = result.to_dict() if isinstance(result, ProbeResult) else _jsonable(dict(result))
+    rows = []
+    for m in METRICS:
+        s = d["metrics"][m]
+        base = max(d["chance"][m], d["majority"][m])
+        is_primary = m == d["primary_metric"]
+        row = dict(keys)
+        row.update(
+            metric=m,
+            mean=s["mean"],
+            std=s["std"],
+            ci_low=s["ci_low"],
+            ci_high=s["ci_high"],
+            ci_method=d["ci_method"],
+            n=s["n"],
+            n_per_class=json.dumps(d["n_per_class"], sort_keys=True),
+            chance=d["chance"][m],
+            majority=d["majority"][m],
+            baseline=base,
+            primary=is_primary,
+            p_permutation=d["permutation"]["p_value"] if is_primary else None,
+            random_direction_p95=d["random_directions"]["p95"] if is_primary else None,
+            n_splits=d["n_splits"],
+            n_repeats=d["n_repeats"],
+            C=d["C"],
+            interpretation=interpret(s["ci_low"], s["ci_high"], thresholds, chance=base),
+        )
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# cross-dataset generalisation
+# --------------------------------------------------------------------------------------
+
+
+def cross_dataset_matrix(
+    datasets: Mapping[str, tuple],
+    *,
+    positive_class: Any = None,
+    metric: str = "auroc",
+    n_splits: int = 5,
+    n_repeats: int = 1,
+    inner_splits: int = 3,
+    Cs: Sequence[float] = (0.001, 0.01, 0.1, 1, 10, 100),
+    seed: int = 0,
+    max_iter: int = 1000,
+    blas_threads: int | None = 1,
+):
+    """Train on each dataset, test on every other: a ``pandas.DataFrame`` of ``metric``.
+
+    ``datasets`` maps a name to ``(X, y)`` or ``(X, y, groups)``; all must have the same
+    number of features and the same label set (the label meaning is assumed shared). Rows
+    are the training dataset (index name ``"train"``), columns the test dataset
+    (``"test"``). Off-diagonal: one probe fitted on all of the training dataset (C by
+    grouped inner CV there, as in :func:`fit_probe`) scored on all of the test dataset.
+    Diagonal: the cross-validated mean from :func:`fit_probe` (no permutations/controls),
+    since scoring a probe on its own training data would be meaningless.
+    ``metric``: one of ``METRICS``.
+    """
+    import pandas as pd
+
+    if metric not in METRICS:
+        raise ProbeInputError(f"metric must be one of {METRICS}, got {metric!r}")
+    if len(datasets) < 1:
+        raise ProbeInputError("datasets is empty")
+    Cs = _check_settings(n_splits, n_repeats, inner_splits, Cs, 0, 0)
+    prepared: dict[str, tuple[np.ndarray, np.ndarray, Any]] = {}
+    label_set = None
+    n_features = None
+    for name, tup in datasets.items():
+        if not isinstance(tup, (tuple, list)) or len(tup) not in (2, 3):
+            raise ProbeInputError(f"dataset {name!r}: expected (X, y) or (X, y, groups)")
+        X = _check_X(tup[0], f"{name}: X")
+        y = _check_labels(tup[1], X.shape[0], f"{name}: y")
+        g = tup[2] if len(tup) == 3 else None
+        labs = sorted(_py(v) for v in np.unique(y))
+        if label_set is None:
+            label_set, n_features = labs, X.shape[1]
+        elif labs != label_set:
+            raise ProbeInputError(f"dataset {name!r} has classes {labs}, others have {label_set}")
+        elif X.shape[1] != n_features:
+            raise ProbeInputError(f"dataset {name!r} has {X.shape[1]} features, others have {n_features}")
+        prepared[name] = (X, y, g)
+
+    names = list(prepared)
+    out = pd.DataFrame(np.nan, index=pd.Index(names, name="train"), columns=pd.Index(names, name="test"))
+    if blas_threads is None:
+        ctx = nullcontext()
+    else:
+        ctx = threadpool_limits(limits=int(blas_threads))
+    with ctx:
+        for a in names:
+            Xa, ya, ga = prepared[a]
+            res = fit_probe(Xa, ya, ga, n_splits=n_splits, n_repeats=n_repeats, inner_splits=inner_splits, Cs=Cs,
+                            n_permutations=0, n_random_directions=0, seed=seed, max_iter=max_iter,
+                            positive_class=positive_class, blas_threads=None)
+            out.loc[a, a] = res.metrics[metric]["mean"]
+            codes_a, classes = _encode(ya, positive_class)
+            k = len(classes)
+            fitter = _Fitter(max_iter)
+            C, _ = _select_C(Xa, codes_a, _check_groups(ga, len(ya)), k, Cs, inner_splits, (seed, 5), fitter)
+            model = fitter.fit(Xa, codes_a, C)
+            lookup = {c: i for i, c in enumerate(classes)}
+            for b in names:
+                if b == a:
+                    continue
+                Xb, yb, _ = prepared[b]
+                codes_b = np.array([lookup[_py(v)] for v in yb], dtype=np.int64)
+                out.loc[a, b] = fold_metrics(codes_b, model.predict_proba(Xb), k)[metric]
+    return out
