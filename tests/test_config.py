@@ -110,3 +110,11 @@ def test_model_files_lists_weights_and_tokenizer(tmp_path):
     _model_dir(tmp_path)
     assert model_files("m", tmp_path) == ["m/config.json", "m/model.safetensors", "m/tokenizer.json"]
     assert model_files("gpt2", tmp_path) == []
+
+
+def test_generalization_group_names_known_datasets(tmp_path):
+    _model_dir(tmp_path)
+    cfg = _cfg()
+    cfg["probes"] = {"generalization": {"g": ["d", "missing"]}}
+    with pytest.raises(ConfigError, match=r"probes\.generalization\.g.*missing"):
+        check_config(cfg, tmp_path)

@@ -109,4 +109,8 @@ def check_config(config: dict[str, Any], base_dir: str | Path = ".") -> dict[str
                     "activations.token_level_layers",
                     f"layer {layer} is not among the layers of model '{name}' ({layers[name]})",
                 )
+    for group, members in config.get("probes", {}).get("generalization", {}).items():
+        unknown = [d for d in members if d not in config["datasets"]]
+        if unknown:
+            raise ConfigError(f"probes.generalization.{group}", f"unknown dataset(s) {unknown}")
     return layers
