@@ -7,9 +7,15 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/datasets.smk"
 include: "workflow/rules/activations.smk"
+include: "workflow/rules/probes.smk"
+include: "workflow/rules/figures.smk"
+include: "workflow/rules/geometry.smk"
 
 
 rule all:

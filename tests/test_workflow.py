@@ -48,12 +48,15 @@ def test_bad_config_fails_before_any_job(tmp_path):
 
 
 def _small_config(work, **model_overrides):
-    """The demo config narrowed to two datasets and three layers, to keep the end-to-end run short."""
+    """The demo config narrowed to two datasets, three layers and cheap probe settings."""
     cfg = yaml.safe_load((work / "config/config.yaml").read_text())
     cfg["datasets"] = {k: cfg["datasets"][k] for k in ("numbers_phase2", "tasks")}
     cfg["models"]["demo"]["layers"] = [1, 3, 5]
     cfg["models"]["demo"].update(model_overrides)
     cfg["activations"]["components"] = ["resid_post"]
+    cfg["probes"].update(n_repeats=1, n_permutations=20, n_random_directions=5, generalization={})
+    cfg["task_vectors"].update(n_boot=200, layer=3)
+    cfg["patching"].update(components=["resid_post"], positions=2, heads=False)
     return cfg
 
 
@@ -77,17 +80,28 @@ def test_demo_run_and_rerun_only_changed_layers(tmp_path):
                 assert [p.decode() for p in f["prompt_id"][:]] == table["prompt_id"].tolist()
 
     assert job_counts(run_snakemake(work, "-n").stdout) == {}
+    for fig in ("probe_metric_vs_layer", "pca", "cosine", "label_means", "norm_heatmap", "norm_curves"):
+        assert (work / f"results/figures/demo/numbers_phase2/{fig}.png").stat().st_size > 10_000
+    summary = pd.read_csv(work / "results/probes/demo/numbers_phase2/summary.csv")
+    assert sorted(summary.layer.unique()) == [1, 3, 5]
+    assert set(summary.pooling) == {"mean", "last"}
+    assert (work / "results/task_vectors/demo/tasks/scores.csv").exists()
+    assert (work / "results/figures/demo/patching_numbers.png").exists()
 
-    # Adding a layer: no forward pass, only that layer's file and the per-(model, dataset) index.
+    # Adding a layer: no forward pass; that layer's file and probes, and the cross-layer aggregates.
+    per_layer_aggregates = {"layer_index": 2, "probe_summary": 2, "activation_stats": 2, "plot_probes": 2,
+                            "plot_geometry": 2, "task_vectors": 1, "all": 1}
     cfg["models"]["demo"]["layers"] = [1, 2, 3, 5]
     _write(work, cfg)
-    assert job_counts(run_snakemake(work, "-n").stdout) == {"all": 1, "extract_layer": 2, "layer_index": 2}
+    counts = job_counts(run_snakemake(work, "-n").stdout)
+    assert counts == {**per_layer_aggregates, "extract_layer": 2, "train_probe": 2}
     run_snakemake(work)
+    assert (work / "results/probes/demo/tasks/layer_2.json").exists()
 
-    # Removing a layer: only the index is rebuilt.
+    # Removing a layer: only the aggregates are rebuilt.
     cfg["models"]["demo"]["layers"] = [1, 3, 5]
     _write(work, cfg)
-    assert job_counts(run_snakemake(work, "-n").stdout) == {"all": 1, "layer_index": 2}
+    assert job_counts(run_snakemake(work, "-n").stdout) == per_layer_aggregates
     run_snakemake(work)
 
     # A batch-size edit changes nothing numerically and reruns nothing.
@@ -99,4 +113,5 @@ def test_demo_run_and_rerun_only_changed_layers(tmp_path):
     cfg["models"]["demo"]["dtype"] = "bfloat16"
     _write(work, cfg)
     counts = job_counts(run_snakemake(work, "-n").stdout)
-    assert counts == {"all": 1, "cache_activations": 2, "extract_layer": 6, "layer_index": 2}
+    assert counts == {**per_layer_aggregates, "cache_activations": 2, "extract_layer": 6, "train_probe": 6,
+                      "patching": 1}

@@ -109,6 +109,16 @@ def check_config(config: dict[str, Any], base_dir: str | Path = ".") -> dict[str
                     "activations.token_level_layers",
                     f"layer {layer} is not among the layers of model '{name}' ({layers[name]})",
                 )
+    for name, exp in config.get("patching", {}).get("experiments", {}).items():
+        if not (base / exp["pairs"]).is_file():
+            raise ConfigError(f"patching.experiments.{name}.pairs", f"file not found: {exp['pairs']}")
+    has_grid = any(spec["kind"] == "task_grid" for spec in config["datasets"].values())
+    act = config.get("activations", {})
+    tv = config.get("task_vectors", {})
+    if has_grid and tv.get("pooling", "last") not in act.get("poolings", ["mean", "last"]):
+        raise ConfigError("task_vectors.pooling", f"'{tv.get('pooling', 'last')}' is not cached: add it to activations.poolings")
+    if has_grid and tv.get("component") and tv["component"] not in act.get("components", ["resid_post"]):
+        raise ConfigError("task_vectors.component", f"'{tv['component']}' is not cached: add it to activations.components")
     for group, members in config.get("probes", {}).get("generalization", {}).items():
         unknown = [d for d in members if d not in config["datasets"]]
         if unknown:

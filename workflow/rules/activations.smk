@@ -11,12 +11,7 @@ rule cache_activations:
     params:
         # Everything the cached numbers depend on, and nothing else: batch_size and device
         # change results only by float noise, so editing them must not rerun this job.
-        model=lambda wc: stable(
-            {
-                k: model_cfg(wc)[k]
-                for k in ("source", "revision", "dtype", "compatibility_mode", "bos")
-            }
-        ),
+        model=lambda wc: stable(model_identity(wc.model)),
         activations=lambda wc: stable(ACT),
     resources:
         gpu=1,
@@ -48,7 +43,7 @@ rule extract_layer:
 
 rule layer_index:
     input:
-        lambda wc: layer_files(wc.model, wc.dataset),
+        lambda wc: per_layer("results/activations/{model}/{dataset}/layer_{layer}.h5", wc.model, wc.dataset),
     output:
         "results/activations/{model}/{dataset}/layers.csv",
     params:

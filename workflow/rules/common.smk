@@ -4,7 +4,7 @@ import re
 
 from snakemake.utils import validate
 
-from layerscope.config import check_config, dataset_files, model_files
+from layerscope.config import check_config, dataset_files, model_files, read_n_layers
 from layerscope.errors import ConfigError
 
 validate(config, workflow.source_path("../schemas/config.schema.yaml"), set_default=True)
@@ -17,11 +17,29 @@ except ConfigError as exc:
 MODELS = sorted(config["models"])
 DATASETS = sorted(config["datasets"])
 ACT = config["activations"]
+N_LAYERS = {m: read_n_layers(config["models"][m]["source"]) or config["models"][m]["n_layers"] for m in MODELS}
+PROBE_SETTINGS = {k: v for k, v in config["probes"].items() if k != "generalization"}
+GENERALIZATION = config["probes"]["generalization"]
+FIGURES = config["figures"]
+# Which cached view the geometry figures show; null means the first configured one.
+FIGURE_VIEW = {
+    "component": FIGURES["component"] or ACT["components"][0],
+    "pooling": FIGURES["pooling"] or ACT["poolings"][0],
+    "metric": FIGURES["metric"],
+}
+TASK_GRIDS = sorted(d for d in DATASETS if config["datasets"][d]["kind"] == "task_grid")
+TASK_VECTOR_FIGURES = ["separation", "norms", "cosine_chosen", "cosine_best", "pca"]
+EXPERIMENTS = sorted(config["patching"]["experiments"])
+GEOMETRY_FIGURES = ["pca", "cosine", "label_means", "norm_heatmap", "norm_curves"] + (
+    ["tsne"] if FIGURES["tsne"] else []
+)
 
 
 wildcard_constraints:
     model="|".join(map(re.escape, MODELS)),
     dataset="|".join(map(re.escape, DATASETS)),
+    group="|".join(map(re.escape, GENERALIZATION)) or "(?!)",
+    experiment="|".join(map(re.escape, EXPERIMENTS)) or "(?!)",
     layer=r"\d+",
 
 
@@ -38,20 +56,45 @@ def dataset_spec(wildcards):
     return config["datasets"][wildcards.dataset]
 
 
-def layer_files(model, dataset):
-    return expand(
-        "results/activations/{model}/{dataset}/layer_{layer}.h5",
-        model=model,
-        dataset=dataset,
-        layer=LAYERS[model],
-    )
+def model_identity(model):
+    """The model settings that cached numbers depend on (not batch_size or device: float noise only)."""
+    m = config["models"][model]
+    return {k: m[k] for k in ("source", "revision", "dtype", "compatibility_mode", "bos")}
+
+
+def task_vector_settings(model):
+    tv = dict(config["task_vectors"])
+    tv["component"] = tv["component"] or ACT["components"][0]
+    return tv
+
+
+def patching_settings(model):
+    return {k: v for k, v in config["patching"].items() if k != "experiments"}
+
+
+def per_layer(pattern, model, dataset):
+    """``pattern`` (with {model}, {dataset}, {layer}) for every configured layer of ``model``."""
+    return expand(pattern, model=model, dataset=dataset, layer=LAYERS[model])
+
+
+def extra_formats(stem):
+    """Paths of the non-PNG copies of a figure (figures.formats), declared so they are tracked."""
+    return [f"{stem}.{ext}" for ext in FIGURES["formats"] if ext != "png"]
 
 
 def all_targets():
     targets = expand("results/datasets/{dataset}/prompts.csv", dataset=DATASETS)
-    targets += expand(
+    for pattern in (
         "results/activations/{model}/{dataset}/layers.csv",
-        model=MODELS,
-        dataset=DATASETS,
-    )
+        "results/probes/{model}/{dataset}/summary.csv",
+        "results/stats/{model}/{dataset}/activation_stats.csv",
+        "results/figures/{model}/{dataset}/probe_metric_vs_layer.png",
+        "results/figures/{model}/{dataset}/pca.png",
+    ):
+        targets += expand(pattern, model=MODELS, dataset=DATASETS)
+    targets += expand("results/figures/{model}/generalization_{group}.png", model=MODELS, group=GENERALIZATION)
+    targets += expand("results/task_vectors/{model}/{dataset}/scores.csv", model=MODELS, dataset=TASK_GRIDS)
+    targets += expand("results/patching/{model}/{experiment}/summary.csv", model=MODELS, experiment=EXPERIMENTS)
+    if len(MODELS) > 1:
+        targets += expand("results/figures/models/{dataset}/best_layer_vs_depth.png", dataset=DATASETS)
     return targets

@@ -5,7 +5,12 @@ rule prepare_dataset:
     input:
         lambda wc: dataset_files(dataset_spec(wc)),
     output:
-        table="results/datasets/{dataset}/prompts.csv",
+        table=report(
+            "results/datasets/{dataset}/prompts.csv",
+            category="Datasets",
+            caption="../report/dataset.rst",
+            labels={"dataset": "{dataset}", "table": "prompt table"},
+        ),
         summary="results/datasets/{dataset}/summary.json",
     params:
         spec=lambda wc: stable(dataset_spec(wc)),

@@ -1,0 +1,183 @@
+"""Stage glue for probes and figures: file paths in, tables and figures out.
+
+Each function is what one workflow rule runs; the numerical work lives in ``probes``, ``stats``,
+``plots`` and ``task_vectors``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import plots
+from .atomic import atomic_path
+from .errors import LayerscopeError
+from .h5cache import read_layers
+from .probes import cross_dataset_matrix
+from .stats import activation_stats, prompt_norms
+
+PathLike = str | os.PathLike
+
+
+def _write_csv(table: pd.DataFrame, out_csv: PathLike) -> None:
+    with atomic_path(out_csv) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+
+
+def best_layer(summary: pd.DataFrame, *, metric: str, component: str, pooling: str) -> int:
+    """Layer with the highest mean ``metric`` for one (component, pooling); earliest on ties."""
+    rows = summary[(summary.metric == metric) & (summary.component == component) & (summary.pooling == pooling)]
+    if rows.empty:
+        raise LayerscopeError(f"no '{metric}' probe rows for {component}/{pooling} in the summary")
+    rows = rows.sort_values(["mean", "layer"], ascending=[False, True], kind="stable")
+    return int(rows.iloc[0]["layer"])
+
+
+def probe_figure(summary_csv: PathLike, out: PathLike, *, metric: str, model: str, dataset: str,
+                 n_layers: int | None, formats: Sequence[str]) -> list[str]:
+    summary = pd.read_csv(summary_csv)
+    return plots.metric_vs_layer(summary, out, metric=metric, model=model, dataset=dataset,
+                                 n_layers=n_layers, formats=formats)
+
+
+def geometry_figures(layer_paths: Sequence[PathLike], summary_csv: PathLike, out: Mapping[str, PathLike], *,
+                     component: str, pooling: str, metric: str, model: str, dataset: str,
+                     formats: Sequence[str]) -> dict[str, int]:
+    """PCA (and t-SNE when ``out`` has a 'tsne' entry) of every layer; cosine and label-mean
+    matrices at the best probe layer; norm heatmap and per-label norm curves over layers."""
+    stack = read_layers(layer_paths, component, pooling, stack=True)
+    summary = pd.read_csv(summary_csv)
+    best = best_layer(summary, metric=metric, component=component, pooling=pooling)
+    X_best = stack.X[stack.layers.index(best)]
+    common = dict(model=model, dataset=dataset, component=component, pooling=pooling, formats=formats)
+    plots.pca_grid(stack.X, stack.layers, stack.labels, out["pca"], **common)
+    if "tsne" in out:
+        plots.tsne_grid(stack.X, stack.layers, stack.labels, out["tsne"], **common)
+    plots.cosine_heatmap(X_best, stack.labels, out["cosine"], prompt_ids=stack.prompt_ids, layer=best, **common)
+    plots.label_mean_matrix(X_best, stack.labels, out["label_means"], layer=best, **common)
+    norms = prompt_norms(stack)
+    plots.norm_heatmap(norms, stack.layers, stack.labels, out["norm_heatmap"], prompt_ids=stack.prompt_ids, **common)
+    plots.norm_curves(norms, stack.layers, stack.labels, out["norm_curves"], **common)
+    return {"best_layer": best}
+
+
+def activation_stats_table(layer_paths: Sequence[PathLike], out_csv: PathLike, *,
+                           positive: str | None = None) -> pd.DataFrame:
+    """Tidy per-layer, per-label statistics for every cached (component, pooling)."""
+    first = read_layers(layer_paths[:1])
+    attrs = next(iter(first.values())).attrs
+    tables = []
+    for component in attrs["components"]:
+        for pooling in attrs["poolings"]:
+            stack = read_layers(layer_paths, component, pooling, stack=True)
+            tables.append(activation_stats(stack, component=component, pooling=pooling, positive_class=positive))
+    table = pd.concat(tables, ignore_index=True)
+    _write_csv(table, out_csv)
+    return table
+
+
+def generalization(layer_paths: Mapping[str, Sequence[PathLike]], out_csv: PathLike, out_fig: PathLike, *,
+                   component: str, pooling: str, metric: str, model: str, group: str,
+                   positive: str | None, settings: Mapping[str, Any], formats: Sequence[str]) -> pd.DataFrame:
+    """Train on one dataset, test on each other, at every layer they share; figure at the layer
+    whose off-diagonal (transfer) mean is highest."""
+    stacks = {name: read_layers(paths, component, pooling, stack=True) for name, paths in layer_paths.items()}
+    layers = sorted(set.intersection(*(set(s.layers) for s in stacks.values())))
+    fit = {k: settings[k] for k in ("n_splits", "inner_splits", "seed") if k in settings}
+    if "Cs" in settings:
+        fit["Cs"] = tuple(settings["Cs"])
+    rows, matrices = [], {}
+    for layer in layers:
+        data = {name: (s.X[s.layers.index(layer)], s.labels, s.groups or s.prompt_ids) for name, s in stacks.items()}
+        matrix = cross_dataset_matrix(data, positive_class=positive, metric=metric, **fit)
+        matrices[layer] = matrix
+        for train in matrix.index:
+            for test in matrix.columns:
+                rows.append({"model": model, "group": group, "layer": layer, "component": component,
+                             "pooling": pooling, "metric": metric, "train": train, "test": test,
+                             "cross_validated": train == test, "value": float(matrix.loc[train, test])})
+    table = pd.DataFrame(rows)
+    _write_csv(table, out_csv)
+    transfer = table[~table.cross_validated].groupby("layer")["value"].mean()
+    show = int(transfer.idxmax()) if not transfer.empty else layers[-1]
+    plots.generalization_matrix(matrices[show], out_fig, metric=metric, layer=show, model=model,
+                                component=component, pooling=pooling, formats=formats)
+    return table
+
+
+def depth_comparison(summaries: Mapping[str, PathLike], n_layers: Mapping[str, int], out: PathLike, *,
+                     metric: str, dataset: str, component: str, pooling: str,
+                     formats: Sequence[str]) -> pd.DataFrame:
+    """Every model's probe curve on a relative-depth axis, best layer marked."""
+    frames = []
+    for model, path in summaries.items():
+        s = pd.read_csv(path)
+        s = s[(s.metric == metric) & (s.component == component) & (s.pooling == pooling)].copy()
+        s["model"] = model
+        s["n_layers"] = n_layers[model]
+        frames.append(s[["model", "n_layers", "layer", "mean", "ci_low", "ci_high", "chance"]])
+    df = pd.concat(frames, ignore_index=True)
+    plots.best_layer_vs_depth(df, out, metric=metric, dataset=dataset, chance=float(np.nanmean(df["chance"])),
+                              formats=formats)
+    return df
+
+
+def task_vector_analysis(layer_paths: Sequence[PathLike], out: Mapping[str, PathLike], *, component: str,
+                         pooling: str, n_boot: int, seed: int, layer: int | None, model: str, dataset: str,
+                         formats: Sequence[str]) -> dict[str, int]:
+    """Task geometry of a task-grid dataset at every cached layer: scores and matrices, and the
+    figures (prompt cosine at the chosen and the best layer, separation and norms vs layer, PCA)."""
+    from . import task_vectors as tv
+
+    stack = read_layers(layer_paths, component, pooling, stack=True)
+    if stack.groups is None:
+        raise LayerscopeError(f"{layer_paths[0]}: no 'group' (number pair) stored; task vectors need it")
+    scores, arrays = tv.task_vectors_by_layer(stack, n_boot=n_boot, seed=seed)
+    tv.write_task_vectors((scores, arrays), out["matrices"], out["scores"],
+                          attrs={"model": model, "dataset": dataset, "component": component, "pooling": pooling})
+    best = tv.best_layer(scores)
+    chosen = layer if layer is not None else stack.layers[len(stack.layers) // 2]
+    if chosen not in stack.layers:
+        raise LayerscopeError(f"task_vectors.layer {chosen} is not a cached layer of {model} ({stack.layers})")
+    common = dict(model=model, dataset=dataset, component=f"{component}/{pooling}", formats=formats)
+    tv.plot_separation(scores, out["separation"], **common)
+    tv.plot_norms(scores, out["norms"], **common)
+    for key, at in (("cosine_chosen", chosen), ("cosine_best", best)):
+        sl = tv.layer_arrays(arrays, at)
+        tv.plot_prompt_cosine(sl["prompt_cosine"], sl["prompt_tasks"], sl["prompt_pairs"], out[key], layer=at, **common)
+    sl = tv.layer_arrays(arrays, best)
+    tv.plot_task_pca(sl["centred"], sl["prompt_tasks"], out["pca"], layer=best, pairs=sl["prompt_pairs"], **common)
+    return {"best_layer": best, "chosen_layer": chosen}
+
+
+def patching_experiment(pairs_path: PathLike, out: Mapping[str, PathLike], *, model: Mapping[str, Any],
+                        settings: Mapping[str, Any], experiment: str, model_name: str, device: str,
+                        batch_size: int, threads: int | None, formats: Sequence[str],
+                        log=print) -> dict[str, Any]:
+    """Load the model, run the patching sweep over every configured cell, write tables and heatmaps."""
+    import torch
+
+    from . import patching
+    from .activations import load_model
+
+    if threads and device in ("cpu", "auto"):
+        torch.set_num_threads(int(threads))
+    pairs = patching.load_pairs(pairs_path)
+    bridge, info = load_model(model["source"], dtype=model["dtype"], device=device,
+                              compatibility_mode=model["compatibility_mode"], revision=model.get("revision"))
+    result = patching.patch_sweep(
+        bridge, pairs, components=settings["components"], layers=settings.get("layers"),
+        positions=settings["positions"], heads=settings["heads"], batch_size=batch_size,
+        prepend_bos=model["bos"], log=log, model_info=info,
+    )
+    patching.write_patching(result, out["cells"], out["arrays"])
+    summary = patching.summarize(result, n_boot=settings["n_boot"], seed=settings["seed"])
+    _write_csv(summary, out["summary"])
+    patching.plot_patching_heatmaps(summary, result.position_labels(), out["heatmaps"], model=model_name,
+                                    experiment=experiment, formats=formats, pairs=result.pairs)
+    if "heads" in out:
+        patching.plot_head_heatmap(summary, out["heads"], model=model_name, experiment=experiment, formats=formats)
+    return {"n_pairs": len(pairs), "notes": list(result.notes)}

@@ -1,0 +1,81 @@
+# Stage 4: figures per (model, dataset), and across models when there are several.
+
+
+rule plot_probes:
+    input:
+        "results/probes/{model}/{dataset}/summary.csv",
+    output:
+        figure=report(
+            "results/figures/{model}/{dataset}/probe_metric_vs_layer.png",
+            category="Probes",
+            subcategory="{model}",
+            caption="../report/probe_metric_vs_layer.rst",
+            labels={"model": "{model}", "dataset": "{dataset}", "figure": "probe metric vs layer"},
+        ),
+        extra=extra_formats("results/figures/{model}/{dataset}/probe_metric_vs_layer"),
+    params:
+        metric=config["figures"]["metric"],
+        formats=config["figures"]["formats"],
+        n_layers=lambda wc: N_LAYERS[wc.model],
+    log:
+        "logs/plot_probes/{model}/{dataset}.log",
+    conda:
+        "../../envs/core.yaml"
+    script:
+        "../scripts/plot_probes.py"
+
+
+rule plot_geometry:
+    input:
+        layers=lambda wc: per_layer("results/activations/{model}/{dataset}/layer_{layer}.h5", wc.model, wc.dataset),
+        summary="results/probes/{model}/{dataset}/summary.csv",
+    output:
+        **{
+            name: report(
+                f"results/figures/{{model}}/{{dataset}}/{name}.png",
+                category="Geometry",
+                subcategory="{model}",
+                caption=f"../report/{name}.rst",
+                labels={"model": "{model}", "dataset": "{dataset}", "figure": name.replace("_", " ")},
+            )
+            for name in GEOMETRY_FIGURES
+        },
+        extra=[
+            path
+            for name in GEOMETRY_FIGURES
+            for path in extra_formats(f"results/figures/{{model}}/{{dataset}}/{name}")
+        ],
+    params:
+        view=stable(FIGURE_VIEW),
+        formats=config["figures"]["formats"],
+    log:
+        "logs/plot_geometry/{model}/{dataset}.log",
+    conda:
+        "../../envs/core.yaml"
+    script:
+        "../scripts/plot_geometry.py"
+
+
+rule depth_comparison:
+    input:
+        expand("results/probes/{model}/{{dataset}}/summary.csv", model=MODELS),
+    output:
+        figure=report(
+            "results/figures/models/{dataset}/best_layer_vs_depth.png",
+            category="Probes",
+            subcategory="models",
+            caption="../report/best_layer_vs_depth.rst",
+            labels={"model": "all", "dataset": "{dataset}", "figure": "best layer vs depth"},
+        ),
+        extra=extra_formats("results/figures/models/{dataset}/best_layer_vs_depth"),
+    params:
+        models=MODELS,
+        n_layers={m: N_LAYERS[m] for m in MODELS},
+        view=stable(FIGURE_VIEW),
+        formats=config["figures"]["formats"],
+    log:
+        "logs/depth_comparison/{dataset}.log",
+    conda:
+        "../../envs/core.yaml"
+    script:
+        "../scripts/depth_comparison.py"

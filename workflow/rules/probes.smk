@@ -1,0 +1,91 @@
+# Stage 3: linear probes per layer (a new layer trains only its own probes), then one summary table.
+
+
+rule train_probe:
+    input:
+        layer="results/activations/{model}/{dataset}/layer_{layer}.h5",
+        summary="results/datasets/{dataset}/summary.json",
+    output:
+        "results/probes/{model}/{dataset}/layer_{layer}.json",
+    params:
+        settings=stable(PROBE_SETTINGS),
+    threads: 1
+    log:
+        "logs/train_probe/{model}/{dataset}/layer_{layer}.log",
+    benchmark:
+        "benchmarks/train_probe/{model}/{dataset}/layer_{layer}.tsv"
+    conda:
+        "../../envs/core.yaml"
+    script:
+        "../scripts/train_probe.py"
+
+
+rule probe_summary:
+    input:
+        lambda wc: per_layer("results/probes/{model}/{dataset}/layer_{layer}.json", wc.model, wc.dataset),
+    output:
+        report(
+            "results/probes/{model}/{dataset}/summary.csv",
+            category="Probes",
+            subcategory="{model}",
+            caption="../report/probe_summary.rst",
+            labels={"model": "{model}", "dataset": "{dataset}", "table": "probe summary"},
+        ),
+    log:
+        "logs/probe_summary/{model}/{dataset}.log",
+    conda:
+        "../../envs/core.yaml"
+    script:
+        "../scripts/probe_summary.py"
+
+
+rule activation_stats:
+    input:
+        layers=lambda wc: per_layer("results/activations/{model}/{dataset}/layer_{layer}.h5", wc.model, wc.dataset),
+        summary="results/datasets/{dataset}/summary.json",
+    output:
+        report(
+            "results/stats/{model}/{dataset}/activation_stats.csv",
+            category="Geometry",
+            subcategory="{model}",
+            caption="../report/activation_stats.rst",
+            labels={"model": "{model}", "dataset": "{dataset}", "table": "activation statistics"},
+        ),
+    log:
+        "logs/activation_stats/{model}/{dataset}.log",
+    conda:
+        "../../envs/core.yaml"
+    script:
+        "../scripts/activation_stats.py"
+
+
+rule generalization:
+    input:
+        layers=lambda wc: [
+            path
+            for ds in GENERALIZATION[wc.group]
+            for path in per_layer("results/activations/{model}/{dataset}/layer_{layer}.h5", wc.model, ds)
+        ],
+        summary=lambda wc: expand("results/datasets/{dataset}/summary.json", dataset=GENERALIZATION[wc.group]),
+    output:
+        table="results/probes/{model}/generalization_{group}.csv",
+        figure=report(
+            "results/figures/{model}/generalization_{group}.png",
+            category="Probes",
+            subcategory="{model}",
+            caption="../report/generalization.rst",
+            labels={"model": "{model}", "figure": "generalization {group}"},
+        ),
+        extra=extra_formats("results/figures/{model}/generalization_{group}"),
+    params:
+        datasets=lambda wc: GENERALIZATION[wc.group],
+        layers=lambda wc: LAYERS[wc.model],
+        settings=stable(PROBE_SETTINGS),
+        view=stable(FIGURE_VIEW),
+        formats=config["figures"]["formats"],
+    log:
+        "logs/generalization/{model}/{group}.log",
+    conda:
+        "../../envs/core.yaml"
+    script:
+        "../scripts/generalization.py"

@@ -1,0 +1,9 @@
+from layerscope.analysis import activation_stats_table
+from layerscope.probe_runs import positive_class
+from layerscope.scripting import job_logging
+
+with job_logging(snakemake.log[0]) as log:
+    table = activation_stats_table(
+        list(snakemake.input.layers), snakemake.output[0], positive=positive_class(snakemake.input.summary)
+    )
+    log.info("%d rows", len(table))

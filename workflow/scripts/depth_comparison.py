@@ -1,0 +1,15 @@
+import json
+
+from layerscope.analysis import depth_comparison
+from layerscope.scripting import job_logging
+
+with job_logging(snakemake.log[0]):
+    view = json.loads(snakemake.params.view)
+    depth_comparison(
+        dict(zip(snakemake.params.models, snakemake.input)),
+        snakemake.params.n_layers,
+        snakemake.output.figure,
+        dataset=snakemake.wildcards.dataset,
+        formats=snakemake.params.formats,
+        **view,
+    )

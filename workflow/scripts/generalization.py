@@ -1,0 +1,26 @@
+import json
+from pathlib import Path
+
+from layerscope.analysis import generalization
+from layerscope.probe_runs import positive_class
+from layerscope.scripting import job_logging
+
+with job_logging(snakemake.log[0]) as log:
+    view = json.loads(snakemake.params.view)
+    # Layer files live under results/activations/{model}/{dataset}/; group them by dataset.
+    paths = {ds: [p for p in snakemake.input.layers if Path(p).parent.name == ds] for ds in snakemake.params.datasets}
+    positives = {positive_class(p) for p in snakemake.input.summary}
+    table = generalization(
+        paths,
+        snakemake.output.table,
+        snakemake.output.figure,
+        component=view["component"],
+        pooling=view["pooling"],
+        metric=view["metric"],
+        model=snakemake.wildcards.model,
+        group=snakemake.wildcards.group,
+        positive=positives.pop() if len(positives) == 1 else None,
+        settings=json.loads(snakemake.params.settings),
+        formats=snakemake.params.formats,
+    )
+    log.info("%d cells", len(table))

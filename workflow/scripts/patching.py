@@ -1,0 +1,22 @@
+import json
+
+from layerscope.analysis import patching_experiment
+from layerscope.scripting import job_logging
+
+with job_logging(snakemake.log[0]) as log:
+    # batch_size and device are read here, not passed as params, so that changing them does not rerun.
+    runtime = snakemake.config["models"][snakemake.wildcards.model]
+    info = patching_experiment(
+        snakemake.input.pairs,
+        {k: v for k, v in snakemake.output.items() if k != "extra"},
+        model=json.loads(snakemake.params.model),
+        settings=json.loads(snakemake.params.settings),
+        experiment=snakemake.wildcards.experiment,
+        model_name=snakemake.wildcards.model,
+        device=runtime["device"],
+        batch_size=max(runtime["batch_size"], 64),
+        threads=snakemake.threads,
+        formats=snakemake.params.formats,
+        log=log.info,
+    )
+    log.info("%d pairs; %s", info["n_pairs"], "; ".join(info["notes"]) or "no notes")

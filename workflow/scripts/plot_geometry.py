@@ -1,0 +1,18 @@
+import json
+
+from layerscope.analysis import geometry_figures
+from layerscope.scripting import job_logging
+
+with job_logging(snakemake.log[0]) as log:
+    view = json.loads(snakemake.params.view)
+    figures = {name: path for name, path in snakemake.output.items() if name != "extra"}
+    info = geometry_figures(
+        list(snakemake.input.layers),
+        snakemake.input.summary,
+        figures,
+        model=snakemake.wildcards.model,
+        dataset=snakemake.wildcards.dataset,
+        formats=snakemake.params.formats,
+        **view,
+    )
+    log.info("best layer by %s: %d", view["metric"], info["best_layer"])

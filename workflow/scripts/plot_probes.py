@@ -1,0 +1,13 @@
+from layerscope.analysis import probe_figure
+from layerscope.scripting import job_logging
+
+with job_logging(snakemake.log[0]):
+    probe_figure(
+        snakemake.input[0],
+        snakemake.output.figure,
+        metric=snakemake.params.metric,
+        model=snakemake.wildcards.model,
+        dataset=snakemake.wildcards.dataset,
+        n_layers=snakemake.params.n_layers,
+        formats=snakemake.params.formats,
+    )

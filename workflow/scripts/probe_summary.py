@@ -1,0 +1,6 @@
+from layerscope.probe_runs import summarize_probes
+from layerscope.scripting import job_logging
+
+with job_logging(snakemake.log[0]) as log:
+    table = summarize_probes(snakemake.input, snakemake.output[0])
+    log.info("%d rows from %d probe files", len(table), len(snakemake.input))

@@ -1,0 +1,15 @@
+import json
+
+from layerscope.probe_runs import positive_class, train_layer_probes
+from layerscope.scripting import job_logging
+
+with job_logging(snakemake.log[0]) as log:
+    train_layer_probes(
+        snakemake.input.layer,
+        snakemake.output[0],
+        model=snakemake.wildcards.model,
+        dataset=snakemake.wildcards.dataset,
+        settings=json.loads(snakemake.params.settings),
+        positive=positive_class(snakemake.input.summary),
+        log=log.info,
+    )
