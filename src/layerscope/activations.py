@@ -1,0 +1,634 @@
+"""Cache pooled per-layer activations with one batched forward pass per (model, dataset).
+
+``cache_store`` runs every prompt through a TransformerLens ``TransformerBridge`` once and writes
+the pooled vectors of EVERY layer (for the configured components and poolings) to a *store*;
+``extract_layer`` then cuts one layer out of it into ``layer_{L}.h5``. Layout: see
+:mod:`layerscope.h5cache`.
+
+How prompts go through the model (all decided here, not left to the bridge):
+
+* Tokenization is ours: ``add_special_tokens=False`` and, by policy, the tokenizer's BOS id
+  prepended explicitly (never twice).
+* Prompts are sorted by token length into batches and padded on the RIGHT; the model gets
+  ``input_ids`` and an explicit ``attention_mask`` (padding is never inferred from token ids:
+  GPT-2's pad id is its BOS id). With right padding every real token keeps positions
+  ``0..n-1`` and, the attention being causal, never sees a pad, so batched results equal
+  one-prompt-at-a-time results up to float rounding.
+* Pooling uses the attention mask (minus the BOS position when ``exclude_bos_from_pooling``).
+* Hooks sit only on the needed hook points; the hook on the last needed one raises
+  ``StopAtLayerException``, so the final norm and the full-vocabulary LM head never run.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from . import __version__ as LAYERSCOPE_VERSION
+from . import h5cache
+from .atomic import atomic_path
+from .errors import InputError, LayerscopeError
+
+#: component -> TransformerLens hook name (legacy aliases kept by TransformerLens 4).
+HOOKS = {
+    "resid_pre": "blocks.{L}.hook_resid_pre",
+    "attn_out": "blocks.{L}.hook_attn_out",
+    "resid_mid": "blocks.{L}.hook_resid_mid",
+    "mlp_out": "blocks.{L}.hook_mlp_out",
+    "resid_post": "blocks.{L}.hook_resid_post",
+}
+#: order in which the hooks of one block fire (the last one needed is where we stop).
+_FIRE_ORDER = {"resid_pre": 0, "attn_out": 1, "resid_mid": 2, "mlp_out": 3, "resid_post": 4}
+_DTYPES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float64": "float64",
+}
+_OUT_DTYPES = ("float32", "float16", "float64")
+
+
+def _tl_version() -> str:
+    try:
+        return importlib.metadata.version("transformer-lens")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+        return "unknown"
+
+
+# --------------------------------------------------------------------------------------------
+# model loading
+
+
+def resolve_device(device: str | None = "auto") -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise LayerscopeError(f"device {device!r} requested but CUDA is not available on this machine")
+    return str(device)
+
+
+def torch_dtype(dtype: str | Any):
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = _DTYPES.get(str(dtype).lower())
+    if name is None:
+        raise LayerscopeError(f"unknown dtype {dtype!r}; expected one of float32, float16, bfloat16, float64")
+    return getattr(torch, name)
+
+
+def load_model(
+    source: str,
+    *,
+    dtype: str = "float32",
+    device: str = "auto",
+    compatibility_mode: bool = False,
+    revision: str | None = None,
+):
+    """Boot ``source`` (hub id or local ``save_pretrained`` directory) as a ``TransformerBridge``.
+
+    Returns ``(bridge, info)``; ``info`` describes what was loaded and is written into every cache
+    file (model, revision, n_layers, d_model, dtype, device, compatibility_mode, versions, ...).
+    """
+    import torch
+    from transformer_lens.model_bridge import TransformerBridge
+
+    dev = resolve_device(device)
+    tdtype = torch_dtype(dtype)
+    kwargs: dict[str, Any] = {"device": dev, "dtype": tdtype}
+    if revision:
+        kwargs["revision"] = revision
+    try:
+        bridge = TransformerBridge.boot_transformers(os.fspath(source), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise LayerscopeError(f"could not load model {source!r}: {exc}") from exc
+    if compatibility_mode:
+        bridge.enable_compatibility_mode(disable_warnings=True)
+    bridge.eval()
+    bridge.original_model.eval()
+    info = describe_model(bridge, source=source, revision=revision, dtype=tdtype, device=dev,
+                          compatibility_mode=compatibility_mode)
+    return bridge, info
+
+
+def describe_model(bridge, *, source: str | None = None, revision: str | None = None, dtype=None,
+                   device: str | None = None, compatibility_mode: bool | None = None) -> dict[str, Any]:
+    """The ``info`` dict of :func:`load_model` for an already booted bridge."""
+    hf = getattr(bridge, "original_model", None)
+    config = getattr(hf, "config", None)
+    name_or_path = getattr(config, "_name_or_path", None) or ""
+    source = source if source is not None else (name_or_path or "unknown")
+    if not revision:
+        revision = getattr(config, "_commit_hash", None)
+    if not revision:
+        revision = "local" if os.path.isdir(os.fspath(source)) else None
+    if dtype is None:
+        try:
+            dtype = next(bridge.original_model.parameters()).dtype
+        except (StopIteration, AttributeError):
+            dtype = "unknown"
+    arch = getattr(bridge.cfg, "architecture", None)
+    if not arch and config is not None and getattr(config, "architectures", None):
+        arch = config.architectures[0]
+    if compatibility_mode is None:
+        compatibility_mode = bool(getattr(bridge, "compatibility_mode", False))
+    return {
+        "model": os.fspath(source),
+        "model_revision": revision,
+        "architecture": arch or "unknown",
+        "n_layers": int(bridge.cfg.n_layers),
+        "d_model": int(bridge.cfg.d_model),
+        "n_ctx": int(getattr(bridge.cfg, "n_ctx", 0) or 0),
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": str(device if device is not None else getattr(bridge.cfg, "device", "cpu")),
+        "compatibility_mode": bool(compatibility_mode),
+        "transformer_lens_version": _tl_version(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# tokenization
+
+
+def resolve_bos(tokenizer, policy: str | bool = "auto") -> bool:
+    """``bos: auto | true | false`` -> whether to prepend BOS. ``auto``: iff the tokenizer has one."""
+    if isinstance(policy, str):
+        p = policy.strip().lower()
+        if p == "auto":
+            return getattr(tokenizer, "bos_token_id", None) is not None
+        if p in ("true", "yes", "1"):
+            policy = True
+        elif p in ("false", "no", "0"):
+            policy = False
+        else:
+            raise LayerscopeError(f"bos policy {policy!r} not understood; expected auto, true or false")
+    if policy and getattr(tokenizer, "bos_token_id", None) is None:
+        raise LayerscopeError("bos: true, but the tokenizer has no BOS token; use bos: auto or false")
+    return bool(policy)
+
+
+def tokenize_prompts(tokenizer, texts: Sequence[str], *, prepend_bos: bool) -> list[list[int]]:
+    """Token ids of each text: ``add_special_tokens=False``, then BOS prepended if ``prepend_bos``.
+
+    Never doubles BOS: if the ids already start with the BOS id (a tokenizer that inserts it
+    anyway, or a text that starts with the BOS string) no second one is added. With
+    ``prepend_bos=False`` a BOS the tokenizer inserted on its own is removed.
+    """
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    bos_str = getattr(tokenizer, "bos_token", None)
+    if prepend_bos and bos_id is None:
+        raise LayerscopeError("prepend_bos=True but the tokenizer has no BOS token")
+    texts = list(texts)
+    if not texts:
+        return []
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    out: list[list[int]] = []
+    for text, ids in zip(texts, encoded):
+        ids = list(ids)
+        starts_with_bos = bool(ids) and bos_id is not None and ids[0] == bos_id
+        if prepend_bos:
+            if not starts_with_bos:
+                ids = [bos_id] + ids
+        elif starts_with_bos and not (bos_str and text.startswith(bos_str)):
+            ids = ids[1:]  # inserted by the tokenizer despite add_special_tokens=False
+        out.append(ids)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# batching
+
+
+def make_batches(lengths: Sequence[int], batch_size: int, max_tokens_per_batch: int | None = None) -> list[list[int]]:
+    """Group prompt indices into batches of similar length (longest first).
+
+    A batch holds at most ``batch_size`` prompts and, if given, at most ``max_tokens_per_batch``
+    padded tokens (a single longer prompt still gets a batch of its own). Indices inside a
+    batch are ascending (prompt-table order), so results can be written with one selection.
+    """
+    if batch_size < 1:
+        raise LayerscopeError(f"batch_size must be >= 1, got {batch_size}")
+    if max_tokens_per_batch is not None and max_tokens_per_batch < 1:
+        raise LayerscopeError(f"max_tokens_per_batch must be >= 1, got {max_tokens_per_batch}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    cur_max = 0
+    for i in order:
+        new_max = max(cur_max, lengths[i])
+        too_many = len(cur) + 1 > batch_size
+        too_big = max_tokens_per_batch is not None and (len(cur) + 1) * new_max > max_tokens_per_batch
+        if cur and (too_many or too_big):
+            batches.append(sorted(cur))
+            cur, new_max = [], lengths[i]
+        cur.append(i)
+        cur_max = new_max
+    if cur:
+        batches.append(sorted(cur))
+    return batches
+
+
+# --------------------------------------------------------------------------------------------
+# caching
+
+
+def hook_name(component: str, layer: int) -> str:
+    return HOOKS[component].format(L=layer)
+
+
+def _check_choices(values: Iterable[str], allowed: Sequence[str], what: str) -> list[str]:
+    values = list(values)
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        extra = " (token-level vectors come from token_level_layers)" if what == "pooling" and "none" in bad else ""
+        raise LayerscopeError(f"unknown {what}(s) {bad}; expected some of {list(allowed)}{extra}")
+    if len(set(values)) != len(values):
+        raise LayerscopeError(f"duplicate {what}s in {values}")
+    return values
+
+
+def _names(ids: Sequence[str], limit: int = 10) -> str:
+    ids = [str(i) for i in ids]
+    more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
+    return ", ".join(ids[:limit]) + more
+
+
+def cache_store(
+    bridge,
+    prompt_ids: Sequence[str],
+    texts: Sequence[str],
+    labels: Sequence[Any],
+    out_path: str | os.PathLike,
+    *,
+    components: Sequence[str] = ("resid_post",),
+    poolings: Sequence[str] = ("mean",),
+    prepend_bos: bool | str = "auto",
+    exclude_bos_from_pooling: bool = True,
+    token_level_layers: Sequence[int] = (),
+    batch_size: int = 32,
+    max_tokens_per_batch: int | None = None,
+    log: Callable[[str], Any] | None = print,
+    dtype_out: str = "float32",
+    compression: str | int | None = None,
+    model_info: Mapping[str, Any] | None = None,
+    groups: Sequence[Any] | None = None,
+    progress_every_s: float = 10.0,
+    stop_early: bool = True,
+) -> dict[str, Any]:
+    """Run all prompts through ``bridge`` once; write pooled vectors of every layer to ``out_path``.
+
+    ``prompt_ids`` / ``texts`` / ``labels`` (and optional ``groups``) are parallel sequences in
+    prompt-table order; the store keeps that order. ``prepend_bos`` is the BOS policy
+    (``"auto"``, True or False, see :func:`resolve_bos`). Pooling ``mean`` / ``max`` / ``last``
+    run over the real tokens (the BOS position left out when ``exclude_bos_from_pooling``);
+    every pooled token of the layers in ``token_level_layers`` is also kept (pooling ``none``).
+    The file is written incrementally and renamed into place only when complete.
+    ``stop_early=False`` lets the forward pass run on through the final norm and LM head (same
+    numbers, slower; only there to measure what stopping saves).
+    Returns a small summary dict (n_prompts, n_tokens, seconds, tokens_per_s, batches).
+    """
+    import torch
+    from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+    log = log or (lambda msg: None)
+    components = _check_choices(components, h5cache.COMPONENTS, "component")
+    poolings = _check_choices(poolings, h5cache.POOLINGS, "pooling")
+    if not components:
+        raise LayerscopeError("no components to cache")
+    token_level_layers = sorted({int(x) for x in token_level_layers})
+    if not poolings and not token_level_layers:
+        raise LayerscopeError("nothing to cache: no poolings and no token_level_layers")
+    if dtype_out not in _OUT_DTYPES:
+        raise LayerscopeError(f"dtype_out {dtype_out!r} not supported; expected one of {list(_OUT_DTYPES)}")
+    h5cache.compression_kwargs(compression)  # validate early
+
+    prompt_ids = [str(p) for p in prompt_ids]
+    texts = list(texts)
+    labels = ["" if v is None else str(v) for v in labels]
+    n = len(prompt_ids)
+    if n == 0:
+        raise LayerscopeError("no prompts to cache")
+    if len(texts) != n or len(labels) != n or (groups is not None and len(groups) != n):
+        raise LayerscopeError(
+            f"prompt_ids ({n}), texts ({len(texts)}), labels ({len(labels)})"
+            + (f", groups ({len(groups)})" if groups is not None else "")
+            + " must have the same length"
+        )
+    dupes = sorted(p for p, k in Counter(prompt_ids).items() if k > 1)
+    if dupes:
+        raise LayerscopeError(f"duplicate prompt_id(s): {_names(dupes)}")
+
+    info = dict(model_info) if model_info is not None else describe_model(bridge)
+    n_layers = int(bridge.cfg.n_layers)
+    d_model = int(bridge.cfg.d_model)
+    bad_layers = [L for L in token_level_layers if not 0 <= L < n_layers]
+    if bad_layers:
+        raise LayerscopeError(f"token_level_layers {bad_layers} do not exist; the model has layers 0..{n_layers - 1}")
+
+    # --- hooks -------------------------------------------------------------------------------
+    hook_dict = bridge.hook_dict
+    for comp in components:
+        if hook_name(comp, 0) not in hook_dict:
+            raise LayerscopeError(
+                f"component '{comp}' is not available for architecture {info.get('architecture')} "
+                f"(no hook '{hook_name(comp, 0)}'"
+                + ("; parallel-attention blocks have no resid_mid" if comp == "resid_mid" else "")
+                + "); remove it from activations.components"
+            )
+
+    # --- tokens --------------------------------------------------------------------------------
+    tokenizer = bridge.tokenizer
+    bos_policy = prepend_bos
+    prepend = resolve_bos(tokenizer, prepend_bos)
+    ids = tokenize_prompts(tokenizer, texts, prepend_bos=prepend)
+    skip = 1 if (prepend and exclude_bos_from_pooling) else 0
+    lengths = [len(x) for x in ids]
+    n_pooled = [max(0, L - skip) for L in lengths]
+    empty = [prompt_ids[i] for i in range(n) if n_pooled[i] == 0]
+    if empty:
+        raise LayerscopeError(
+            f"prompt(s) with no tokens left to pool{' after leaving out BOS' if skip else ''}: {_names(empty)}"
+        )
+    n_ctx = int(info.get("n_ctx") or getattr(bridge.cfg, "n_ctx", 0) or 0)
+    if n_ctx:
+        too_long = [f"{prompt_ids[i]} ({lengths[i]} tokens)" for i in range(n) if lengths[i] > n_ctx]
+        if too_long:
+            raise LayerscopeError(f"prompt(s) longer than the model context of {n_ctx} tokens: {_names(too_long)}")
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = getattr(tokenizer, "eos_token_id", None) or 0  # value irrelevant: masked, right of real tokens
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(n_pooled, out=offsets[1:])
+    n_tok_total = int(offsets[-1])
+
+    # --- hook functions --------------------------------------------------------------------
+    stop_comp = max(components, key=lambda c: _FIRE_ORDER[c])
+    stop_layer = n_layers - 1
+    tl_index = {L: k for k, L in enumerate(token_level_layers)}
+    state: dict[str, Any] = {}
+
+    def make_hook(comp: str, layer: int):
+        is_stop = stop_early and comp == stop_comp and layer == stop_layer
+        keep_tokens = layer in tl_index
+
+        def hook(tensor, hook=None):
+            x = tensor.detach().float()
+            pm = state["pool_mask"]  # [B, T] bool
+            out = {}
+            if "mean" in poolings:
+                w = pm.unsqueeze(-1).to(x.dtype)
+                out["mean"] = (x * w).sum(dim=1) / state["counts"]
+            if "max" in poolings:
+                out["max"] = x.masked_fill(~pm.unsqueeze(-1), -math.inf).amax(dim=1)
+            if "last" in poolings:
+                out["last"] = x[state["rows"], state["last"]]
+            if keep_tokens:
+                out["none"] = x[pm]  # row-major: prompt by prompt, positions in order
+            state["captured"][(comp, layer)] = {k: v.cpu() for k, v in out.items()}
+            if is_stop:
+                raise StopAtLayerException(tensor)
+            return None
+
+        return hook
+
+    fwd_hooks = [(hook_name(c, L), make_hook(c, L)) for L in range(n_layers) for c in components]
+    store_hooks = [HOOKS[c] for c in components]
+
+    attrs = {
+        "kind": "store",
+        "format_version": h5cache.FORMAT_VERSION,
+        "model": info.get("model", "unknown"),
+        "model_revision": info.get("model_revision"),
+        "architecture": info.get("architecture", "unknown"),
+        "transformer_lens_version": info.get("transformer_lens_version", _tl_version()),
+        "layerscope_version": LAYERSCOPE_VERSION,
+        "n_layers": n_layers,
+        "d_model": d_model,
+        "n_prompts": n,
+        "hook_names": store_hooks,
+        "dtype": info.get("dtype", "unknown"),
+        "out_dtype": dtype_out,
+        "bos": str(bos_policy).lower(),
+        "prepend_bos": bool(prepend),
+        "exclude_bos_from_pooling": bool(exclude_bos_from_pooling),
+        "compatibility_mode": bool(info.get("compatibility_mode", getattr(bridge, "compatibility_mode", False))),
+        "components": components,
+        "poolings": poolings,
+        "token_level_layers": token_level_layers,
+        "pad_side": "right",
+    }
+
+    batches = make_batches(lengths, batch_size, max_tokens_per_batch)
+    device = next(iter(bridge.original_model.parameters())).device
+    total_real = int(sum(lengths))
+    log(
+        f"cache_store: {n} prompts, {total_real} tokens, {len(batches)} batches (batch_size {batch_size}"
+        f"{f', max_tokens_per_batch {max_tokens_per_batch}' if max_tokens_per_batch else ''}), "
+        f"{n_layers} layers x {components} x {poolings}"
+        f"{f' + tokens of layers {token_level_layers}' if token_level_layers else ''}; "
+        f"BOS {'prepended' if prepend else 'not prepended'} (policy {bos_policy!r})"
+        f"{', left out of pooling' if skip else ''}; device {device}"
+    )
+
+    t0 = time.perf_counter()
+    last_log = t0
+    done_prompts = 0
+    done_tokens = 0
+    with atomic_path(out_path) as tmp:
+        with h5cache.open_for_write(tmp) as f:
+            h5cache.set_attrs(f, attrs)
+            h5cache.write_strings(f, "prompt_id", prompt_ids)
+            h5cache.write_strings(f, "label", labels)
+            if groups is not None:
+                h5cache.write_strings(f, "group", groups)
+            f.create_dataset("n_tokens", data=np.asarray(lengths, dtype=np.int32))
+            f.create_dataset("n_pooled", data=np.asarray(n_pooled, dtype=np.int32))
+            pooled_ds = {
+                (c, p): h5cache.create_float(f, f"{c}/{p}", (n_layers, n, d_model), dtype_out, compression)
+                for c in components for p in poolings
+            }
+            token_ds = {}
+            if token_level_layers:
+                f.create_dataset(
+                    "token_ids", data=np.fromiter((t for x in ids for t in x[skip:]), dtype=np.int64, count=n_tok_total)
+                )
+                for c in components:
+                    token_ds[c] = h5cache.create_float(
+                        f, f"{c}/none/values", (len(token_level_layers), n_tok_total, d_model), dtype_out, compression
+                    )
+                    f.create_dataset(f"{c}/none/offsets", data=offsets)
+
+            with torch.inference_mode(), bridge.hooks(fwd_hooks=fwd_hooks):
+                for batch in batches:
+                    B = len(batch)
+                    T = max(lengths[i] for i in batch)
+                    input_ids = torch.full((B, T), int(pad_id), dtype=torch.long)
+                    mask = torch.zeros((B, T), dtype=torch.long)
+                    for r, i in enumerate(batch):
+                        input_ids[r, : lengths[i]] = torch.tensor(ids[i], dtype=torch.long)
+                        mask[r, : lengths[i]] = 1
+                    input_ids = input_ids.to(device)
+                    mask = mask.to(device)
+                    pool_mask = mask.bool().clone()
+                    pool_mask[:, :skip] = False
+                    state["pool_mask"] = pool_mask
+                    state["counts"] = pool_mask.sum(dim=1, keepdim=True).float()
+                    state["rows"] = torch.arange(B, device=device)
+                    state["last"] = torch.tensor([lengths[i] - 1 for i in batch], device=device)
+                    state["captured"] = {}
+                    bridge(input_ids, attention_mask=mask, return_type=None)
+                    captured = state.pop("captured")
+                    if len(captured) != len(fwd_hooks):
+                        missing = [h for (h, _), key in zip(fwd_hooks, [(c, L) for L in range(n_layers) for c in components])
+                                   if key not in captured]
+                        raise LayerscopeError(f"hooks did not fire: {_names(missing)}")
+                    _write_batch(batch, captured, components, poolings, n_layers, pooled_ds, token_ds,
+                                 tl_index, offsets, dtype_out, prompt_ids)
+                    done_prompts += B
+                    done_tokens += sum(lengths[i] for i in batch)
+                    now = time.perf_counter()
+                    if now - last_log >= progress_every_s or done_prompts == n:
+                        el = max(now - t0, 1e-9)
+                        log(
+                            f"cache_store: {done_prompts}/{n} prompts, {done_tokens}/{total_real} tokens, "
+                            f"{done_tokens / el:.0f} tokens/s, {el:.1f} s"
+                        )
+                        last_log = now
+            h5cache.mark_complete(f)
+    seconds = time.perf_counter() - t0
+    return {
+        "n_prompts": n,
+        "n_tokens": total_real,
+        "n_batches": len(batches),
+        "seconds": seconds,
+        "tokens_per_s": total_real / max(seconds, 1e-9),
+        "prepend_bos": prepend,
+    }
+
+
+def _write_batch(batch, captured, components, poolings, n_layers, pooled_ds, token_ds, tl_index, offsets,
+                 dtype_out, prompt_ids) -> None:
+    for c in components:
+        for p in poolings:
+            arr = np.stack([captured[(c, L)][p].numpy() for L in range(n_layers)]).astype(dtype_out, copy=False)
+            _check_finite(arr, c, p, batch, prompt_ids, layers=list(range(n_layers)))
+            pooled_ds[(c, p)][:, batch, :] = arr
+        for L, k in tl_index.items():
+            vals = captured[(c, L)]["none"].numpy().astype(dtype_out, copy=False)
+            bad = ~np.isfinite(vals).all(axis=1)
+            pos = 0
+            for i in batch:
+                cnt = int(offsets[i + 1] - offsets[i])
+                if bad[pos : pos + cnt].any():
+                    raise LayerscopeError(
+                        f"non-finite activations in {c} layer {L} (token level) for prompt {prompt_ids[i]}"
+                        + (" (out_dtype float16 overflow?)" if dtype_out == "float16" else "")
+                    )
+                pos += cnt
+            if pos != vals.shape[0]:  # pragma: no cover - internal consistency
+                raise LayerscopeError(f"token count mismatch in {c} layer {L}: {pos} vs {vals.shape[0]}")
+            start, stop = int(offsets[batch[0]]), int(offsets[batch[-1] + 1])
+            if stop - start == pos:  # contiguous prompts: one write
+                token_ds[c][k, start:stop, :] = vals
+            else:
+                pos = 0
+                for i in batch:
+                    cnt = int(offsets[i + 1] - offsets[i])
+                    token_ds[c][k, int(offsets[i]) : int(offsets[i + 1]), :] = vals[pos : pos + cnt]
+                    pos += cnt
+
+
+def _check_finite(arr: np.ndarray, component: str, pooling: str, batch: Sequence[int], prompt_ids, layers) -> None:
+    finite = np.isfinite(arr).all(axis=2)  # [n_layers, B]
+    if finite.all():
+        return
+    bad_layers = [layers[k] for k in np.flatnonzero(~finite.all(axis=1))]
+    bad_prompts = [prompt_ids[batch[r]] for r in np.flatnonzero(~finite.all(axis=0))]
+    raise LayerscopeError(
+        f"non-finite activations (inf/NaN) in {component}/{pooling} at layer(s) {bad_layers} "
+        f"for prompt(s) {_names(bad_prompts)}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# per-layer files and the workflow entry point
+
+
+def extract_layer(store_path: str | os.PathLike, layer: int, out_path: str | os.PathLike) -> Path:
+    """Write ``layer`` of the store to ``out_path`` (``layer_{L}.h5`` layout), atomically."""
+    with atomic_path(out_path) as tmp:
+        h5cache.copy_layer(store_path, int(layer), out_path, tmp)
+    return Path(out_path)
+
+
+def cache_from_table(
+    table: str | os.PathLike,
+    store_path: str | os.PathLike,
+    *,
+    model: Mapping[str, Any],
+    activations: Mapping[str, Any] | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    threads: int | None = None,
+    log: Callable[[str], Any] | None = print,
+    max_tokens_per_batch: int | None = None,
+) -> dict[str, Any]:
+    """Workflow entry point: prompt table CSV (prompt_id, text, label[, group]) -> store HDF5.
+
+    ``model``: source, revision, dtype, compatibility_mode, bos. ``activations``: components,
+    poolings, exclude_bos_from_pooling, token_level_layers, compression, out_dtype.
+    """
+    import pandas as pd
+    import torch
+
+    log = log or (lambda msg: None)
+    act = dict(activations or {})
+    try:
+        df = pd.read_csv(table, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read prompt table: {exc}", file=table) from exc
+    missing = [c for c in ("prompt_id", "text", "label") if c not in df.columns]
+    if missing:
+        raise InputError(f"missing column(s) {missing}", file=table)
+    if threads and device in ("cpu", "auto"):
+        torch.set_num_threads(int(threads))
+    t = time.perf_counter()
+    bridge, info = load_model(
+        model["source"],
+        dtype=model.get("dtype", "float32") or "float32",
+        device=device or "auto",
+        compatibility_mode=bool(model.get("compatibility_mode", False)),
+        revision=model.get("revision"),
+    )
+    log(f"loaded {info['model']} ({info['architecture']}, {info['n_layers']} layers, d_model {info['d_model']}, "
+        f"{info['dtype']}, {info['device']}) in {time.perf_counter() - t:.1f} s")
+    bos = model.get("bos", "auto")
+    return cache_store(
+        bridge,
+        df["prompt_id"].tolist(),
+        df["text"].tolist(),
+        df["label"].tolist(),
+        store_path,
+        components=act.get("components", ["resid_post"]),
+        poolings=act.get("poolings", ["mean", "last"]),
+        prepend_bos="auto" if bos is None else bos,
+        exclude_bos_from_pooling=bool(act.get("exclude_bos_from_pooling", True)),
+        token_level_layers=act.get("token_level_layers", []) or [],
+        batch_size=int(batch_size),
+        max_tokens_per_batch=max_tokens_per_batch,
+        log=log,
+        dtype_out=act.get("out_dtype", "float32") or "float32",
+        compression=act.get("compression"),
+        model_info=info,
+        groups=df["group"].tolist() if "group" in df.columns else None,
+    )

@@ -1,0 +1,424 @@
+"""HDF5 activation files: the per-(model, dataset) *store* and the per-layer files cut from it.
+
+Both kinds share one layout; only the pooled arrays differ in rank.
+
+Per-layer file ``layer_{L}.h5`` (``kind = "layer"``)::
+
+    prompt_id                  utf-8 strings [n_prompts]         (prompt-table order)
+    label                      utf-8 strings [n_prompts]
+    group                      utf-8 strings [n_prompts]         (only if the table had groups)
+    n_tokens                   int32 [n_prompts]   tokens fed to the model (BOS included)
+    n_pooled                   int32 [n_prompts]   tokens pooled (BOS left out when excluded)
+    {component}/{pooling}      float [n_prompts, d_model]        pooling in mean | last | max
+    {component}/none/values    float [n_pooled_total, d_model]   every pooled token (token-level layers only)
+    {component}/none/offsets   int64 [n_prompts + 1]             prompt i is values[offsets[i]:offsets[i+1]]
+    token_ids                  int64 [n_pooled_total]            token id of each row of .../none/values
+
+Store ``store.h5`` (``kind = "store"``): the same, except ``{component}/{pooling}`` is
+``[n_layers, n_prompts, d_model]`` (all layers of the model) and ``{component}/none/values`` is
+``[len(token_level_layers), n_pooled_total, d_model]`` (attribute ``token_level_layers``).
+
+Root attributes (both kinds): ``kind``, ``format_version``, ``model``, ``model_revision``,
+``architecture``, ``transformer_lens_version``, ``layerscope_version``, ``n_layers``, ``d_model``,
+``n_prompts``, ``hook_names`` (JSON list), ``dtype`` (model dtype), ``out_dtype``, ``bos``
+(the configured policy), ``prepend_bos`` (resolved), ``exclude_bos_from_pooling``,
+``compatibility_mode``, ``components`` / ``poolings`` / ``token_level_layers`` (JSON lists),
+``layer`` (layer files only) and ``complete = True``, written last, just before the temporary
+file is renamed into place. Readers refuse a file without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .errors import LayerscopeError
+
+FORMAT_VERSION = 1
+COMPONENTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+POOLINGS = ("mean", "last", "max")  # plus "none" (token level) for token_level_layers
+TOKEN_POOLING = "none"
+STRING_DATASETS = ("prompt_id", "label", "group")
+REQUIRED_ATTRS = (
+    "kind", "format_version", "model", "n_layers", "d_model", "n_prompts", "hook_names",
+    "components", "poolings", "token_level_layers", "prepend_bos", "exclude_bos_from_pooling",
+    "compatibility_mode", "complete",
+)
+JSON_ATTRS = ("hook_names", "components", "poolings", "token_level_layers")
+#: Bytes per chunk aimed at for float arrays (rows of d_model floats).
+CHUNK_BYTES = 1 << 20
+#: Chunk cache per dataset while writing (bounded, so memory does not grow with n_prompts).
+CACHE_BYTES = 8 << 20
+_LAYER_FILE = re.compile(r"layer_(\d+)\.h5$")
+
+
+# --------------------------------------------------------------------------------------------
+# data classes returned by readers
+
+
+@dataclass
+class LayerData:
+    """Pooled vectors of one layer: ``X[i]`` belongs to ``prompt_ids[i]`` / ``labels[i]``."""
+
+    X: np.ndarray
+    prompt_ids: list[str]
+    labels: list[str]
+    attrs: dict[str, Any]
+    groups: list[str] | None = None
+    path: str | None = None
+
+    @property
+    def layer(self) -> int:
+        return int(self.attrs["layer"])
+
+
+@dataclass
+class LayerStack:
+    """Several layers stacked: ``X[k]`` is layer ``layers[k]``, shape [n_layers, n_prompts, d_model]."""
+
+    X: np.ndarray
+    layers: list[int]
+    prompt_ids: list[str]
+    labels: list[str]
+    attrs: dict[int, dict[str, Any]]
+    groups: list[str] | None = None
+
+
+@dataclass
+class TokenData:
+    """Token-level vectors of one layer: prompt ``i`` owns rows ``offsets[i]:offsets[i+1]``."""
+
+    values: np.ndarray
+    offsets: np.ndarray
+    token_ids: np.ndarray
+    prompt_ids: list[str]
+    labels: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def prompt(self, i: int) -> np.ndarray:
+        return self.values[self.offsets[i] : self.offsets[i + 1]]
+
+    def prompt_token_ids(self, i: int) -> np.ndarray:
+        return self.token_ids[self.offsets[i] : self.offsets[i + 1]]
+
+
+# --------------------------------------------------------------------------------------------
+# writing helpers (used by layerscope.activations)
+
+
+def _h5py():
+    import h5py
+
+    return h5py
+
+
+def open_for_write(path: str | os.PathLike):
+    """Open a fresh HDF5 file for writing with a bounded chunk cache."""
+    h5py = _h5py()
+    return h5py.File(path, "w", rdcc_nbytes=CACHE_BYTES, rdcc_nslots=10007)
+
+
+def chunk_rows(d_model: int, itemsize: int, n_rows: int) -> int:
+    return int(max(1, min(n_rows, CHUNK_BYTES // max(1, d_model * itemsize))))
+
+
+def compression_kwargs(compression: str | int | None) -> dict[str, Any]:
+    """``None`` | ``"gzip"`` | ``"gzip:N"`` | ``"lzf"`` -> h5py create_dataset keyword arguments."""
+    if compression in (None, "", "none", False):
+        return {}
+    if compression == "lzf":
+        return {"compression": "lzf"}
+    if isinstance(compression, int) and not isinstance(compression, bool):
+        return {"compression": "gzip", "compression_opts": int(compression), "shuffle": True}
+    if isinstance(compression, str) and compression.startswith("gzip"):
+        level = 4
+        if ":" in compression:
+            level = int(compression.split(":", 1)[1])
+        return {"compression": "gzip", "compression_opts": level, "shuffle": True}
+    raise LayerscopeError(f"unknown compression {compression!r}; expected null, gzip, gzip:N or lzf")
+
+
+def write_strings(f, name: str, values: Sequence[Any]) -> None:
+    h5py = _h5py()
+    arr = np.array(["" if v is None else str(v) for v in values], dtype=object)
+    f.create_dataset(name, data=arr, dtype=h5py.string_dtype("utf-8"))
+
+
+def create_float(f, name: str, shape: tuple[int, ...], dtype: str, compression=None):
+    """Create a chunked float dataset whose chunks are a block of rows of one layer."""
+    rows = shape[-2]
+    d = shape[-1]
+    chunks = (1,) * (len(shape) - 2) + (chunk_rows(d, np.dtype(dtype).itemsize, max(1, rows)), d)
+    if rows == 0:
+        chunks = None
+    return f.create_dataset(
+        name, shape=shape, dtype=dtype, chunks=chunks, **(compression_kwargs(compression) if chunks else {})
+    )
+
+
+def set_attrs(f, attrs: Mapping[str, Any]) -> None:
+    for key, value in attrs.items():
+        if key in JSON_ATTRS or isinstance(value, (list, tuple, dict)):
+            value = json.dumps(list(value) if isinstance(value, tuple) else value)
+        elif value is None:
+            value = "null"
+        f.attrs[key] = value
+
+
+def mark_complete(f) -> None:
+    f.attrs["complete"] = True
+    f.flush()
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def _decode_attr(key: str, value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if isinstance(value, np.generic):
+        value = value.item()
+    if key in JSON_ATTRS and isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    if value == "null":
+        return None
+    return value
+
+
+def read_attrs(f) -> dict[str, Any]:
+    return {k: _decode_attr(k, v) for k, v in f.attrs.items()}
+
+
+def _strings(f, name: str) -> list[str]:
+    return [s for s in f[name].asstr()[()]]
+
+
+def _open(path: str | os.PathLike):
+    h5py = _h5py()
+    path = Path(path)
+    if not path.exists():
+        raise LayerscopeError(f"{path}: activation file does not exist")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise LayerscopeError(f"{path}: not a readable HDF5 file ({exc})") from exc
+
+
+def check_file(f, path: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
+    """Validate an open activation file; return its decoded attributes.
+
+    Raises LayerscopeError naming ``path`` if the file is incomplete, lacks an attribute or a
+    dataset, is of the other kind (store vs layer), or has inconsistent shapes.
+    """
+    attrs = read_attrs(f)
+    if not attrs.get("complete", False):
+        raise LayerscopeError(
+            f"{path}: incomplete activation file (attribute 'complete' is missing or false); "
+            "the job that wrote it did not finish - delete it and rerun"
+        )
+    missing = [a for a in REQUIRED_ATTRS if a not in attrs]
+    if missing:
+        raise LayerscopeError(f"{path}: missing attribute(s) {', '.join(missing)}")
+    if attrs["format_version"] != FORMAT_VERSION:
+        raise LayerscopeError(
+            f"{path}: format_version {attrs['format_version']} is not supported (expected {FORMAT_VERSION})"
+        )
+    if kind is not None and attrs["kind"] != kind:
+        raise LayerscopeError(f"{path}: expected a {kind} file but this is a {attrs['kind']} file")
+    if attrs["kind"] == "layer":
+        if "layer" not in attrs:
+            raise LayerscopeError(f"{path}: layer file without a 'layer' attribute")
+        m = _LAYER_FILE.search(Path(path).name)
+        if m and int(m.group(1)) != int(attrs["layer"]):
+            raise LayerscopeError(
+                f"{path}: file name says layer {m.group(1)} but the file holds layer {attrs['layer']}"
+            )
+        if not 0 <= int(attrs["layer"]) < int(attrs["n_layers"]):
+            raise LayerscopeError(f"{path}: layer {attrs['layer']} outside 0..{attrs['n_layers'] - 1}")
+    for name in ("prompt_id", "label"):
+        if name not in f:
+            raise LayerscopeError(f"{path}: missing dataset '{name}'")
+        if f[name].shape != (attrs["n_prompts"],):
+            raise LayerscopeError(
+                f"{path}: dataset '{name}' has shape {f[name].shape}, expected ({attrs['n_prompts']},)"
+            )
+    return attrs
+
+
+def _expected_shape(attrs: Mapping[str, Any]) -> tuple[int, ...]:
+    if attrs["kind"] == "store":
+        return (int(attrs["n_layers"]), int(attrs["n_prompts"]), int(attrs["d_model"]))
+    return (int(attrs["n_prompts"]), int(attrs["d_model"]))
+
+
+def _pooled_dataset(f, path, attrs, component: str, pooling: str):
+    name = f"{component}/{pooling}"
+    if component not in attrs["components"] or pooling not in attrs["poolings"] or name not in f:
+        raise LayerscopeError(
+            f"{path}: no '{name}' in this file (components {attrs['components']}, poolings {attrs['poolings']})"
+        )
+    ds = f[name]
+    if ds.shape != _expected_shape(attrs):
+        raise LayerscopeError(f"{path}: dataset '{name}' has shape {ds.shape}, expected {_expected_shape(attrs)}")
+    return ds
+
+
+def read_layer(path: str | os.PathLike, component: str = "resid_post", pooling: str = "mean") -> LayerData:
+    """Read one pooled array from a per-layer file (``layer_{L}.h5``)."""
+    with _open(path) as f:
+        attrs = check_file(f, path, kind="layer")
+        X = _pooled_dataset(f, path, attrs, component, pooling)[()]
+        prompt_ids = _strings(f, "prompt_id")
+        labels = _strings(f, "label")
+        groups = _strings(f, "group") if "group" in f else None
+    return LayerData(X=X, prompt_ids=prompt_ids, labels=labels, attrs=attrs, groups=groups, path=os.fspath(path))
+
+
+def read_layers(
+    paths: Iterable[str | os.PathLike],
+    component: str = "resid_post",
+    pooling: str = "mean",
+    *,
+    stack: bool = False,
+) -> dict[int, LayerData] | LayerStack:
+    """Read several per-layer files of one (model, dataset); keyed by layer (sorted).
+
+    All files must come from the same model/config and hold the same prompts in the same order.
+    With ``stack=True`` returns a :class:`LayerStack` (``X`` shaped [n_layers, n_prompts, d_model]).
+    """
+    out: dict[int, LayerData] = {}
+    first: LayerData | None = None
+    for path in paths:
+        data = read_layer(path, component, pooling)
+        if data.layer in out:
+            raise LayerscopeError(f"{path}: layer {data.layer} given twice (also {out[data.layer].path})")
+        if first is None:
+            first = data
+        else:
+            for key in ("model", "model_revision", "n_layers", "d_model", "dtype", "prepend_bos",
+                        "exclude_bos_from_pooling", "compatibility_mode"):
+                if first.attrs.get(key) != data.attrs.get(key):
+                    raise LayerscopeError(
+                        f"{path}: attribute '{key}' = {data.attrs.get(key)!r} differs from "
+                        f"{first.path} ({first.attrs.get(key)!r}); files from different runs cannot be mixed"
+                    )
+            if data.prompt_ids != first.prompt_ids:
+                raise LayerscopeError(f"{path}: prompts differ from {first.path}")
+        out[data.layer] = data
+    out = dict(sorted(out.items()))
+    if not stack:
+        return out
+    if not out:
+        raise LayerscopeError("read_layers: no files given")
+    layers = list(out)
+    X = np.stack([out[L].X for L in layers])
+    any_ = out[layers[0]]
+    return LayerStack(X=X, layers=layers, prompt_ids=any_.prompt_ids, labels=any_.labels,
+                      attrs={L: out[L].attrs for L in layers}, groups=any_.groups)
+
+
+def read_tokens(path: str | os.PathLike, component: str = "resid_post") -> TokenData:
+    """Read the token-level (pooling ``none``) vectors of a per-layer file."""
+    with _open(path) as f:
+        attrs = check_file(f, path, kind="layer")
+        base = f"{component}/{TOKEN_POOLING}"
+        if f"{base}/values" not in f:
+            raise LayerscopeError(
+                f"{path}: no token-level data for '{component}' (layer {attrs['layer']} is not in "
+                f"token_level_layers {attrs['token_level_layers']})"
+            )
+        values = f[f"{base}/values"][()]
+        offsets = f[f"{base}/offsets"][()]
+        token_ids = f["token_ids"][()]
+        n = int(attrs["n_prompts"])
+        if offsets.shape != (n + 1,) or offsets[-1] != values.shape[0] or token_ids.shape[0] != values.shape[0]:
+            raise LayerscopeError(f"{path}: token-level offsets/values/token_ids are inconsistent")
+        return TokenData(values=values, offsets=offsets, token_ids=token_ids,
+                         prompt_ids=_strings(f, "prompt_id"), labels=_strings(f, "label"), attrs=attrs)
+
+
+def read_store_layer(path: str | os.PathLike, layer: int, component: str = "resid_post",
+                     pooling: str = "mean") -> LayerData:
+    """Read one layer straight from a store (for tools that do not need the per-layer files)."""
+    with _open(path) as f:
+        attrs = check_file(f, path, kind="store")
+        _check_layer(path, attrs, layer)
+        X = _pooled_dataset(f, path, attrs, component, pooling)[layer]
+        attrs = dict(attrs, layer=layer)
+        return LayerData(X=X, prompt_ids=_strings(f, "prompt_id"), labels=_strings(f, "label"),
+                         attrs=attrs, groups=_strings(f, "group") if "group" in f else None,
+                         path=os.fspath(path))
+
+
+def _check_layer(path, attrs, layer: int) -> None:
+    n_layers = int(attrs["n_layers"])
+    if not isinstance(layer, (int, np.integer)) or not 0 <= int(layer) < n_layers:
+        raise LayerscopeError(f"{path}: layer {layer} does not exist; the model has layers 0..{n_layers - 1}")
+
+
+# --------------------------------------------------------------------------------------------
+# store -> layer file
+
+
+def copy_layer(store_path: str | os.PathLike, layer: int, out_path: str | os.PathLike,
+               tmp_path: str | os.PathLike, *, block_rows: int = 4096) -> None:
+    """Write layer ``layer`` of the store at ``store_path`` to ``tmp_path`` (renamed by the caller).
+
+    Streams in blocks of ``block_rows`` rows, so memory stays bounded for large datasets.
+    ``out_path`` is only used for checks and messages.
+    """
+    m = _LAYER_FILE.search(Path(out_path).name)
+    if m and int(m.group(1)) != int(layer):
+        raise LayerscopeError(f"{out_path}: file name says layer {m.group(1)} but layer {layer} was asked for")
+    with _open(store_path) as src:
+        attrs = check_file(src, store_path, kind="store")
+        _check_layer(store_path, attrs, layer)
+        layer = int(layer)
+        n = int(attrs["n_prompts"])
+        token_layers = [int(x) for x in attrs["token_level_layers"]]
+        out_attrs = {k: v for k, v in attrs.items() if k not in ("complete", "kind")}
+        out_attrs["kind"] = "layer"
+        out_attrs["layer"] = layer
+        out_attrs["hook_names"] = [h.replace("{L}", str(layer)) for h in attrs["hook_names"]]
+        out_attrs["token_level_layers"] = [layer] if layer in token_layers else []
+        with open_for_write(tmp_path) as dst:
+            set_attrs(dst, out_attrs)
+            for name in ("prompt_id", "label", "group", "n_tokens", "n_pooled"):
+                if name in src:
+                    src.copy(src[name], dst, name=name)
+            for component in attrs["components"]:
+                for pooling in attrs["poolings"]:
+                    sds = _pooled_dataset(src, store_path, attrs, component, pooling)
+                    comp = sds.compression
+                    if comp == "gzip":
+                        comp = int(sds.compression_opts)
+                    dds = create_float(dst, f"{component}/{pooling}", (n, sds.shape[2]), sds.dtype.str, comp)
+                    for start in range(0, n, block_rows):
+                        stop = min(n, start + block_rows)
+                        dds[start:stop] = sds[layer, start:stop]
+                if layer in token_layers:
+                    k = token_layers.index(layer)
+                    base = f"{component}/{TOKEN_POOLING}"
+                    svals = src[f"{base}/values"]
+                    total = svals.shape[1]
+                    comp = svals.compression
+                    if comp == "gzip":
+                        comp = int(svals.compression_opts)
+                    dvals = create_float(dst, f"{base}/values", (total, svals.shape[2]), svals.dtype.str, comp)
+                    for start in range(0, total, block_rows):
+                        stop = min(total, start + block_rows)
+                        dvals[start:stop] = svals[k, start:stop]
+                    src.copy(src[f"{base}/offsets"], dst, name=f"{base}/offsets")
+            if token_layers and layer in token_layers and "token_ids" in src:
+                src.copy(src["token_ids"], dst, name="token_ids")
+            mark_complete(dst)
