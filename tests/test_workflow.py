@@ -87,6 +87,9 @@ def test_demo_run_and_rerun_only_changed_layers(tmp_path):
     assert set(summary.pooling) == {"mean", "last"}
     assert (work / "results/task_vectors/demo/tasks/scores.csv").exists()
     assert (work / "results/figures/demo/patching_numbers.png").exists()
+    report = run_snakemake(work, "--report", "results/report.html")
+    assert "warning" not in (report.stdout + report.stderr).lower()
+    assert (work / "results/report.html").stat().st_size > 100_000
 
     # Adding a layer: no forward pass; that layer's file and probes, and the cross-layer aggregates.
     per_layer_aggregates = {"layer_index": 2, "probe_summary": 2, "activation_stats": 2, "plot_probes": 2,
