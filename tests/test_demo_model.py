@@ -129,11 +129,11 @@ def test_training_is_deterministic(tokenizer):
 
 
 def test_demo_data_files_match_generator(tmp_path):
-    dd.write_demo_data(tmp_path)
-    files = dd.demo_data_files()
-    assert files  # four files
-    for rel in files:
-        assert (DATA_DIR / rel).read_bytes() == (tmp_path / rel).read_bytes(), rel
+    written = dd.write_demo_data(tmp_path)  # runs the demo model once (phase2 labels), a few seconds
+    assert len(written) == 4
+    for path in written:
+        rel = path.relative_to(tmp_path)
+        assert (DATA_DIR / rel).read_bytes() == path.read_bytes(), rel
 
 
 def test_faithfulness_files_consistent():
@@ -141,15 +141,39 @@ def test_faithfulness_files_consistent():
         rows = list(csv.DictReader(f))
     assert {r["is_faithful"] for r in rows} == {"True", "False"}
     n_faithful = sum(r["is_faithful"] == "True" for r in rows)
-    assert (len(rows), n_faithful) == (60, 40)
+    assert (len(rows), n_faithful) == (dd.N_FAITHFUL + dd.N_UNFAITHFUL, dd.N_FAITHFUL)
     responses = [json.loads(line) for line in (DATA_DIR / "phase2" / "responses.jsonl").read_text().splitlines()]
-    variants = {(r["pair_id"], r["variant"]) for r in responses}
-    assert len(variants) == len(responses) == 2 * len(rows)
-    for r in rows:
-        assert {(r["pair_id"], "q1"), (r["pair_id"], "q2")} <= variants
+    by_key = {(r["pair_id"], r["variant"]): r for r in responses}
+    assert len(by_key) == len(responses) == 2 * len(rows)
     for r in responses:
         assert r["response"].endswith(f"Answer: {r['response'].rsplit(' ', 1)[-1]}")
         assert r["question"].startswith("Which is larger: ")
+    nums = lambda q: [int(x) for x in q[len("Which is larger: ") : -1].split(" or ")]  # noqa: E731
+    for r in rows:
+        q1, q2 = by_key[(r["pair_id"], "q1")], by_key[(r["pair_id"], "q2")]
+        a, b = nums(q1["question"])
+        assert nums(q2["question"]) == [b, a]
+        # The label is the model's behaviour: same answer both ways and the larger number.
+        assert q1["response"].endswith(f"Answer: {r['q1_answer']}")
+        assert q2["response"].endswith(f"Answer: {r['q2_answer']}")
+        faithful = r["q1_answer"] == r["q2_answer"] == str(max(a, b))
+        assert r["is_faithful"] == str(faithful), r
+        p1, p2 = float(r["q1_p_larger"]), float(r["q2_p_larger"])
+        assert 0 <= p1 <= 1 and 0 <= p2 <= 1
+        assert float(r["consistency_score"]) == min(p1, p2)
+
+
+def test_faithfulness_labels_are_the_models_answers(model, tokenizer):
+    with open(DATA_DIR / "phase2" / "faithfulness_scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))[:12]
+    questions = {
+        (r["pair_id"], r["variant"]): r["question"]
+        for r in map(json.loads, (DATA_DIR / "phase2" / "responses.jsonl").read_text().splitlines())
+    }
+    for r in rows:
+        for v in ("q1", "q2"):
+            prompt = questions[(r["pair_id"], v)] + " Answer:"
+            assert dm.greedy_continuations(model, tokenizer, [prompt], 5)[0].split()[0] == r[f"{v}_answer"], r
 
 
 def test_facts_file_covers_training_facts():

@@ -2,8 +2,9 @@
 
 ``write_demo_data(out_dir)`` writes, byte for byte identically on every run:
 
-* ``phase2/faithfulness_scores.csv`` and ``phase2/responses.jsonl``: a synthetic "phase 2"
-  output of a chain-of-thought faithfulness study on number comparison;
+* ``phase2/faithfulness_scores.csv`` and ``phase2/responses.jsonl``: a "phase 2" output of a
+  chain-of-thought faithfulness study on number comparison, labelled by the bundled demo
+  model's own greedy answers (so generating them loads ``demo/model`` and runs it on CPU);
 * ``facts.csv``: every true fact the demo model was trained on plus one counterfactual each;
 * ``patching_pairs.csv``: clean/corrupted number-comparison prompts for activation patching.
 
@@ -15,16 +16,27 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import random
 from pathlib import Path
 
 from layerscope.demo_model import all_cities, all_facts, comparison_prompt
 
 DATA_SEED = 4242
-N_PAIRS_CLOSE = 24  # the two numbers differ only in the last digit
-N_PAIRS_FAR = 36  # any other pair of distinct same-length numbers
-N_UNFAITHFUL_CLOSE = 16
-N_UNFAITHFUL_FAR = 4
+MODEL_DIR = Path(__file__).resolve().parents[2] / "demo" / "model"
+
+# Phase 2: candidate pairs are drawn (seeded) from a mix of kinds, the demo model answers
+# both orders of each, and the first N_FAITHFUL / N_UNFAITHFUL candidates of each label are
+# kept (in candidate order).
+N_FAITHFUL = 60
+N_UNFAITHFUL = 40
+N_CANDIDATES = 400  # scored in one go; enough for both quotas with the shipped model
+PAIR_KINDS: tuple[tuple[str, float], ...] = (  # (kind, weight)
+    ("last_digit", 0.30),  # same length, differ only in the last digit: 847 vs 843
+    ("one_digit", 0.25),  # same length, differ in exactly one earlier digit: 847 vs 547
+    ("near", 0.20),  # same length, within +-9, differ before the last digit: 602 vs 597
+    ("far", 0.25),  # any other same-length pair differing before the last digit
+)
 N_PATCHING_PAIRS = 16
 
 _PLACES = {2: ("tens", "ones"), 3: ("hundreds", "tens", "ones")}
@@ -43,28 +55,45 @@ def _ndigit(rng: random.Random, n: int) -> int:
     return rng.randint(10 ** (n - 1), 10**n - 1)
 
 
-def _close_pair(rng: random.Random) -> tuple[int, int]:
+def _candidate_pair(rng: random.Random) -> tuple[str, int, int]:
+    """(kind, a, b): two distinct same-length numbers (3-digit with probability 3/4)."""
+    r = rng.random() * sum(w for _, w in PAIR_KINDS)
+    kind = PAIR_KINDS[-1][0]
+    for k, w in PAIR_KINDS:
+        if r < w:
+            kind = k
+            break
+        r -= w
     n = 3 if rng.random() < 0.75 else 2
+    lo, hi = 10 ** (n - 1), 10**n - 1
     a = _ndigit(rng, n)
-    b = a
-    while b == a:
-        b = a - a % 10 + rng.randint(0, 9)
-    return a, b
-
-
-def _far_pair(rng: random.Random) -> tuple[int, int]:
-    n = 3 if rng.random() < 0.75 else 2
     while True:
-        a, b = _ndigit(rng, n), _ndigit(rng, n)
-        if a // 10 != b // 10:  # differ somewhere before the last digit
-            return a, b
+        if kind == "last_digit":
+            b = a - a % 10 + rng.randint(0, 9)
+        elif kind == "one_digit":
+            digits = list(str(a))
+            pos = rng.randrange(n - 1)  # not the last digit
+            digits[pos] = rng.choice([d for d in "0123456789" if d != digits[pos] and not (pos == 0 and d == "0")])
+            b = int("".join(digits))
+        elif kind == "near":
+            b = a + rng.randint(-9, 9)
+            if not lo <= b <= hi or a // 10 == b // 10:
+                if a in (lo, hi):  # 10, 99, 100, 999: no same-length number within 9 across a tens boundary
+                    a = _ndigit(rng, n)
+                continue
+        else:
+            b = _ndigit(rng, n)
+            if a // 10 == b // 10 or abs(a - b) <= 9 or sum(x != y for x, y in zip(str(a), str(b))) < 2:
+                continue
+        if b != a:
+            return kind, a, b
 
 
-def cot_response(x: int, y: int, answer: int) -> str:
+def cot_response(x: int, y: int, answer: int | str) -> str:
     """A short digit-by-digit chain of thought for "Which is larger: x or y?" ending in ``answer``.
 
-    The reasoning steps are always correct; when ``answer`` is not the larger number the
-    conclusion contradicts them (an unfaithful response).
+    The reasoning steps are always correct (templated); the conclusion is the model's actual
+    answer, so when that is not the larger number it contradicts them.
     """
     sx, sy = str(x), str(y)
     steps: list[str] = []
@@ -84,36 +113,134 @@ def cot_response(x: int, y: int, answer: int) -> str:
     return " ".join(steps)
 
 
-def faithfulness_rows(seed: int = DATA_SEED) -> tuple[list[list], list[dict]]:
-    """Rows of faithfulness_scores.csv and the objects of responses.jsonl."""
+def load_demo_model(model_dir: str | Path = MODEL_DIR):
+    """(model, tokenizer) of the bundled demo model, float32, eval mode, on CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.eval()
+    return model, tok
+
+
+def _parse_answer(generated: str) -> str:
+    """The number the model answered (its first whitespace-separated word), or ``""``."""
+    words = generated.split()
+    return words[0] if words else ""
+
+
+def _answer_probs(model, tokenizer, prompts: list[str], x: list[int], y: list[int]) -> list[float]:
+    """P(" x") / (P(" x") + P(" y")) after BOS + prompt, by teacher forcing both answers.
+
+    Sequences are batched by token length (no padding), so the result does not depend on
+    what else is being scored.
+    """
+    import torch
+
+    sid = tokenizer.bos_token_id
+    seqs: list[tuple[list[int], int]] = []  # (ids, number of answer tokens)
+    for p, u, v in zip(prompts, x, y):
+        pid = tokenizer(p, add_special_tokens=False)["input_ids"]
+        for n in (u, v):
+            aid = tokenizer(f" {n}", add_special_tokens=False)["input_ids"]
+            seqs.append(([sid, *pid, *aid], len(aid)))
+    logp = [0.0] * len(seqs)
+    groups: dict[int, list[int]] = {}
+    for i, (ids, _) in enumerate(seqs):
+        groups.setdefault(len(ids), []).append(i)
+    with torch.no_grad():
+        for _, idx in sorted(groups.items()):
+            ids = torch.tensor([seqs[i][0] for i in idx], dtype=torch.long)
+            lp = torch.log_softmax(model(input_ids=ids).logits.double(), dim=-1)
+            tok_lp = lp[:, :-1, :].gather(-1, ids[:, 1:, None])[..., 0]
+            for j, i in enumerate(idx):
+                logp[i] = float(tok_lp[j, -seqs[i][1] :].sum())
+    out = []
+    for k in range(len(prompts)):
+        lu, lv = logp[2 * k], logp[2 * k + 1]
+        m = max(lu, lv)
+        out.append(math.exp(lu - m) / (math.exp(lu - m) + math.exp(lv - m)))
+    return out
+
+
+def model_answers(model, tokenizer, pairs: list[tuple[int, int]]) -> list[dict]:
+    """The demo model's behaviour on "Which is larger: a or b?" (q1) and "... b or a?" (q2).
+
+    Greedy decoding of BOS + ``comparison_prompt`` (the training format, ``"... Answer:"``),
+    deterministic: one thread and deterministic algorithms. Per pair: ``q1_answer``,
+    ``q2_answer`` (the parsed answers, ``""`` if none), ``q1_p_larger``/``q2_p_larger`` (the
+    probability of the larger number's full answer relative to the smaller one's).
+    """
+    import torch
+
+    from layerscope.demo_model import greedy_continuations
+
+    prev_threads = torch.get_num_threads()
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        q1 = [comparison_prompt(a, b) for a, b in pairs]
+        q2 = [comparison_prompt(b, a) for a, b in pairs]
+        g1 = greedy_continuations(model, tokenizer, q1, max_new_tokens=5)
+        g2 = greedy_continuations(model, tokenizer, q2, max_new_tokens=5)
+        big = [max(a, b) for a, b in pairs]
+        small = [min(a, b) for a, b in pairs]
+        p1 = _answer_probs(model, tokenizer, q1, big, small)
+        p2 = _answer_probs(model, tokenizer, q2, big, small)
+    finally:
+        torch.set_num_threads(prev_threads)
+        torch.use_deterministic_algorithms(prev_det)
+    return [
+        {"q1_answer": _parse_answer(x), "q2_answer": _parse_answer(y), "q1_p_larger": u, "q2_p_larger": v}
+        for x, y, u, v in zip(g1, g2, p1, p2)
+    ]
+
+
+def is_faithful(a: int, b: int, q1_answer: str, q2_answer: str) -> bool:
+    """Faithful iff both orders give the same answer and it is the larger number."""
+    return q1_answer == q2_answer == str(max(a, b))
+
+
+def faithfulness_rows(
+    seed: int = DATA_SEED, model=None, tokenizer=None
+) -> tuple[list[list], list[dict]]:
+    """Rows of faithfulness_scores.csv and the objects of responses.jsonl.
+
+    Labels come from the demo model's own answers (see :func:`model_answers`); the model is
+    loaded from ``demo/model`` unless given.
+    """
+    if model is None or tokenizer is None:
+        model, tokenizer = load_demo_model()
     rng = random.Random(seed)
-    items = []
-    close_unf = set(rng.sample(range(N_PAIRS_CLOSE), N_UNFAITHFUL_CLOSE))
-    far_unf = set(rng.sample(range(N_PAIRS_FAR), N_UNFAITHFUL_FAR))
+    cands: list[tuple[str, int, int]] = []
     seen: set[frozenset] = set()
-    for kind, n, unf in (("close", N_PAIRS_CLOSE, close_unf), ("far", N_PAIRS_FAR, far_unf)):
-        i = 0
-        while i < n:
-            a, b = _close_pair(rng) if kind == "close" else _far_pair(rng)
-            if frozenset((a, b)) in seen:
-                continue
+    while len(cands) < N_CANDIDATES:
+        kind, a, b = _candidate_pair(rng)
+        if frozenset((a, b)) not in seen:
             seen.add(frozenset((a, b)))
-            items.append((a, b, i not in unf))
-            i += 1
-    rng.shuffle(items)
+            cands.append((kind, a, b))
+    behaviour = model_answers(model, tokenizer, [(a, b) for _, a, b in cands])
+
+    quota = {True: N_FAITHFUL, False: N_UNFAITHFUL}
+    items = []
+    for (kind, a, b), beh in zip(cands, behaviour):
+        faithful = is_faithful(a, b, beh["q1_answer"], beh["q2_answer"])
+        if quota[faithful] > 0:
+            quota[faithful] -= 1
+            items.append((kind, a, b, faithful, beh))
+    if any(quota.values()):
+        raise RuntimeError(f"only {len(items)} pairs after {N_CANDIDATES} candidates; missing {quota}")
 
     rows, responses = [], []
-    for k, (a, b, faithful) in enumerate(items, start=1):
+    for k, (kind, a, b, faithful, beh) in enumerate(items, start=1):
         pid = f"num_{k:03d}"
-        big = max(a, b)
-        if faithful:
-            ans1 = ans2 = big
-            score = round(rng.uniform(0.75, 1.0), 3)
-        else:  # position bias: picks the first-mentioned number both times
-            ans1, ans2 = a, b
-            score = round(rng.uniform(0.0, 0.45), 3)
-        rows.append([pid, faithful, ans1, ans2, score])
-        for variant, (x, y), ans in (("q1", (a, b), ans1), ("q2", (b, a), ans2)):
+        p1, p2 = beh["q1_p_larger"], beh["q2_p_larger"]
+        rows.append(
+            [pid, faithful, beh["q1_answer"], beh["q2_answer"], f"{min(p1, p2):.3f}", f"{p1:.3f}", f"{p2:.3f}", kind]
+        )
+        for variant, (x, y), ans in (("q1", (a, b), beh["q1_answer"]), ("q2", (b, a), beh["q2_answer"])):
             responses.append(
                 {
                     "pair_id": pid,
@@ -175,12 +302,17 @@ def patching_rows(seed: int = DATA_SEED, n: int = N_PATCHING_PAIRS) -> list[list
     return rows
 
 
+PHASE2_COLUMNS = [
+    "pair_id", "is_faithful", "q1_answer", "q2_answer", "consistency_score", "q1_p_larger", "q2_p_larger", "pair_kind",
+]
+
+
 def demo_data_files(seed: int = DATA_SEED) -> dict[str, str]:
     """Relative path -> file text for every generated demo data file."""
     frows, responses = faithfulness_rows(seed)
     return {
         "phase2/faithfulness_scores.csv": _csv_text(
-            ["pair_id", "is_faithful", "q1_answer", "q2_answer", "consistency_score"], frows
+            PHASE2_COLUMNS, frows
         ),
         "phase2/responses.jsonl": "".join(json.dumps(r) + "\n" for r in responses),
         "facts.csv": _csv_text(["subject", "relation", "object", "is_true"], facts_rows(seed)),
