@@ -387,3 +387,75 @@ def test_cross_dataset_matrix():
     assert mat.loc["a", "c"] < 0.8  # a different direction does not
     with pytest.raises(ProbeInputError, match="classes"):
         cross_dataset_matrix({"a": data["a"], "z": (data["a"][0], data["a"][1] + 5)})
+
+
+# ------------------------------------------------------------------------- fast internals
+
+
+def test_fast_fold_ids_equal_sklearn_stratified_group_kfold():
+    from layerscope import probes as P
+
+    rng = np.random.default_rng(123)
+    checked = 0
+    for _ in range(400):
+        k = int(rng.integers(2, 7))
+        n_groups = int(rng.integers(2 * k, 30))
+        mixed = rng.random() < 0.5
+        y, groups = [], []
+        for g in range(n_groups):
+            size = int(rng.integers(1, 5))
+            y += list(rng.integers(0, k, size)) if mixed else [g % k] * size
+            groups += [5 + 3 * g] * size
+        order = rng.permutation(len(y))
+        y, groups = np.asarray(y)[order], np.asarray(groups)[order]
+        n_splits, rs = int(rng.integers(2, 9)), int(rng.integers(0, 2**31))
+        try:
+            want = P._sgkf_fold_ids_sklearn(y, groups, n_splits, rs)
+        except ValueError:
+            assert P._sgkf_fold_ids(y, groups, n_splits, rs) is None
+            continue
+        np.testing.assert_array_equal(P._sgkf_fold_ids(y, groups, n_splits, rs), want)
+        checked += 1
+    assert checked > 300
+
+
+@pytest.mark.parametrize("n,d,k", [(40, 60, 2), (30, 50, 4), (30, 3, 3), (40, 1, 2), (40, 1, 5)])
+def test_batched_newton_solver_matches_sklearn(n, d, k):
+    """The exact solver used for C selection and the controls reproduces scikit-learn's
+    StandardScaler -> LogisticRegression(C) fitted to tight tolerance (both Gram/dual and
+    primal feature paths, binary and multinomial, weak and strong regularisation)."""
+    import warnings
+
+    from layerscope import probes as P
+
+    rng = np.random.default_rng(n * d + k)
+    X = rng.normal(size=(n, d)) * rng.uniform(0.5, 3.0, size=d) + 2.0
+    y = np.arange(n) % k
+    X[:, 0] += y
+    X[:, -1] = 4.0  # a constant feature (scale 1, as in StandardScaler)
+    Cs = np.array([0.001, 0.1, 1.0, 10.0, 100.0])
+    train = np.ones((len(Cs), n), dtype=bool)
+    for b in range(len(Cs)):
+        train[b, rng.choice(n, n // 4, replace=False)] = False
+    dec, conv = P._decision_batch(X, train, np.tile(y, (len(Cs), 1)), Cs, k)
+    assert conv.all()
+    for b, C in enumerate(Cs):
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=C, tol=1e-12, max_iter=100_000))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.fit(X[train[b]], y[train[b]])
+        np.testing.assert_allclose(P._proba_from_decision(dec[b]), model.predict_proba(X), atol=1e-4, rtol=0)
+
+
+def test_sklearn_fallback_gives_the_same_result(monkeypatch):
+    from layerscope import probes as P
+
+    X, y, groups = _planted_binary(9, d=5)
+    kw = dict(n_splits=3, n_repeats=1, Cs=SMALL_CS, n_permutations=5, n_random_directions=2, seed=2)
+    fast = fit_probe(X, y, groups, **kw)
+    monkeypatch.setattr(P, "_NEWTON_MAX_DIM", 0)  # every batched fit falls back to scikit-learn
+    slow = fit_probe(X, y, groups, **kw)
+    assert slow.n_fits == fast.n_fits
+    assert slow.fold_C == fast.fold_C and slow.C == fast.C
+    np.testing.assert_allclose(slow.permutation["scores"], fast.permutation["scores"], atol=1e-9)
+    np.testing.assert_allclose(slow.random_directions["scores"], fast.random_directions["scores"], atol=1e-9)

@@ -100,7 +100,6 @@ def load_model(
     Returns ``(bridge, info)``; ``info`` describes what was loaded and is written into every cache
     file (model, revision, n_layers, d_model, dtype, device, compatibility_mode, versions, ...).
     """
-    import torch
     from transformer_lens.model_bridge import TransformerBridge
 
     dev = resolve_device(device)

@@ -60,7 +60,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -860,30 +859,18 @@ def write_patching(result: PatchingResult, csv_path: str | os.PathLike, h5_path:
 
 
 def _save_figure(fig, out: str | os.PathLike, formats: Sequence[str]) -> list[Path]:
-    """Save ``fig`` as ``out`` with each format's extension; write-then-rename; close the figure."""
+    """Save ``fig`` as ``out`` with each format's extension (atomically), then close it."""
     import matplotlib.pyplot as plt
+
+    from .plots import save_figure
 
     out = Path(out)
     stem = out.with_suffix("") if out.suffix.lstrip(".").lower() in {f.lower() for f in formats} else out
-    written = []
     try:
-        for fmt in formats:
-            target = stem.parent / f"{stem.name}.{fmt}"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".{fmt}", dir=target.parent)
-            os.close(fd)
-            try:
-                fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, target)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                raise
-            written.append(target)
+        first = stem.parent / f"{stem.name}.{formats[0]}"
+        return [Path(p) for p in save_figure(fig, first, formats, dpi=150, tight=True)]
     finally:
         plt.close(fig)
-    return written
 
 
 def _labels_for(summary: pd.DataFrame, tokens, n_tok: int) -> list[str]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -41,6 +40,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
+
+from .atomic import atomic_path
 
 __all__ = [
     "OKABE_ITO",
@@ -173,30 +174,22 @@ def _targets(out: str | os.PathLike, formats: Sequence[str]) -> list[Path]:
 
 
 def save_figure(fig: Figure, out: str | os.PathLike, formats: Sequence[str] = ("png",),
-                dpi: float = DEFAULT_DPI) -> list[str]:
-    """Write ``fig`` atomically to ``out`` and to ``out`` with each suffix in ``formats``."""
+                dpi: float = DEFAULT_DPI, *, tight: bool = False) -> list[str]:
+    """Write ``fig`` atomically to ``out`` and to ``out`` with each suffix in ``formats``.
+
+    The project's one figure writer (``patching`` and ``task_vectors`` use it too). PDF and SVG
+    carry no dates, so reruns give identical files. ``tight`` crops to the drawn artists.
+    """
     written = []
     for target in _targets(out, formats):
         fmt = target.suffix[1:].lower()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp.{fmt}", dir=target.parent)
-        os.close(fd)
-        try:
-            meta: dict[str, Any] = {}
-            if fmt == "pdf":
-                meta = {"CreationDate": None, "ModDate": None}
-            elif fmt == "svg":
-                meta = {"Date": None}
-            with style():
-                fig.savefig(tmp, format=fmt, dpi=dpi, metadata=meta or None)
-            mask = os.umask(0)
-            os.umask(mask)
-            os.chmod(tmp, 0o666 & ~mask)
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        meta: dict[str, Any] = {}
+        if fmt == "pdf":
+            meta = {"CreationDate": None, "ModDate": None}
+        elif fmt == "svg":
+            meta = {"Date": None}
+        with atomic_path(target) as tmp, style():
+            fig.savefig(tmp, format=fmt, dpi=dpi, metadata=meta or None, bbox_inches="tight" if tight else None)
         written.append(str(target))
     return written
 

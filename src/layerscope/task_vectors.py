@@ -89,10 +89,8 @@ The CSV holds the tidy per-layer scores (one row per layer, ``norm_{task}`` colu
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -638,21 +636,10 @@ def _targets(out: str | os.PathLike, formats: Sequence[str]) -> list[Path]:
 
 
 def _save(fig, out, formats) -> list[Path]:
-    written = []
-    for target in _targets(out, formats):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=target.suffix, dir=target.parent)
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format=target.suffix[1:], dpi=150, bbox_inches="tight")
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        written.append(target)
-    return written
+    from .plots import save_figure
+
+    targets = _targets(out, formats)
+    return [Path(p) for p in save_figure(fig, targets[0], [t.suffix[1:] for t in targets], dpi=150, tight=True)]
 
 
 def _pyplot():
