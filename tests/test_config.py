@@ -33,11 +33,11 @@ def test_schema_rejects_typo_and_bad_values(repo):
     with pytest.raises(jsonschema.ValidationError, match="median"):
         validate(bad)
     bad = json.loads(json.dumps(cfg))
-    bad["datasets"]["facts"]["template"] = "x"  # facts take 'templates'
+    bad["datasets"]["facts_located_in"]["template"] = "x"  # facts take 'templates'
     with pytest.raises(jsonschema.ValidationError):
         validate(bad)
     bad = json.loads(json.dumps(cfg))
-    bad["datasets"]["../escape"] = bad["datasets"].pop("facts")
+    bad["datasets"]["../escape"] = bad["datasets"].pop("facts_located_in")
     with pytest.raises(jsonschema.ValidationError):
         validate(bad)
 
