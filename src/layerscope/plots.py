@@ -196,7 +196,8 @@ def save_figure(fig: Figure, out: str | os.PathLike, formats: Sequence[str] = ("
 
 def _finish(fig: Figure, out, formats, dpi) -> list[str]:
     try:
-        return save_figure(fig, out, formats, dpi)
+        # tight: outer labels (colourbar, side labels) must never be clipped
+        return save_figure(fig, out, formats, dpi, tight=True)
     finally:
         fig.clear()  # drop artists now rather than at garbage collection
 
