@@ -183,11 +183,21 @@ def test_facts_file_covers_training_facts():
     assert true == set(dm.all_facts())
     false = [r for r in rows if r["is_true"] == "False"]
     assert len(false) == len(true)
-    truth = {(s, r): o for s, r, o in dm.all_facts()}
-    for r in false:
-        assert r["object"] != truth[(r["subject"], r["relation"])]
-        assert r["object"] in dm.all_cities()
+    # Rows come in pairs: a true fact, then its counterfactual (same subject and relation).
+    assert [r["is_true"] for r in rows] == ["True", "False"] * len(true)
+    for t, f in zip(rows[::2], rows[1::2]):
+        assert (t["subject"], t["relation"]) == (f["subject"], f["relation"])
+    assert [(r["subject"], r["relation"], r["object"]) for r in rows[::2]] == dm.all_facts()
     assert {r["relation"] for r in rows} == set(dm.RELATIONS)
+    # A counterfactual object is never a true object of its relation (otherwise object
+    # identity anti-correlates with truth and grouped-CV probes score below chance); it is a
+    # city from the training text, and used at most MAX_DISTRACTOR_USES times per relation.
+    for rel in dm.RELATIONS:
+        true_objects = {o for _, r, o in dm.all_facts() if r == rel}
+        wrong = [r["object"] for r in false if r["relation"] == rel]
+        assert not set(wrong) & true_objects, rel
+        assert set(wrong) <= set(dd.fact_distractors(rel)) <= set(dm.all_cities())
+        assert max(wrong.count(o) for o in wrong) <= dd.MAX_DISTRACTOR_USES, rel
 
 
 def test_patching_pairs_tokenize_to_equal_length(tokenizer):

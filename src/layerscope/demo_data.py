@@ -5,7 +5,8 @@
 * ``phase2/faithfulness_scores.csv`` and ``phase2/responses.jsonl``: a "phase 2" output of a
   chain-of-thought faithfulness study on number comparison, labelled by the bundled demo
   model's own greedy answers (so generating them loads ``demo/model`` and runs it on CPU);
-* ``facts.csv``: every true fact the demo model was trained on plus one counterfactual each;
+* ``facts.csv``: every true fact the demo model was trained on plus one counterfactual each
+  (object drawn from cities that are never a true object of that relation);
 * ``patching_pairs.csv``: clean/corrupted number-comparison prompts for activation patching.
 
 See ``demo/data/README.md`` for the formats and the labelling rule.
@@ -20,7 +21,7 @@ import math
 import random
 from pathlib import Path
 
-from layerscope.demo_model import all_cities, all_facts, comparison_prompt
+from layerscope.demo_model import RELATIONS, all_cities, all_facts, comparison_prompt
 
 DATA_SEED = 4242
 MODEL_DIR = Path(__file__).resolve().parents[2] / "demo" / "model"
@@ -253,14 +254,57 @@ def faithfulness_rows(
     return rows, responses
 
 
+MAX_DISTRACTOR_USES = 2  # a counterfactual object appears at most this often per relation
+
+
+def fact_distractors(relation: str) -> list[str]:
+    """Counterfactual objects for ``relation``: training-text cities never its true object.
+
+    These are the objects of the *other* relations' true facts (``all_cities()`` order) minus
+    every true object of ``relation``, so each appears in the demo model's training text but
+    never as a correct answer to a ``relation`` prompt. For ``located_in`` that is the 13
+    capitals that are not landmark cities (Tokyo, Cairo, ...); for ``capital_of`` the 10
+    landmark cities that are not capitals in the data (London, New York, Sydney, ...).
+    """
+    true_objects = {o for _, r, o in all_facts() if r == relation}
+    return [c for c in all_cities() if c not in true_objects]
+
+
 def facts_rows(seed: int = DATA_SEED) -> list[list]:
+    """Each true training fact followed by one counterfactual (same subject and relation).
+
+    The counterfactual object is drawn from :func:`fact_distractors` of that relation, never
+    from its true objects: were it another fact's true object (as in earlier versions), every
+    city would be true once and false once, and a probe that learns object identity would
+    score below chance under grouped CV. Per relation the distractor pool is shuffled
+    (``random.Random(seed + 1)``, relations in ``RELATIONS`` order) and dealt out in passes,
+    each pass reshuffled, so every distractor is used ``n // len(pool)`` or one more times
+    (at most :data:`MAX_DISTRACTOR_USES`); the dealt list is shuffled once more before being
+    paired with the facts in training order.
+    """
     rng = random.Random(seed + 1)
-    cities = all_cities()
+    facts = all_facts()
+    wrong_of: dict[tuple[str, str], str] = {}
+    for rel in RELATIONS:
+        rel_facts = [(s, o) for s, r, o in facts if r == rel]
+        pool = fact_distractors(rel)
+        if not pool or len(rel_facts) > MAX_DISTRACTOR_USES * len(pool):
+            raise RuntimeError(
+                f"{rel}: {len(pool)} distractors cannot cover {len(rel_facts)} facts "
+                f"at most {MAX_DISTRACTOR_USES} times each"
+            )
+        dealt: list[str] = []
+        while len(dealt) < len(rel_facts):
+            p = list(pool)
+            rng.shuffle(p)
+            dealt += p[: len(rel_facts) - len(dealt)]
+        rng.shuffle(dealt)
+        for (s, _), w in zip(rel_facts, dealt):
+            wrong_of[(s, rel)] = w
     rows = []
-    for s, r, o in all_facts():
-        wrong = rng.choice([c for c in cities if c != o])
+    for s, r, o in facts:
         rows.append([s, r, o, True])
-        rows.append([s, r, wrong, False])
+        rows.append([s, r, wrong_of[(s, r)], False])
     return rows
 
 
