@@ -480,6 +480,15 @@ def _select(units_by_class: dict[str, list[Any]], cap_of: Callable[[str], int | 
     return out
 
 
+def _select_rows(rows_by_class: dict[str, list[dict]], cap_of: Callable[[str], int | None], seed: int) -> list[dict]:
+    """:func:`_select` on row dicts, then back to source order (their ``_order`` key, dropped)."""
+    chosen = _select(rows_by_class, cap_of, seed)
+    rows = sorted((r for rs in chosen.values() for r in rs), key=lambda r: r["_order"])
+    for r in rows:
+        del r["_order"]
+    return rows
+
+
 def _check_min(counts: dict[str, int], minimum: int, *, file: str | None, spec: _Spec, what: str = "rows") -> None:
     low = {label: n for label, n in counts.items() if n < minimum}
     if low:
@@ -709,10 +718,7 @@ def _build_facts(spec: _Spec) -> _Built:
                 "_order": i,
             }
         )
-    chosen = _select(by_class, cap_of, seed)
-    rows = sorted((r for rs in chosen.values() for r in rs), key=lambda r: r["_order"])
-    for r in rows:
-        del r["_order"]
+    rows = _select_rows(by_class, cap_of, seed)
     return _Built(
         rows=rows,
         columns=["subject", "relation", "object", "source_file", "source_line"],
@@ -847,10 +853,7 @@ def _build_labelled(spec: _Spec) -> _Built:
                 "_order": i,
             }
         )
-    chosen = _select(by_class, cap_of, seed)
-    rows = sorted((r for rs in chosen.values() for r in rs), key=lambda r: r["_order"])
-    for r in rows:
-        del r["_order"]
+    rows = _select_rows(by_class, cap_of, seed)
     return _Built(
         rows=rows,
         columns=["source_file", "source_line"],
