@@ -15,7 +15,7 @@ import pandas as pd
 from . import plots
 from .atomic import atomic_path
 from .errors import LayerscopeError
-from .h5cache import read_layers
+from .h5cache import layer_attrs, read_layers
 from .probes import cross_dataset_matrix
 from .stats import activation_stats, prompt_norms
 
@@ -67,8 +67,7 @@ def geometry_figures(layer_paths: Sequence[PathLike], summary_csv: PathLike, out
 def activation_stats_table(layer_paths: Sequence[PathLike], out_csv: PathLike, *,
                            positive: str | None = None) -> pd.DataFrame:
     """Tidy per-layer, per-label statistics for every cached (component, pooling)."""
-    first = read_layers(layer_paths[:1])
-    attrs = next(iter(first.values())).attrs
+    attrs = layer_attrs(layer_paths[0])
     tables = []
     for component in attrs["components"]:
         for pooling in attrs["poolings"]:

@@ -255,6 +255,12 @@ def check_file(f, path: str | os.PathLike, kind: str | None = None) -> dict[str,
     return attrs
 
 
+def layer_attrs(path: str | os.PathLike) -> dict[str, Any]:
+    """Checked attributes of a per-layer file (components, poolings, layer, ...) without its arrays."""
+    with _open(path) as f:
+        return check_file(f, path, kind="layer")
+
+
 def _expected_shape(attrs: Mapping[str, Any]) -> tuple[int, ...]:
     if attrs["kind"] == "store":
         return (int(attrs["n_layers"]), int(attrs["n_prompts"]), int(attrs["d_model"]))

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .atomic import atomic_path
-from .h5cache import read_layers
+from .h5cache import layer_attrs, read_layers
 
 COLUMNS = ["layer", "component", "pooling", "n_prompts", "d_model", "mean_norm", "std_norm", "file"]
 
@@ -21,8 +21,7 @@ COLUMNS = ["layer", "component", "pooling", "n_prompts", "d_model", "mean_norm",
 def layer_index(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
     paths = [os.fspath(p) for p in paths]
     rows = []
-    first = read_layers(paths[:1]) if paths else {}
-    attrs = next(iter(first.values())).attrs if first else {}
+    attrs = layer_attrs(paths[0]) if paths else {}
     for component in attrs.get("components", []):
         for pooling in attrs.get("poolings", []):
             for layer, data in read_layers(paths, component, pooling).items():

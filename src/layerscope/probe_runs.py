@@ -8,9 +8,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 import pandas as pd
 
-from .atomic import write_json
+from .atomic import atomic_path, write_json
 from .errors import LayerscopeError
-from .h5cache import read_layer
+from .h5cache import layer_attrs, read_layer
 from .probes import fit_probe, summary_rows
 
 SUMMARY_KEYS = ["model", "dataset", "layer", "component", "pooling"]
@@ -33,16 +33,16 @@ def train_layer_probes(
     log: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
     """Fit one probe per cached (component, pooling) of a layer file and write them to one JSON."""
-    first = read_layer(layer_path, *_first_pair(layer_path))
-    layer = first.layer
+    attrs = layer_attrs(layer_path)
+    layer = int(attrs["layer"])
     thresholds = tuple(settings.get("thresholds", (0.55, 0.65)))
     fit_kwargs = {k: settings[k] for k in ("n_splits", "n_repeats", "inner_splits", "n_permutations",
                                            "n_random_directions", "seed") if k in settings}
     if "Cs" in settings:
         fit_kwargs["Cs"] = tuple(settings["Cs"])
     probes = []
-    for component in first.attrs["components"]:
-        for pooling in first.attrs["poolings"]:
+    for component in attrs["components"]:
+        for pooling in attrs["poolings"]:
             data = read_layer(layer_path, component, pooling)
             groups = data.groups if data.groups is not None else data.prompt_ids
             result = fit_probe(data.X, data.labels, groups, positive_class=positive, **fit_kwargs)
@@ -54,20 +54,12 @@ def train_layer_probes(
             probes.append({"component": component, "pooling": pooling, "rows": rows, "result": result.to_dict()})
     doc = {
         "model": model, "dataset": dataset, "layer": layer, "layer_file": os.fspath(layer_path),
-        "activation_attrs": {k: first.attrs.get(k) for k in ("model", "model_revision", "dtype", "n_layers",
+        "activation_attrs": {k: attrs.get(k) for k in ("model", "model_revision", "dtype", "n_layers",
                                                               "d_model", "compatibility_mode")},
         "settings": dict(settings), "probes": probes,
     }
     write_json(out_json, doc)
     return doc
-
-
-def _first_pair(layer_path) -> tuple[str, str]:
-    from .h5cache import _open, check_file  # noqa: PLC0415 - attribute peek without loading arrays
-
-    with _open(layer_path) as f:
-        attrs = check_file(f, layer_path, kind="layer")
-    return attrs["components"][0], attrs["poolings"][0]
 
 
 def summarize_probes(json_paths: Iterable[str | os.PathLike], out_csv: str | os.PathLike) -> pd.DataFrame:
@@ -84,8 +76,6 @@ def summarize_probes(json_paths: Iterable[str | os.PathLike], out_csv: str | os.
     if table.empty:
         raise LayerscopeError("no probe results to summarize")
     table = table.sort_values(SUMMARY_KEYS + ["metric"], kind="stable").reset_index(drop=True)
-    from .atomic import atomic_path
-
     with atomic_path(out_csv) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
     return table
