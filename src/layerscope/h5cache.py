@@ -376,6 +376,19 @@ def _check_layer(path, attrs, layer: int) -> None:
 # store -> layer file
 
 
+def _copy_slice(sds, index: int, dst, name: str, block_rows: int) -> None:
+    """Copy ``sds[index]`` (a 2-D slice of a 3-D dataset) to ``dst[name]`` in row blocks,
+    keeping the source's dtype and compression."""
+    comp = sds.compression
+    if comp == "gzip":
+        comp = int(sds.compression_opts)
+    rows = sds.shape[1]
+    dds = create_float(dst, name, (rows, sds.shape[2]), sds.dtype.str, comp)
+    for start in range(0, rows, block_rows):
+        stop = min(rows, start + block_rows)
+        dds[start:stop] = sds[index, start:stop]
+
+
 def copy_layer(store_path: str | os.PathLike, layer: int, out_path: str | os.PathLike,
                tmp_path: str | os.PathLike, *, block_rows: int = 4096) -> None:
     """Write layer ``layer`` of the store at ``store_path`` to ``tmp_path`` (renamed by the caller).
@@ -390,7 +403,6 @@ def copy_layer(store_path: str | os.PathLike, layer: int, out_path: str | os.Pat
         attrs = check_file(src, store_path, kind="store")
         _check_layer(store_path, attrs, layer)
         layer = int(layer)
-        n = int(attrs["n_prompts"])
         token_layers = [int(x) for x in attrs["token_level_layers"]]
         out_attrs = {k: v for k, v in attrs.items() if k not in ("complete", "kind")}
         out_attrs["kind"] = "layer"
@@ -405,25 +417,11 @@ def copy_layer(store_path: str | os.PathLike, layer: int, out_path: str | os.Pat
             for component in attrs["components"]:
                 for pooling in attrs["poolings"]:
                     sds = _pooled_dataset(src, store_path, attrs, component, pooling)
-                    comp = sds.compression
-                    if comp == "gzip":
-                        comp = int(sds.compression_opts)
-                    dds = create_float(dst, f"{component}/{pooling}", (n, sds.shape[2]), sds.dtype.str, comp)
-                    for start in range(0, n, block_rows):
-                        stop = min(n, start + block_rows)
-                        dds[start:stop] = sds[layer, start:stop]
+                    _copy_slice(sds, layer, dst, f"{component}/{pooling}", block_rows)
                 if layer in token_layers:
                     k = token_layers.index(layer)
                     base = f"{component}/{TOKEN_POOLING}"
-                    svals = src[f"{base}/values"]
-                    total = svals.shape[1]
-                    comp = svals.compression
-                    if comp == "gzip":
-                        comp = int(svals.compression_opts)
-                    dvals = create_float(dst, f"{base}/values", (total, svals.shape[2]), svals.dtype.str, comp)
-                    for start in range(0, total, block_rows):
-                        stop = min(total, start + block_rows)
-                        dvals[start:stop] = svals[k, start:stop]
+                    _copy_slice(src[f"{base}/values"], k, dst, f"{base}/values", block_rows)
                     src.copy(src[f"{base}/offsets"], dst, name=f"{base}/offsets")
             if token_layers and layer in token_layers and "token_ids" in src:
                 src.copy(src["token_ids"], dst, name="token_ids")
