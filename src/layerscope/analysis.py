@@ -13,18 +13,13 @@ import numpy as np
 import pandas as pd
 
 from . import plots
-from .atomic import atomic_path
+from .atomic import write_csv
 from .errors import LayerscopeError
 from .h5cache import layer_attrs, read_layers
 from .probes import cross_dataset_matrix
 from .stats import activation_stats, prompt_norms
 
 PathLike = str | os.PathLike
-
-
-def _write_csv(table: pd.DataFrame, out_csv: PathLike) -> None:
-    with atomic_path(out_csv) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.6g")
 
 
 def best_layer(summary: pd.DataFrame, *, metric: str, component: str, pooling: str) -> int:
@@ -74,7 +69,7 @@ def activation_stats_table(layer_paths: Sequence[PathLike], out_csv: PathLike, *
             stack = read_layers(layer_paths, component, pooling, stack=True)
             tables.append(activation_stats(stack, component=component, pooling=pooling, positive_class=positive))
     table = pd.concat(tables, ignore_index=True)
-    _write_csv(table, out_csv)
+    write_csv(out_csv, table)
     return table
 
 
@@ -99,7 +94,7 @@ def generalization(layer_paths: Mapping[str, Sequence[PathLike]], out_csv: PathL
                              "pooling": pooling, "metric": metric, "train": train, "test": test,
                              "cross_validated": train == test, "value": float(matrix.loc[train, test])})
     table = pd.DataFrame(rows)
-    _write_csv(table, out_csv)
+    write_csv(out_csv, table)
     transfer = table[~table.cross_validated].groupby("layer")["value"].mean()
     show = int(transfer.idxmax()) if not transfer.empty else layers[-1]
     plots.generalization_matrix(matrices[show], out_fig, metric=metric, layer=show, model=model,
@@ -174,7 +169,7 @@ def patching_experiment(pairs_path: PathLike, out: Mapping[str, PathLike], *, mo
     )
     patching.write_patching(result, out["cells"], out["arrays"])
     summary = patching.summarize(result, n_boot=settings["n_boot"], seed=settings["seed"])
-    _write_csv(summary, out["summary"])
+    write_csv(out["summary"], summary)
     patching.plot_patching_heatmaps(summary, result.position_labels(), out["heatmaps"], model=model_name,
                                     experiment=experiment, formats=formats, pairs=result.pairs)
     if "heads" in out:

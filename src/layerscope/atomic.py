@@ -49,6 +49,12 @@ def write_json(target: str | os.PathLike, obj) -> None:
     write_text(target, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
+def write_csv(target: str | os.PathLike, table) -> None:
+    """A pandas table as CSV with 6 significant digits, the format of every summary table."""
+    with atomic_path(target) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+
+
 def _json_default(obj):
     # numpy scalars and paths show up in summaries; keep the JSON plain.
     if hasattr(obj, "item"):

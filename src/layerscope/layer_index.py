@@ -12,7 +12,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from .atomic import atomic_path
+from .atomic import write_csv
 from .h5cache import layer_attrs, read_layers
 
 COLUMNS = ["layer", "component", "pooling", "n_prompts", "d_model", "mean_norm", "std_norm", "file"]
@@ -37,6 +37,5 @@ def layer_index(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
 
 def write_layer_index(paths: Iterable[str | os.PathLike], out_csv: str | os.PathLike) -> pd.DataFrame:
     table = layer_index(paths)
-    with atomic_path(out_csv) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.6g")
+    write_csv(out_csv, table)
     return table

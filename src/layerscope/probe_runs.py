@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import pandas as pd
 
-from .atomic import atomic_path, write_json
+from .atomic import write_csv, write_json
 from .errors import LayerscopeError
 from .h5cache import layer_attrs, read_layer
 from .probes import fit_probe, summary_rows
@@ -76,6 +76,5 @@ def summarize_probes(json_paths: Iterable[str | os.PathLike], out_csv: str | os.
     if table.empty:
         raise LayerscopeError("no probe results to summarize")
     table = table.sort_values(SUMMARY_KEYS + ["metric"], kind="stable").reset_index(drop=True)
-    with atomic_path(out_csv) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.6g")
+    write_csv(out_csv, table)
     return table
