@@ -237,6 +237,27 @@ def make_batches(lengths: Sequence[int], batch_size: int, max_tokens_per_batch: 
     return batches
 
 
+def shard_batches(batches: Sequence[Sequence[int]], lengths: Sequence[int], index: int, count: int) -> list[list[int]]:
+    """The batches that shard ``index`` of ``count`` runs: whole batches, balanced by padded tokens.
+
+    Sharding cuts the one global batch plan rather than the prompt table, so every prompt is
+    computed in exactly the batch (same neighbours, same padding) it would get unsharded: the
+    arrays are then identical for any shard count, not merely close.
+    """
+    if count < 1 or not 0 <= index < count:
+        raise LayerscopeError(f"shard {index} of {count} does not exist; shards are numbered 0..{count - 1}")
+    cost = [len(b) * max(lengths[i] for i in b) for b in batches]
+    total = sum(cost)
+    out: list[list[int]] = []
+    done = 0
+    for batch, c in zip(batches, cost):
+        # A batch belongs to the shard its midpoint falls in (integer arithmetic: no float ties).
+        if min(count - 1, (2 * done + c) * count // (2 * total)) == index:
+            out.append(list(batch))
+        done += c
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # caching
 
@@ -283,6 +304,7 @@ def cache_store(
     groups: Sequence[Any] | None = None,
     progress_every_s: float = 10.0,
     stop_early: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Run all prompts through ``bridge`` once; write pooled vectors of every layer to ``out_path``.
 
@@ -294,6 +316,9 @@ def cache_store(
     The file is written incrementally and renamed into place only when complete.
     ``stop_early=False`` lets the forward pass run on through the final norm and LM head (same
     numbers, slower; only there to measure what stopping saves).
+    ``shard=(i, n)`` computes only shard ``i`` of ``n`` (see :func:`shard_batches`) and writes a
+    *shard* file holding just its prompts; :func:`layerscope.h5cache.gather_shards` joins the
+    shards into a store equal, array for array, to the unsharded one.
     Returns a small summary dict (n_prompts, n_tokens, seconds, tokens_per_s, batches).
     """
     import torch
@@ -366,6 +391,21 @@ def cache_store(
     pad_id = getattr(tokenizer, "pad_token_id", None)
     if pad_id is None:
         pad_id = getattr(tokenizer, "eos_token_id", None) or 0  # value irrelevant: masked, right of real tokens
+    batches = make_batches(lengths, batch_size, max_tokens_per_batch)
+    n_total = n
+    if shard is not None:
+        # Keep only this shard's prompts (ascending table order) and renumber them; each batch
+        # keeps its members and their order, so its input tensor is the unsharded one.
+        batches = shard_batches(batches, lengths, int(shard[0]), int(shard[1]))
+        rows = sorted(i for b in batches for i in b)
+        local = {g: k for k, g in enumerate(rows)}
+        batches = [[local[i] for i in b] for b in batches]
+        prompt_ids, texts, labels, ids, lengths, n_pooled = (
+            [seq[i] for i in rows] for seq in (prompt_ids, texts, labels, ids, lengths, n_pooled)
+        )
+        if groups is not None:
+            groups = [groups[i] for i in rows]
+        n = len(rows)
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(n_pooled, out=offsets[1:])
     n_tok_total = int(offsets[-1])
@@ -426,10 +466,14 @@ def cache_store(
         "token_level_layers": token_level_layers,
         "pad_side": "right",
     }
+    if shard is not None:
+        attrs.update(kind="shard", shard_index=int(shard[0]), n_shards=int(shard[1]), n_prompts_total=n_total,
+                     batch_size=int(batch_size), max_tokens_per_batch=int(max_tokens_per_batch or 0))
 
-    batches = make_batches(lengths, batch_size, max_tokens_per_batch)
     device = next(iter(bridge.original_model.parameters())).device
     total_real = int(sum(lengths))
+    if shard is not None:
+        log(f"cache_store: shard {shard[0]} of {shard[1]} (numbered from 0): {n} of {n_total} prompts")
     log(
         f"cache_store: {n} prompts, {total_real} tokens, {len(batches)} batches (batch_size {batch_size}"
         f"{f', max_tokens_per_batch {max_tokens_per_batch}' if max_tokens_per_batch else ''}), "
@@ -446,6 +490,8 @@ def cache_store(
     with atomic_path(out_path) as tmp:
         with h5cache.open_for_write(tmp) as f:
             h5cache.set_attrs(f, attrs)
+            if shard is not None:
+                f.create_dataset("shard_rows", data=np.asarray(rows, dtype=np.int64))
             h5cache.write_strings(f, "prompt_id", prompt_ids)
             h5cache.write_strings(f, "label", labels)
             if groups is not None:
@@ -581,8 +627,10 @@ def cache_from_table(
     threads: int | None = None,
     log: Callable[[str], Any] | None = print,
     max_tokens_per_batch: int | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Workflow entry point: prompt table CSV (prompt_id, text, label[, group]) -> store HDF5.
+    """Workflow entry point: prompt table CSV (prompt_id, text, label[, group]) -> store HDF5
+    (or, with ``shard=(i, n)``, shard ``i`` of ``n`` of it; see :func:`cache_store`).
 
     ``model``: source, revision, dtype, compatibility_mode, bos. ``activations``: components,
     poolings, exclude_bos_from_pooling, token_level_layers, compression, out_dtype.
@@ -630,4 +678,15 @@ def cache_from_table(
         compression=act.get("compression"),
         model_info=info,
         groups=df["group"].tolist() if "group" in df.columns else None,
+        shard=shard,
     )
+
+
+def gather_store(shard_paths: Sequence[str | os.PathLike], store_path: str | os.PathLike,
+                 log: Callable[[str], Any] | None = print) -> Path:
+    """Join the shard files of one (model, dataset) into its store, atomically."""
+    with atomic_path(store_path) as tmp:
+        info = h5cache.gather_shards(shard_paths, tmp, out_path=store_path)
+    if log:
+        log(f"gathered {len(shard_paths)} shard(s), {info['n_prompts']} prompts, into {store_path}")
+    return Path(store_path)

@@ -262,7 +262,7 @@ def layer_attrs(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _expected_shape(attrs: Mapping[str, Any]) -> tuple[int, ...]:
-    if attrs["kind"] == "store":
+    if attrs["kind"] in ("store", "shard"):
         return (int(attrs["n_layers"]), int(attrs["n_prompts"]), int(attrs["d_model"]))
     return (int(attrs["n_prompts"]), int(attrs["d_model"]))
 
@@ -376,14 +376,18 @@ def _check_layer(path, attrs, layer: int) -> None:
 # store -> layer file
 
 
+def _compression_of(ds) -> str | int | None:
+    """A dataset's compression in the form :func:`create_float` takes."""
+    if ds.compression == "gzip":
+        return int(ds.compression_opts)
+    return ds.compression
+
+
 def _copy_slice(sds, index: int, dst, name: str, block_rows: int) -> None:
     """Copy ``sds[index]`` (a 2-D slice of a 3-D dataset) to ``dst[name]`` in row blocks,
     keeping the source's dtype and compression."""
-    comp = sds.compression
-    if comp == "gzip":
-        comp = int(sds.compression_opts)
     rows = sds.shape[1]
-    dds = create_float(dst, name, (rows, sds.shape[2]), sds.dtype.str, comp)
+    dds = create_float(dst, name, (rows, sds.shape[2]), sds.dtype.str, _compression_of(sds))
     for start in range(0, rows, block_rows):
         stop = min(rows, start + block_rows)
         dds[start:stop] = sds[index, start:stop]
@@ -426,3 +430,132 @@ def copy_layer(store_path: str | os.PathLike, layer: int, out_path: str | os.Pat
             if token_layers and layer in token_layers and "token_ids" in src:
                 src.copy(src["token_ids"], dst, name="token_ids")
             mark_complete(dst)
+
+
+# --------------------------------------------------------------------------------------------
+# shards -> store
+
+#: Attributes that differ between the shards of one store (everything else must agree).
+SHARD_ATTRS = ("kind", "complete", "shard_index", "n_shards", "n_prompts", "n_prompts_total",
+               "batch_size", "max_tokens_per_batch")
+
+
+def _runs(rows: np.ndarray, starts: np.ndarray, stops: np.ndarray, max_len: int):
+    """Group consecutive table rows into runs: yields (first, last) positions into ``rows``,
+    each run's token rows contiguous in both the shard and the store, at most ~``max_len`` long."""
+    first = 0
+    for k in range(1, len(rows) + 1):
+        if (k == len(rows) or rows[k] != rows[k - 1] + 1
+                or stops[k - 1] - starts[first] >= max_len):
+            yield first, k
+            first = k
+
+
+def gather_shards(shard_paths: Sequence[str | os.PathLike], tmp_path: str | os.PathLike, *,
+                  out_path: str | os.PathLike | None = None, block_rows: int = 4096) -> dict[str, Any]:
+    """Write the store made of ``shard_paths`` (all shards of one caching job) to ``tmp_path``.
+
+    Checks that the shards come from one configuration and batch plan and cover every prompt
+    exactly once, then copies their rows into table order in blocks of ``block_rows`` prompts,
+    so memory does not grow with the dataset. Attributes and arrays equal those of an
+    unsharded :func:`layerscope.activations.cache_store` run.
+    """
+    out_path = out_path or tmp_path
+    if not shard_paths:
+        raise LayerscopeError(f"{out_path}: no shard files to gather")
+    handles = []
+    try:
+        for path in shard_paths:
+            f = _open(path)
+            handles.append(f)
+        metas = [check_file(f, path, kind="shard") for f, path in zip(handles, shard_paths)]
+        first = metas[0]
+        n_shards = int(first["n_shards"])
+        common = {k: v for k, v in first.items() if k not in SHARD_ATTRS}
+        for path, meta in zip(shard_paths, metas):
+            for key in set(common) | {k for k in meta if k not in SHARD_ATTRS}:
+                if meta.get(key) != common.get(key):
+                    raise LayerscopeError(
+                        f"{path}: attribute '{key}' = {meta.get(key)!r} differs from {shard_paths[0]} "
+                        f"({common.get(key)!r}); shards of different runs cannot be gathered"
+                    )
+            for key in ("n_shards", "n_prompts_total", "batch_size", "max_tokens_per_batch"):
+                if meta[key] != first[key]:
+                    raise LayerscopeError(
+                        f"{path}: {key} = {meta[key]} but {shard_paths[0]} has {first[key]}; "
+                        "all shards must come from one batch plan - rerun the shards"
+                    )
+        indices = sorted(int(m["shard_index"]) for m in metas)
+        if indices != list(range(n_shards)):
+            raise LayerscopeError(f"{out_path}: expected shards 0..{n_shards - 1}, got {indices}")
+        n = int(first["n_prompts_total"])
+        rows = [f["shard_rows"][()] for f in handles]
+        owner = np.full(n, -1, dtype=np.int64)
+        for s, (path, r) in enumerate(zip(shard_paths, rows)):
+            if r.size and (r.min() < 0 or r.max() >= n):
+                raise LayerscopeError(f"{path}: shard rows outside 0..{n - 1}")
+            clash = r[owner[r] >= 0]
+            if clash.size:
+                raise LayerscopeError(f"{path}: prompt row(s) {clash[:5].tolist()} also in another shard")
+            owner[r] = s
+        if (owner < 0).any():
+            raise LayerscopeError(
+                f"{out_path}: no shard holds prompt row(s) {np.flatnonzero(owner < 0)[:5].tolist()}"
+            )
+
+        # Per-prompt metadata in table order (small: ids and counts, not vectors).
+        def assemble(name: str, strings: bool):
+            if name not in handles[0]:
+                return None
+            out = np.empty(n, dtype=object if strings else handles[0][name].dtype)
+            for f, r in zip(handles, rows):
+                out[r] = np.asarray(_strings(f, name), dtype=object) if strings else f[name][()]
+            return out
+
+        meta_strings = {name: assemble(name, True) for name in STRING_DATASETS}
+        n_tokens = assemble("n_tokens", False)
+        n_pooled = assemble("n_pooled", False)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(n_pooled, out=offsets[1:])
+        token_layers = [int(x) for x in first["token_level_layers"]]
+        attrs = dict(common, kind="store", n_prompts=n)
+        with open_for_write(tmp_path) as dst:
+            set_attrs(dst, {k: v for k, v in attrs.items() if k != "complete"})
+            for name in ("prompt_id", "label", "group"):
+                if meta_strings[name] is not None:
+                    write_strings(dst, name, meta_strings[name].tolist())
+            dst.create_dataset("n_tokens", data=n_tokens)
+            dst.create_dataset("n_pooled", data=n_pooled)
+            pooled = [f"{c}/{p}" for c in first["components"] for p in first["poolings"]]
+            for name in pooled:
+                src0 = handles[0][name]
+                dds = create_float(dst, name, (int(first["n_layers"]), n, int(first["d_model"])),
+                                   src0.dtype.str, _compression_of(src0))
+                for f, r in zip(handles, rows):
+                    sds = f[name]
+                    for start in range(0, len(r), block_rows):
+                        stop = min(len(r), start + block_rows)
+                        # h5py point selection wants increasing indices: shard rows are sorted.
+                        dds[:, r[start:stop], :] = sds[:, start:stop, :]
+            if token_layers:
+                n_tok = int(offsets[-1])
+                token_ids = dst.create_dataset("token_ids", shape=(n_tok,), dtype=np.int64)
+                for c in first["components"]:
+                    base = f"{c}/{TOKEN_POOLING}"
+                    src0 = handles[0][f"{base}/values"]
+                    vds = create_float(dst, f"{base}/values", (len(token_layers), n_tok, int(first["d_model"])),
+                                       src0.dtype.str, _compression_of(src0))
+                    dst.create_dataset(f"{base}/offsets", data=offsets)
+                    for f, r in zip(handles, rows):
+                        soff = f[f"{base}/offsets"][()]
+                        for a, b in _runs(r, offsets[r], offsets[r + 1], block_rows * 16):
+                            g0, g1 = int(offsets[r[a]]), int(offsets[r[b - 1] + 1])
+                            s0, s1 = int(soff[a]), int(soff[b])
+                            vds[:, g0:g1, :] = f[f"{base}/values"][:, s0:s1, :]
+                            if c == first["components"][0]:
+                                token_ids[g0:g1] = f["token_ids"][s0:s1]
+            mark_complete(dst)
+    finally:
+        for f in handles:
+            f.close()
+    return {"n_prompts": n, "n_shards": n_shards}

@@ -1,5 +1,7 @@
 # Stage 2: one batched forward pass per (model, dataset) -> pooled vectors of every layer (the store);
 # cheap per-layer jobs cut layer_{layer}.h5 out of it, so adding a layer costs no forward pass.
+# With shards: N > 1 the forward pass is split into N GPU jobs (whole batches of one global
+# batch plan each) and gather_activations joins them into the same store, array for array.
 
 
 rule cache_activations:
@@ -8,11 +10,13 @@ rule cache_activations:
         model=lambda wc: model_files(model_cfg(wc)["source"]),
     output:
         store="results/activations/{model}/{dataset}/store.h5",
+    wildcard_constraints:
+        dataset=names_regex(d for d in DATASETS if SHARDS[d] == 1),
     params:
         # Everything the cached numbers depend on, and nothing else: batch_size and device
         # change results only by float noise, so editing them must not rerun this job.
         model=lambda wc: stable(model_identity(wc.model)),
-        activations=lambda wc: stable(ACT),
+        activations=lambda wc: stable(CACHE_SETTINGS),
     resources:
         gpu=1,
         mem_mb=8000,
@@ -26,6 +30,60 @@ rule cache_activations:
         "../../envs/torch.yaml"
     script:
         "../scripts/cache_activations.py"
+
+
+rule cache_shard:
+    input:
+        table="results/datasets/{dataset}/prompts.csv",
+        model=lambda wc: model_files(model_cfg(wc)["source"]),
+    output:
+        temp("results/activations/{model}/{dataset}/shards/{shard}-of-{n_shards}.h5"),
+    wildcard_constraints:
+        dataset=names_regex(d for d in DATASETS if SHARDS[d] > 1),
+        shard=r"\d+",
+        n_shards=r"\d+",
+    params:
+        model=lambda wc: stable(model_identity(wc.model)),
+        activations=lambda wc: stable(CACHE_SETTINGS),
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=120,
+    threads: 2
+    log:
+        "logs/cache_shard/{model}/{dataset}/{shard}-of-{n_shards}.log",
+    benchmark:
+        "benchmarks/cache_shard/{model}/{dataset}/{shard}-of-{n_shards}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../scripts/cache_activations.py"
+
+
+rule gather_activations:
+    input:
+        lambda wc: expand(
+            "results/activations/{model}/{dataset}/shards/{shard}-of-{n}.h5",
+            model=wc.model,
+            dataset=wc.dataset,
+            shard=range(SHARDS[wc.dataset]),
+            n=SHARDS[wc.dataset],
+        ),
+    output:
+        store="results/activations/{model}/{dataset}/store.h5",
+    wildcard_constraints:
+        dataset=names_regex(d for d in DATASETS if SHARDS[d] > 1),
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    log:
+        "logs/gather_activations/{model}/{dataset}.log",
+    benchmark:
+        "benchmarks/gather_activations/{model}/{dataset}.tsv"
+    conda:
+        "../../envs/core.yaml"
+    script:
+        "../scripts/gather_activations.py"
 
 
 rule extract_layer:

@@ -17,6 +17,9 @@ except ConfigError as exc:
 MODELS = sorted(config["models"])
 DATASETS = sorted(config["datasets"])
 ACT = config["activations"]
+# What cached numbers depend on: not the shard count, which only splits the work.
+CACHE_SETTINGS = {k: v for k, v in ACT.items() if k != "shards"}
+SHARDS = {d: config["datasets"][d].get("shards") or ACT["shards"] for d in DATASETS}
 N_LAYERS = {m: read_n_layers(config["models"][m]["source"]) or config["models"][m]["n_layers"] for m in MODELS}
 PROBE_SETTINGS = {k: v for k, v in config["probes"].items() if k != "generalization"}
 GENERALIZATION = config["probes"]["generalization"]
@@ -53,7 +56,13 @@ def model_cfg(wildcards):
 
 
 def dataset_spec(wildcards):
-    return config["datasets"][wildcards.dataset]
+    """How to build the prompt table (shards only splits caching, so it is left out)."""
+    return {k: v for k, v in config["datasets"][wildcards.dataset].items() if k != "shards"}
+
+
+def names_regex(names):
+    """A wildcard constraint matching exactly ``names`` (never matching when empty)."""
+    return "|".join(map(re.escape, sorted(names))) or "(?!)"
 
 
 def model_identity(model):
