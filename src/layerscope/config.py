@@ -2,11 +2,19 @@
 
 The JSON schema (workflow/schemas/config.schema.yaml) checks shapes and types; this module checks
 what the schema cannot: files exist, a local model directory is complete, layers are in range.
+:func:`validate_config` runs everything (duplicate YAML keys, the schema with its defaults, the
+checks here) and reports the first mistake as one :class:`ConfigError` naming its key path.
 """
 
 from __future__ import annotations
 
+import copy
+import difflib
+import functools
 import json
+import os
+import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +29,231 @@ DATASET_FILE_KEYS = {
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                     "tokenizer.model", "special_tokens_map.json")
+# Names of models, datasets, generalization groups and experiments become parts of output paths.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,79}")
+NAMED_SECTIONS = (("models",), ("datasets",), ("probes", "generalization"), ("patching", "experiments"))
+_UNSAFE_NAME = "not safe as a path part: use letters, digits, '_', '.', '-', starting with a letter or digit (at most 80)"
+
+
+def key_path(parts: Iterable[Any]) -> str:
+    """``["models", "demo", "layers", 2]`` -> ``models.demo.layers[2]``."""
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) and not isinstance(part, bool) else f".{part}"
+    return out.lstrip(".") or "(top level)"
+
+
+# ---------------------------------------------------------------------------------------------------
+# duplicate keys: YAML loaders keep the last of two equal keys without a word
+
+
+def check_duplicate_keys(paths: Iterable[str | os.PathLike]) -> None:
+    """Raise ConfigError for a mapping key given twice within one config file (e.g. two datasets
+    of the same name). The same key in two different files is an override, not a mistake."""
+    import yaml
+
+    for path in paths:
+        try:
+            root = yaml.compose(Path(path).read_text(encoding="utf-8"),
+                                Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue  # Snakemake has already loaded it or said what is wrong with it
+        _duplicate_keys(root, [], os.fspath(path), set())
+
+
+def _duplicate_keys(node: Any, parts: list[Any], file: str, seen: set[int]) -> None:
+    import yaml
+
+    if node is None or id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode):
+                _duplicate_keys(value, [*parts, "?"], file, seen)
+                continue
+            if key.tag != "tag:yaml.org,2002:merge":  # '<<: *anchor' then explicit keys is an override
+                line = key.start_mark.line + 1
+                ident = (key.tag, key.value)
+                if ident in first_line:
+                    lines = f"line {line}" if first_line[ident] == line else f"lines {first_line[ident]} and {line}"
+                    raise ConfigError(
+                        key_path([*parts, key.value]),
+                        f"defined twice in {file} ({lines}); YAML would silently keep only the last",
+                    )
+                first_line[ident] = line
+            _duplicate_keys(value, [*parts, key.value], file, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _duplicate_keys(item, [*parts, i], file, seen)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the JSON schema, with defaults filled in and errors as one line naming the key path
+
+
+def check_schema(config: dict[str, Any], schema: str | os.PathLike | dict[str, Any]) -> None:
+    """Validate ``config`` against the JSON schema (a path or the loaded schema), filling in the
+    schema's defaults in place like ``snakemake.utils.validate(set_default=True)``.
+    Raises ConfigError for the most relevant violation."""
+    import jsonschema
+
+    if not isinstance(schema, dict):
+        schema = _load_schema(os.path.abspath(schema), os.stat(schema).st_mtime_ns)
+    validator = _defaulting_validator(jsonschema.Draft202012Validator)(schema)
+    errors = list(validator.iter_errors(config))
+    if errors:
+        raise _config_error(max(errors, key=_relevance))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_schema(path: str, mtime_ns: int) -> dict[str, Any]:
+    """The schema file, parsed once per version (never modified: defaults are copied out of it)."""
+    import yaml
+
+    return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def _defaulting_validator(cls: Any) -> Any:
+    from jsonschema import validators
+
+    check_properties = cls.VALIDATORS["properties"]
+
+    def properties(validator: Any, props: dict[str, Any], instance: Any, schema: dict[str, Any]) -> Any:
+        if isinstance(instance, dict):
+            for key, sub in props.items():
+                if isinstance(sub, dict) and "default" in sub and key not in instance:
+                    instance[key] = copy.deepcopy(sub["default"])
+        yield from check_properties(validator, props, instance, schema)
+
+    return validators.extend(cls, {"properties": properties})
+
+
+def _relevance(error: Any) -> Any:
+    from jsonschema.exceptions import by_relevance
+
+    return by_relevance(strong=frozenset({"additionalProperties"}))(error)
+
+
+_TYPE_NAMES = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true/false",
+               "array": "a list", "object": "a mapping", "null": "null"}
+_PLURALS = {"integer": "integers", "number": "numbers", "string": "strings", "boolean": "booleans",
+            "array": "lists", "object": "mappings", "null": "nulls"}
+_MISFITS = {"type", "const", "enum"}  # a oneOf branch failing on these at its top is the wrong branch
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (dict, list)):
+        text = json.dumps(value, default=str)
+        return text if len(text) <= 60 else text[:57] + "..."
+    return repr(value)
+
+
+def _kind_of(value: Any) -> str:
+    for name, kind in ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"),
+                       (list, "list"), (dict, "mapping"), (type(None), "null")):
+        if isinstance(value, name):
+            return kind
+    return type(value).__name__
+
+
+def _describe(schema: Any) -> str:
+    """A few words for what a (sub)schema accepts, e.g. "an integer >= 1" or "a list of integers"."""
+    if not isinstance(schema, dict):
+        return "a valid value"
+    if "const" in schema:
+        return _show(schema["const"])
+    if "enum" in schema:
+        return "one of " + ", ".join(_show(v) for v in schema["enum"])
+    types = schema.get("type")
+    if types is None:
+        return "a valid value"
+    words = []
+    for name in [types] if isinstance(types, str) else types:
+        word = _TYPE_NAMES.get(name, name)
+        if name == "array" and isinstance(schema.get("items"), dict) and "type" in schema["items"]:
+            items = schema["items"]["type"]
+            word = "a list of " + "/".join(_PLURALS.get(i, i) for i in ([items] if isinstance(items, str) else items))
+            if "minimum" in schema["items"]:
+                word += f" >= {schema['items']['minimum']}"
+        elif name in ("integer", "number") and "minimum" in schema:
+            word += f" >= {schema['minimum']}"
+        words.append(word)
+    return _or(words)
+
+
+def _or(words: Sequence[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _suggest(word: Any, choices: Iterable[Any]) -> str:
+    if not isinstance(word, str):
+        return ""
+    close = difflib.get_close_matches(word, [c for c in choices if isinstance(c, str)], n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _config_error(error: Any) -> ConfigError:
+    parts = list(error.absolute_path)
+    value, rule, schema = error.instance, error.validator, error.schema
+    if "propertyNames" in error.absolute_schema_path:
+        return ConfigError(key_path([*parts, str(value)]), f"name {_UNSAFE_NAME}")
+    if rule in ("oneOf", "anyOf"):
+        branches: dict[Any, list[Any]] = {}
+        for sub in error.context or ():
+            branches.setdefault(sub.relative_schema_path[0], []).append(sub)
+        fitting = [errs for errs in branches.values()
+                   if not any(not e.relative_path and e.validator in _MISFITS for e in errs)]
+        if len(fitting) == 1:
+            return _config_error(max(fitting[0], key=_relevance))
+        expected = _or([_describe(branch) for branch in error.validator_value])
+        return ConfigError(key_path(parts), f"expected {expected}, got {_show(value)}")
+    if rule == "additionalProperties" and isinstance(value, dict):
+        known = schema.get("properties", {})
+        patterns = list(schema.get("patternProperties", {}))
+        extra = [k for k in value if k not in known and not any(re.search(p, str(k)) for p in patterns)]
+        if extra:
+            hint = _suggest(extra[0], known) or f"; valid keys: {', '.join(sorted(known))}"
+            more = f" (also unknown: {', '.join(map(str, extra[1:]))})" if extra[1:] else ""
+            return ConfigError(key_path([*parts, extra[0]]), f"unknown key{hint}{more}")
+    if rule == "required" and isinstance(value, dict):
+        missing = [k for k in error.validator_value if k not in value]
+        if missing:
+            return ConfigError(key_path([*parts, missing[0]]), "required key is missing")
+    if rule == "type":
+        got = _show(value) if value is None else f"{_show(value)} ({_kind_of(value)})"
+        return ConfigError(key_path(parts), f"expected {_describe(schema)}, got {got}")
+    if rule in ("minItems", "maxItems", "minProperties") and isinstance(value, (list, dict)):
+        bound = "at least" if rule.startswith("min") else "at most"
+        what = "entry" if isinstance(value, dict) else "item"
+        n = error.validator_value
+        return ConfigError(key_path(parts), f"expected {bound} {n} {what}{'s' if n != 1 else ''}, got {_show(value)}")
+    if rule == "enum":
+        choices = ", ".join(_show(v) for v in error.validator_value)
+        return ConfigError(key_path(parts), f"{_show(value)} is not one of {choices}{_suggest(value, error.validator_value)}")
+    if rule == "const":
+        return ConfigError(key_path(parts), f"expected {_show(error.validator_value)}, got {_show(value)}")
+    return ConfigError(key_path(parts), error.message)
+
+
+def validate_config(
+    config: dict[str, Any],
+    schema: str | os.PathLike | dict[str, Any],
+    *,
+    configfiles: Sequence[str | os.PathLike] = (),
+    base_dir: str | Path = ".",
+) -> dict[str, list[int]]:
+    """Everything a config must pass before any job runs: no key twice in one of ``configfiles``,
+    the schema (defaults filled into ``config``), then :func:`check_config`. Returns
+    {model name: resolved layers}; raises ConfigError naming the key path and the reason."""
+    check_duplicate_keys(configfiles)
+    check_schema(config, schema)
+    return check_config(config, base_dir)
 
 
 def is_local_model(source: str, base_dir: str | Path = ".") -> bool:
@@ -87,6 +320,13 @@ def dataset_files(spec: dict[str, Any]) -> list[str]:
 def check_config(config: dict[str, Any], base_dir: str | Path = ".") -> dict[str, list[int]]:
     """Checks beyond the schema; returns {model name: resolved layers}. Raises ConfigError."""
     base = Path(base_dir)
+    for section in NAMED_SECTIONS:
+        names: Any = config
+        for part in section:
+            names = names.get(part, {}) if isinstance(names, dict) else {}
+        for name in names:
+            if not (isinstance(name, str) and SAFE_NAME.fullmatch(name)):
+                raise ConfigError(key_path([*section, name]), f"name {_UNSAFE_NAME}")
     for name, spec in config["datasets"].items():
         for key in DATASET_FILE_KEYS.get(spec["kind"], ()):
             if key in spec and not (base / spec[key]).is_file():
@@ -102,6 +342,11 @@ def check_config(config: dict[str, Any], base_dir: str | Path = ".") -> dict[str
                 raise ConfigError(f"models.{name}.source", f"{source} has no config.json (not a save_pretrained directory)")
             if not any((root / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
                 raise ConfigError(f"models.{name}.source", f"{source} has no tokenizer files (tokenizer.json/tokenizer_config.json)")
+        elif "/" in source and (base / source.split("/")[0]).is_dir():
+            raise ConfigError(
+                f"models.{name}.source",
+                f"model directory not found: {source} (not taken for a hub id: '{source.split('/')[0]}/' is a local directory)",
+            )
         layers[name] = resolve_layers(name, model, base)
         for layer in config.get("activations", {}).get("token_level_layers", []):
             if layer not in layers[name]:
@@ -112,13 +357,27 @@ def check_config(config: dict[str, Any], base_dir: str | Path = ".") -> dict[str
     for name, exp in config.get("patching", {}).get("experiments", {}).items():
         if not (base / exp["pairs"]).is_file():
             raise ConfigError(f"patching.experiments.{name}.pairs", f"file not found: {exp['pairs']}")
-    has_grid = any(spec["kind"] == "task_grid" for spec in config["datasets"].values())
     act = config.get("activations", {})
+    components = act.get("components", ["resid_post"])
+    poolings = act.get("poolings", ["mean", "last"])
+    figures = config.get("figures", {})
+    if figures.get("component") and figures["component"] not in components:
+        raise ConfigError("figures.component", f"'{figures['component']}' is not cached: add it to activations.components {components}")
+    if figures.get("pooling") and figures["pooling"] not in poolings:
+        raise ConfigError("figures.pooling", f"'{figures['pooling']}' is not cached: add it to activations.poolings {poolings}")
+    has_grid = any(spec["kind"] == "task_grid" for spec in config["datasets"].values())
     tv = config.get("task_vectors", {})
-    if has_grid and tv.get("pooling", "last") not in act.get("poolings", ["mean", "last"]):
+    if has_grid and tv.get("pooling", "last") not in poolings:
         raise ConfigError("task_vectors.pooling", f"'{tv.get('pooling', 'last')}' is not cached: add it to activations.poolings")
-    if has_grid and tv.get("component") and tv["component"] not in act.get("components", ["resid_post"]):
+    if has_grid and tv.get("component") and tv["component"] not in components:
         raise ConfigError("task_vectors.component", f"'{tv['component']}' is not cached: add it to activations.components")
+    if has_grid and tv.get("layer") is not None:
+        for name, model_layers in layers.items():
+            if tv["layer"] not in model_layers:
+                raise ConfigError(
+                    "task_vectors.layer",
+                    f"layer {tv['layer']} is not among the layers of model '{name}' ({model_layers})",
+                )
     for group, members in config.get("probes", {}).get("generalization", {}).items():
         unknown = [d for d in members if d not in config["datasets"]]
         if unknown:

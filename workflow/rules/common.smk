@@ -2,15 +2,18 @@
 import json
 import re
 
-from snakemake.utils import validate
-
-from layerscope.config import check_config, dataset_files, model_files, read_n_layers
+from layerscope.config import dataset_files, model_files, read_n_layers, validate_config
 from layerscope.errors import ConfigError
 
-validate(config, workflow.source_path("../schemas/config.schema.yaml"), set_default=True)
-
+# Every mistake in the config (unknown key, wrong type, duplicate name, missing file, bad layer, ...)
+# stops the run here, before any job, as one line naming the key path; the schema's defaults are filled in.
 try:
-    LAYERS = check_config(config, base_dir=".")
+    LAYERS = validate_config(
+        config,
+        workflow.source_path("../schemas/config.schema.yaml"),
+        configfiles=workflow.configfiles,
+        base_dir=".",
+    )
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
 
