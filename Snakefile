@@ -16,6 +16,11 @@ include: "workflow/rules/activations.smk"
 include: "workflow/rules/probes.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/geometry.smk"
+include: "workflow/rules/manifest.smk"
+
+
+localrules:
+    all,
 
 
 rule all:

@@ -92,8 +92,9 @@ def test_demo_run_and_rerun_only_changed_layers(tmp_path):
     assert (work / "results/report.html").stat().st_size > 100_000
 
     # Adding a layer: no forward pass; that layer's file and probes, and the cross-layer aggregates.
+    # (Every config edit also rewrites the run manifest, which records the config.)
     per_layer_aggregates = {"layer_index": 2, "probe_summary": 2, "activation_stats": 2, "plot_probes": 2,
-                            "plot_geometry": 2, "task_vectors": 1, "all": 1}
+                            "plot_geometry": 2, "task_vectors": 1, "manifest": 1, "all": 1}
     cfg["models"]["demo"]["layers"] = [1, 2, 3, 5]
     _write(work, cfg)
     counts = job_counts(run_snakemake(work, "-n").stdout)
@@ -107,10 +108,10 @@ def test_demo_run_and_rerun_only_changed_layers(tmp_path):
     assert job_counts(run_snakemake(work, "-n").stdout) == per_layer_aggregates
     run_snakemake(work)
 
-    # A batch-size edit changes nothing numerically and reruns nothing.
+    # A batch-size edit changes nothing numerically and reruns nothing but the manifest.
     cfg["models"]["demo"]["batch_size"] = 7
     _write(work, cfg)
-    assert job_counts(run_snakemake(work, "-n").stdout) == {}
+    assert job_counts(run_snakemake(work, "-n").stdout) == {"manifest": 1, "all": 1}
 
     # Changing the dtype changes every cached number: everything downstream of the model reruns.
     cfg["models"]["demo"]["dtype"] = "bfloat16"

@@ -14,6 +14,7 @@ import pandas as pd
 
 from . import plots
 from .atomic import write_csv
+from .consistency import check_files_against_table
 from .errors import LayerscopeError
 from .h5cache import layer_attrs, read_layers
 from .probes import cross_dataset_matrix
@@ -40,9 +41,14 @@ def probe_figure(summary_csv: PathLike, out: PathLike, *, metric: str, model: st
 
 def geometry_figures(layer_paths: Sequence[PathLike], summary_csv: PathLike, out: Mapping[str, PathLike], *,
                      component: str, pooling: str, metric: str, model: str, dataset: str,
-                     formats: Sequence[str]) -> dict[str, int]:
+                     formats: Sequence[str], table: PathLike | None = None) -> dict[str, int]:
     """PCA (and t-SNE when ``out`` has a 'tsne' entry) of every layer; cosine and label-mean
-    matrices at the best probe layer; norm heatmap and per-label norm curves over layers."""
+    matrices at the best probe layer; norm heatmap and per-label norm curves over layers.
+
+    ``table``: the dataset's current prompt table; the layer files must match it (see
+    :mod:`layerscope.consistency`)."""
+    if table is not None:
+        check_files_against_table(layer_paths, table)
     stack = read_layers(layer_paths, component, pooling, stack=True)
     summary = pd.read_csv(summary_csv)
     best = best_layer(summary, metric=metric, component=component, pooling=pooling)
@@ -60,8 +66,12 @@ def geometry_figures(layer_paths: Sequence[PathLike], summary_csv: PathLike, out
 
 
 def activation_stats_table(layer_paths: Sequence[PathLike], out_csv: PathLike, *,
-                           positive: str | None = None) -> pd.DataFrame:
-    """Tidy per-layer, per-label statistics for every cached (component, pooling)."""
+                           positive: str | None = None, table: PathLike | None = None) -> pd.DataFrame:
+    """Tidy per-layer, per-label statistics for every cached (component, pooling).
+
+    ``table``: the dataset's current prompt table; the layer files must match it."""
+    if table is not None:
+        check_files_against_table(layer_paths, table)
     attrs = layer_attrs(layer_paths[0])
     tables = []
     for component in attrs["components"]:
@@ -75,9 +85,18 @@ def activation_stats_table(layer_paths: Sequence[PathLike], out_csv: PathLike, *
 
 def generalization(layer_paths: Mapping[str, Sequence[PathLike]], out_csv: PathLike, out_fig: PathLike, *,
                    component: str, pooling: str, metric: str, model: str, group: str,
-                   positive: str | None, settings: Mapping[str, Any], formats: Sequence[str]) -> pd.DataFrame:
+                   positive: str | None, settings: Mapping[str, Any], formats: Sequence[str],
+                   tables: Mapping[str, PathLike] | None = None) -> pd.DataFrame:
     """Train on one dataset, test on each other, at every layer they share; figure at the layer
-    whose off-diagonal (transfer) mean is highest."""
+    whose off-diagonal (transfer) mean is highest.
+
+    ``tables``: dataset name -> its current prompt table; each dataset's layer files must match it."""
+    if tables is not None:
+        missing = [name for name in layer_paths if name not in tables]
+        if missing:
+            raise LayerscopeError(f"generalization: no prompt table given for dataset(s) {missing}")
+        for name, paths in layer_paths.items():
+            check_files_against_table(paths, tables[name])
     stacks = {name: read_layers(paths, component, pooling, stack=True) for name, paths in layer_paths.items()}
     layers = sorted(set.intersection(*(set(s.layers) for s in stacks.values())))
     fit = {k: settings[k] for k in ("n_splits", "inner_splits", "seed") if k in settings}
@@ -121,11 +140,15 @@ def depth_comparison(summaries: Mapping[str, PathLike], n_layers: Mapping[str, i
 
 def task_vector_analysis(layer_paths: Sequence[PathLike], out: Mapping[str, PathLike], *, component: str,
                          pooling: str, n_boot: int, seed: int, layer: int | None, model: str, dataset: str,
-                         formats: Sequence[str]) -> dict[str, int]:
+                         formats: Sequence[str], table: PathLike | None = None) -> dict[str, int]:
     """Task geometry of a task-grid dataset at every cached layer: scores and matrices, and the
-    figures (prompt cosine at the chosen and the best layer, separation and norms vs layer, PCA)."""
+    figures (prompt cosine at the chosen and the best layer, separation and norms vs layer, PCA).
+
+    ``table``: the dataset's current prompt table; the layer files must match it."""
     from . import task_vectors as tv
 
+    if table is not None:
+        check_files_against_table(layer_paths, table)
     stack = read_layers(layer_paths, component, pooling, stack=True)
     if stack.groups is None:
         raise LayerscopeError(f"{layer_paths[0]}: no 'group' (number pair) stored; task vectors need it")

@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable, Mapping
 import pandas as pd
 
 from .atomic import write_csv, write_json
+from .consistency import check_files_against_table
 from .errors import LayerscopeError
 from .h5cache import layer_attrs, read_layer
 from .probes import fit_probe, summary_rows
@@ -31,8 +32,14 @@ def train_layer_probes(
     settings: Mapping[str, Any],
     positive: str | None = None,
     log: Callable[[str], Any] = print,
+    table: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Fit one probe per cached (component, pooling) of a layer file and write them to one JSON."""
+    """Fit one probe per cached (component, pooling) of a layer file and write them to one JSON.
+
+    ``table``: the dataset's current prompt table; the layer file must hold exactly its prompts
+    and labels, in order (see :mod:`layerscope.consistency`)."""
+    if table is not None:
+        check_files_against_table([layer_path], table)
     attrs = layer_attrs(layer_path)
     layer = int(attrs["layer"])
     thresholds = tuple(settings.get("thresholds", (0.55, 0.65)))

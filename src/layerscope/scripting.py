@@ -47,6 +47,13 @@ def job_logging(log_path: str | Path | None, name: str = "layerscope") -> Iterat
     _close(logger)
 
 
+def log_visible_gpus(logger: logging.Logger) -> None:
+    """Log which GPUs the scheduler exposed, so a cluster job's log shows what it ran on."""
+    import os
+
+    logger.info("CUDA_VISIBLE_DEVICES=%s", os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))
+
+
 def _close(logger: logging.Logger) -> None:
     for handler in list(logger.handlers):
         handler.close()

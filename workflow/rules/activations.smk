@@ -4,6 +4,11 @@
 # batch plan each) and gather_activations joins them into the same store, array for array.
 
 
+# Writes a few lines of CSV: not worth a cluster job.
+localrules:
+    layer_index,
+
+
 rule cache_activations:
     input:
         table="results/datasets/{dataset}/prompts.csv",
@@ -101,7 +106,8 @@ rule extract_layer:
 
 rule layer_index:
     input:
-        lambda wc: per_layer("results/activations/{model}/{dataset}/layer_{layer}.h5", wc.model, wc.dataset),
+        layers=lambda wc: per_layer("results/activations/{model}/{dataset}/layer_{layer}.h5", wc.model, wc.dataset),
+        table="results/datasets/{dataset}/prompts.csv",
     output:
         "results/activations/{model}/{dataset}/layers.csv",
     params:

@@ -1,6 +1,11 @@
 # Stage 1: every dataset kind -> one normalized prompt table.
 
 
+# Seconds of pandas: not worth a cluster job.
+localrules:
+    prepare_dataset,
+
+
 rule prepare_dataset:
     input:
         lambda wc: dataset_files(dataset_spec(wc)),

@@ -28,6 +28,7 @@ rule plot_probes:
 rule plot_geometry:
     input:
         layers=lambda wc: per_layer("results/activations/{model}/{dataset}/layer_{layer}.h5", wc.model, wc.dataset),
+        table="results/datasets/{dataset}/prompts.csv",
         summary="results/probes/{model}/{dataset}/summary.csv",
     output:
         **{

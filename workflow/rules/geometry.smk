@@ -3,7 +3,8 @@
 
 rule task_vectors:
     input:
-        lambda wc: per_layer("results/activations/{model}/{dataset}/layer_{layer}.h5", wc.model, wc.dataset),
+        layers=lambda wc: per_layer("results/activations/{model}/{dataset}/layer_{layer}.h5", wc.model, wc.dataset),
+        table="results/datasets/{dataset}/prompts.csv",
     output:
         scores=report(
             "results/task_vectors/{model}/{dataset}/scores.csv",

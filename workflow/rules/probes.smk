@@ -1,9 +1,15 @@
 # Stage 3: linear probes per layer (a new layer trains only its own probes), then one summary table.
 
 
+# Joins a few JSON files into one CSV: not worth a cluster job.
+localrules:
+    probe_summary,
+
+
 rule train_probe:
     input:
         layer="results/activations/{model}/{dataset}/layer_{layer}.h5",
+        table="results/datasets/{dataset}/prompts.csv",
         summary="results/datasets/{dataset}/summary.json",
     output:
         "results/probes/{model}/{dataset}/layer_{layer}.json",
@@ -42,6 +48,7 @@ rule probe_summary:
 rule activation_stats:
     input:
         layers=lambda wc: per_layer("results/activations/{model}/{dataset}/layer_{layer}.h5", wc.model, wc.dataset),
+        table="results/datasets/{dataset}/prompts.csv",
         summary="results/datasets/{dataset}/summary.json",
     output:
         report(
@@ -66,6 +73,7 @@ rule generalization:
             for ds in GENERALIZATION[wc.group]
             for path in per_layer("results/activations/{model}/{dataset}/layer_{layer}.h5", wc.model, ds)
         ],
+        tables=lambda wc: expand("results/datasets/{dataset}/prompts.csv", dataset=GENERALIZATION[wc.group]),
         summary=lambda wc: expand("results/datasets/{dataset}/summary.json", dataset=GENERALIZATION[wc.group]),
     output:
         table="results/probes/{model}/generalization_{group}.csv",

@@ -4,6 +4,9 @@ from layerscope.scripting import job_logging
 
 with job_logging(snakemake.log[0]) as log:
     table = activation_stats_table(
-        list(snakemake.input.layers), snakemake.output[0], positive=positive_class(snakemake.input.summary)
+        list(snakemake.input.layers),
+        snakemake.output[0],
+        positive=positive_class(snakemake.input.summary),
+        table=snakemake.input.table,
     )
     log.info("%d rows", len(table))

@@ -1,12 +1,10 @@
 import json
-import os
 
 from layerscope.activations import cache_from_table
-from layerscope.scripting import job_logging
+from layerscope.scripting import job_logging, log_visible_gpus
 
 with job_logging(snakemake.log[0]) as log:
-    # Shown so a cluster log says which GPU the scheduler handed this job.
-    log.info("CUDA_VISIBLE_DEVICES=%s", os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))
+    log_visible_gpus(log)
     shard = None
     if "shard" in snakemake.wildcards.keys():  # cache_shard: one part of the global batch plan
         shard = (int(snakemake.wildcards.shard), int(snakemake.wildcards.n_shards))

@@ -9,6 +9,8 @@ with job_logging(snakemake.log[0]) as log:
     view = json.loads(snakemake.params.view)
     # Layer files live under results/activations/{model}/{dataset}/; group them by dataset.
     paths = {ds: [p for p in snakemake.input.layers if Path(p).parent.name == ds] for ds in snakemake.params.datasets}
+    # ...and their prompt tables under results/datasets/{dataset}/prompts.csv.
+    tables = {Path(t).parent.name: t for t in snakemake.input.tables}
     positives = {positive_class(p) for p in snakemake.input.summary}
     table = generalization(
         paths,
@@ -22,5 +24,6 @@ with job_logging(snakemake.log[0]) as log:
         positive=positives.pop() if len(positives) == 1 else None,
         settings=json.loads(snakemake.params.settings),
         formats=snakemake.params.formats,
+        tables=tables,
     )
     log.info("%d cells", len(table))

@@ -1,9 +1,10 @@
 import json
 
 from layerscope.analysis import patching_experiment
-from layerscope.scripting import job_logging
+from layerscope.scripting import job_logging, log_visible_gpus
 
 with job_logging(snakemake.log[0]) as log:
+    log_visible_gpus(log)
     # batch_size and device are read here, not passed as params, so that changing them does not rerun.
     runtime = snakemake.config["models"][snakemake.wildcards.model]
     info = patching_experiment(

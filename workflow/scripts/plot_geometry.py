@@ -13,6 +13,7 @@ with job_logging(snakemake.log[0]) as log:
         model=snakemake.wildcards.model,
         dataset=snakemake.wildcards.dataset,
         formats=snakemake.params.formats,
+        table=snakemake.input.table,
         **view,
     )
     log.info("best layer by %s: %d", view["metric"], info["best_layer"])

@@ -7,7 +7,7 @@ with job_logging(snakemake.log[0]) as log:
     settings = json.loads(snakemake.params.settings)
     figures = {k: v for k, v in snakemake.output.items() if k != "extra"}
     info = task_vector_analysis(
-        list(snakemake.input),
+        list(snakemake.input.layers),
         figures,
         component=settings["component"],
         pooling=settings["pooling"],
@@ -17,5 +17,6 @@ with job_logging(snakemake.log[0]) as log:
         model=snakemake.wildcards.model,
         dataset=snakemake.wildcards.dataset,
         formats=snakemake.params.formats,
+        table=snakemake.input.table,
     )
     log.info("best separation at layer %d (heatmap also at layer %d)", info["best_layer"], info["chosen_layer"])

@@ -12,4 +12,5 @@ with job_logging(snakemake.log[0]) as log:
         settings=json.loads(snakemake.params.settings),
         positive=positive_class(snakemake.input.summary),
         log=log.info,
+        table=snakemake.input.table,
     )
