@@ -15,10 +15,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 def copy_workflow(dest: Path) -> Path:
     """A throwaway copy of the workflow (code, config, demo data and model) to run Snakemake in."""
-    for name in ("Snakefile", "workflow", "config", "demo", "profiles", "envs"):
+    for name in ("Snakefile", "workflow", "config", "demo", "profiles", "envs", ".test"):
         src = REPO / name
         if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+            # .test keeps only its config: results of a developer's own run must not leak in.
+            ignore = ("__pycache__", "results", "logs", "benchmarks", ".snakemake")
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns(*ignore))
         else:
             shutil.copy2(src, dest / name)
     return dest
@@ -48,6 +50,47 @@ def job_counts(output: str) -> dict[str, int]:
     return counts
 
 
+def result_differences(a: Path, b: Path) -> list[str]:
+    """Every way two ``results/`` trees differ: missing files, differing bytes of tables, JSON and
+    figures, and HDF5 datasets whose values (floats compared bit for bit) are not the same."""
+    import h5py
+    import numpy as np
+
+    diffs = []
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    diffs += [f"only in {a}: {p}" for p in sorted(set(files_a) - set(files_b))]
+    diffs += [f"only in {b}: {p}" for p in sorted(set(files_b) - set(files_a))]
+    for rel in sorted(set(files_a) & set(files_b)):
+        pa, pb = a / rel, b / rel
+        if rel.suffix != ".h5":
+            if pa.read_bytes() != pb.read_bytes():
+                diffs.append(f"bytes differ: {rel}")
+            continue
+        with h5py.File(pa) as fa, h5py.File(pb) as fb:
+            names_a, names_b = [], []
+            fa.visititems(lambda n, o: names_a.append(n) if isinstance(o, h5py.Dataset) else None)
+            fb.visititems(lambda n, o: names_b.append(n) if isinstance(o, h5py.Dataset) else None)
+            if names_a != names_b:
+                diffs.append(f"datasets differ: {rel}: {names_a} vs {names_b}")
+                continue
+            for name in names_a:
+                x, y = fa[name][()], fb[name][()]
+                same = (x.dtype == y.dtype and x.shape == y.shape
+                        and (x.tolist() == y.tolist() if x.dtype.kind == "O" else x.tobytes() == y.tobytes()))
+                if not same:
+                    diffs.append(f"values differ: {rel}:{name}")
+    return diffs
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def test_config_run(tmp_path_factory) -> Path:
+    """One local run of the .test config (shared by the reproducibility and SLURM tests)."""
+    work = copy_workflow(tmp_path_factory.mktemp("local_run"))
+    run_snakemake(work, "--directory", ".test")
+    return work / ".test"

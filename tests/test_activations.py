@@ -255,6 +255,20 @@ def test_zero_token_prompt_is_named_and_nothing_is_written(bridges, tmp_path):
     assert out.exists()
 
 
+def test_caching_refuses_to_start_without_disk_space(bridges, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    bridge, info = bridges["gpt2"]
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 20, 9 << 20, 1 << 20))
+    out = tmp_path / "results" / "store.h5"
+    with pytest.raises(LayerscopeError, match=r"not enough free space in .*results for the activation store .*"
+                                              r"needs ~6\d\.\d MiB \(estimated\), 1\.0 MiB free"):
+        cache_store(bridge, PIDS, TEXTS, LABELS, out, model_info=info, log=None)
+    assert not out.parent.exists()  # refused before anything was created
+
+
 def test_non_finite_values_name_layer_and_prompt(bridges, tmp_path):
     bridge, info = bridges["qwen2"]
 

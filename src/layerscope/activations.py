@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from . import __version__ as LAYERSCOPE_VERSION
-from . import h5cache
+from . import diskspace, h5cache
 from .atomic import atomic_path
 from .errors import InputError, LayerscopeError
 
@@ -482,6 +482,13 @@ def cache_store(
         f"BOS {'prepended' if prepend else 'not prepended'} (policy {bos_policy!r})"
         f"{', left out of pooling' if skip else ''}; device {device}"
     )
+
+    # Refuse before the forward pass, not half way through writing it.
+    needed = diskspace.estimate_store_bytes(
+        n_layers, n, d_model, len(components), len(poolings), n_tok_total if token_level_layers else 0,
+        len(token_level_layers), np.dtype(dtype_out).itemsize,
+    )
+    diskspace.check_free_space(Path(out_path).parent, needed, f"the activation store {out_path}")
 
     t0 = time.perf_counter()
     last_log = t0
