@@ -19,7 +19,12 @@ Four kinds of dataset spec are supported (see :func:`build_prompt_table`):
 
 Every problem with the input files raises :class:`~layerscope.errors.InputError` naming
 the file, the physical line (1-based; the CSV header is line 1, and quoted multi-line
-cells are accounted for) and the field. Problems with the spec itself raise
+cells are accounted for) and the field: malformed CSV (unbalanced quotes, wrong field
+counts, duplicate or missing header), malformed JSONL (invalid or truncated JSON, lines
+that are not objects, duplicate keys, numbers too long to convert, nesting too deep, lone
+surrogate escapes), bytes that are not UTF-8 (UTF-16/32 files included), empty files and
+empty/null/NaN values where a value is required. Fields of any length are accepted, and
+messages clip long values. Problems with the spec itself raise
 :class:`~layerscope.errors.ConfigError` naming the key path ``datasets.<name>.<key>``.
 
 All input tables are read as text, so ids such as ``"001"`` and labels such as ``"NA"``
@@ -28,17 +33,20 @@ or ``"None"`` survive unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import math
 import os
+import re
 import string
+import sys
 import zlib
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -70,6 +78,7 @@ PHASE2_DEFAULT_FIELDS = {
 }
 PHASE2_TEXT_MODES = ("question", "question_response")
 _MAX_IDS_SHOWN = 5
+_MAX_REPR = 60  # longest value repr shown in a message
 
 _TRUE_STRINGS = {"true", "True", "TRUE", "1", "1.0"}
 _FALSE_STRINGS = {"false", "False", "FALSE", "0", "0.0"}
@@ -98,7 +107,7 @@ def parse_bool(value: Any) -> bool:
             return True
         if s in _FALSE_STRINGS:
             return False
-    raise ValueError(f"value {value!r} is not a boolean (expected true/false, True/False, TRUE/FALSE or 1/0)")
+    raise ValueError(f"value {_clip(value)} is not a boolean (expected true/false, True/False, TRUE/FALSE or 1/0)")
 
 
 def _scalar_str(value: Any) -> str | None:
@@ -127,12 +136,29 @@ def _json_type(value: Any) -> str:
         return "object"
     if isinstance(value, list):
         return "array"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
     return type(value).__name__
+
+
+def _clip(value: Any, limit: int = _MAX_REPR) -> str:
+    """``repr(value)``, cut short for long values so that a message never dumps a huge cell."""
+    r = repr(value)
+    if len(r) <= limit:
+        return r
+    size = f" ({len(value)} characters)" if isinstance(value, str) else ""
+    return r[:limit] + "..." + size
 
 
 def _short(values: Iterable[Any], n: int = _MAX_IDS_SHOWN) -> str:
     values = list(values)
-    shown = ", ".join(repr(v) for v in values[:n])
+    shown = ", ".join(_clip(v) for v in values[:n])
     return shown + (f", ... ({len(values) - n} more)" if len(values) > n else "")
 
 
@@ -155,13 +181,18 @@ class _Table:
     sha256: str
     columns: list[str]
     records: list[_Record] = dc_field(default_factory=list)
+    header_line: int | None = None  # CSV/TSV: the line of the header
 
     def require_columns(self, names: Iterable[str]) -> None:
+        names = list(names)
+        no_header = self.header_line is not None and not any(n in self.columns for n in names)
         for name in names:
             if name not in self.columns:
                 raise InputError(
-                    f"required column is missing; columns found: {_short(self.columns, 50) or '(none)'}",
+                    f"required column is missing; columns found: {_short(self.columns, 50) or '(none)'}"
+                    + (" (is the header line missing?)" if no_header else ""),
                     file=self.file,
+                    line=self.header_line,
                     field=name,
                 )
 
@@ -179,7 +210,8 @@ class _Table:
         except TypeError as exc:
             raise InputError(str(exc), file=self.file, line=rec.line, field=name) from None
         if required and (value is None or value.strip() == ""):
-            raise InputError(f"value {raw!r} is empty", file=self.file, line=rec.line, field=name)
+            shown = "null" if raw is None else "NaN" if value is None else _clip(raw)
+            raise InputError(f"value {shown} is empty", file=self.file, line=rec.line, field=name)
         return value
 
     def get_bool(self, rec: _Record, name: str) -> bool:
@@ -200,8 +232,22 @@ def _resolve(given: Any, base_dir: Path, key_path: str) -> tuple[str, Path]:
     return given, path
 
 
-def _read_text(path: Path, shown: str) -> tuple[str, str]:
-    """Read ``path`` as UTF-8 (BOM stripped); return (text, sha256 of the raw bytes)."""
+_BREAK = re.compile(r"\r\n|\r|\n")  # line breaks as the csv module counts them
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_WIDE_BOMS = (
+    (b"\xff\xfe\x00\x00", "UTF-32"),
+    (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe", "UTF-16"),
+    (b"\xfe\xff", "UTF-16"),
+)
+
+
+def _read_text(path: Path, shown: str, fmt: str | None = None) -> tuple[str, str]:
+    """Read ``path`` as UTF-8 (BOM stripped); return (text, sha256 of the raw bytes).
+
+    With ``fmt`` (``"csv"``, ``"tsv"`` or ``"jsonl"``) a byte that is not UTF-8 is reported
+    with the field it is in, and line numbers follow that format's notion of a line.
+    """
     if not path.exists():
         raise InputError("file not found", file=shown)
     if path.is_dir():
@@ -211,62 +257,276 @@ def _read_text(path: Path, shown: str) -> tuple[str, str]:
     except OSError as exc:
         raise InputError(f"cannot read file: {exc.strerror or exc}", file=shown) from None
     sha = hashlib.sha256(data).hexdigest()
+    for bom, name in _WIDE_BOMS:
+        if data.startswith(bom):
+            raise InputError(
+                f"the file is {name} encoded (it starts with the byte-order mark 0x{bom.hex()}); save it as UTF-8",
+                file=shown,
+                line=1,
+            )
+    head = data[:64][: len(data[:64]) // 2 * 2]
+    if len(head) >= 4 and b"\x00" in head and (not any(head[1::2]) or not any(head[0::2])):
+        raise InputError(
+            "the file looks UTF-16 (or UTF-32) encoded: every other byte is NUL; save it as UTF-8",
+            file=shown,
+            line=1,
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        bad = data[exc.start : exc.start + 1].hex()
-        raise InputError(
-            f"not valid UTF-8 (byte 0x{bad} at column {col}); save the file as UTF-8",
-            file=shown,
-            line=line,
-        ) from None
+        raise _decode_error(data, exc, shown, fmt) from None
     if text.startswith("\ufeff"):
         text = text[1:]
     return text, sha
 
 
+def _decode_error(data: bytes, exc: UnicodeDecodeError, shown: str, fmt: str | None) -> InputError:
+    """InputError for the first non-UTF-8 byte: its line, column and (best effort) field."""
+    text = data.decode("utf-8", "surrogateescape")
+    pos = len(data[: exc.start].decode("utf-8", "surrogateescape"))  # character offset of the bad byte
+    csv_like = fmt in ("csv", "tsv")
+    if csv_like:
+        line = 1 + len(_BREAK.findall(text, 0, pos))
+        line_start = max(text.rfind("\n", 0, pos), text.rfind("\r", 0, pos)) + 1
+    else:
+        line = text.count("\n", 0, pos) + 1
+        line_start = text.rfind("\n", 0, pos) + 1
+    field = None
+    try:
+        if csv_like:
+            field = _csv_field_with_surrogate(text, "\t" if fmt == "tsv" else ",")
+        elif fmt == "jsonl":
+            end = text.find("\n", pos)
+            field = _json_member_at(text[line_start : end if end >= 0 else len(text)], pos - line_start)
+    except Exception:  # locating the field is best effort; the line is always reported
+        field = None
+    bad = data[exc.start : exc.start + 1].hex()
+    return InputError(
+        f"not valid UTF-8 (byte 0x{bad} at column {pos - line_start + 1}); the file may be Latin-1/Windows-1252 "
+        "encoded: save it as UTF-8",
+        file=shown,
+        line=line,
+        field=field,
+    )
+
+
+def _csv_field_with_surrogate(text: str, delimiter: str) -> str | None:
+    """Name of the CSV column whose cell holds the first surrogate-escaped (undecodable) byte."""
+    header: list[str] | None = None
+    with _csv_limit():
+        for fields in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True):
+            if not fields:
+                continue
+            for idx, value in enumerate(fields):
+                if _SURROGATE.search(value):
+                    if header is None:
+                        return None  # in the header itself
+                    return header[idx] if idx < len(header) else None
+            if header is None:
+                header = fields
+    return None
+
+
+@contextlib.contextmanager
+def _csv_limit() -> Iterator[None]:
+    """Lift the csv module's 128 KiB cap on one field (a long prompt is not an error) for a parse."""
+    old = csv.field_size_limit()
+    csv.field_size_limit(max(old, min(sys.maxsize, 2**31 - 1)))
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
+
+
+def _line_offset(text: str, line: int) -> int:
+    """Character offset where physical ``line`` (1-based, csv-module line breaks) starts."""
+    if line <= 1:
+        return 0
+    for k, m in enumerate(_BREAK.finditer(text), start=2):
+        if k == line:
+            return m.end()
+    return len(text)
+
+
+def _csv_error_field(text: str, start: int, delimiter: str) -> int | None:
+    """0-based index of the field where strict CSV parsing fails in the record at ``text[start:]``."""
+    i, n, idx = start, len(text), 0
+    while i < n:
+        if text[i] == '"':
+            i += 1
+            while True:
+                j = text.find('"', i)
+                if j < 0:
+                    return idx  # the quote is never closed
+                if text.startswith('"', j + 1):
+                    i = j + 2  # an escaped quote ("")
+                    continue
+                i = j + 1
+                break
+            if i >= n or text[i] in "\r\n":
+                return None
+            if text[i] != delimiter:
+                return idx  # text after the closing quote
+            i += 1
+        else:
+            while i < n and text[i] not in (delimiter, "\r", "\n"):
+                i += 1
+            if i >= n or text[i] in "\r\n":
+                return None
+            i += 1
+        idx += 1
+    return None
+
+
 def _parse_delimited(text: str, shown: str, delimiter: str) -> tuple[list[str], list[_Record]]:
+    header, records, _ = _parse_delimited_table(text, shown, delimiter)
+    return header, records
+
+
+def _parse_delimited_table(text: str, shown: str, delimiter: str) -> tuple[list[str], list[_Record], int]:
+    """(header, records, line of the header) of CSV/TSV ``text``; InputError names line and field."""
     if not text.strip():
         raise InputError("file is empty (expected a header line)", file=shown)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     header: list[str] | None = None
     header_line = 0
     records: list[_Record] = []
-    while True:
-        start = reader.line_num + 1
-        try:
-            fields = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as exc:
-            raise InputError(
-                f"malformed CSV in the record starting here (read up to line {reader.line_num}): {exc}",
-                file=shown,
-                line=start,
-            ) from None
-        if not fields:  # blank line
-            continue
-        if header is None:
-            header, header_line = fields, start
-            seen: dict[str, int] = {}
-            for col in header:
-                if col in seen:
-                    raise InputError("duplicate column name in header", file=shown, line=start, field=col)
-                seen[col] = 1
-            continue
-        if len(fields) != len(header):
-            raise InputError(
-                f"expected {len(header)} fields (as in the header on line {header_line}), found {len(fields)}",
-                file=shown,
-                line=start,
-            )
-        records.append(_Record(line=start, row=len(records) + 1, values=dict(zip(header, fields))))
+    with _csv_limit():
+        while True:
+            start = reader.line_num + 1
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                raise _csv_error(exc, text, shown, delimiter, start, reader.line_num, header) from None
+            if not fields:  # blank line
+                continue
+            if header is None:
+                header, header_line = fields, start
+                seen: dict[str, int] = {}
+                for col in header:
+                    if col in seen:
+                        raise InputError("duplicate column name in header", file=shown, line=start, field=col)
+                    seen[col] = 1
+                continue
+            if len(fields) != len(header):
+                expected = f"expected {len(header)} fields (as in the header on line {header_line}), found {len(fields)}"
+                if len(fields) < len(header):
+                    raise InputError(
+                        f"{expected}: this row has no value for column {_clip(header[len(fields)])}"
+                        + (" or the columns after it" if len(fields) + 1 < len(header) else ""),
+                        file=shown,
+                        line=start,
+                        field=header[len(fields)],
+                    )
+                raise InputError(
+                    f"{expected}: {len(fields) - len(header)} extra value(s) from column {len(header) + 1} on, "
+                    f"after the last column {_clip(header[-1])} (an unquoted {_clip(delimiter)} inside a value?)",
+                    file=shown,
+                    line=start,
+                )
+            records.append(_Record(line=start, row=len(records) + 1, values=dict(zip(header, fields))))
     assert header is not None
     if not records:
         raise InputError("file has a header but no data rows", file=shown)
-    return header, records
+    return header, records, header_line
+
+
+def _csv_error(
+    exc: csv.Error, text: str, shown: str, delimiter: str, start: int, read_to: int, header: list[str] | None
+) -> InputError:
+    """InputError for a csv.Error in the record starting on line ``start``, naming the field."""
+    idx = _csv_error_field(text, _line_offset(text, start), delimiter)
+    reason = str(exc)
+    if "unexpected end of data" in reason:
+        reason = "a quoted value is never closed (unbalanced '\"'; read to the end of the file)"
+    elif "expected after" in reason:
+        reason = f"text after the closing quote of a quoted value ({exc}); double a '\"' inside a quoted value"
+    field = None
+    where = ""
+    if idx is not None:
+        if header is not None and idx < len(header):
+            field = header[idx]
+        else:
+            where = f" in column {idx + 1}" + (" of the header" if header is None else "")
+    return InputError(
+        f"malformed CSV in the record starting here{where} (read up to line {read_to}): {reason}",
+        file=shown,
+        line=start,
+        field=field,
+    )
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
+_JSON_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _json_member_at(line: str, pos: int | None = None) -> str | None:
+    """Best effort: the top-level key of the JSON object in ``line`` whose value fails to
+    parse, or (with ``pos``) whose value spans character offset ``pos``. None when the
+    fault is not inside a member's value (e.g. a broken key, or text after the object)."""
+    decoder = json.JSONDecoder()
+    n = len(line)
+    i = _JSON_WS.match(line, 0).end()
+    if i >= n or line[i] != "{":
+        return None
+    i += 1
+    while True:
+        i = _JSON_WS.match(line, i).end()
+        if i >= n or line[i] != '"':
+            return None
+        try:
+            key, i = json.decoder.scanstring(line, i + 1)
+        except ValueError:
+            return None
+        if pos is not None and pos < i:
+            return None  # inside the key
+        i = _JSON_WS.match(line, i).end()
+        if i >= n or line[i] != ":":
+            return key
+        i = _JSON_WS.match(line, i + 1).end()
+        try:
+            _, i = decoder.raw_decode(line, i)
+        except (ValueError, RecursionError):
+            return key
+        if pos is not None and pos < i:
+            return key
+        i = _JSON_WS.match(line, i).end()
+        if i < n and line[i] == ",":
+            i += 1
+            continue
+        return None
+
+
+def _surrogate_member(obj: dict[str, Any]) -> str | None:
+    """The first top-level key whose name or value holds a lone surrogate (from a \\udXXX escape)."""
+    for key, value in obj.items():
+        stack = [key, value]
+        while stack:
+            v = stack.pop()
+            if isinstance(v, str):
+                if _SURROGATE.search(v):
+                    return key
+            elif isinstance(v, dict):
+                stack.extend(v.keys())
+                stack.extend(v.values())
+            elif isinstance(v, list):
+                stack.extend(v)
+    return None
 
 
 def _parse_jsonl(text: str, shown: str) -> tuple[list[str], list[_Record]]:
@@ -279,13 +539,35 @@ def _parse_jsonl(text: str, shown: str) -> tuple[list[str], list[_Record]]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=_unique_pairs)
+        except _DuplicateKey as exc:
+            raise InputError(
+                "duplicate key: it appears more than once in this JSON object", file=shown, line=lineno, field=exc.key
+            ) from None
         except json.JSONDecodeError as exc:
-            raise InputError(f"invalid JSON: {exc.msg} (column {exc.colno})", file=shown, line=lineno) from None
+            where = "text after the end of the JSON value" if exc.msg == "Extra data" else exc.msg
+            raise InputError(
+                f"invalid JSON: {where} (column {exc.colno})", file=shown, line=lineno, field=_json_member_at(line)
+            ) from None
+        except RecursionError:
+            raise InputError(
+                "invalid JSON: arrays/objects nested too deeply", file=shown, line=lineno, field=_json_member_at(line)
+            ) from None
+        except ValueError as exc:  # e.g. an integer with more digits than Python converts
+            raise InputError(
+                f"invalid JSON number: {str(exc).split(';')[0]}", file=shown, line=lineno, field=_json_member_at(line)
+            ) from None
         if not isinstance(obj, dict):
             raise InputError(
                 f"expected a JSON object on each line, found a JSON {_json_type(obj)}", file=shown, line=lineno
             )
+        if "\\u" in line:
+            bad = _surrogate_member(obj)
+            if bad is not None:
+                raise InputError(
+                    "invalid Unicode: a \\udXXX escape for a lone surrogate half encodes no character",
+                    file=shown, line=lineno, field=bad,
+                )
         for key in obj:
             columns.setdefault(key, None)
         records.append(_Record(line=lineno, row=len(records) + 1, values=obj))
@@ -313,12 +595,14 @@ def _load_table(given: Any, base_dir: Path, key_path: str, fmt: str | None = Non
     shown = os.fspath(path)
     if fmt is None:
         fmt = _format_of(given, shown)
-    text, sha = _read_text(path, shown)
+    text, sha = _read_text(path, shown, fmt)
+    header_line = None
     if fmt == "jsonl":
         columns, records = _parse_jsonl(text, shown)
     else:
-        columns, records = _parse_delimited(text, shown, "\t" if fmt == "tsv" else ",")
-    return _Table(given=given, file=shown, fmt=fmt, sha256=sha, columns=columns, records=records)
+        columns, records, header_line = _parse_delimited_table(text, shown, "\t" if fmt == "tsv" else ",")
+    return _Table(given=given, file=shown, fmt=fmt, sha256=sha, columns=columns, records=records,
+                  header_line=header_line)
 
 
 # ---------------------------------------------------------------------------
@@ -592,7 +876,7 @@ def _build_phase2(spec: _Spec) -> _Built:
         pid = scores.get_str(rec, f_pid)
         if pid in pair_line:
             raise InputError(
-                f"duplicate pair_id {pid!r} (first on line {pair_line[pid]}, again on line {rec.line})",
+                f"duplicate pair_id {_clip(pid)} (first on line {pair_line[pid]}, again on line {rec.line})",
                 file=scores.file, line=rec.line, field=f_pid,
             )
         pair_line[pid] = rec.line
@@ -606,7 +890,7 @@ def _build_phase2(spec: _Spec) -> _Built:
         prev = by_key.get((pid, variant))
         if prev is not None:
             raise InputError(
-                f"duplicate record for pair_id {pid!r}, variant {variant!r} (first on line {prev.line}, again on line {rec.line})",
+                f"duplicate record for pair_id {_clip(pid)}, variant {_clip(variant)} (first on line {prev.line}, again on line {rec.line})",
                 file=responses.file, line=rec.line, field=f_pid,
             )
         by_key[(pid, variant)] = rec
@@ -700,7 +984,7 @@ def _build_facts(spec: _Spec) -> _Built:
         label = "true" if table.get_bool(rec, "is_true") else "false"
         if relation not in templates:
             raise InputError(
-                f"no template for relation {relation!r}; configured relations: {_short(templates, 50)}",
+                f"no template for relation {_clip(relation)}; configured relations: {_short(templates, 50)}",
                 file=table.file, line=rec.line, field="relation",
             )
         i = index_of[id(rec)]
@@ -830,7 +1114,7 @@ def _build_labelled(spec: _Spec) -> _Built:
             pid = table.get_str(rec, id_field)
             if pid in id_line:
                 raise InputError(
-                    f"duplicate id {pid!r} (first on line {id_line[pid]}, again on line {rec.line})",
+                    f"duplicate id {_clip(pid)} (first on line {id_line[pid]}, again on line {rec.line})",
                     file=table.file, line=rec.line, field=id_field,
                 )
             id_line[pid] = rec.line
@@ -961,7 +1245,7 @@ def read_prompt_table(path: str | os.PathLike) -> pd.DataFrame:
     ``prompt_id`` repeats.
     """
     shown = os.fspath(path)
-    text, _ = _read_text(Path(path), shown)
+    text, _ = _read_text(Path(path), shown, "csv")
     columns, records = _parse_delimited(text, shown, ",")
     for col in CORE_COLUMNS:
         if col not in columns:
