@@ -287,6 +287,31 @@ def test_non_finite_values_name_layer_and_prompt(bridges, tmp_path):
     assert not (tmp_path / "s.h5").exists()
 
 
+def test_float16_overflow_stops_with_layers_prompts_and_the_fix(models, tmp_path):
+    """A real float16 model whose layer-1 MLP overflows (|x| > 65504): inf in layers 1 and 2 only."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tmp_path / "hot"
+    hf = AutoModelForCausalLM.from_pretrained(models["gpt2"])
+    with torch.no_grad():
+        hf.transformer.h[1].mlp.c_fc.weight.mul_(1e3)
+        hf.transformer.h[1].mlp.c_proj.weight.mul_(1e5)
+    hf.save_pretrained(model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (models["gpt2"] / name).exists():
+            (model_dir / name).write_bytes((models["gpt2"] / name).read_bytes())
+    bridge, info = load_model(str(model_dir), dtype="float16", device="cpu")
+    out = tmp_path / "s.h5"
+    with pytest.raises(LayerscopeError, match=r"non-finite activations \(inf/NaN\) in resid_post/mean at layer\(s\) "
+                                              r"\[1, 2\] for prompt\(s\) q00, q01.*float16.*bfloat16 or float32"):
+        cache_store(bridge, PIDS[:3], TEXTS[:3], LABELS[:3], out, model_info=info, log=None)
+    assert not out.exists() and not list(tmp_path.glob(".s.h5.*"))
+    # The same weights in float32 do not overflow: the error is about the dtype, not the model.
+    bridge32, info32 = load_model(str(model_dir), dtype="float32", device="cpu")
+    cache_store(bridge32, PIDS[:3], TEXTS[:3], LABELS[:3], out, model_info=info32, log=None)
+    assert out.exists()
+
+
 def test_input_errors(bridges, tmp_path):
     bridge, info = bridges["gpt2"]
     out = tmp_path / "s.h5"

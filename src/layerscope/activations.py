@@ -483,6 +483,14 @@ def cache_store(
         f"{', left out of pooling' if skip else ''}; device {device}"
     )
 
+    # Half precision is where inf/NaN come from; say which knob to turn.
+    overflow_hint = ""
+    if attrs["dtype"] == "float16":
+        overflow_hint = ("; the model ran in float16, whose largest value is 65504: "
+                         "set the model's dtype to bfloat16 or float32")
+    elif dtype_out == "float16":
+        overflow_hint = "; activations overflowed out_dtype float16: set activations.out_dtype to float32"
+
     # Refuse before the forward pass, not half way through writing it.
     needed = diskspace.estimate_store_bytes(
         n_layers, n, d_model, len(components), len(poolings), n_tok_total if token_level_layers else 0,
@@ -545,7 +553,7 @@ def cache_store(
                                    if key not in captured]
                         raise LayerscopeError(f"hooks did not fire: {_names(missing)}")
                     _write_batch(batch, captured, components, poolings, n_layers, pooled_ds, token_ds,
-                                 tl_index, offsets, dtype_out, prompt_ids)
+                                 tl_index, offsets, dtype_out, prompt_ids, overflow_hint)
                     done_prompts += B
                     done_tokens += sum(lengths[i] for i in batch)
                     now = time.perf_counter()
@@ -569,11 +577,11 @@ def cache_store(
 
 
 def _write_batch(batch, captured, components, poolings, n_layers, pooled_ds, token_ds, tl_index, offsets,
-                 dtype_out, prompt_ids) -> None:
+                 dtype_out, prompt_ids, hint: str = "") -> None:
     for c in components:
         for p in poolings:
             arr = np.stack([captured[(c, L)][p].numpy() for L in range(n_layers)]).astype(dtype_out, copy=False)
-            _check_finite(arr, c, p, batch, prompt_ids, layers=list(range(n_layers)))
+            _check_finite(arr, c, p, batch, prompt_ids, layers=list(range(n_layers)), hint=hint)
             pooled_ds[(c, p)][:, batch, :] = arr
         for L, k in tl_index.items():
             vals = captured[(c, L)]["none"].numpy().astype(dtype_out, copy=False)
@@ -583,8 +591,8 @@ def _write_batch(batch, captured, components, poolings, n_layers, pooled_ds, tok
                 cnt = int(offsets[i + 1] - offsets[i])
                 if bad[pos : pos + cnt].any():
                     raise LayerscopeError(
-                        f"non-finite activations in {c} layer {L} (token level) for prompt {prompt_ids[i]}"
-                        + (" (out_dtype float16 overflow?)" if dtype_out == "float16" else "")
+                        f"non-finite activations (inf/NaN) in {c} layer {L} (token level) for prompt {prompt_ids[i]}"
+                        + hint
                     )
                 pos += cnt
             if pos != vals.shape[0]:  # pragma: no cover - internal consistency
@@ -600,7 +608,8 @@ def _write_batch(batch, captured, components, poolings, n_layers, pooled_ds, tok
                     pos += cnt
 
 
-def _check_finite(arr: np.ndarray, component: str, pooling: str, batch: Sequence[int], prompt_ids, layers) -> None:
+def _check_finite(arr: np.ndarray, component: str, pooling: str, batch: Sequence[int], prompt_ids, layers,
+                  hint: str = "") -> None:
     finite = np.isfinite(arr).all(axis=2)  # [n_layers, B]
     if finite.all():
         return
@@ -608,7 +617,7 @@ def _check_finite(arr: np.ndarray, component: str, pooling: str, batch: Sequence
     bad_prompts = [prompt_ids[batch[r]] for r in np.flatnonzero(~finite.all(axis=0))]
     raise LayerscopeError(
         f"non-finite activations (inf/NaN) in {component}/{pooling} at layer(s) {bad_layers} "
-        f"for prompt(s) {_names(bad_prompts)}"
+        f"for prompt(s) {_names(bad_prompts)}{hint}"
     )
 
 
