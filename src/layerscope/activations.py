@@ -262,6 +262,21 @@ def shard_batches(batches: Sequence[Sequence[int]], lengths: Sequence[int], inde
 # caching
 
 
+def _token_ids(tokenizer, texts: Sequence[str], rows: Iterable[int], prepend: bool, *, keep: bool,
+               chunk: int = 1024) -> list[Any]:
+    """Token ids of ``texts[rows]`` as int64 arrays, tokenized ``chunk`` texts at a time (a fast
+    tokenizer's per-text encodings are large; holding all of them at once costs ~6 KB a prompt).
+    With ``keep=False`` only the lengths are kept (one-element placeholders of the right ``len``).
+    """
+    rows = list(rows)
+    out: list[Any] = []
+    for start in range(0, len(rows), chunk):
+        part = [texts[i] for i in rows[start : start + chunk]]
+        for x in tokenize_prompts(tokenizer, part, prepend_bos=prepend):
+            out.append(np.asarray(x, dtype=np.int64) if keep else range(len(x)))
+    return out
+
+
 def hook_name(component: str, layer: int) -> str:
     return HOOKS[component].format(L=layer)
 
@@ -374,7 +389,9 @@ def cache_store(
     tokenizer = bridge.tokenizer
     bos_policy = prepend_bos
     prepend = resolve_bos(tokenizer, prepend_bos)
-    ids = tokenize_prompts(tokenizer, texts, prepend_bos=prepend)
+    # A shard keeps only the lengths of other shards' prompts (for the global batch plan), so its
+    # memory does not grow with the dataset; the ids of its own prompts come in a second pass.
+    ids = _token_ids(tokenizer, texts, range(n), prepend, keep=shard is None)
     skip = 1 if (prepend and exclude_bos_from_pooling) else 0
     lengths = [len(x) for x in ids]
     n_pooled = [max(0, L - skip) for L in lengths]
@@ -400,9 +417,10 @@ def cache_store(
         rows = sorted(i for b in batches for i in b)
         local = {g: k for k, g in enumerate(rows)}
         batches = [[local[i] for i in b] for b in batches]
-        prompt_ids, texts, labels, ids, lengths, n_pooled = (
-            [seq[i] for i in rows] for seq in (prompt_ids, texts, labels, ids, lengths, n_pooled)
+        prompt_ids, texts, labels, lengths, n_pooled = (
+            [seq[i] for i in rows] for seq in (prompt_ids, texts, labels, lengths, n_pooled)
         )
+        ids = _token_ids(tokenizer, texts, range(len(rows)), prepend, keep=True)
         if groups is not None:
             groups = [groups[i] for i in rows]
         n = len(rows)
@@ -520,7 +538,7 @@ def cache_store(
             token_ds = {}
             if token_level_layers:
                 f.create_dataset(
-                    "token_ids", data=np.fromiter((t for x in ids for t in x[skip:]), dtype=np.int64, count=n_tok_total)
+                    "token_ids", data=np.concatenate([x[skip:] for x in ids] or [np.zeros(0, np.int64)])
                 )
                 for c in components:
                     token_ds[c] = h5cache.create_float(
@@ -535,7 +553,7 @@ def cache_store(
                     input_ids = torch.full((B, T), int(pad_id), dtype=torch.long)
                     mask = torch.zeros((B, T), dtype=torch.long)
                     for r, i in enumerate(batch):
-                        input_ids[r, : lengths[i]] = torch.tensor(ids[i], dtype=torch.long)
+                        input_ids[r, : lengths[i]] = torch.from_numpy(ids[i])
                         mask[r, : lengths[i]] = 1
                     input_ids = input_ids.to(device)
                     mask = mask.to(device)
