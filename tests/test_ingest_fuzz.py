@@ -223,6 +223,23 @@ CSV_FAULTS = [
 ]
 
 
+def whole_file_fault(draw, fault: str, content, done, recs, truths, blanks) -> "Case | None":
+    """The faults of the file as a whole, alike for CSV and JSONL: wide encodings, empty files.
+    ``content`` is what ``done`` renders (rows or lines); None for any other fault."""
+    if fault == "utf16_bom":
+        codec = draw(st.sampled_from(["utf-16", "utf-32"]))
+        return done(content, line=1, words=("UTF",), enc=lambda s: s.encode(codec))
+    if fault == "utf16_no_bom":
+        codec = draw(st.sampled_from(["utf-16-le", "utf-16-be"]))
+        return done(content, line=1, words=("UTF-16",), enc=lambda s: s.encode(codec))
+    if fault == "empty_file":
+        return Case(recs, b"", "error", words=("empty",), truths=truths)
+    if fault == "whitespace_only_file":
+        ws = draw(st.lists(st.sampled_from(blanks), min_size=1, max_size=8))
+        return Case(recs, "".join(ws).encode(), "error", words=("empty",), truths=truths)
+    return None
+
+
 @st.composite
 def csv_case(draw, t: Target, fault: str) -> Case:
     recs, truths = draw(base(t))
@@ -269,17 +286,9 @@ def csv_case(draw, t: Target, fault: str) -> Case:
         rows[i + 1][j] = rows[i + 1][j] + "\ue000x"
         return done(rows, line=row_line, field=cols[j], words=("UTF-8",),
                     enc=lambda s: s.encode("utf-8").replace("\ue000".encode("utf-8"), byte))
-    if fault == "utf16_bom":
-        codec = draw(st.sampled_from(["utf-16", "utf-32"]))
-        return done(rows, line=1, words=("UTF",), enc=lambda s: s.encode(codec))
-    if fault == "utf16_no_bom":
-        codec = draw(st.sampled_from(["utf-16-le", "utf-16-be"]))
-        return done(rows, line=1, words=("UTF-16",), enc=lambda s: s.encode(codec))
-    if fault == "empty_file":
-        return Case(recs, b"", "error", words=("empty",), truths=truths)
-    if fault == "whitespace_only_file":
-        ws = draw(st.lists(st.sampled_from([" ", "\t", "\n", "\r\n", "\r"]), min_size=1, max_size=8))
-        return Case(recs, "".join(ws).encode(), "error", words=("empty",), truths=truths)
+    whole = whole_file_fault(draw, fault, rows, done, recs, truths, [" ", "\t", "\n", "\r\n", "\r"])
+    if whole is not None:
+        return whole
     if fault == "huge_field":
         c = draw(st.sampled_from([t.text_col, t.id_col, t.label_col]))
         recs[i][c] = recs[i][c] + "x" * HUGE
@@ -362,17 +371,9 @@ def jsonl_case(draw, t: Target, fault: str) -> Case:
         lines[i] = with_token(scol, '"T\ue000x"', ensure_ascii=False)
         return done(lines, field=scol, words=("UTF-8",),
                     enc=lambda s: s.encode("utf-8").replace("\ue000".encode("utf-8"), byte))
-    if fault == "utf16_bom":
-        codec = draw(st.sampled_from(["utf-16", "utf-32"]))
-        return done(lines, line=1, words=("UTF",), enc=lambda s: s.encode(codec))
-    if fault == "utf16_no_bom":
-        codec = draw(st.sampled_from(["utf-16-le", "utf-16-be"]))
-        return done(lines, line=1, words=("UTF-16",), enc=lambda s: s.encode(codec))
-    if fault == "empty_file":
-        return Case(recs, b"", "error", words=("empty",), truths=truths)
-    if fault == "whitespace_only_file":
-        ws = draw(st.lists(st.sampled_from([" ", "\t", "\n", "\r\n"]), min_size=1, max_size=8))
-        return Case(recs, "".join(ws).encode(), "error", words=("empty",), truths=truths)
+    whole = whole_file_fault(draw, fault, lines, done, recs, truths, [" ", "\t", "\n", "\r\n"])
+    if whole is not None:
+        return whole
     if fault == "huge_string":
         c = draw(st.sampled_from([t.text_col, t.id_col]))
         recs[i][c] = recs[i][c] + "y" * HUGE
