@@ -211,7 +211,10 @@ def _open(path: str | os.PathLike):
     try:
         return h5py.File(path, "r")
     except OSError as exc:
-        raise LayerscopeError(f"{path}: not a readable HDF5 file ({exc})") from exc
+        raise LayerscopeError(
+            f"{path}: not a readable HDF5 file ({exc}); most likely left by a job that was killed while "
+            "writing it - delete it and rerun (snakemake --rerun-incomplete)"
+        ) from exc
 
 
 def check_file(f, path: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
