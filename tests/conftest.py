@@ -54,7 +54,6 @@ def result_differences(a: Path, b: Path) -> list[str]:
     """Every way two ``results/`` trees differ: missing files, differing bytes of tables, JSON and
     figures, and HDF5 datasets whose values (floats compared bit for bit) are not the same."""
     import h5py
-    import numpy as np
 
     diffs = []
     files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
