@@ -104,6 +104,8 @@ class Rule:
 
 
 _RULE_START = re.compile(r"^(?:rule|checkpoint)\s+(\w+)\s*:", re.M)
+# `use rule A as B with:` -> B inherits A's conda: and script: unless its block overrides them.
+_USE_RULE = re.compile(r"^use\s+rule\s+(\w+)\s+as\s+(\w+)(?:\s+with)?\s*:?", re.M)
 
 
 def _directive(block: str, name: str) -> str | None:
@@ -116,16 +118,25 @@ def _directive(block: str, name: str) -> str | None:
     return None
 
 
+def _block(text: str, pos: int) -> str:
+    """A rule body: its indented lines, up to the next unindented non-empty line."""
+    rest = text[pos:]
+    end = re.search(r"^\S", rest, re.M)
+    return rest[: end.start()] if end else rest
+
+
 def parse_rules(text: str, file: Path) -> list[Rule]:
-    starts = list(_RULE_START.finditer(text))
-    rules = []
-    for m in starts:
-        # A rule body is its indented lines; the block ends at the next unindented non-empty line.
-        rest = text[m.end():]
-        end = re.search(r"^\S", rest, re.M)
-        block = rest[: end.start()] if end else rest
-        rules.append(Rule(m.group(1), file, _directive(block, "conda"), _directive(block, "script")))
-    return rules
+    rules = {}
+    for m in _RULE_START.finditer(text):
+        block = _block(text, m.end())
+        rules[m.group(1)] = Rule(m.group(1), file, _directive(block, "conda"), _directive(block, "script"))
+    for m in _USE_RULE.finditer(text):
+        base, name = m.group(1), m.group(2)
+        assert base in rules, f"{file}: use rule {base} as {name}: {base} is not defined in the same file"
+        block = _block(text, m.end())
+        rules[name] = Rule(name, file, _directive(block, "conda") or rules[base].conda,
+                           _directive(block, "script") or rules[base].script)
+    return list(rules.values())
 
 
 @lru_cache(maxsize=None)

@@ -37,32 +37,18 @@ rule cache_activations:
         "../scripts/cache_activations.py"
 
 
-rule cache_shard:
-    input:
-        table="results/datasets/{dataset}/prompts.csv",
-        model=lambda wc: model_files(model_cfg(wc)["source"]),
+# The same job as cache_activations (inputs, params, resources, env, script), for one shard.
+use rule cache_activations as cache_shard with:
     output:
         temp("results/activations/{model}/{dataset}/shards/{shard}-of-{n_shards}.h5"),
     wildcard_constraints:
         dataset=names_regex(d for d in DATASETS if SHARDS[d] > 1),
         shard=r"\d+",
         n_shards=r"\d+",
-    params:
-        model=lambda wc: stable(model_identity(wc.model)),
-        activations=lambda wc: stable(CACHE_SETTINGS),
-    resources:
-        gpu=1,
-        mem_mb=8000,
-        runtime=120,
-    threads: 2
     log:
         "logs/cache_shard/{model}/{dataset}/{shard}-of-{n_shards}.log",
     benchmark:
         "benchmarks/cache_shard/{model}/{dataset}/{shard}-of-{n_shards}.tsv"
-    conda:
-        "../../envs/torch.yaml"
-    script:
-        "../scripts/cache_activations.py"
 
 
 rule gather_activations:
