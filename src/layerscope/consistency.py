@@ -79,16 +79,14 @@ def check_against_table(
     groups: Sequence[Any] | None,
     source_path: PathLike,
     table_path: PathLike | PromptTable,
-    *,
-    table: PromptTable | None = None,
 ) -> None:
     """Raise :class:`TableMismatchError` unless ``prompt_ids``, ``labels`` (and ``groups``, when
     the activations carry them) equal those of the prompt table at ``table_path``, in order.
 
-    ``source_path`` only names the activation file in the message. ``table`` (from
-    :func:`read_table`) avoids re-reading the table when several files are checked.
+    ``source_path`` only names the activation file in the message. ``table_path`` may be a
+    :class:`PromptTable` already read (by :func:`read_table`), so several files share one read.
     """
-    tbl = table or read_table(table_path)
+    tbl = read_table(table_path)
     src = os.fspath(source_path)
     tpath = tbl.path
     ids = [str(x) for x in prompt_ids]
@@ -124,34 +122,15 @@ def check_against_table(
             )
 
 
-def _read_keys(path: PathLike) -> tuple[list[str], list[str], list[str] | None]:
-    """Prompt ids, labels and groups of an activation file, without its arrays."""
-    import h5py
-
-    from .h5cache import check_file
-
-    p = Path(path)
-    if not p.exists():
-        raise LayerscopeError(f"{p}: activation file does not exist")
-    try:
-        f = h5py.File(p, "r")
-    except OSError as exc:
-        raise LayerscopeError(f"{p}: not a readable HDF5 file ({exc})") from exc
-    with f:
-        check_file(f, p)
-        ids = list(f["prompt_id"].asstr()[()])
-        labels = list(f["label"].asstr()[()])
-        groups = list(f["group"].asstr()[()]) if "group" in f else None
-    return ids, labels, groups
-
-
 def check_files_against_table(paths: Iterable[PathLike], table_path: PathLike | PromptTable) -> int:
     """Check every activation file in ``paths`` (layer files or stores) against one prompt table.
 
     Reads only the prompt ids, labels and groups of each file. Returns the number of prompts.
     """
+    from .h5cache import read_prompt_keys
+
     tbl = read_table(table_path)
     for path in paths:
-        ids, labels, groups = _read_keys(path)
-        check_against_table(ids, labels, groups, path, tbl.path, table=tbl)
+        ids, labels, groups = read_prompt_keys(path)
+        check_against_table(ids, labels, groups, path, tbl)
     return len(tbl.prompt_ids)

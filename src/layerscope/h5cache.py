@@ -264,6 +264,13 @@ def layer_attrs(path: str | os.PathLike) -> dict[str, Any]:
         return check_file(f, path, kind="layer")
 
 
+def read_prompt_keys(path: str | os.PathLike) -> tuple[list[str], list[str], list[str] | None]:
+    """Prompt ids, labels and groups (None if absent) of a checked activation file, without its arrays."""
+    with _open(path) as f:
+        check_file(f, path)
+        return _strings(f, "prompt_id"), _strings(f, "label"), (_strings(f, "group") if "group" in f else None)
+
+
 def _expected_shape(attrs: Mapping[str, Any]) -> tuple[int, ...]:
     if attrs["kind"] in ("store", "shard"):
         return (int(attrs["n_layers"]), int(attrs["n_prompts"]), int(attrs["d_model"]))
