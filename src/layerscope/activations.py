@@ -115,15 +115,84 @@ def load_model(
         bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.eval()
     bridge.original_model.eval()
+    # The bridge rewrites the tokenizer (Qwen: BOS := EOS); BOS decisions use the model's own files.
+    bridge.layerscope_tokenizer = _own_tokenizer(source, revision, fallback=bridge.tokenizer)
     info = describe_model(bridge, source=source, revision=revision, dtype=tdtype, device=dev,
                           compatibility_mode=compatibility_mode)
+    info["engine"] = "bridge"
     return bridge, info
+
+
+def _own_tokenizer(source, revision, fallback):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(os.fspath(source), **({"revision": revision} if revision else {}))
+    except (OSError, ValueError):
+        return fallback
+
+
+ENGINES = ("auto", "native", "bridge")
+
+
+def load_engine(
+    source: str,
+    *,
+    engine: str = "auto",
+    components: Sequence[str] = (),
+    dtype: str = "float32",
+    device: str = "auto",
+    compatibility_mode: bool = False,
+    revision: str | None = None,
+    log: Callable[[str], Any] | None = None,
+):
+    """The model to cache with: the native engine (plain HF model, SDPA, hooks on its modules; see
+    :mod:`layerscope.engine`) or the TransformerBridge. ``engine: auto`` takes the native one unless
+    compatibility_mode is on (folded LayerNorm exists only in the bridge) or the layout has no native
+    tap point for a requested component; ``native`` refuses those cases by name. Returns ``(model, info)``.
+    """
+    from . import engine as native
+
+    if engine not in ENGINES:
+        raise LayerscopeError(f"engine {engine!r} not understood; expected one of {list(ENGINES)}")
+    reason = _native_refusal(source, revision, components, compatibility_mode) if engine != "bridge" else None
+    if engine == "native" and reason:
+        raise LayerscopeError(f"engine: native cannot run {source}: {reason}")
+    if engine == "bridge" or reason:
+        if reason and log:
+            log(f"engine: bridge ({reason})")
+        return load_model(source, dtype=dtype, device=device, compatibility_mode=compatibility_mode,
+                          revision=revision)
+    dev = resolve_device(device)
+    tdtype = torch_dtype(dtype)
+    model = native.load_native(source, dtype=tdtype, device=dev, revision=revision)
+    info = describe_model(model, source=source, revision=revision, dtype=tdtype, device=dev,
+                          compatibility_mode=False)
+    info.update(engine="native", attn_implementation=str(model.attn_implementation))
+    return model, info
+
+
+def _native_refusal(source, revision, components, compatibility_mode) -> str | None:
+    """Why the native engine cannot serve this request (None if it can)."""
+    from transformers import AutoConfig
+
+    from . import engine as native
+
+    if compatibility_mode:
+        return "compatibility_mode (folded LayerNorm) exists only in the bridge"
+    try:
+        config = AutoConfig.from_pretrained(os.fspath(source), **({"revision": revision} if revision else {}))
+        have = native.supported_components(config)
+    except (OSError, ValueError, LayerscopeError) as exc:
+        return str(exc)
+    missing = [c for c in components if c not in have]
+    return native.why_unsupported(config, missing[0]) if missing else None
 
 
 def describe_model(bridge, *, source: str | None = None, revision: str | None = None, dtype=None,
                    device: str | None = None, compatibility_mode: bool | None = None) -> dict[str, Any]:
-    """The ``info`` dict of :func:`load_model` for an already booted bridge."""
-    hf = getattr(bridge, "original_model", None)
+    """The ``info`` dict of :func:`load_model` for an already booted bridge (or native engine)."""
+    hf = getattr(bridge, "original_model", None) or getattr(bridge, "model", None)
     config = getattr(hf, "config", None)
     name_or_path = getattr(config, "_name_or_path", None) or ""
     source = source if source is not None else (name_or_path or "unknown")
@@ -133,7 +202,7 @@ def describe_model(bridge, *, source: str | None = None, revision: str | None = 
         revision = "local" if os.path.isdir(os.fspath(source)) else None
     if dtype is None:
         try:
-            dtype = next(bridge.original_model.parameters()).dtype
+            dtype = next(hf.parameters()).dtype
         except (StopIteration, AttributeError):
             dtype = "unknown"
     arch = getattr(bridge.cfg, "architecture", None)
@@ -159,12 +228,32 @@ def describe_model(bridge, *, source: str | None = None, revision: str | None = 
 # tokenization
 
 
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the model's own tokenizer puts BOS first: it defines a BOS token and either adds it
+    when encoding (Llama, DeepSeek-R1-Distill-Qwen, Gemma, OPT) or, GPT-2 style, adds no special
+    token at all while its BOS is also its EOS document separator (GPT-2, Pythia, Phi: the
+    TransformerLens convention, kept). A tokenizer without a BOS token (Qwen2.5, Qwen3) -> False.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    try:
+        with_special = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+        plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    except (TypeError, KeyError, ValueError):  # a minimal tokenizer object: trust its BOS token
+        return True
+    if with_special and with_special[0] == bos:
+        return True
+    return bos == getattr(tokenizer, "eos_token_id", None) and with_special == plain
+
+
 def resolve_bos(tokenizer, policy: str | bool = "auto") -> bool:
-    """``bos: auto | true | false`` -> whether to prepend BOS. ``auto``: iff the tokenizer has one."""
+    """``bos: auto | true | false`` -> whether to prepend BOS. ``auto``: iff the model's own
+    tokenizer puts one first (:func:`tokenizer_adds_bos`)."""
     if isinstance(policy, str):
         p = policy.strip().lower()
         if p == "auto":
-            return getattr(tokenizer, "bos_token_id", None) is not None
+            return tokenizer_adds_bos(tokenizer)
         if p in ("true", "yes", "1"):
             policy = True
         elif p in ("false", "no", "0"):
@@ -277,6 +366,19 @@ def _token_ids(tokenizer, texts: Sequence[str], rows: Iterable[int], prepend: bo
     return out
 
 
+def _stop_exception(model) -> type:
+    """The exception a hook raises to end a forward pass early, as the model catches it."""
+    exc = getattr(model, "stop_exception", None)
+    if exc is None:
+        from transformer_lens.model_bridge.exceptions import StopAtLayerException as exc
+    return exc
+
+
+def _model_device(model):
+    hf = getattr(model, "original_model", None) or getattr(model, "model", None)
+    return next(iter(hf.parameters())).device
+
+
 def hook_name(component: str, layer: int) -> str:
     return HOOKS[component].format(L=layer)
 
@@ -337,8 +439,8 @@ def cache_store(
     Returns a small summary dict (n_prompts, n_tokens, seconds, tokens_per_s, batches).
     """
     import torch
-    from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
+    StopAtLayerException = _stop_exception(bridge)
     log = log or (lambda msg: None)
     components = _check_choices(components, h5cache.COMPONENTS, "component")
     poolings = _check_choices(poolings, h5cache.POOLINGS, "pooling")
@@ -386,7 +488,7 @@ def cache_store(
             )
 
     # --- tokens --------------------------------------------------------------------------------
-    tokenizer = bridge.tokenizer
+    tokenizer = getattr(bridge, "layerscope_tokenizer", None) or bridge.tokenizer
     bos_policy = prepend_bos
     prepend = resolve_bos(tokenizer, prepend_bos)
     # A shard keeps only the lengths of other shards' prompts (for the global batch plan), so its
@@ -483,12 +585,13 @@ def cache_store(
         "poolings": poolings,
         "token_level_layers": token_level_layers,
         "pad_side": "right",
+        "engine": str(info.get("engine", "native" if hasattr(bridge, "layout") else "bridge")),
     }
     if shard is not None:
         attrs.update(kind="shard", shard_index=int(shard[0]), n_shards=int(shard[1]), n_prompts_total=n_total,
                      batch_size=int(batch_size), max_tokens_per_batch=int(max_tokens_per_batch or 0))
 
-    device = next(iter(bridge.original_model.parameters())).device
+    device = _model_device(bridge)
     total_real = int(sum(lengths))
     if shard is not None:
         log(f"cache_store: shard {shard[0]} of {shard[1]} (numbered from 0): {n} of {n_total} prompts")
@@ -684,15 +787,20 @@ def cache_from_table(
     if threads and device in ("cpu", "auto"):
         torch.set_num_threads(int(threads))
     t = time.perf_counter()
-    bridge, info = load_model(
+    bridge, info = load_engine(
         model["source"],
+        engine=model.get("engine", "auto") or "auto",
+        components=act.get("components", ["resid_post"]),
         dtype=model.get("dtype", "float32") or "float32",
         device=device or "auto",
         compatibility_mode=bool(model.get("compatibility_mode", False)),
         revision=model.get("revision"),
+        log=log,
     )
     log(f"loaded {info['model']} ({info['architecture']}, {info['n_layers']} layers, d_model {info['d_model']}, "
-        f"{info['dtype']}, {info['device']}) in {time.perf_counter() - t:.1f} s")
+        f"{info['dtype']}, {info['device']}, engine {info['engine']}"
+        f"{', attention ' + info['attn_implementation'] if 'attn_implementation' in info else ''}) "
+        f"in {time.perf_counter() - t:.1f} s")
     bos = model.get("bos", "auto")
     return cache_store(
         bridge,
