@@ -107,10 +107,17 @@ def load_model(
     kwargs: dict[str, Any] = {"device": dev, "dtype": tdtype}
     if revision:
         kwargs["revision"] = revision
+    refusal = bridge_refusal(source, revision)
+    if refusal:
+        raise LayerscopeError(f"engine: bridge cannot run {source}: {refusal}")
     try:
         bridge = TransformerBridge.boot_transformers(os.fspath(source), **kwargs)
     except (OSError, ValueError) as exc:
         raise LayerscopeError(f"could not load model {source!r}: {exc}") from exc
+    except Exception as exc:  # an adapter that cannot map this layout: name it, no raw traceback
+        raise LayerscopeError(f"TransformerBridge {_tl_version()} cannot boot {source!r} "
+                              f"({_arch_name(source, revision)}): {type(exc).__name__}: {exc}; "
+                              "use engine: native") from exc
     if compatibility_mode:
         bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.eval()
@@ -121,6 +128,36 @@ def load_model(
                           compatibility_mode=compatibility_mode)
     info["engine"] = "bridge"
     return bridge, info
+
+
+def _hf_config(source, revision):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(os.fspath(source), **({"revision": revision} if revision else {}))
+
+
+def _arch_name(source, revision) -> str:
+    try:
+        config = _hf_config(source, revision)
+    except (OSError, ValueError):
+        return "unknown architecture"
+    return (getattr(config, "architectures", None) or [config.model_type])[0]
+
+
+def bridge_refusal(source, revision=None) -> str | None:
+    """Layouts where the TransformerBridge (4.3) is known to be wrong or not to boot, found by the
+    architecture matrix (tests/test_architectures.py); None where it is fine or unknown."""
+    try:
+        config = _hf_config(source, revision)
+    except (OSError, ValueError):
+        return None  # let the boot itself report it
+    if config.model_type == "falcon" and config.new_decoder_architecture:
+        return ("Falcon with new_decoder_architecture: the bridge's joint-QKV split does not fit its grouped "
+                "K/V heads and it cannot boot")
+    if config.model_type == "falcon" and config.alibi:
+        return ("Falcon with ALiBi: the bridge's activations differ from transformers' (relative 0.04-0.17 "
+                "on a tiny random model)")
+    return None
 
 
 def _own_tokenizer(source, revision, fallback):
@@ -174,14 +211,12 @@ def load_engine(
 
 def _native_refusal(source, revision, components, compatibility_mode) -> str | None:
     """Why the native engine cannot serve this request (None if it can)."""
-    from transformers import AutoConfig
-
     from . import engine as native
 
     if compatibility_mode:
         return "compatibility_mode (folded LayerNorm) exists only in the bridge"
     try:
-        config = AutoConfig.from_pretrained(os.fspath(source), **({"revision": revision} if revision else {}))
+        config = _hf_config(source, revision)
         have = native.supported_components(config)
     except (OSError, ValueError, LayerscopeError) as exc:
         return str(exc)
@@ -422,6 +457,7 @@ def cache_store(
     progress_every_s: float = 10.0,
     stop_early: bool = True,
     shard: tuple[int, int] | None = None,
+    self_check: int = 4,
 ) -> dict[str, Any]:
     """Run all prompts through ``bridge`` once; write pooled vectors of every layer to ``out_path``.
 
@@ -436,6 +472,9 @@ def cache_store(
     ``shard=(i, n)`` computes only shard ``i`` of ``n`` (see :func:`shard_batches`) and writes a
     *shard* file holding just its prompts; :func:`layerscope.h5cache.gather_shards` joins the
     shards into a store equal, array for array, to the unsharded one.
+    ``self_check``: how many prompts (the longest, the shortest, ...) the parity self-check
+    recomputes with plain ``transformers`` before the file is renamed into place (0 = off; see
+    :mod:`layerscope.parity`); the largest difference goes into the attributes and the log.
     Returns a small summary dict (n_prompts, n_tokens, seconds, tokens_per_s, batches).
     """
     import torch
@@ -685,6 +724,9 @@ def cache_store(
                             f"{done_tokens / el:.0f} tokens/s, {el:.1f} s"
                         )
                         last_log = now
+            if self_check:
+                h5cache.set_attrs(f, _self_check(bridge, f, ids, lengths, prompt_ids, int(self_check), skip,
+                                                 components, poolings, attrs, log))
             h5cache.mark_complete(f)
     seconds = time.perf_counter() - t0
     return {
@@ -695,6 +737,64 @@ def cache_store(
         "tokens_per_s": total_real / max(seconds, 1e-9),
         "prepend_bos": prepend,
     }
+
+
+def _reference_model(model, info: Mapping[str, Any]):
+    """The plain HF model the self-check recomputes with: the native engine's own model (it is
+    not wrapped), or for the bridge a separately loaded copy (the bridge swaps the HF submodules)."""
+    if hasattr(model, "layout"):
+        return model.model
+    from transformers import AutoModelForCausalLM
+
+    rev = info.get("model_revision")
+    kw = {"revision": rev} if rev and rev != "local" else {}
+    hf = AutoModelForCausalLM.from_pretrained(info["model"], dtype=torch_dtype(info.get("dtype", "float32")), **kw)
+    return hf.to(_model_device(model)).eval()
+
+
+def _self_check(model, f, ids, lengths, prompt_ids, k, skip, components, poolings, attrs, log) -> dict:
+    """Recompute ``k`` sampled prompts with plain transformers and compare them with the open
+    store ``f``; raise naming architecture, component and difference beyond the tolerance."""
+    from . import parity
+
+    arch = attrs["architecture"]
+    if attrs["compatibility_mode"]:
+        log("parity self-check skipped: compatibility_mode folds LayerNorm, so values are not plain transformers'")
+        return {"self_check": "skipped (compatibility_mode)"}
+    rows = parity.sample_rows(lengths, k)
+    hf = _reference_model(model, attrs)
+    try:
+        ref = {r: parity.reference_pass(hf, [int(t) for t in ids[r]]) for r in rows}
+    except LayerscopeError:
+        raise
+    except Exception as exc:  # an architecture the reference cannot tap: say so, never a traceback
+        raise LayerscopeError(f"parity self-check could not recompute architecture {arch}: "
+                              f"{type(exc).__name__}: {exc}; set self_check: 0 to skip it") from exc
+    missing = sorted({c for c in components for r in rows if (c, 0) not in ref[r]})
+    checked = [c for c in components if c not in missing]
+    cache: dict[tuple[str, str], np.ndarray] = {}
+
+    def stored(c, p, L, row):
+        if (c, p) not in cache:
+            cache[(c, p)] = f[f"{c}/{p}"][:, rows, :].astype(np.float64)
+        return cache[(c, p)][L, rows.index(row)]
+
+    worst = parity.compare(stored, ref, checked, poolings, attrs["n_layers"], skip)
+    tol = parity.tolerance(attrs["dtype"], attrs["out_dtype"])
+    biggest = max((v[0] for v in worst.values()), default=0.0)
+    log(f"parity self-check on {len(rows)} prompt(s) ({_names([prompt_ids[r] for r in rows])}): largest relative "
+        f"difference from plain transformers {biggest:.3g} (tolerance {tol:g} for {attrs['dtype']}); "
+        + ", ".join(f"{c} {v[0]:.2g}" for c, v in worst.items())
+        + (f"; not checked (no plain-transformers tap point): {missing}" if missing else ""))
+    for c, (d, L, r) in worst.items():
+        if d > tol:
+            raise LayerscopeError(
+                f"parity self-check failed: architecture {arch}, component {c}, layer {L}, prompt {prompt_ids[r]}: "
+                f"the {attrs.get('engine', 'model')} engine's values differ from plain transformers by {d:.3g} "
+                f"(relative; tolerance {tol:g} for {attrs['dtype']}). These activations are not trustworthy; "
+                "try the other engine (models.<name>.engine) or report the architecture")
+    return {"self_check": k, "self_check_max_diff": biggest, "self_check_tolerance": tol,
+            "self_check_prompts": [prompt_ids[r] for r in rows], "self_check_unchecked": missing}
 
 
 def _write_batch(batch, captured, components, poolings, n_layers, pooled_ds, token_ds, tl_index, offsets,

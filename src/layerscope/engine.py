@@ -197,6 +197,8 @@ class NativeEngine:
         if comp == "resid_mid":
             def mid(module, args, kwargs):
                 x = args[0] if args else next(iter(kwargs.values()))
+                if x.dim() == 2:  # OPT normalises [batch * positions, d]
+                    x = x.view(*self._batch_shape, x.shape[-1])
                 if fn(x, hook=hook) is not None:
                     raise LayerscopeError(
                         f"{name}: replacing resid_mid is not supported by the native engine (it is read at the "
@@ -208,8 +210,13 @@ class NativeEngine:
 
         def post(module, args, out):
             x = _first(out)
+            flat = x.dim() == 2  # OPT runs its MLP on [batch * positions, d]
+            if flat:
+                x = x.view(*self._batch_shape, x.shape[-1])
             new = fn(x.clone() if clone else x, hook=hook)
-            return None if new is None else _replace_first(out, new)
+            if new is None:
+                return None
+            return _replace_first(out, new.reshape(-1, new.shape[-1]) if flat else new)
         return target.register_forward_hook(post)
 
     @contextlib.contextmanager
@@ -230,6 +237,7 @@ class NativeEngine:
         """Forward pass. ``return_type``: "logits" (tensor), "output" (the HF output, e.g. with
         ``past_key_values`` when ``use_cache=True``) or None (runs the base model, no LM head).
         A hook raising :class:`StopForward` ends the pass; the call then returns None."""
+        self._batch_shape = tuple(input_ids.shape[:2])
         try:
             if return_type is None:
                 base = getattr(self.model, self.model.base_model_prefix)

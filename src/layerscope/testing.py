@@ -109,6 +109,11 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
                                                                  "num_kv_heads": 2, "parallel_attn": True}),
     "falcon_parallel": ("FalconConfig", "FalconForCausalLM", {"new_decoder_architecture": False,
                                                               "multi_query": True, "parallel_attn": True}),
+    "falcon_sequential": ("FalconConfig", "FalconForCausalLM", {"new_decoder_architecture": False,
+                                                                "multi_query": False, "parallel_attn": False}),
+    "falcon_parallel_alibi": ("FalconConfig", "FalconForCausalLM", {"new_decoder_architecture": False,
+                                                                    "multi_query": True, "parallel_attn": True,
+                                                                    "alibi": True}),
     "falcon_sequential_alibi": ("FalconConfig", "FalconForCausalLM", {
         "new_decoder_architecture": False, "multi_query": False, "parallel_attn": False, "alibi": True,
         "bias": True}),
