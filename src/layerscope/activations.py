@@ -688,32 +688,58 @@ def cache_store(
                     )
                     f.create_dataset(f"{c}/none/offsets", data=offsets)
 
+            def forward(batch: list[int], T: int) -> dict:
+                """One padded forward pass of ``batch`` (width ``T``); the pooled vectors it captured."""
+                B = len(batch)
+                input_ids = torch.full((B, T), int(pad_id), dtype=torch.long)
+                mask = torch.zeros((B, T), dtype=torch.long)
+                for r, i in enumerate(batch):
+                    input_ids[r, : lengths[i]] = torch.from_numpy(ids[i])
+                    mask[r, : lengths[i]] = 1
+                input_ids = input_ids.to(device)
+                mask = mask.to(device)
+                pool_mask = mask.bool().clone()
+                pool_mask[:, :skip] = False
+                state["pool_mask"] = pool_mask
+                state["counts"] = pool_mask.sum(dim=1, keepdim=True).float()
+                state["rows"] = torch.arange(B, device=device)
+                state["last"] = torch.tensor([lengths[i] - 1 for i in batch], device=device)
+                state["captured"] = {}
+                bridge(input_ids, attention_mask=mask, return_type=None)
+                captured = state.pop("captured")
+                if len(captured) != len(fwd_hooks):
+                    missing = [h for (h, _), key in zip(fwd_hooks, [(c, L) for L in range(n_layers) for c in components])
+                               if key not in captured]
+                    raise LayerscopeError(f"hooks did not fire: {_names(missing)}")
+                return captured
+
+            def run(batch: list[int], T: int) -> None:
+                """Forward and write ``batch``; on CUDA out-of-memory, halve it and retry each half at the
+                same width ``T`` (each row then sees exactly the input it had in the whole batch)."""
+                try:
+                    captured = forward(batch, T)
+                except torch.cuda.OutOfMemoryError as exc:
+                    state.pop("captured", None)
+                    if len(batch) == 1:
+                        raise LayerscopeError(
+                            f"CUDA out of memory on prompt {prompt_ids[batch[0]]} ({lengths[batch[0]]} tokens) alone: "
+                            "use a smaller dtype, a bigger GPU or shorter prompts") from exc
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    half = len(batch) // 2
+                    log(f"cache_store: CUDA out of memory on a batch of {len(batch)} prompts x {T} tokens; "
+                        f"retrying it as {half} + {len(batch) - half} (lower max_tokens_per_batch to avoid this)")
+                    run(batch[:half], T)
+                    run(batch[half:], T)
+                    return
+                _write_batch(batch, captured, components, poolings, n_layers, pooled_ds, token_ds,
+                             tl_index, offsets, dtype_out, prompt_ids, overflow_hint)
+                del captured  # one batch of activations at a time
+
             with torch.inference_mode(), bridge.hooks(fwd_hooks=fwd_hooks):
                 for batch in batches:
                     B = len(batch)
-                    T = max(lengths[i] for i in batch)
-                    input_ids = torch.full((B, T), int(pad_id), dtype=torch.long)
-                    mask = torch.zeros((B, T), dtype=torch.long)
-                    for r, i in enumerate(batch):
-                        input_ids[r, : lengths[i]] = torch.from_numpy(ids[i])
-                        mask[r, : lengths[i]] = 1
-                    input_ids = input_ids.to(device)
-                    mask = mask.to(device)
-                    pool_mask = mask.bool().clone()
-                    pool_mask[:, :skip] = False
-                    state["pool_mask"] = pool_mask
-                    state["counts"] = pool_mask.sum(dim=1, keepdim=True).float()
-                    state["rows"] = torch.arange(B, device=device)
-                    state["last"] = torch.tensor([lengths[i] - 1 for i in batch], device=device)
-                    state["captured"] = {}
-                    bridge(input_ids, attention_mask=mask, return_type=None)
-                    captured = state.pop("captured")
-                    if len(captured) != len(fwd_hooks):
-                        missing = [h for (h, _), key in zip(fwd_hooks, [(c, L) for L in range(n_layers) for c in components])
-                                   if key not in captured]
-                        raise LayerscopeError(f"hooks did not fire: {_names(missing)}")
-                    _write_batch(batch, captured, components, poolings, n_layers, pooled_ds, token_ds,
-                                 tl_index, offsets, dtype_out, prompt_ids, overflow_hint)
+                    run(batch, max(lengths[i] for i in batch))
                     done_prompts += B
                     done_tokens += sum(lengths[i] for i in batch)
                     now = time.perf_counter()
@@ -865,12 +891,16 @@ def cache_from_table(
     log: Callable[[str], Any] | None = print,
     max_tokens_per_batch: int | None = None,
     shard: tuple[int, int] | None = None,
+    engine: str = "auto",
+    self_check: int = 4,
 ) -> dict[str, Any]:
     """Workflow entry point: prompt table CSV (prompt_id, text, label[, group]) -> store HDF5
     (or, with ``shard=(i, n)``, shard ``i`` of ``n`` of it; see :func:`cache_store`).
 
     ``model``: source, revision, dtype, compatibility_mode, bos. ``activations``: components,
-    poolings, exclude_bos_from_pooling, token_level_layers, compression, out_dtype.
+    poolings, exclude_bos_from_pooling, token_level_layers, compression, out_dtype. ``engine``
+    (auto | native | bridge, see :func:`load_engine`) and ``self_check`` (prompts the parity
+    self-check recomputes, 0 = off) change the numbers only by float noise.
     """
     import pandas as pd
     import torch
@@ -889,7 +919,7 @@ def cache_from_table(
     t = time.perf_counter()
     bridge, info = load_engine(
         model["source"],
-        engine=model.get("engine", "auto") or "auto",
+        engine=engine or "auto",
         components=act.get("components", ["resid_post"]),
         dtype=model.get("dtype", "float32") or "float32",
         device=device or "auto",
@@ -921,6 +951,7 @@ def cache_from_table(
         model_info=info,
         groups=df["group"].tolist() if "group" in df.columns else None,
         shard=shard,
+        self_check=int(self_check or 0),
     )
 
 

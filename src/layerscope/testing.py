@@ -33,8 +33,10 @@ def build_tiny_model(
     vocab_size: int = 300,
     seed: int = 0,
     texts: list[str] | None = None,
+    tokenizer_kind: str | None = None,
 ) -> Path:
-    """Build a randomly initialised ``arch`` model ('gpt2', 'qwen2' or 'llama') in ``out_dir``."""
+    """Build a randomly initialised ``arch`` model ('gpt2', 'qwen2' or 'llama') in ``out_dir``;
+    ``tokenizer_kind`` (see :data:`TOKENIZER_KINDS`) gives it a tokenizer with that BOS convention."""
     import torch
     from transformers import (
         GPT2Config,
@@ -46,8 +48,11 @@ def build_tiny_model(
     )
 
     out_dir = Path(out_dir)
-    tokenizer = build_bpe_tokenizer(texts or _CORPUS, vocab_size=vocab_size)
-    special = tokenizer.convert_tokens_to_ids(tokenizer.bos_token)
+    if tokenizer_kind:
+        tokenizer = mimic_tokenizer(tokenizer_kind, texts, vocab_size=vocab_size)
+    else:
+        tokenizer = build_bpe_tokenizer(texts or _CORPUS, vocab_size=vocab_size)
+    special = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
     d_mlp = d_mlp or 4 * d_model
     torch.manual_seed(seed)
     if arch == "gpt2":
@@ -165,3 +170,35 @@ def build_family_model(out_dir: str | Path, family: str, *, n_layers: int = 2, d
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+#: BOS conventions of real tokenizers, mimicked for the BOS policy tests:
+#: kind -> (bos, eos, whether encoding adds BOS itself).
+TOKENIZER_KINDS = {
+    "deepseek_r1_qwen": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", True),  # LlamaTokenizerFast, add_bos
+    "qwen2_5_instruct": (None, "<|im_end|>", False),  # no BOS token at all; pad <|endoftext|>
+    "gpt2": ("<|endoftext|>", "<|endoftext|>", False),  # BOS = EOS, adds nothing
+    "bos_not_added": ("<s>", "</s>", False),  # defines a BOS but its own encoding never uses it
+}
+
+
+def mimic_tokenizer(kind: str, texts: list[str] | None = None, vocab_size: int = 300):
+    """A byte-level BPE tokenizer with the special tokens and BOS behaviour of ``kind``
+    (a key of :data:`TOKENIZER_KINDS`)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bos, eos, adds = TOKENIZER_KINDS[kind]
+    specials = [t for t in dict.fromkeys([bos, eos, "<|endoftext|>"]) if t]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts or _CORPUS, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    if adds:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+    kw = {"bos_token": bos} if bos else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token="<|endoftext|>", **kw)
