@@ -214,3 +214,29 @@ def test_cuda_oom_halves_the_batch_and_keeps_results(engines, tmp_path, monkeypa
     with pytest.raises(LayerscopeError, match=r"CUDA out of memory on prompt q\d \(\d+ tokens\) alone"):
         cache_store(native, PIDS, TEXTS, LABELS, tmp_path / "never.h5", log=None, **kw)
     assert not (tmp_path / "never.h5").exists()
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+
+def test_engine_settings_in_the_config():
+    import copy
+
+    import yaml
+    from conftest import REPO
+
+    from layerscope.config import validate_config
+    from layerscope.errors import ConfigError
+
+    schema = REPO / "workflow/schemas/config.schema.yaml"
+    demo = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    cfg = copy.deepcopy(demo)
+    validate_config(cfg, schema, base_dir=REPO)
+    m = cfg["models"]["demo"]
+    assert (m["engine"], m["self_check"], m["max_tokens_per_batch"]) == ("auto", 4, None)
+    for key, value, msg in [("engine", "fast", "models.demo.engine"), ("self_check", -1, "models.demo.self_check"),
+                            ("max_tokens_per_batch", 0, "models.demo.max_tokens_per_batch")]:
+        bad = copy.deepcopy(demo)
+        bad["models"]["demo"][key] = value
+        with pytest.raises(ConfigError, match=msg.replace(".", r"\.")):
+            validate_config(bad, schema, base_dir=REPO)

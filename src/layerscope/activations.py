@@ -551,6 +551,12 @@ def cache_store(
         pad_id = getattr(tokenizer, "eos_token_id", None) or 0  # value irrelevant: masked, right of real tokens
     batches = make_batches(lengths, batch_size, max_tokens_per_batch)
     n_total = n
+    # The self-check sample is drawn from the whole table, so that shards check the same prompts
+    # as the unsharded job (each shard those it holds; gather_store keeps the largest difference).
+    from . import parity
+
+    check_rows = parity.sample_rows(lengths, int(self_check or 0))
+    check_pids = [prompt_ids[i] for i in check_rows]
     if shard is not None:
         # Keep only this shard's prompts (ascending table order) and renumber them; each batch
         # keeps its members and their order, so its input tensor is the unsharded one.
@@ -562,6 +568,7 @@ def cache_store(
             [seq[i] for i in rows] for seq in (prompt_ids, texts, labels, lengths, n_pooled)
         )
         ids = _token_ids(tokenizer, texts, range(len(rows)), prepend, keep=True)
+        check_rows = [local[i] for i in check_rows if i in local]
         if groups is not None:
             groups = [groups[i] for i in rows]
         n = len(rows)
@@ -751,8 +758,8 @@ def cache_store(
                         )
                         last_log = now
             if self_check:
-                h5cache.set_attrs(f, _self_check(bridge, f, ids, lengths, prompt_ids, int(self_check), skip,
-                                                 components, poolings, attrs, log))
+                h5cache.set_attrs(f, _self_check(bridge, f, ids, check_rows, check_pids, prompt_ids, int(self_check),
+                                                 skip, components, poolings, attrs, log))
             h5cache.mark_complete(f)
     seconds = time.perf_counter() - t0
     return {
@@ -778,16 +785,20 @@ def _reference_model(model, info: Mapping[str, Any]):
     return hf.to(_model_device(model)).eval()
 
 
-def _self_check(model, f, ids, lengths, prompt_ids, k, skip, components, poolings, attrs, log) -> dict:
-    """Recompute ``k`` sampled prompts with plain transformers and compare them with the open
-    store ``f``; raise naming architecture, component and difference beyond the tolerance."""
+def _self_check(model, f, ids, rows, sample_pids, prompt_ids, k, skip, components, poolings, attrs, log) -> dict:
+    """Recompute the sampled prompts (local ``rows`` of the open store ``f``) with plain transformers
+    and compare; raise naming architecture, component and difference beyond the tolerance."""
     from . import parity
 
     arch = attrs["architecture"]
     if attrs["compatibility_mode"]:
         log("parity self-check skipped: compatibility_mode folds LayerNorm, so values are not plain transformers'")
         return {"self_check": "skipped (compatibility_mode)"}
-    rows = parity.sample_rows(lengths, k)
+    tol = parity.tolerance(attrs["dtype"], attrs["out_dtype"])
+    common = {"self_check": k, "self_check_tolerance": tol, "self_check_prompts": sample_pids}
+    if not rows:
+        log(f"parity self-check: none of its sample ({_names(sample_pids)}) is in this shard")
+        return common
     hf = _reference_model(model, attrs)
     try:
         ref = {r: parity.reference_pass(hf, [int(t) for t in ids[r]]) for r in rows}
@@ -806,7 +817,6 @@ def _self_check(model, f, ids, lengths, prompt_ids, k, skip, components, pooling
         return cache[(c, p)][L, rows.index(row)]
 
     worst = parity.compare(stored, ref, checked, poolings, attrs["n_layers"], skip)
-    tol = parity.tolerance(attrs["dtype"], attrs["out_dtype"])
     biggest = max((v[0] for v in worst.values()), default=0.0)
     log(f"parity self-check on {len(rows)} prompt(s) ({_names([prompt_ids[r] for r in rows])}): largest relative "
         f"difference from plain transformers {biggest:.3g} (tolerance {tol:g} for {attrs['dtype']}); "
@@ -819,8 +829,7 @@ def _self_check(model, f, ids, lengths, prompt_ids, k, skip, components, pooling
                 f"the {attrs.get('engine', 'model')} engine's values differ from plain transformers by {d:.3g} "
                 f"(relative; tolerance {tol:g} for {attrs['dtype']}). These activations are not trustworthy; "
                 "try the other engine (models.<name>.engine) or report the architecture")
-    return {"self_check": k, "self_check_max_diff": biggest, "self_check_tolerance": tol,
-            "self_check_prompts": [prompt_ids[r] for r in rows], "self_check_unchecked": missing}
+    return {**common, "self_check_max_diff": biggest}
 
 
 def _write_batch(batch, captured, components, poolings, n_layers, pooled_ds, token_ds, tl_index, offsets,
@@ -955,11 +964,27 @@ def cache_from_table(
     )
 
 
+def _gather_self_check(shard_paths, store_tmp) -> None:
+    """The store's self-check difference is the largest of its shards' (each checked the prompts of
+    the one table-wide sample that it holds), so it equals the unsharded job's."""
+    import h5py
+
+    diffs = []
+    for path in shard_paths:
+        with h5py.File(path, "r") as f:
+            if "self_check_max_diff" in f.attrs:
+                diffs.append(float(f.attrs["self_check_max_diff"]))
+    if diffs:
+        with h5py.File(store_tmp, "r+") as f:
+            f.attrs["self_check_max_diff"] = max(diffs)
+
+
 def gather_store(shard_paths: Sequence[str | os.PathLike], store_path: str | os.PathLike,
                  log: Callable[[str], Any] | None = print) -> Path:
     """Join the shard files of one (model, dataset) into its store, atomically."""
     with atomic_path(store_path) as tmp:
         info = h5cache.gather_shards(shard_paths, tmp, out_path=store_path)
+        _gather_self_check(shard_paths, tmp)
     if log:
         log(f"gathered {len(shard_paths)} shard(s), {info['n_prompts']} prompts, into {store_path}")
     return Path(store_path)

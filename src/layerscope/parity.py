@@ -68,7 +68,8 @@ def reference_pass(hf_model, token_ids: Sequence[int]) -> dict[tuple[str, int], 
     try:
         with torch.inference_mode():
             ids = torch.tensor([list(token_ids)], device=next(hf_model.parameters()).device)
-            out = hf_model(input_ids=ids, output_hidden_states=True)
+            base = getattr(hf_model, hf_model.base_model_prefix, hf_model)  # no LM head: not compared
+            out = base(input_ids=ids, output_hidden_states=True)
     finally:
         for h in handles:
             h.remove()
