@@ -22,7 +22,8 @@ Methods, each (case, method) in its own subprocess so that its peak RSS is its o
 2 KV heads, MLP 8960, vocabulary 151,936; random weights, bfloat16, CUDA) on short and long prompts,
 store vs plain, peak GPU memory from ``torch.cuda.max_memory_allocated``.
 
-Model loading is excluded, every method is warmed up first, the fastest of ``--repeats`` is reported.
+Model loading is excluded, every method is warmed up first, methods run in interleaved rounds
+(``--repeats``) and the fastest round is reported.
 ``python bench/bench_long.py`` (CPU, ~5-10 min on 2 cores), ``--quick`` for a smoke run,
 ``python bench/bench_long.py --gpu`` on a CUDA machine.
 """
@@ -281,10 +282,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="layerscope-bench-long-") as tmp:
         for case in cases:
             model_dir = build_model(args.model_root, table[case][0])
+            # Interleaved rounds (store, plain, store, plain, ...), one timed pass per process, so
+            # that load from other jobs on the machine hits every method alike; fastest round kept.
+            runs: dict[str, list[dict]] = {m: [] for m in methods}
+            for rnd in range(repeats):
+                for method in methods:
+                    if method == "seed" and rnd:
+                        continue  # minutes per pass, and never close
+                    runs[method].append(run_worker(method, case, model_dir, Path(tmp), 1, device))
             for method in methods:
-                r = run_worker(method, case, model_dir, Path(tmp), repeats if method != "seed" else 1, device)
+                r = min(runs[method], key=lambda x: x["seconds"])
+                r["all_seconds"] = [x["seconds"] for x in runs[method]]
+                r["peak_rss_mb"] = max(x["peak_rss_mb"] for x in runs[method])
                 results.append(r)
-                print(f"  {case:12s} {method:6s} {r['seconds']:7.2f} s  repeats {r['all_seconds']}", flush=True)
+                print(f"  {case:12s} {method:6s} {r['seconds']:7.2f} s  rounds {r['all_seconds']}", flush=True)
             if {"store", "plain"} <= set(methods):
                 a, b = (np.load(Path(tmp) / f"{case}_{m}.npy") for m in ("store", "plain"))
                 next(r for r in results if r["case"] == case and r["method"] == "store")["diff"] = float(

@@ -164,7 +164,8 @@ def _own_tokenizer(source, revision, fallback):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(os.fspath(source), **({"revision": revision} if revision else {}))
+        kw = {"revision": revision} if revision else {}
+        return AutoTokenizer.from_pretrained(os.fspath(source), **kw)
     except (OSError, ValueError):
         return fallback
 
@@ -715,8 +716,8 @@ def cache_store(
                 bridge(input_ids, attention_mask=mask, return_type=None)
                 captured = state.pop("captured")
                 if len(captured) != len(fwd_hooks):
-                    missing = [h for (h, _), key in zip(fwd_hooks, [(c, L) for L in range(n_layers) for c in components])
-                               if key not in captured]
+                    keys = [(c, L) for L in range(n_layers) for c in components]
+                    missing = [h for (h, _), key in zip(fwd_hooks, keys) if key not in captured]
                     raise LayerscopeError(f"hooks did not fire: {_names(missing)}")
                 return captured
 
@@ -729,13 +730,14 @@ def cache_store(
                     state.pop("captured", None)
                     if len(batch) == 1:
                         raise LayerscopeError(
-                            f"CUDA out of memory on prompt {prompt_ids[batch[0]]} ({lengths[batch[0]]} tokens) alone: "
-                            "use a smaller dtype, a bigger GPU or shorter prompts") from exc
+                            f"CUDA out of memory on prompt {prompt_ids[batch[0]]} ({lengths[batch[0]]} tokens) "
+                            "alone: use a smaller dtype, a bigger GPU or shorter prompts") from exc
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
                     half = len(batch) // 2
                     log(f"cache_store: CUDA out of memory on a batch of {len(batch)} prompts x {T} tokens; "
-                        f"retrying it as {half} + {len(batch) - half} (lower max_tokens_per_batch to avoid this)")
+                        f"retrying it as {half} + {len(batch) - half} "
+                        "(lower max_tokens_per_batch to avoid this)")
                     run(batch[:half], T)
                     run(batch[half:], T)
                     return
@@ -758,8 +760,8 @@ def cache_store(
                         )
                         last_log = now
             if self_check:
-                h5cache.set_attrs(f, _self_check(bridge, f, ids, check_rows, check_pids, prompt_ids, int(self_check),
-                                                 skip, components, poolings, attrs, log))
+                h5cache.set_attrs(f, _self_check(bridge, f, ids, check_rows, check_pids, prompt_ids,
+                                                 int(self_check), skip, components, poolings, attrs, log))
             h5cache.mark_complete(f)
     seconds = time.perf_counter() - t0
     return {
@@ -781,18 +783,21 @@ def _reference_model(model, info: Mapping[str, Any]):
 
     rev = info.get("model_revision")
     kw = {"revision": rev} if rev and rev != "local" else {}
-    hf = AutoModelForCausalLM.from_pretrained(info["model"], dtype=torch_dtype(info.get("dtype", "float32")), **kw)
+    dtype = torch_dtype(info.get("dtype", "float32"))
+    hf = AutoModelForCausalLM.from_pretrained(info["model"], dtype=dtype, **kw)
     return hf.to(_model_device(model)).eval()
 
 
-def _self_check(model, f, ids, rows, sample_pids, prompt_ids, k, skip, components, poolings, attrs, log) -> dict:
+def _self_check(model, f, ids, rows, sample_pids, prompt_ids, k, skip, components, poolings, attrs,
+                log) -> dict:
     """Recompute the sampled prompts (local ``rows`` of the open store ``f``) with plain transformers
     and compare; raise naming architecture, component and difference beyond the tolerance."""
     from . import parity
 
     arch = attrs["architecture"]
     if attrs["compatibility_mode"]:
-        log("parity self-check skipped: compatibility_mode folds LayerNorm, so values are not plain transformers'")
+        log("parity self-check skipped: compatibility_mode folds LayerNorm, "
+            "so values are not plain transformers'")
         return {"self_check": "skipped (compatibility_mode)"}
     tol = parity.tolerance(attrs["dtype"], attrs["out_dtype"])
     common = {"self_check": k, "self_check_tolerance": tol, "self_check_prompts": sample_pids}
@@ -818,15 +823,17 @@ def _self_check(model, f, ids, rows, sample_pids, prompt_ids, k, skip, component
 
     worst = parity.compare(stored, ref, checked, poolings, attrs["n_layers"], skip)
     biggest = max((v[0] for v in worst.values()), default=0.0)
-    log(f"parity self-check on {len(rows)} prompt(s) ({_names([prompt_ids[r] for r in rows])}): largest relative "
-        f"difference from plain transformers {biggest:.3g} (tolerance {tol:g} for {attrs['dtype']}); "
+    log(f"parity self-check on {len(rows)} prompt(s) ({_names([prompt_ids[r] for r in rows])}): "
+        f"largest relative difference from plain transformers {biggest:.3g} "
+        f"(tolerance {tol:g} for {attrs['dtype']}); "
         + ", ".join(f"{c} {v[0]:.2g}" for c, v in worst.items())
         + (f"; not checked (no plain-transformers tap point): {missing}" if missing else ""))
     for c, (d, L, r) in worst.items():
         if d > tol:
             raise LayerscopeError(
-                f"parity self-check failed: architecture {arch}, component {c}, layer {L}, prompt {prompt_ids[r]}: "
-                f"the {attrs.get('engine', 'model')} engine's values differ from plain transformers by {d:.3g} "
+                f"parity self-check failed: architecture {arch}, component {c}, layer {L}, "
+                f"prompt {prompt_ids[r]}: the {attrs.get('engine', 'model')} engine's values differ "
+                f"from plain transformers by {d:.3g} "
                 f"(relative; tolerance {tol:g} for {attrs['dtype']}). These activations are not trustworthy; "
                 "try the other engine (models.<name>.engine) or report the architecture")
     return {**common, "self_check_max_diff": biggest}

@@ -69,7 +69,8 @@ LAYOUTS: dict[str, Layout] = {
                            "gemma", "phi3", "olmo", "stablelm", "granite")},
     "gemma2": _POST_NORM,
     "gemma3_text": _POST_NORM,
-    "olmo2": Layout("model.layers", attn="post_attention_layernorm", mlp="post_feedforward_layernorm", mid="mlp"),
+    "olmo2": Layout("model.layers", attn="post_attention_layernorm", mlp="post_feedforward_layernorm",
+                    mid="mlp"),
     "phi": Layout("model.layers", mid=None),
     "gpt2": Layout("transformer.h", attn="attn", mid="ln_2"),
     "gpt_neo": Layout("transformer.h", attn="attn", mid="ln_2"),
@@ -160,7 +161,8 @@ class NativeEngine:
         )
         self.attn_implementation = attn_implementation or getattr(config, "_attn_implementation", None)
         self.components = supported_components(config)
-        self.hook_dict = {f"blocks.{L}.hook_{c}": None for L in range(self.cfg.n_layers) for c in self.components}
+        self.hook_dict = {f"blocks.{L}.hook_{c}": None
+                          for L in range(self.cfg.n_layers) for c in self.components}
 
     @property
     def device(self):
@@ -169,11 +171,14 @@ class NativeEngine:
     # -- hooks ------------------------------------------------------------------------------------
     def _parse(self, name: str) -> tuple[int, str]:
         parts = name.split(".")
-        if len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit() or not parts[2].startswith("hook_"):
-            raise LayerscopeError(f"hook {name!r} is not a blocks.L.hook_<component> name the native engine knows")
+        if (len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit()
+                or not parts[2].startswith("hook_")):
+            raise LayerscopeError(
+                f"hook {name!r} is not a blocks.L.hook_<component> name the native engine knows")
         L, comp = int(parts[1]), parts[2][len("hook_"):]
         if comp not in COMPONENTS:
-            raise LayerscopeError(f"hook {name!r}: the native engine has no component {comp!r} ({', '.join(COMPONENTS)})")
+            raise LayerscopeError(
+                f"hook {name!r}: the native engine has no component {comp!r} ({', '.join(COMPONENTS)})")
         if not 0 <= L < self.cfg.n_layers:
             raise LayerscopeError(f"hook {name!r}: the model has layers 0..{self.cfg.n_layers - 1}")
         if comp not in self.components:
@@ -201,8 +206,9 @@ class NativeEngine:
                     x = x.view(*self._batch_shape, x.shape[-1])
                 if fn(x, hook=hook) is not None:
                     raise LayerscopeError(
-                        f"{name}: replacing resid_mid is not supported by the native engine (it is read at the "
-                        "input of the norm before the MLP; a new value there would not reach the residual)")
+                        f"{name}: replacing resid_mid is not supported by the native engine (it is read "
+                        "at the input of the norm before the MLP; a new value there would not reach the "
+                        "residual)")
                 return None
             return _get(layer, lay.mid).register_forward_pre_hook(mid, with_kwargs=True)
         target = layer if comp == "resid_post" else _get(layer, lay.attn if comp == "attn_out" else lay.mlp)
@@ -250,7 +256,8 @@ class NativeEngine:
             return out.logits
         if return_type == "output":
             return out
-        raise LayerscopeError(f"return_type {return_type!r} not understood; expected 'logits', 'output' or None")
+        raise LayerscopeError(
+            f"return_type {return_type!r} not understood; expected 'logits', 'output' or None")
 
     def eval(self) -> "NativeEngine":
         self.model.eval()

@@ -64,7 +64,8 @@ def reference_pass(hf_model, token_ids: Sequence[int]) -> dict[tuple[str, int], 
         if layout.mlp:
             handles.append(native._get(layer, layout.mlp).register_forward_hook(keep("mlp_out", L)))
         if layout.mid:
-            handles.append(native._get(layer, layout.mid).register_forward_pre_hook(keep("resid_mid", L, pre=True)))
+            mid = native._get(layer, layout.mid)
+            handles.append(mid.register_forward_pre_hook(keep("resid_mid", L, pre=True)))
     try:
         with torch.inference_mode():
             ids = torch.tensor([list(token_ids)], device=next(hf_model.parameters()).device)
@@ -93,7 +94,8 @@ def _check_identities(got, n_layers: int, layout, config) -> None:
             checks.append(("resid_pre + attn_out + mlp_out vs resid_post",
                            pre + got[("attn_out", L)] + got[("mlp_out", L)], post))
         if ("resid_mid", L) in got and ("attn_out", L) in got:
-            checks.append(("resid_pre + attn_out vs resid_mid", pre + got[("attn_out", L)], got[("resid_mid", L)]))
+            checks.append(("resid_pre + attn_out vs resid_mid", pre + got[("attn_out", L)],
+                           got[("resid_mid", L)]))
         for what, a, b in checks:
             diff = float(np.abs(a - b).max()) / scale
             if diff > 1e-3:

@@ -114,28 +114,29 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
                                                                  "num_kv_heads": 2, "parallel_attn": True}),
     "falcon_parallel": ("FalconConfig", "FalconForCausalLM", {"new_decoder_architecture": False,
                                                               "multi_query": True, "parallel_attn": True}),
-    "falcon_sequential": ("FalconConfig", "FalconForCausalLM", {"new_decoder_architecture": False,
-                                                                "multi_query": False, "parallel_attn": False}),
-    "falcon_parallel_alibi": ("FalconConfig", "FalconForCausalLM", {"new_decoder_architecture": False,
-                                                                    "multi_query": True, "parallel_attn": True,
-                                                                    "alibi": True}),
+    "falcon_sequential": ("FalconConfig", "FalconForCausalLM", {
+        "new_decoder_architecture": False, "multi_query": False, "parallel_attn": False}),
+    "falcon_parallel_alibi": ("FalconConfig", "FalconForCausalLM", {
+        "new_decoder_architecture": False, "multi_query": True, "parallel_attn": True, "alibi": True}),
     "falcon_sequential_alibi": ("FalconConfig", "FalconForCausalLM", {
         "new_decoder_architecture": False, "multi_query": False, "parallel_attn": False, "alibi": True,
         "bias": True}),
 }
 
 
-def _size_kwargs(cls_name: str, n_layers: int, d: int, heads: int, vocab: int, n_pos: int, special: int) -> dict:
+def _size_kwargs(cls_name: str, n_layers: int, d: int, heads: int, vocab: int, n_pos: int,
+                 special: int) -> dict:
     """Config keyword names differ by family; set every spelling the class knows."""
     spell = {
-        "vocab_size": vocab, "hidden_size": d, "n_embd": d, "num_hidden_layers": n_layers, "n_layer": n_layers,
-        "num_layers": n_layers, "num_attention_heads": heads, "n_head": heads, "num_heads": heads,
+        "vocab_size": vocab, "hidden_size": d, "n_embd": d,
+        "num_hidden_layers": n_layers, "n_layer": n_layers, "num_layers": n_layers, "num_attention_heads": heads, "n_head": heads, "num_heads": heads,
         "intermediate_size": 2 * d, "n_inner": 2 * d, "ffn_dim": 2 * d,
         "max_position_embeddings": n_pos, "n_positions": n_pos,
         "bos_token_id": special, "eos_token_id": special, "tie_word_embeddings": False,
     }
-    if cls_name in ("LlamaConfig", "MistralConfig", "MixtralConfig", "Qwen2Config", "Qwen3Config", "GemmaConfig",
-                    "Gemma2Config", "Gemma3TextConfig", "OlmoConfig", "Olmo2Config", "StableLmConfig", "Phi3Config"):
+    if cls_name in ("LlamaConfig", "MistralConfig", "MixtralConfig", "Qwen2Config", "Qwen3Config",
+                    "GemmaConfig", "Gemma2Config", "Gemma3TextConfig", "OlmoConfig", "Olmo2Config",
+                    "StableLmConfig", "Phi3Config"):
         spell["num_key_value_heads"] = heads // 2
     if cls_name == "OPTConfig":
         spell["word_embed_proj_dim"] = d
@@ -144,8 +145,8 @@ def _size_kwargs(cls_name: str, n_layers: int, d: int, heads: int, vocab: int, n
     return spell
 
 
-def build_family_model(out_dir: str | Path, family: str, *, n_layers: int = 2, d_model: int = 32, n_heads: int = 4,
-                       n_positions: int = 128, seed: int = 0, noise: float = 0.1) -> Path:
+def build_family_model(out_dir: str | Path, family: str, *, n_layers: int = 2, d_model: int = 32,
+                       n_heads: int = 4, n_positions: int = 128, seed: int = 0, noise: float = 0.1) -> Path:
     """A tiny random ``family`` model (a key of :data:`FAMILIES`) with every weight, bias and norm
     parameter perturbed (so zero biases and unit norm weights do not hide a wrong tap point),
     saved with an offline tokenizer in ``out_dir``."""
@@ -175,7 +176,8 @@ def build_family_model(out_dir: str | Path, family: str, *, n_layers: int = 2, d
 #: BOS conventions of real tokenizers, mimicked for the BOS policy tests:
 #: kind -> (bos, eos, whether encoding adds BOS itself).
 TOKENIZER_KINDS = {
-    "deepseek_r1_qwen": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", True),  # LlamaTokenizerFast, add_bos
+    # LlamaTokenizerFast with add_bos_token
+    "deepseek_r1_qwen": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", True),
     "qwen2_5_instruct": (None, "<|im_end|>", False),  # no BOS token at all; pad <|endoftext|>
     "gpt2": ("<|endoftext|>", "<|endoftext|>", False),  # BOS = EOS, adds nothing
     "bos_not_added": ("<s>", "</s>", False),  # defines a BOS but its own encoding never uses it
