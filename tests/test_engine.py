@@ -240,3 +240,19 @@ def test_engine_settings_in_the_config():
         bad["models"]["demo"][key] = value
         with pytest.raises(ConfigError, match=msg.replace(".", r"\.")):
             validate_config(bad, schema, base_dir=REPO)
+
+
+def test_self_check_of_a_layout_the_native_table_does_not_know(dirs, tmp_path, monkeypatch):
+    """Bridge-only architectures are still checked: resid_pre/resid_post against plain transformers."""
+    from layerscope import engine
+
+    monkeypatch.delitem(engine.LAYOUTS, "gpt2")
+    logs = []
+    model, info = load_engine(str(dirs["gpt2"]), components=["resid_post", "attn_out"], device="cpu",
+                              log=logs.append)
+    assert info["engine"] == "bridge" and "not in the native engine's layout table" in logs[0]
+    cache_store(model, PIDS, TEXTS, LABELS, tmp_path / "s.h5", components=["resid_post", "attn_out"],
+                model_info=info, log=logs.append)
+    assert any("not checked (no plain-transformers tap point): ['attn_out']" in m for m in logs)
+    with h5py.File(tmp_path / "s.h5") as f:
+        assert f.attrs["self_check_max_diff"] < 1e-4

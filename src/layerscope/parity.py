@@ -46,8 +46,12 @@ def reference_pass(hf_model, token_ids: Sequence[int]) -> dict[tuple[str, int], 
 
     from . import engine as native
 
-    layout = native.layout_for(hf_model.config)
-    layers = native._get(hf_model, layout.layers)
+    try:
+        layout = native.layout_for(hf_model.config)
+        layers = native._get(hf_model, layout.layers)
+    except LayerscopeError:  # a layout the native table does not know: residuals only
+        layout = native.Layout("", attn=None, mlp=None, mid=None)
+        layers = find_layers(hf_model)
     got: dict[tuple[str, int], Any] = {}
     handles = []
 
@@ -81,6 +85,20 @@ def reference_pass(hf_model, token_ids: Sequence[int]) -> dict[tuple[str, int], 
             got[("mlp_out", L)] = got[("resid_post", L)] - got[("resid_mid", L)]
     _check_identities(got, len(layers), layout, hf_model.config)
     return got
+
+
+def find_layers(hf_model):
+    """The decoder layer list of any causal LM: its ModuleList with one entry per hidden layer."""
+    import torch
+
+    config = hf_model.config
+    n = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    for module in hf_model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    arch = (getattr(config, "architectures", None) or [config.model_type])[0]
+    raise LayerscopeError(f"parity self-check: cannot find the {n} decoder layers of architecture {arch}; "
+                          "set the model's self_check: 0 to cache without it")
 
 
 def _check_identities(got, n_layers: int, layout, config) -> None:
