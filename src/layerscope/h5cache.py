@@ -447,7 +447,7 @@ def copy_layer(store_path: str | os.PathLike, layer: int, out_path: str | os.Pat
 
 #: Attributes that differ between the shards of one store (everything else must agree).
 SHARD_ATTRS = ("kind", "complete", "shard_index", "n_shards", "n_prompts", "n_prompts_total",
-               "batch_size", "max_tokens_per_batch")
+               "batch_size", "max_tokens_per_batch", "self_check_max_diff")
 
 
 def _runs(rows: np.ndarray, starts: np.ndarray, stops: np.ndarray, max_len: int):
