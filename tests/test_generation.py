@@ -193,18 +193,16 @@ def test_patching_the_corrupted_runs_own_activation_gives_the_corrupted_generati
 def test_patched_generation_equals_hf_generate_with_a_forward_hook(demo, demo_sweep, component):
     path, bridge, pairs = demo
     hf = _hf(path)
-    for layer in (0, 2, 5):
-        for label in ("diff", "15", "gen1", "gen2", "prompt", "gen1-2"):
-            for i in (0, 1, 12, 13):
+    for layer in (0, 5):
+        for label in ("diff", "16", "gen1", "prompt", "gen1-2"):
+            for i in (0, 12):
                 pair = pairs.iloc[i]
-                if label == "15" and len(_ids(bridge, pair["clean"])) != 17:
-                    continue  # -1 is position 16 or 14: compare the label the sweep wrote
+                if label == "16" and len(_ids(bridge, pair["clean"])) != 17:
+                    continue  # position -1 of the 17-token pairs only
                 row = demo_sweep[(demo_sweep.pair_id == pair.pair_id) & (demo_sweep.component == component)
-                                 & (demo_sweep.layer == layer)
-                                 & (demo_sweep.position == (label if label != "15" else "16"))]
-                lab = label if label != "15" else "16"
+                                 & (demo_sweep.layer == layer) & (demo_sweep.position == label)]
                 assert len(row) == 1, (component, layer, label)
-                ref = _reference(hf, bridge, pair, component, layer, lab)
+                ref = _reference(hf, bridge, pair, component, layer, label)
                 assert row["generated_ids"].iloc[0] == " ".join(map(str, ref)), (component, layer, label, pair.pair_id)
 
 
@@ -300,11 +298,13 @@ def test_summary_intervals_are_wilson_and_n_columns_from_power(demo_sweep):
 def test_logit_recovery_beside_the_rate(demo, demo_sweep):
     _, bridge, pairs = demo
     res = P.patch_sweep(bridge, pairs.iloc[[0, 1, 12, 13]], components=G.COMPONENTS, layers=[0, 2, 5],
-                        positions=1, heads=False)
+                        positions=2, heads=False)  # 16 and the appended space, 17
     ld = P.summarize(res, n_boot=50)
-    s = G.add_logit_recovery(G.summarize_generation(demo_sweep, PRECISION), ld)
+    lengths = G.length_map(demo_sweep, res.pairs)
+    assert lengths == {17: 18, 15: 16}  # the sweep appends the shared answer token (the space)
+    s = G.add_logit_recovery(G.summarize_generation(demo_sweep, PRECISION), ld, lengths)
     row = s[(s.n_tokens == 17) & (s.component == "resid_post") & (s.layer == 5) & (s.position == "16")]
-    want = ld[(ld.n_tokens == 17) & (ld.component == "resid_post") & (ld.layer == 5) & (ld.position == 16)
+    want = ld[(ld.n_tokens == 18) & (ld.component == "resid_post") & (ld.layer == 5) & (ld.position == 16)
               & (ld.metric == "recovery")]
     assert float(row.logit_recovery.iloc[0]) == pytest.approx(float(want["mean"].iloc[0]))
     assert s[s.position_kind == "gen"].logit_recovery.isna().all()

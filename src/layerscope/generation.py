@@ -608,13 +608,33 @@ def summarize_generation(rows: pd.DataFrame, precision: Mapping[str, Any]) -> pd
     return df.sort_values(["n_tokens", "component", "layer"], kind="stable").reset_index(drop=True)
 
 
-def add_logit_recovery(summary: pd.DataFrame, ld_summary: pd.DataFrame) -> pd.DataFrame:
+def length_map(rows: pd.DataFrame, sweep_pairs: pd.DataFrame) -> dict[int, int]:
+    """Generation prompt length -> the logit-difference sweep's input length for the same pairs.
+
+    The sweep appends the answer tokens the two answers share (e.g. the space before a number) to
+    both prompts, so its inputs can be longer; prompt position indices are the same. A length whose
+    pairs map to several sweep lengths is left out.
+    """
+    gen = rows.drop_duplicates("pair_id").set_index("pair_id")["n_tokens"]
+    sweep = sweep_pairs.set_index("pair_id")["n_tokens"]
+    both = pd.DataFrame({"gen": gen, "sweep": sweep.reindex(gen.index)}).dropna()
+    out = {}
+    for T, g in both.groupby("gen"):
+        if g["sweep"].nunique() == 1:
+            out[int(T)] = int(g["sweep"].iloc[0])
+    return out
+
+
+def add_logit_recovery(summary: pd.DataFrame, ld_summary: pd.DataFrame, lengths: Mapping[int, int]) -> pd.DataFrame:
     """Beside each prompt-position cell, the logit-difference recovery of the same cell (mean and
-    bootstrap interval from :func:`layerscope.patching.summarize`); NaN where the forward sweep has
-    no such cell (generation steps, ranges, positions it did not sweep)."""
+    bootstrap interval from :func:`layerscope.patching.summarize`); ``lengths`` from
+    :func:`length_map`. NaN where the forward sweep has no such cell (``diff``, generation steps,
+    ranges, positions it did not sweep)."""
     ld = ld_summary[(ld_summary["metric"] == "recovery") & (ld_summary["head"] == -1)]
     ld = ld[["n_tokens", "component", "layer", "position", "mean", "ci_low", "ci_high"]].rename(columns={
-        "mean": "logit_recovery", "ci_low": "logit_recovery_ci_low", "ci_high": "logit_recovery_ci_high"})
+        "n_tokens": "sweep_n_tokens", "mean": "logit_recovery", "ci_low": "logit_recovery_ci_low",
+        "ci_high": "logit_recovery_ci_high"})
     ld = ld.assign(position=ld["position"].astype(int).astype(str), position_kind="prompt")
-    out = summary.merge(ld, on=["n_tokens", "component", "layer", "position", "position_kind"], how="left")
-    return out
+    out = summary.assign(sweep_n_tokens=summary["n_tokens"].map(lambda n: lengths.get(int(n), -1)))
+    out = out.merge(ld, on=["sweep_n_tokens", "component", "layer", "position", "position_kind"], how="left")
+    return out.drop(columns="sweep_n_tokens")
