@@ -8,7 +8,11 @@ from conftest import copy_workflow, job_counts, run_snakemake
 
 pytestmark = pytest.mark.slow
 
-TARGET = "results/figures/demo/patching_numbers.png"
+
+def _targets(cfg):
+    """The patching figures in every configured format (what the default target asks for)."""
+    return [f"results/figures/demo/patching_numbers{name}.{fmt}" for name in ("", "_generation")
+            for fmt in cfg["figures"]["formats"]]
 
 
 def _config(work):
@@ -27,8 +31,8 @@ def test_patching_outputs_and_what_reruns(tmp_path):
     work = copy_workflow(tmp_path)
     cfg = _config(work)
     _write(work, cfg)
-    assert job_counts(run_snakemake(work, TARGET, "-n").stdout) == {"patching": 1, "plot_patching": 1}
-    run_snakemake(work, TARGET)
+    assert job_counts(run_snakemake(work, *_targets(cfg), "-n").stdout) == {"patching": 1, "plot_patching": 1}
+    run_snakemake(work, *_targets(cfg))
     out = work / "results/patching/demo/numbers"
     rows = pd.read_csv(out / "generation.csv", dtype={"position": str})
     assert {"pair_id", "component", "layer", "position", "matches_clean", "matches_corrupted",
@@ -43,8 +47,8 @@ def test_patching_outputs_and_what_reruns(tmp_path):
     # A new figure format: only the plot job.
     cfg["figures"]["formats"] = ["png", "svg"]
     _write(work, cfg)
-    assert job_counts(run_snakemake(work, TARGET, "-n").stdout) == {"plot_patching": 1}
-    run_snakemake(work, TARGET)
+    assert job_counts(run_snakemake(work, *_targets(cfg), "-n").stdout) == {"plot_patching": 1}
+    run_snakemake(work, *_targets(cfg))
     assert (work / "results/figures/demo/patching_numbers_generation.svg").exists()
 
     # Generation settings and precision goals change the computed tables: the compute job and its plot.
@@ -52,12 +56,12 @@ def test_patching_outputs_and_what_reruns(tmp_path):
                  lambda c: c["precision"].update(half_width=0.05)):
         edit(cfg)
         _write(work, cfg)
-        assert job_counts(run_snakemake(work, TARGET, "-n").stdout) == {"patching": 1, "plot_patching": 1}
+        assert job_counts(run_snakemake(work, *_targets(cfg), "-n").stdout) == {"patching": 1, "plot_patching": 1}
 
     # Generation off: the generation keys no longer reach the compute job's params.
     cfg["patching"]["generation"]["enabled"] = False
     _write(work, cfg)
-    run_snakemake(work, TARGET)
+    run_snakemake(work, *_targets(cfg))
     cfg["patching"]["generation"]["max_new_tokens"] = 7
     _write(work, cfg)
-    assert job_counts(run_snakemake(work, TARGET, "-n").stdout) == {}
+    assert job_counts(run_snakemake(work, *_targets(cfg), "-n").stdout) == {}

@@ -131,7 +131,7 @@ def _interval_panel(ax, g: pd.DataFrame, comps: Sequence[str], labels: Sequence[
     ax.set_xlabel("layer", fontsize=8)
     ax.set_ylabel("recovery (95% bootstrap interval)", fontsize=8)
     ax.set_title("best position of each component, with intervals", fontsize=8)
-    ax.legend(fontsize=6, loc="best")
+    ax.legend(fontsize=6, loc="lower right")
     ax.tick_params(labelsize=7)
 
 
@@ -167,8 +167,9 @@ def draw_patching_heatmaps(summary: pd.DataFrame, labels: Mapping[int, Sequence[
     layers = sorted(int(L) for L in s["layer"].unique())
     n_pos = max(s[s["n_tokens"] == n]["position"].nunique() for n in groups)
     pw, ph = max(3.0, 0.3 * n_pos + 1.0), 0.28 * len(layers) + 2.0
-    fig = _figure(pw * (len(comps) + 1) + 1.0, ph * len(groups) + 1.0)
-    axes = fig.subplots(len(groups), len(comps) + 1, squeeze=False)
+    fig = _figure(pw * len(comps) + 3.6, ph * len(groups) + 1.0)
+    axes = fig.subplots(len(groups), len(comps) + 1, squeeze=False,
+                        gridspec_kw={"width_ratios": [pw] * len(comps) + [3.0]})
     cmap = colormaps["RdBu_r"].with_extremes(bad="#d0d0d0")
     im = None
     for gi, n_tok in enumerate(groups):
@@ -186,10 +187,10 @@ def draw_patching_heatmaps(summary: pd.DataFrame, labels: Mapping[int, Sequence[
             ax.set_title(f"{COMPONENT_TITLES.get(comp, comp)} ({comp})", fontsize=8)
         _interval_panel(axes[gi][-1], g, comps, lab)
         n_pairs = int(g["n_pairs"].max())
-        axes[gi][0].annotate(f"{n_tok}-token prompts, {n_pairs} pair{'s' if n_pairs != 1 else ''}"
-                             f"{_corrupted_where(pairs, n_tok)}", (0, 1.18), xycoords="axes fraction",
-                             fontsize=8, fontweight="bold")
-    cb = fig.colorbar(im, ax=axes[:, :-1], shrink=0.7, extend="both", pad=0.01)
+        axes[gi][0].set_title(f"{n_tok}-token prompts, {n_pairs} pair{'s' if n_pairs != 1 else ''}"
+                              f"{_corrupted_where(pairs, n_tok)}\n{axes[gi][0].get_title()}", fontsize=8,
+                              loc="left")
+    cb = fig.colorbar(im, ax=axes, shrink=0.6, extend="both", pad=0.01, location="left")
     cb.set_label(f"mean {metric} over pairs" + (" (1 = clean answer restored, 0 = no effect)"
                                                 if metric == "recovery" else ""), fontsize=8)
     fig.suptitle(f"Activation patching (logit difference): {experiment}   (model: {model})\n"
@@ -258,6 +259,8 @@ def draw_generation_heatmap(summary: pd.DataFrame, labels: Mapping[int, Sequence
     unpatched corrupted run's rate (the rate to beat) and the clean run's rate are in the row title.
     """
     s = summary[summary["component"] != "unpatched"]
+    # cells that every pair has are drawn once, pooled (n_tokens 0); per length only prompt positions
+    s = s[(s["n_tokens"] == 0) | (s["position_kind"] == "prompt") | ~s["n_tokens"].eq(0).any()]
     if s.empty:
         raise LayerscopeError("no generation-patching cells to plot")
     comps = _components(s)
@@ -294,10 +297,10 @@ def draw_generation_heatmap(summary: pd.DataFrame, labels: Mapping[int, Sequence
             ax.set_title(f"{COMPONENT_TITLES.get(comp, comp)} ({comp})", fontsize=8)
         first = g.iloc[0]
         who = "every pair" if n_tok == 0 else f"{n_tok}-token prompts"
-        axes[gi][0].annotate(f"{who}, {int(g['n_pairs'].max())} pairs; unpatched corrupted run gives the clean "
-                             f"answer {first['unpatched_rate']:.2f}, clean run {first['clean_run_rate']:.2f}",
-                             (0, 1.16), xycoords="axes fraction", fontsize=8, fontweight="bold")
-    cb = fig.colorbar(im, ax=axes, shrink=0.7, pad=0.01)
+        axes[gi][0].set_title(f"{who}, {int(g['n_pairs'].max())} pairs; clean answer without patching: "
+                              f"{first['unpatched_rate']:.2f} (clean run {first['clean_run_rate']:.2f})\n"
+                              f"{axes[gi][0].get_title()}", fontsize=8, loc="left")
+    cb = fig.colorbar(im, ax=axes, shrink=0.6, pad=0.01, location="left")
     cb.set_label("recovery rate: share of pairs whose generated answer is the clean one", fontsize=8)
     fig.suptitle(f"Generation patching: {experiment}   (model: {model})\n"
                  "clean activation patched into the corrupted run, then greedy generation; cell = pairs with the "

@@ -116,7 +116,10 @@ def all_targets():
     targets += expand("results/figures/{model}/generalization_{group}.png", model=MODELS, group=GENERALIZATION)
     targets += expand("results/task_vectors/{model}/{dataset}/scores.csv", model=MODELS, dataset=TASK_GRIDS)
     targets += expand("results/patching/{model}/{experiment}/summary.csv", model=MODELS, experiment=EXPERIMENTS)
-    targets += expand("results/figures/{model}/patching_{experiment}.png", model=MODELS, experiment=EXPERIMENTS)
+    # Every patching figure in every format: a format added later is then a missing target of the plot job.
+    for name in PATCHING_FIGURES:
+        stem = f"results/figures/{{model}}/patching_{{experiment}}{name}"
+        targets += expand([f"{stem}.png"] + extra_formats(stem), model=MODELS, experiment=EXPERIMENTS)
     targets.append("results/manifest.json")
     if len(MODELS) > 1:
         targets += expand("results/figures/models/{dataset}/best_layer_vs_depth.png", dataset=DATASETS)
