@@ -172,9 +172,11 @@ def task_vector_analysis(layer_paths: Sequence[PathLike], out: Mapping[str, Path
 
 def patching_experiment(pairs_path: PathLike, out: Mapping[str, PathLike], *, model: Mapping[str, Any],
                         settings: Mapping[str, Any], experiment: str, model_name: str, device: str,
-                        batch_size: int, threads: int | None, formats: Sequence[str],
+                        batch_size: int, threads: int | None, precision: Mapping[str, Any] | None = None,
                         log=print) -> dict[str, Any]:
-    """Load the model, run the patching sweep over every configured cell, write tables and heatmaps."""
+    """Load the model, run the logit-difference sweep and, when ``settings["generation"]["enabled"]``,
+    generation patching; write tables only (``cells``, ``arrays``, ``summary``, ``generation``,
+    ``generation_summary``). Figures are drawn by the plot job from these tables."""
     import torch
 
     from . import patching
@@ -193,8 +195,30 @@ def patching_experiment(pairs_path: PathLike, out: Mapping[str, PathLike], *, mo
     patching.write_patching(result, out["cells"], out["arrays"])
     summary = patching.summarize(result, n_boot=settings["n_boot"], seed=settings["seed"])
     write_csv(out["summary"], summary)
-    patching.plot_patching_heatmaps(summary, result.position_labels(), out["heatmaps"], model=model_name,
-                                    experiment=experiment, formats=formats, pairs=result.pairs)
-    if "heads" in out:
-        patching.plot_head_heatmap(summary, out["heads"], model=model_name, experiment=experiment, formats=formats)
+    gen = settings.get("generation") or {}
+    if gen.get("enabled"):
+        _generation_patching(bridge, pairs, result, summary, out, gen, settings, model, batch_size,
+                             precision or {}, log)
     return {"n_pairs": len(pairs), "notes": list(result.notes)}
+
+
+def _generation_patching(bridge, pairs, result, ld_summary, out, gen: Mapping[str, Any],
+                         settings: Mapping[str, Any], model: Mapping[str, Any], batch_size: int,
+                         precision: Mapping[str, Any], log) -> None:
+    """Generation patching of the same pairs; rows and the summary beside the logit recovery."""
+    import time
+
+    from . import generation as G
+
+    t0 = time.perf_counter()
+    layers = gen["layers"] if gen["layers"] != "all" else range(int(bridge.cfg.n_layers))
+    rows = G.generation_sweep(
+        G.BridgeStepper(bridge), bridge.tokenizer, pairs, components=gen["components"] or settings["components"],
+        layers=layers, positions=gen["positions"], ranges=gen["ranges"], max_new_tokens=gen["max_new_tokens"],
+        answer_regex=gen["answer_regex"], prepend_bos=model["bos"], batch_size=batch_size, log=log)
+    summary = G.summarize_generation(rows, precision)
+    summary = G.add_logit_recovery(summary, ld_summary, G.length_map(rows, result.pairs))
+    write_csv(out["generation"], rows)
+    write_csv(out["generation_summary"], summary)
+    log(f"generation patching: {rows.attrs['n_patched_generations']} patched generations "
+        f"({rows.attrs['n_skipped_identical']} skipped as identical) in {time.perf_counter() - t0:.1f} s")

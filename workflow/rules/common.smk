@@ -36,6 +36,11 @@ FIGURE_VIEW = {
 TASK_GRIDS = sorted(d for d in DATASETS if config["datasets"][d]["kind"] == "task_grid")
 TASK_VECTOR_FIGURES = ["separation", "norms", "cosine_chosen", "cosine_best", "pca"]
 EXPERIMENTS = sorted(config["patching"]["experiments"])
+GENERATION_PATCHING = config["patching"]["generation"]["enabled"]
+# Suffixes of the patching figures: heatmaps, per-head, generation recovery rate.
+PATCHING_FIGURES = [""] + (["_heads"] if config["patching"]["heads"] else []) + (
+    ["_generation"] if GENERATION_PATCHING else []
+)
 GEOMETRY_FIGURES = ["pca", "cosine", "label_means", "norm_heatmap", "norm_curves"] + (
     ["tsne"] if FIGURES["tsne"] else []
 )
@@ -81,7 +86,11 @@ def task_vector_settings(model):
 
 
 def patching_settings(model):
-    return {k: v for k, v in config["patching"].items() if k != "experiments"}
+    """What a patching job computes from (generation settings only when generation patching is on)."""
+    settings = {k: v for k, v in config["patching"].items() if k != "experiments"}
+    if not GENERATION_PATCHING:
+        settings["generation"] = {"enabled": False}
+    return settings
 
 
 def per_layer(pattern, model, dataset):
@@ -107,6 +116,10 @@ def all_targets():
     targets += expand("results/figures/{model}/generalization_{group}.png", model=MODELS, group=GENERALIZATION)
     targets += expand("results/task_vectors/{model}/{dataset}/scores.csv", model=MODELS, dataset=TASK_GRIDS)
     targets += expand("results/patching/{model}/{experiment}/summary.csv", model=MODELS, experiment=EXPERIMENTS)
+    # Every patching figure in every format: a format added later is then a missing target of the plot job.
+    for name in PATCHING_FIGURES:
+        stem = f"results/figures/{{model}}/patching_{{experiment}}{name}"
+        targets += expand([f"{stem}.png"] + extra_formats(stem), model=MODELS, experiment=EXPERIMENTS)
     targets.append("results/manifest.json")
     if len(MODELS) > 1:
         targets += expand("results/figures/models/{dataset}/best_layer_vs_depth.png", dataset=DATASETS)
