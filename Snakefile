@@ -16,6 +16,7 @@ include: "workflow/rules/activations.smk"
 include: "workflow/rules/probes.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/geometry.smk"
+include: "workflow/rules/steering.smk"
 include: "workflow/rules/manifest.smk"
 
 

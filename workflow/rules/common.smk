@@ -107,6 +107,9 @@ def all_targets():
     targets += expand("results/figures/{model}/generalization_{group}.png", model=MODELS, group=GENERALIZATION)
     targets += expand("results/task_vectors/{model}/{dataset}/scores.csv", model=MODELS, dataset=TASK_GRIDS)
     targets += expand("results/patching/{model}/{experiment}/summary.csv", model=MODELS, experiment=EXPERIMENTS)
+    steer = sorted(config["steering"]["experiments"])
+    targets += expand("results/steering/{model}/{steer}/effects.csv", model=MODELS, steer=steer)
+    targets += expand("results/figures/{model}/steering_{steer}.png", model=MODELS, steer=steer)
     targets.append("results/manifest.json")
     if len(MODELS) > 1:
         targets += expand("results/figures/models/{dataset}/best_layer_vs_depth.png", dataset=DATASETS)
