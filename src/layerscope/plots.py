@@ -1130,8 +1130,22 @@ def _draw_steering_dose_response(effects: pd.DataFrame, *, model=None, experimen
         fig.legend(seen.values(), seen.keys(), loc="outside lower center", ncol=min(4, len(seen)),
                    fontsize=TICK_SIZE)
         _suptitle(fig, _title(f"Steering dose-response: {experiment}", model=model,
-                              extra="values are changes from the unsteered run (alpha = 0 gives 0)"))
+                              extra=_steering_counts(main, band)))
     return fig
+
+
+def _steering_counts(main: pd.DataFrame, band: pd.DataFrame) -> str:
+    """One line saying what the points are: changes from the unsteered run, over how many prompts."""
+    n = {m: int(main.loc[main["metric"] == m, "n"].max()) for m in ("logit_diff", "kl_neutral")
+         if "n" in main.columns and (main["metric"] == m).any()}
+    parts = ["changes from the unsteered run (alpha = 0 gives 0)"]
+    if "logit_diff" in n:
+        parts.append(f"{n['logit_diff']} prompts")
+    if "kl_neutral" in n:
+        parts.append(f"{n['kl_neutral']} neutral prompts")
+    if len(band) and "n" in band.columns:
+        parts.append(f"{int(band['n'].max())} random directions")
+    return "; ".join(parts)
 
 
 def steering_dose_response(effects: pd.DataFrame, out, *, model=None, experiment=None,
