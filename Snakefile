@@ -17,6 +17,7 @@ include: "workflow/rules/probes.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/geometry.smk"
 include: "workflow/rules/patching.smk"
+include: "workflow/rules/steering.smk"
 include: "workflow/rules/manifest.smk"
 
 

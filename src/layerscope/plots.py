@@ -65,6 +65,7 @@ __all__ = [
     "norm_curves",
     "generalization_matrix",
     "best_layer_vs_depth",
+    "steering_dose_response",
 ]
 
 #: Okabe & Ito (2008) colorblind-safe qualitative palette (black last: it is used for highlights).
@@ -1071,4 +1072,84 @@ def best_layer_vs_depth(df: pd.DataFrame, out, *, metric: str = "auroc", dataset
     interval), the best layer starred and named in the legend.
     """
     fig = _draw_best_layer_vs_depth(df, metric=metric, dataset=dataset, chance=chance, title=title)
+    return _finish(fig, out, formats, dpi)
+
+
+# ------------------------------------------------------------------------------------------
+# steering (interventions)
+# ------------------------------------------------------------------------------------------
+
+_STEER_METRICS = {
+    "logit_diff": "change in logit difference\n(positive - negative answer)",
+    "flip_rate": "share flipped to the\nintended answer",
+    "kl_neutral": "KL on neutral prompts\n(damage guard)",
+}
+
+
+def _draw_steering_dose_response(effects: pd.DataFrame, *, model=None, experiment=None) -> Figure:
+    """Metrics (rows) x layers (columns): the direction's value against alpha, with the random band."""
+    need = {"layer", "alpha", "source", "direction", "metric", "value", "ci_low", "ci_high"}
+    missing = need - set(effects.columns)
+    if missing:
+        raise ValueError(f"steering effects table lacks columns {sorted(missing)}")
+    main = effects[effects["source"] != "random"]
+    band = effects[(effects["source"] == "random") & (effects["direction"] == "band")]
+    if main.empty:
+        raise ValueError("no steering rows for the direction (only random ones)")
+    metrics = [m for m in _STEER_METRICS if m in set(main["metric"])]
+    layers = sorted(int(L) for L in main["layer"].unique())
+    source = str(main["source"].iloc[0])
+    fig = _new_figure(2.3 * len(layers) + 1.2, 2.0 * len(metrics) + 1.2)
+    axes = fig.subplots(len(metrics), len(layers), squeeze=False, sharex=True, sharey="row")
+    with style():
+        for i, m in enumerate(metrics):
+            for j, L in enumerate(layers):
+                ax = axes[i][j]
+                b = band[(band["metric"] == m) & (band["layer"] == L)].sort_values("alpha")
+                if len(b):
+                    ax.fill_between(b["alpha"], b["ci_low"], b["ci_high"], color="#bbbbbb", alpha=0.6, lw=0,
+                                    label="random directions (5-95%)")
+                    ax.plot(b["alpha"], b["value"], color="#777777", ls="--", lw=1.0, label="random median")
+                g = main[(main["metric"] == m) & (main["layer"] == L)].sort_values("alpha")
+                yerr = np.vstack([g["value"] - g["ci_low"], g["ci_high"] - g["value"]]).clip(min=0)
+                ax.errorbar(g["alpha"], g["value"], yerr=yerr, color=OKABE_ITO[0], marker="o", ms=3.5,
+                            capsize=2, lw=1.4, label=f"{source} direction (95% interval over prompts)")
+                if "beyond_random" in g.columns:
+                    out = g[g["beyond_random"].astype(str) == "True"]
+                    ax.scatter(out["alpha"], out["value"], s=36, facecolors="none", edgecolors=OKABE_ITO[1],
+                               zorder=5, label="outside the random band")
+                ax.axhline(0, color="black", lw=0.6)
+                if i == 0:
+                    ax.set_title(f"layer {L}")
+                if i == len(metrics) - 1:
+                    ax.set_xlabel("alpha (x mean residual norm)")
+                if j == 0:
+                    ax.set_ylabel(_STEER_METRICS[m])
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        seen = dict(zip(labels, handles))
+        fig.legend(seen.values(), seen.keys(), loc="outside lower center", ncol=min(4, len(seen)),
+                   fontsize=TICK_SIZE)
+        _suptitle(fig, _title(f"Steering dose-response: {experiment}", model=model,
+                              extra=_steering_counts(main, band)))
+    return fig
+
+
+def _steering_counts(main: pd.DataFrame, band: pd.DataFrame) -> str:
+    """One line saying what the points are: changes from the unsteered run, over how many prompts."""
+    n = {m: int(main.loc[main["metric"] == m, "n"].max()) for m in ("logit_diff", "kl_neutral")
+         if "n" in main.columns and (main["metric"] == m).any()}
+    parts = ["changes from the unsteered run (alpha = 0 gives 0)"]
+    if "logit_diff" in n:
+        parts.append(f"{n['logit_diff']} prompts")
+    if "kl_neutral" in n:
+        parts.append(f"{n['kl_neutral']} neutral prompts")
+    if len(band) and "n" in band.columns:
+        parts.append(f"{int(band['n'].max())} random directions")
+    return "; ".join(parts)
+
+
+def steering_dose_response(effects: pd.DataFrame, out, *, model=None, experiment=None,
+                           formats: Sequence[str] = ("png",), dpi: float = DEFAULT_DPI) -> list[str]:
+    """Dose-response figure of a steering experiment (``effects.csv`` of :mod:`layerscope.steering_run`)."""
+    fig = _draw_steering_dose_response(effects, model=model, experiment=experiment)
     return _finish(fig, out, formats, dpi)

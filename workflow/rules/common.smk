@@ -120,6 +120,9 @@ def all_targets():
     for name in PATCHING_FIGURES:
         stem = f"results/figures/{{model}}/patching_{{experiment}}{name}"
         targets += expand([f"{stem}.png"] + extra_formats(stem), model=MODELS, experiment=EXPERIMENTS)
+    steer = sorted(config["steering"]["experiments"])
+    targets += expand("results/steering/{model}/{steer}/effects.csv", model=MODELS, steer=steer)
+    targets += expand("results/figures/{model}/steering_{steer}.png", model=MODELS, steer=steer)
     targets.append("results/manifest.json")
     if len(MODELS) > 1:
         targets += expand("results/figures/models/{dataset}/best_layer_vs_depth.png", dataset=DATASETS)

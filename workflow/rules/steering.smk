@@ -1,0 +1,73 @@
+# Stage 6: steering along found directions (probe, mass-mean, task vector or a user file), with a
+# random-direction null band and a damage guard; one GPU job per (model, experiment), one plot job.
+from layerscope.steering_run import experiment_inputs, resolve_experiment
+
+STEER_EXPERIMENTS = sorted(config["steering"]["experiments"])
+try:
+    # Every experiment resolved for every model at parse time: a bad layer, dataset or source stops here.
+    STEER = {
+        (m, e): resolve_experiment(config, e, m, LAYERS, N_LAYERS) for m in MODELS for e in STEER_EXPERIMENTS
+    }
+except ConfigError as exc:
+    raise WorkflowError(str(exc)) from None
+
+
+rule steering:
+    input:
+        unpack(lambda wc: experiment_inputs(STEER[(wc.model, wc.steer)], wc.model)),
+        model=lambda wc: model_files(model_cfg(wc)["source"]),
+    output:
+        effects=report(
+            "results/steering/{model}/{steer}/effects.csv",
+            category="Steering",
+            subcategory="{model}",
+            caption="../report/steering_effects.rst",
+            labels={"model": "{model}", "experiment": "{steer}", "table": "steering effects"},
+        ),
+        per_prompt="results/steering/{model}/{steer}/per_prompt.csv",
+        norms="results/steering/{model}/{steer}/norms.csv",
+        generations="results/steering/{model}/{steer}/generations.csv",
+        summary="results/steering/{model}/{steer}/summary.json",
+    wildcard_constraints:
+        steer=names_regex(STEER_EXPERIMENTS),
+    params:
+        model=lambda wc: stable(model_identity(wc.model)),
+        experiment=lambda wc: stable(STEER[(wc.model, wc.steer)]),
+        precision=stable(config["precision"]),
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=60,
+    threads: 1
+    log:
+        "logs/steering/{model}/{steer}.log",
+    benchmark:
+        "benchmarks/steering/{model}/{steer}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../scripts/steering.py"
+
+
+rule plot_steering:
+    input:
+        effects="results/steering/{model}/{steer}/effects.csv",
+    output:
+        figure=report(
+            "results/figures/{model}/steering_{steer}.png",
+            category="Steering",
+            subcategory="{model}",
+            caption="../report/steering_dose_response.rst",
+            labels={"model": "{model}", "experiment": "{steer}", "figure": "steering dose-response"},
+        ),
+        extra=extra_formats("results/figures/{model}/steering_{steer}"),
+    wildcard_constraints:
+        steer=names_regex(STEER_EXPERIMENTS),
+    params:
+        formats=config["figures"]["formats"],
+    log:
+        "logs/plot_steering/{model}/{steer}.log",
+    conda:
+        "../../envs/core.yaml"
+    script:
+        "../scripts/plot_steering.py"
