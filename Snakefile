@@ -4,7 +4,11 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The demo config applies only when no --configfile is given: a user's own config stands on its own
+# (Snakemake would otherwise merge it into the demo's, and the demo model and datasets would run beside it).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 report: "workflow/report/workflow.rst"
