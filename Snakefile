@@ -20,6 +20,7 @@ include: "workflow/rules/activations.smk"
 include: "workflow/rules/probes.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/geometry.smk"
+include: "workflow/rules/task_vectors.smk"
 include: "workflow/rules/manifest.smk"
 
 

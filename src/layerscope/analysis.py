@@ -42,7 +42,8 @@ def probe_figure(summary_csv: PathLike, out: PathLike, *, metric: str, model: st
 def geometry_figures(layer_paths: Sequence[PathLike], summary_csv: PathLike, out: Mapping[str, PathLike], *,
                      component: str, pooling: str, metric: str, model: str, dataset: str,
                      formats: Sequence[str], table: PathLike | None = None) -> dict[str, int]:
-    """PCA (and t-SNE when ``out`` has a 'tsne' entry) of every layer; cosine and label-mean
+    """PCA (and t-SNE when ``out`` has a 'tsne' entry; the workflow draws it in its own job, see
+    :func:`tsne_figure`) of every layer; cosine and label-mean
     matrices at the best probe layer; norm heatmap and per-label norm curves over layers.
 
     ``table``: the dataset's current prompt table; the layer files must match it (see
@@ -63,6 +64,16 @@ def geometry_figures(layer_paths: Sequence[PathLike], summary_csv: PathLike, out
     plots.norm_heatmap(norms, stack.layers, stack.labels, out["norm_heatmap"], prompt_ids=stack.prompt_ids, **common)
     plots.norm_curves(norms, stack.layers, stack.labels, out["norm_curves"], **common)
     return {"best_layer": best}
+
+
+def tsne_figure(layer_paths: Sequence[PathLike], out: PathLike, *, component: str, pooling: str, model: str,
+                dataset: str, formats: Sequence[str], table: PathLike | None = None) -> list[str]:
+    """t-SNE of every layer (figures.tsne): slow, so a job of its own that only this setting runs."""
+    if table is not None:
+        check_files_against_table(layer_paths, table)
+    stack = read_layers(layer_paths, component, pooling, stack=True)
+    return plots.tsne_grid(stack.X, stack.layers, stack.labels, out, model=model, dataset=dataset,
+                           component=component, pooling=pooling, formats=formats)
 
 
 def activation_stats_table(layer_paths: Sequence[PathLike], out_csv: PathLike, *,
@@ -141,8 +152,20 @@ def depth_comparison(summaries: Mapping[str, PathLike], n_layers: Mapping[str, i
 def task_vector_analysis(layer_paths: Sequence[PathLike], out: Mapping[str, PathLike], *, component: str,
                          pooling: str, n_boot: int, seed: int, layer: int | None, model: str, dataset: str,
                          formats: Sequence[str], table: PathLike | None = None) -> dict[str, int]:
-    """Task geometry of a task-grid dataset at every cached layer: scores and matrices, and the
-    figures (prompt cosine at the chosen and the best layer, separation and norms vs layer, PCA).
+    """:func:`task_vector_scores` then :func:`task_vector_figures` (the workflow runs them as two
+    rules, so that a figure setting never reruns the computation)."""
+    task_vector_scores(layer_paths, out["scores"], out.get("matrices"), component=component, pooling=pooling,
+                       n_boot=n_boot, seed=seed, model=model, dataset=dataset, table=table)
+    figures = {k: v for k, v in out.items() if k not in ("scores", "matrices")}
+    return task_vector_figures(out["scores"], out["matrices"], figures, layer=layer, model=model, dataset=dataset,
+                               component=f"{component}/{pooling}", formats=formats)
+
+
+def task_vector_scores(layer_paths: Sequence[PathLike], scores_csv: PathLike, matrices_h5: PathLike, *,
+                       component: str, pooling: str, n_boot: int, seed: int, model: str, dataset: str,
+                       table: PathLike | None = None) -> pd.DataFrame:
+    """Task geometry of a task-grid dataset at every cached layer: the scores table and the
+    matrices (cosines, task vectors, centred prompts) that the figures are drawn from.
 
     ``table``: the dataset's current prompt table; the layer files must match it."""
     from . import task_vectors as tv
@@ -153,13 +176,28 @@ def task_vector_analysis(layer_paths: Sequence[PathLike], out: Mapping[str, Path
     if stack.groups is None:
         raise LayerscopeError(f"{layer_paths[0]}: no 'group' (number pair) stored; task vectors need it")
     scores, arrays = tv.task_vectors_by_layer(stack, n_boot=n_boot, seed=seed)
-    tv.write_task_vectors((scores, arrays), out["matrices"], out["scores"],
+    tv.write_task_vectors((scores, arrays), matrices_h5, scores_csv,
                           attrs={"model": model, "dataset": dataset, "component": component, "pooling": pooling})
+    return scores
+
+
+def task_vector_figures(scores_csv: PathLike, matrices_h5: PathLike, out: Mapping[str, PathLike], *,
+                        layer: int | None, model: str, dataset: str, formats: Sequence[str],
+                        component: str | None = None) -> dict[str, int]:
+    """The task-vector figures, from the files :func:`task_vector_scores` wrote: prompt cosine at
+    the chosen and the best layer, separation and norms vs layer, PCA at the best layer."""
+    from . import task_vectors as tv
+
+    scores = pd.read_csv(scores_csv)
+    arrays = tv.read_task_vectors(matrices_h5)
+    if component is None:  # the view the scores were computed on, as recorded in the file
+        component = f"{arrays['attrs'].get('component')}/{arrays['attrs'].get('pooling')}"
+    layers = [int(x) for x in arrays["layers"]]
     best = tv.best_layer(scores)
-    chosen = layer if layer is not None else stack.layers[len(stack.layers) // 2]
-    if chosen not in stack.layers:
-        raise LayerscopeError(f"task_vectors.layer {chosen} is not a cached layer of {model} ({stack.layers})")
-    common = dict(model=model, dataset=dataset, component=f"{component}/{pooling}", formats=formats)
+    chosen = layer if layer is not None else layers[len(layers) // 2]
+    if chosen not in layers:
+        raise LayerscopeError(f"task_vectors.layer {chosen} is not a cached layer of {model} ({layers})")
+    common = dict(model=model, dataset=dataset, component=component, formats=formats)
     tv.plot_separation(scores, out["separation"], **common)
     tv.plot_norms(scores, out["norms"], **common)
     for key, at in (("cosine_chosen", chosen), ("cosine_best", best)):

@@ -313,6 +313,46 @@ def resolve_layers(name: str, model: dict[str, Any], base_dir: str | Path = ".")
     return layers
 
 
+_MAX_HEADER = 100 << 20  # a safetensors header is JSON of tensor names and offsets: megabytes at most
+
+
+def safetensors_problem(path: str | os.PathLike) -> str | None:
+    """What is wrong with the framing of a safetensors file, or None. Reads only its header, so a
+    dry run stays fast: the 8-byte header length, the JSON header, and whether the file is as long
+    as the tensors the header lists (a truncated download is shorter)."""
+    size = os.path.getsize(path)
+    if size < 8:
+        return f"{size} bytes: too short for a safetensors file"
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > min(size - 8, _MAX_HEADER):
+            return f"its header claims {n} bytes but the file has {size}: truncated or not a safetensors file"
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "its header is not valid safetensors JSON: the file is corrupt"
+    if 8 + n + end != size:
+        return f"{size} bytes, but its header lists tensors up to byte {8 + n + end}: truncated or corrupt"
+    return None
+
+
+def check_model_dir(root: Path, key: str) -> None:
+    """A local model directory must have a readable config.json and complete weights files."""
+    try:
+        json.loads((root / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(key, f"{root / 'config.json'} is not valid JSON ({exc}): save the model again") from None
+    weights = [p for pattern in _WEIGHT_GLOBS for p in sorted(root.glob(pattern))]
+    if not weights:
+        raise ConfigError(key, f"{root} has no weights (*.safetensors or *.bin): save the model with save_pretrained")
+    for path in weights:
+        problem = safetensors_problem(path) if path.suffix == ".safetensors" else None
+        if problem:
+            raise ConfigError(key, f"{path}: {problem}; download the model again (or save it again with "
+                                   "save_pretrained) and rerun")
+
+
 def dataset_files(spec: dict[str, Any]) -> list[str]:
     return [spec[key] for key in DATASET_FILE_KEYS.get(spec.get("kind"), ()) if key in spec]
 
@@ -342,6 +382,7 @@ def check_config(config: dict[str, Any], base_dir: str | Path = ".") -> dict[str
                 raise ConfigError(f"models.{name}.source", f"{source} has no config.json (not a save_pretrained directory)")
             if not any((root / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
                 raise ConfigError(f"models.{name}.source", f"{source} has no tokenizer files (tokenizer.json/tokenizer_config.json)")
+            check_model_dir(root, f"models.{name}.source")
         elif "/" in source and (base / source.split("/")[0]).is_dir():
             raise ConfigError(
                 f"models.{name}.source",

@@ -36,9 +36,8 @@ FIGURE_VIEW = {
 TASK_GRIDS = sorted(d for d in DATASETS if config["datasets"][d]["kind"] == "task_grid")
 TASK_VECTOR_FIGURES = ["separation", "norms", "cosine_chosen", "cosine_best", "pca"]
 EXPERIMENTS = sorted(config["patching"]["experiments"])
-GEOMETRY_FIGURES = ["pca", "cosine", "label_means", "norm_heatmap", "norm_curves"] + (
-    ["tsne"] if FIGURES["tsne"] else []
-)
+# t-SNE is its own rule (plot_tsne), so turning it on runs that job alone.
+GEOMETRY_FIGURES = ["pca", "cosine", "label_means", "norm_heatmap", "norm_curves"]
 
 
 wildcard_constraints:
@@ -74,8 +73,9 @@ def model_identity(model):
     return {k: m[k] for k in ("source", "revision", "dtype", "compatibility_mode", "bos")}
 
 
-def task_vector_settings(model):
-    tv = dict(config["task_vectors"])
+def task_vector_compute_settings(model):
+    """What the task-vector scores depend on (not the heatmap layer, which only the figures use)."""
+    tv = {k: v for k, v in config["task_vectors"].items() if k != "layer"}
     tv["component"] = tv["component"] or ACT["components"][0]
     return tv
 
@@ -94,20 +94,35 @@ def extra_formats(stem):
     return [f"{stem}.{ext}" for ext in FIGURES["formats"] if ext != "png"]
 
 
+def in_formats(stems):
+    """Every figure stem in every configured format (figures.formats)."""
+    return [f"{stem}.{ext}" for stem in stems for ext in FIGURES["formats"]]
+
+
+def figure_targets():
+    """Every figure the config asks for, in every format: all of them are targets, so a figure that
+    is asked for but missing (t-SNE turned on, a format added) is drawn by its plot job alone."""
+    per_dataset = ["probe_metric_vs_layer", *GEOMETRY_FIGURES] + (["tsne"] if FIGURES["tsne"] else [])
+    stems = expand("results/figures/{model}/{dataset}/{name}", model=MODELS, dataset=DATASETS, name=per_dataset)
+    stems += expand(
+        "results/figures/{model}/{dataset}/task_{name}", model=MODELS, dataset=TASK_GRIDS, name=TASK_VECTOR_FIGURES
+    )
+    stems += expand("results/figures/{model}/generalization_{group}", model=MODELS, group=GENERALIZATION)
+    if len(MODELS) > 1:
+        stems += expand("results/figures/models/{dataset}/best_layer_vs_depth", dataset=DATASETS)
+    return in_formats(stems)
+
+
 def all_targets():
     targets = expand("results/datasets/{dataset}/prompts.csv", dataset=DATASETS)
     for pattern in (
         "results/activations/{model}/{dataset}/layers.csv",
         "results/probes/{model}/{dataset}/summary.csv",
         "results/stats/{model}/{dataset}/activation_stats.csv",
-        "results/figures/{model}/{dataset}/probe_metric_vs_layer.png",
-        "results/figures/{model}/{dataset}/pca.png",
     ):
         targets += expand(pattern, model=MODELS, dataset=DATASETS)
-    targets += expand("results/figures/{model}/generalization_{group}.png", model=MODELS, group=GENERALIZATION)
+    targets += expand("results/probes/{model}/generalization_{group}.csv", model=MODELS, group=GENERALIZATION)
     targets += expand("results/task_vectors/{model}/{dataset}/scores.csv", model=MODELS, dataset=TASK_GRIDS)
     targets += expand("results/patching/{model}/{experiment}/summary.csv", model=MODELS, experiment=EXPERIMENTS)
     targets.append("results/manifest.json")
-    if len(MODELS) > 1:
-        targets += expand("results/figures/models/{dataset}/best_layer_vs_depth.png", dataset=DATASETS)
-    return targets
+    return targets + figure_targets()
