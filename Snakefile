@@ -1,12 +1,20 @@
 # layerscope: labelled prompts -> per-layer activation caches -> probes, geometry, patching, figures.
 from snakemake.utils import min_version
 
+from layerscope.config import check_yaml_syntax
+from layerscope.errors import LayerscopeError
+
 min_version("9.0")
 
 
 # The demo config applies only when no --configfile is given: a user's own config stands on its own
 # (Snakemake would otherwise merge it into the demo's, and the demo model and datasets would run beside it).
 if not workflow.overwrite_configfiles:
+    # Snakemake's own message for bad YAML names neither file nor line: check first.
+    try:
+        check_yaml_syntax("config/config.yaml")
+    except LayerscopeError as exc:
+        raise WorkflowError(str(exc)) from None
 
     configfile: "config/config.yaml"
 

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError, LayerscopeError
 
 DATASET_FILE_KEYS = {
     "phase2": ("scores", "responses"),
@@ -87,6 +87,65 @@ def _duplicate_keys(node: Any, parts: list[Any], file: str, seen: set[int]) -> N
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             _duplicate_keys(item, [*parts, i], file, seen)
+
+
+# ---------------------------------------------------------------------------------------------------
+# YAML syntax: Snakemake says only "not valid JSON or YAML"; this names the file, line and column
+
+
+def check_yaml_syntax(path: str | os.PathLike) -> None:
+    """Raise InputError naming ``path``, the line and the column of a YAML syntax error."""
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"not UTF-8 text (byte {exc.start})", file=path) from None
+    except OSError as exc:
+        raise InputError(f"cannot be read ({exc.strerror})", file=path) from None
+    try:
+        yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        column = f" (column {mark.column + 1})" if mark is not None else ""
+        what = " ".join(str(p) for p in (getattr(exc, "context", None), getattr(exc, "problem", None)) if p)
+        raise InputError(f"invalid YAML{column}: {what or exc}; check the indentation (spaces only, no tabs) "
+                         "of this line and the one before", file=path,
+                         line=mark.line + 1 if mark is not None else None) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m layerscope.config my.yaml [more.yaml ...]``: check config files as the workflow
+    would (YAML syntax with file and line, then schema and files), merged in order."""
+    import sys
+
+    import yaml
+
+    paths = list(sys.argv[1:] if argv is None else argv)
+    if not paths:
+        print("usage: python -m layerscope.config CONFIG.yaml [MORE.yaml ...]", file=sys.stderr)
+        return 2
+    schema = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+    try:
+        merged: dict[str, Any] = {}
+        for path in paths:
+            check_yaml_syntax(path)
+            _merge(merged, yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {})
+        validate_config(merged, schema, configfiles=paths, base_dir=".")
+    except LayerscopeError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"ok: {', '.join(paths)}")
+    return 0
+
+
+def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    """Snakemake's merge of several config files: mappings recursively, anything else replaced."""
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -424,3 +483,7 @@ def check_config(config: dict[str, Any], base_dir: str | Path = ".") -> dict[str
         if unknown:
             raise ConfigError(f"probes.generalization.{group}", f"unknown dataset(s) {unknown}")
     return layers
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
