@@ -40,3 +40,8 @@ rule all:
     input:
         all_targets(),
     default_target: True
+
+
+# The end of a run says where the results are and how to gather them into one report.
+onsuccess:
+    print(run_summary(), flush=True)

@@ -412,6 +412,46 @@ def check_model_dir(root: Path, key: str) -> None:
                                    "save_pretrained) and rerun")
 
 
+def context_length(source: str, base_dir: str | Path = ".") -> int | None:
+    """The longest input a local model takes (config.json), or None (hub id, or no limit given)."""
+    if not is_local_model(source, base_dir):
+        return None
+    try:
+        cfg = json.loads((Path(base_dir) / source / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if isinstance(cfg.get(key), int):
+            return cfg[key]
+    return None
+
+
+def fast_tokenizer_file(source: str, base_dir: str | Path = ".") -> str | None:
+    """A local model's tokenizer.json when the ``tokenizers`` package can read it here, else None."""
+    path = Path(base_dir) / source / "tokenizer.json"
+    if not is_local_model(source, base_dir) or not path.is_file():
+        return None
+    try:
+        import tokenizers  # noqa: F401  (only with the model extra)
+    except ImportError:
+        return None
+    return str(path)
+
+
+def check_prompt_lengths(dataset: str, longest: dict[str, list], models: dict[str, Any],
+                         base_dir: str | Path = ".") -> None:
+    """ConfigError when a dataset's longest prompt (plus BOS) exceeds a local model's context."""
+    for name, (n_tokens, prompt_id) in sorted(longest.items()):
+        limit = context_length(models[name]["source"], base_dir)
+        total = n_tokens + (0 if models[name].get("bos") is False else 1)
+        if limit is not None and total > limit:
+            raise ConfigError(
+                f"datasets.{dataset}",
+                f"prompt '{prompt_id}' is {total} tokens long (with BOS), longer than the {limit}-token context "
+                f"of model '{name}' ({models[name]['source']}): shorten or drop the long prompts",
+            )
+
+
 def dataset_files(spec: dict[str, Any]) -> list[str]:
     return [spec[key] for key in DATASET_FILE_KEYS.get(spec.get("kind"), ()) if key in spec]
 

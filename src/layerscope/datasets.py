@@ -1302,6 +1302,75 @@ def build_prompt_table(
     return df, summary
 
 
+def texts_digest(df: pd.DataFrame) -> str:
+    """SHA-256 of the (prompt_id, text) pairs in table order: what cached activations depend on
+    (not the labels, which the per-layer files take from the table)."""
+    h = hashlib.sha256()
+    for pid, text in zip(df["prompt_id"], df["text"]):
+        h.update(json.dumps([str(pid), str(text)], ensure_ascii=False).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def dry_run_check(name: str, spec: dict, base_dir: str | os.PathLike = ".",
+                  cache_dir: str | os.PathLike | None = None,
+                  tokenizers: dict[str, str | os.PathLike] | None = None,
+                  texts_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Build dataset ``name`` as ``prepare_dataset`` will (every input, label and class check,
+    before any job runs) and return ``{"texts_sha256", "n_prompts", "longest"}``; ``longest`` maps
+    each model of ``tokenizers`` (name -> tokenizer.json) to ``[tokens, prompt_id]`` of the longest
+    prompt (without BOS).
+
+    The result is remembered in ``cache_dir`` under a key of the spec and the sizes and modification
+    times of the input and tokenizer files, so a repeated dry run does not read them again.
+
+    ``texts_path``: where to keep the dataset's prompt ids and texts (the caching job's input, so
+    that the forward pass depends on the texts and not on the labels); rewritten only when they
+    change, so its modification time says when the texts last changed."""
+    from .config import dataset_files
+
+    tokenizers = dict(sorted((tokenizers or {}).items()))
+    files = [Path(base_dir) / f for f in dataset_files(spec)] + [Path(t) for t in tokenizers.values()]
+    key = hashlib.sha256(json.dumps([name, spec, list(tokenizers), [(str(f), *_stat(f)) for f in files]],
+                                    sort_keys=True, default=str).encode()).hexdigest()[:32]
+    memo = Path(cache_dir) / f"{name}-{key}.json" if cache_dir is not None else None
+    if memo is not None and memo.is_file() and (texts_path is None or Path(texts_path).is_file()):
+        return json.loads(memo.read_text(encoding="utf-8"))
+    df, _ = build_prompt_table(name, spec, base_dir, min_classes=2)
+    if texts_path is not None:
+        _write_if_changed(texts_path, df[["prompt_id", "text"]].to_csv(index=False, lineterminator="\n"))
+    result = {"texts_sha256": texts_digest(df), "n_prompts": int(len(df)),
+              "longest": {m: _longest(tok, df) for m, tok in tokenizers.items()}}
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        write_json(memo, result)
+    return result
+
+
+def _longest(tokenizer_json: str | os.PathLike, df: pd.DataFrame) -> list:
+    """[token count, prompt id] of the longest prompt under a fast tokenizer (no special tokens)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.fspath(tokenizer_json))
+    lengths = [len(e.ids) for e in tok.encode_batch(df["text"].tolist(), add_special_tokens=False)]
+    i = int(np.argmax(lengths))
+    return [int(lengths[i]), str(df["prompt_id"].iloc[i])]
+
+
+def _write_if_changed(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
 def write_prompt_table(
     df: pd.DataFrame, summary: dict, table_path: str | os.PathLike, summary_path: str | os.PathLike
 ) -> None:

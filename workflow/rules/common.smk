@@ -2,8 +2,16 @@
 import json
 import re
 
-from layerscope.config import dataset_files, model_files, read_n_layers, validate_config
-from layerscope.errors import ConfigError
+from layerscope.config import (
+    check_prompt_lengths,
+    dataset_files,
+    fast_tokenizer_file,
+    model_files,
+    read_n_layers,
+    validate_config,
+)
+from layerscope.datasets import dry_run_check
+from layerscope.errors import ConfigError, LayerscopeError
 
 # Every mistake in the config (unknown key, wrong type, duplicate name, missing file, bad layer, ...)
 # stops the run here, before any job, as one line naming the key path; the schema's defaults are filled in.
@@ -19,6 +27,33 @@ except ConfigError as exc:
 
 MODELS = sorted(config["models"])
 DATASETS = sorted(config["datasets"])
+# Every dataset is built here as prepare_dataset will build it (labels, classes, templates, input
+# files), so those mistakes stop even a dry run; remembered under .snakemake/ by input size and time.
+def texts_file(dataset):
+    """The prompt ids and texts of a dataset, written here (not by a rule): the caching job's input.
+    A relabel leaves it untouched, so the forward pass is not rerun (a file made by prepare_dataset
+    would put caching downstream of a job that every relabel reruns)."""
+    return f".snakemake/layerscope/texts/{dataset}.csv"
+
+
+# Prompts longer than a local model's context are caught here too (hub models: when caching starts).
+TOKENIZERS = {m: fast_tokenizer_file(config["models"][m]["source"]) for m in sorted(config["models"])}
+try:
+    CHECKED = {
+        d: dry_run_check(
+            d,
+            {k: v for k, v in config["datasets"][d].items() if k != "shards"},
+            ".",
+            ".snakemake/layerscope/datasets",
+            tokenizers={m: t for m, t in TOKENIZERS.items() if t},
+            texts_path=texts_file(d),
+        )
+        for d in DATASETS
+    }
+    for d in DATASETS:
+        check_prompt_lengths(d, CHECKED[d]["longest"], config["models"])
+except LayerscopeError as exc:
+    raise WorkflowError(str(exc)) from None
 ACT = config["activations"]
 # What cached numbers depend on: not the shard count, which only splits the work.
 CACHE_SETTINGS = {k: v for k, v in ACT.items() if k != "shards"}
@@ -59,7 +94,11 @@ def model_cfg(wildcards):
 
 def dataset_spec(wildcards):
     """How to build the prompt table (shards only splits caching, so it is left out)."""
-    return {k: v for k, v in config["datasets"][wildcards.dataset].items() if k != "shards"}
+    return dataset_spec_of(wildcards.dataset)
+
+
+def dataset_spec_of(dataset):
+    return {k: v for k, v in config["datasets"][dataset].items() if k != "shards"}
 
 
 def names_regex(names):
@@ -126,3 +165,18 @@ def all_targets():
     targets += expand("results/patching/{model}/{experiment}/summary.csv", model=MODELS, experiment=EXPERIMENTS)
     targets.append("results/manifest.json")
     return targets + figure_targets()
+
+
+def run_summary():
+    """What the end of a successful run prints: where each kind of result is, and the report command."""
+    configfiles = " ".join(f"--configfile {f}" for f in workflow.overwrite_configfiles)
+    lines = [
+        "",
+        "layerscope: results are in results/ (logs in logs/, timings in benchmarks/):",
+        "  results/probes/{model}/{dataset}/summary.csv   probe metrics per layer",
+        "  results/figures/{model}/...                    figures (" + ", ".join(FIGURES["formats"]) + ")",
+        "  results/manifest.json                          versions, config and model hashes of this run",
+        "Build the report (every figure and table with captions) with:",
+        f"  snakemake --report results/report.html {configfiles}".rstrip(),
+    ]
+    return "\n".join(lines)
