@@ -24,6 +24,7 @@ cap, beyond which the labels are thinned; long labels are shortened with an elli
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import textwrap
@@ -139,6 +140,27 @@ _BOUNDED = tuple(METRIC_NAMES)
 def metric_name(metric: str) -> str:
     """How a metric is written on axes and titles (``auroc`` -> ``AUROC``)."""
     return METRIC_NAMES.get(metric, metric)
+
+
+def metric_axis_label(metric: str, n_classes: int | None = None) -> str:
+    """Axis label of a metric; for more than two classes it says how the classes are averaged."""
+    name = metric_name(metric)
+    if n_classes is not None and n_classes > 2:
+        if metric == "auroc":
+            return f"{name} (one-vs-rest, macro mean over {n_classes} classes)"
+        if metric == "f1":
+            return f"{name} (macro mean over {n_classes} classes)"
+    return name
+
+
+def _n_classes(df: pd.DataFrame) -> int | None:
+    """The class count of a probe summary (from its ``n_per_class`` JSON), or None."""
+    if "n_per_class" not in df.columns or df.empty:
+        return None
+    try:
+        return len(json.loads(str(df["n_per_class"].iloc[0])))
+    except (ValueError, TypeError):
+        return None
 
 
 def relative_depth(layer, n_layers):
@@ -510,7 +532,7 @@ def _draw_metric_vs_layer(summary: pd.DataFrame, *, metric: str = "auroc", model
         handles.append(Line2D([], [], marker="*", color="#888888", markeredgecolor="black", markersize=11,
                               linestyle="none", label="best layer"))
         ax.set_xlabel("layer")
-        ax.set_ylabel(metric_name(metric))
+        ax.set_ylabel(metric_axis_label(metric, _n_classes(df)))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ys = np.concatenate(all_y) if all_y else np.array([0.0, 1.0])
         lo, hi = float(np.nanmin(ys)), float(np.nanmax(ys))
@@ -524,10 +546,8 @@ def _draw_metric_vs_layer(summary: pd.DataFrame, *, metric: str = "auroc", model
         if n_layers:
             sec = ax.secondary_xaxis("top", functions=(lambda L: L / float(n_layers), lambda r: r * float(n_layers)))
             sec.set_xlabel(f"relative depth (layer / {n_layers})")
-        if len(handles) <= 7:
-            ax.legend(handles=handles, loc="best")
-        else:
-            fig.legend(handles=handles, loc="outside right upper")
+        # Outside the axes: a legend inside covered the intervals, which span most of the plot.
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)), fontsize="small")
         ax.set_title(title or _title(f"Linear probe {metric_name(metric)} by layer", model=model, dataset=dataset))
     return fig
 
