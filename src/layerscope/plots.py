@@ -781,14 +781,60 @@ def _draw_label_mean_matrix(X, labels, *, model=None, dataset=None, layer=None, 
     return fig
 
 
+def mean_difference_projection(X, labels, n_folds: int = 5, seed: int = 0) -> tuple[np.ndarray, list]:
+    """Each prompt's projection on the unit difference of the two class means, cross-fitted: the
+    direction is computed without the prompt's fold, so random labels do not separate (with
+    d >> n an in-sample direction separates any labelling). Returns ``(projections, classes)``."""
+    X = np.asarray(X, dtype=np.float64)
+    classes, codes = _classes(labels)
+    if len(classes) != 2:
+        raise ValueError(f"mean_difference_projection needs two classes, got {len(classes)}")
+    folds = np.random.default_rng(seed).permutation(len(codes)) % max(2, min(n_folds, len(codes)))
+    proj = np.zeros(len(codes))
+    for f in np.unique(folds):
+        tr, te = folds != f, folds == f
+        diff = X[tr][codes[tr] == 1].mean(axis=0) - X[tr][codes[tr] == 0].mean(axis=0)
+        unit = diff / (np.linalg.norm(diff) or 1.0)
+        proj[te] = (X[te] - X[tr].mean(axis=0)) @ unit
+    return proj, classes
+
+
+def _draw_mean_difference(X, labels, *, model=None, dataset=None, layer=None, component=None, pooling=None,
+                          title: str | None = None) -> Figure:
+    proj, classes = mean_difference_projection(X, labels)
+    _, codes = _classes(labels)
+    a, b = proj[codes == 0], proj[codes == 1]
+    pooled = math.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2) if min(a.size, b.size) > 1 else float("nan")
+    d_prime = (b.mean() - a.mean()) / pooled if pooled and np.isfinite(pooled) else float("nan")
+    with style():
+        fig = _new_figure(6.4, 3.8)
+        ax = fig.add_subplot()
+        bins = np.histogram_bin_edges(proj, bins=min(30, max(8, proj.size // 3)))
+        for vals, name, color in ((a, classes[0], palette(2)[0]), (b, classes[1], palette(2)[1])):
+            ax.hist(vals, bins=bins, alpha=0.55, color=color, label=f"{shorten(name)} (n={vals.size})")
+        ax.set_xlabel(f"projection on the difference of class means ({shorten(classes[1])} − {shorten(classes[0])}),"
+                      " cross-fitted over 5 folds")
+        ax.set_ylabel("prompts")
+        ax.legend(loc="upper left", fontsize="small")
+        _suptitle(fig, title or _title(f"Two label means: separation along their difference (d′ = {d_prime:.2f})",
+                                       model=model, dataset=dataset, layer=layer, component=component,
+                                       pooling=pooling))
+    return fig
+
+
 def label_mean_matrix(X, labels, out, *, model=None, dataset=None, layer=None, component=None, pooling=None,
                       title: str | None = None, formats: Sequence[str] = ("png",),
                       dpi: float = DEFAULT_DPI) -> list[str]:
     """Annotated matrix of cosine similarities between the per-label mean vectors, after
     subtracting the overall centroid (:func:`label_mean_cosine`). Axis labels give each
-    label's prompt count. Values are written in the cells for up to 30 labels."""
-    fig = _draw_label_mean_matrix(X, labels, model=model, dataset=dataset, layer=layer, component=component,
-                                  pooling=pooling, title=title)
+    label's prompt count. Values are written in the cells for up to 30 labels.
+
+    With two labels that matrix is always [[1, -1], [-1, 1]] (centring makes the two means
+    opposite), so the figure shows instead how far the prompts separate along the difference of the
+    two means (cross-fitted projections by class, with d′)."""
+    draw = _draw_mean_difference if len(set(map(str, labels))) == 2 else _draw_label_mean_matrix
+    fig = draw(X, labels, model=model, dataset=dataset, layer=layer, component=component, pooling=pooling,
+               title=title)
     return _finish(fig, out, formats, dpi)
 
 
