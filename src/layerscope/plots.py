@@ -989,7 +989,7 @@ _CHANCE = {"auroc": 0.5, "balanced_accuracy": None, "accuracy": None, "f1": None
 
 def _draw_generalization_matrix(matrix: pd.DataFrame, *, metric: str = "auroc", layer=None, model=None,
                                 component=None, pooling=None, chance: float | None = None,
-                                title: str | None = None) -> Figure:
+                                title: str | None = None, intervals=None, note: str | None = None) -> Figure:
     M = matrix.to_numpy(dtype=float)
     rows = [shorten(r) for r in matrix.index]
     cols = [shorten(c) for c in matrix.columns]
@@ -1020,9 +1020,11 @@ def _draw_generalization_matrix(matrix: pd.DataFrame, *, metric: str = "auroc", 
         ax.set_xticks(range(nc), cols, rotation=45 if max(len(c) for c in cols) > 3 else 0,
                       ha="right" if max(len(c) for c in cols) > 3 else "center", rotation_mode="anchor")
         ax.tick_params(length=0)
-        if max(nr, nc) <= 25:
+        if max(nr, nc) <= 25 and intervals is None:
             fs = float(np.clip(cell * 72.0 * 0.3, 5.5, TICK_SIZE + 1))
             _annotate(ax, M, cmap, norm, fontsize=fs)
+        elif max(nr, nc) <= 10:
+            _annotate_intervals(ax, M, *(np.asarray(b, dtype=float) for b in intervals), cmap, norm)
         for i, r in enumerate(matrix.index):
             if r in list(matrix.columns):
                 j = list(matrix.columns).index(r)
@@ -1033,20 +1035,36 @@ def _draw_generalization_matrix(matrix: pd.DataFrame, *, metric: str = "auroc", 
         cb.set_label(metric_name(metric) + (f" (white = chance, {chance:g})" if chance is not None else ""))
         _suptitle(fig, title or _title(f"Cross-dataset generalisation of linear probes ({metric_name(metric)})", model=model,
                                        layer=layer, component=component, pooling=pooling,
-                                       extra="outlined diagonal: cross-validated within the dataset"))
+                                       extra="outlined diagonal: cross-validated within the dataset"
+                                       + (" (the probe summary)" if intervals is not None else "")
+                                       + ("; [95% interval]" if intervals is not None else "")
+                                       + (f"\n{note}" if note else "")))
         _declutter(fig, [ax], "y")
     return fig
 
 
+def _annotate_intervals(ax, M: np.ndarray, lo: np.ndarray, hi: np.ndarray, cmap, norm) -> None:
+    """Each cell's value with its interval below it (two lines)."""
+    for (i, j), v in np.ndenumerate(M):
+        if not np.isfinite(v):
+            continue
+        dark = _luminance(cmap(norm(v))) < 0.45
+        band = f"[{lo[i, j]:.2f}, {hi[i, j]:.2f}]" if np.isfinite(lo[i, j]) and np.isfinite(hi[i, j]) else ""
+        ax.text(j, i, f"{v:.2f}\n{band}".rstrip(), ha="center", va="center", fontsize=TICK_SIZE - 1,
+                color="white" if dark else "black")
+
+
 def generalization_matrix(matrix: pd.DataFrame, out, *, metric: str = "auroc", layer=None, model=None,
                           component=None, pooling=None, chance: float | None = None, title: str | None = None,
-                          formats: Sequence[str] = ("png",), dpi: float = DEFAULT_DPI) -> list[str]:
+                          formats: Sequence[str] = ("png",), dpi: float = DEFAULT_DPI, intervals=None,
+                          note: str | None = None) -> list[str]:
     """Annotated train-dataset (rows) x test-dataset (columns) heatmap, as made by
     :func:`layerscope.probes.cross_dataset_matrix`. Diagonal cells (cross-validated) are outlined.
     With a ``chance`` level (default 0.5 for AUROC) the colours diverge around it; otherwise a
-    sequential map over [0, 1]."""
+    sequential map over [0, 1]. ``intervals``: (low, high) frames shaped like ``matrix``, written
+    under each value; ``note``: a line under the title (e.g. why this layer is shown)."""
     fig = _draw_generalization_matrix(matrix, metric=metric, layer=layer, model=model, component=component,
-                                      pooling=pooling, chance=chance, title=title)
+                                      pooling=pooling, chance=chance, title=title, intervals=intervals, note=note)
     return _finish(fig, out, formats, dpi)
 
 

@@ -1354,3 +1354,30 @@ def cross_dataset_matrix(
                 codes_b = np.array([lookup[_py(v)] for v in yb], dtype=np.int64)
                 out.loc[a, b] = fold_metrics(codes_b, model.predict_proba(Xb), k)[metric]
     return out
+
+
+def transfer_metric(train: tuple, test: tuple, *, positive_class: Any = None, metric: str = "auroc",
+                    inner_splits: int = 3, Cs: Sequence[float] = (0.001, 0.01, 0.1, 1, 10, 100), seed: int = 0,
+                    n_boot: int = 1000, ci: float = 0.95, max_iter: int = 1000) -> dict[str, float]:
+    """Fit a probe on all of ``train`` = (X, y, groups) (C by grouped inner CV, as in
+    :func:`cross_dataset_matrix`), score it on ``test`` = (X, y): ``{"value", "ci_low", "ci_high"}``,
+    the interval a percentile bootstrap over the test prompts (resamples missing a class skipped)."""
+    Xa, ya, ga = _check_X(train[0], "train X"), train[1], train[2] if len(train) > 2 else None
+    Xb = _check_X(test[0], "test X")
+    codes_a, classes = _encode(_check_labels(ya, Xa.shape[0], "train y"), positive_class)
+    k = len(classes)
+    fitter = _Fitter(max_iter)
+    with threadpool_limits(limits=1):
+        C, _ = _select_C(Xa, codes_a, _check_groups(ga, len(ya)), k, tuple(Cs), inner_splits, (seed, 5), fitter)
+        proba = fitter.fit(Xa, codes_a, C).predict_proba(Xb)
+    lookup = {c: i for i, c in enumerate(classes)}
+    codes_b = np.array([lookup[_py(v)] for v in test[1]], dtype=np.int64)
+    value = fold_metrics(codes_b, proba, k)[metric]
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 6]))
+    boots = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, codes_b.size, codes_b.size)
+        if np.unique(codes_b[idx]).size == k:
+            boots.append(fold_metrics(codes_b[idx], proba[idx], k)[metric])
+    lo, hi = (np.quantile(boots, [(1 - ci) / 2, (1 + ci) / 2]) if boots else (np.nan, np.nan))
+    return {"value": float(value), "ci_low": float(lo), "ci_high": float(hi)}

@@ -1,5 +1,6 @@
 # Config validation, target lists and small helpers shared by every stage.
 import json
+import os
 import re
 
 from layerscope.config import (
@@ -169,7 +170,8 @@ def all_targets():
 
 def run_summary():
     """What the end of a successful run prints: where each kind of result is, and the report command."""
-    configfiles = " ".join(f"--configfile {f}" for f in workflow.overwrite_configfiles)
+    shown = [os.path.relpath(f) if not os.path.relpath(f).startswith("..") else f for f in workflow.overwrite_configfiles]
+    configfiles = " ".join(f"--configfile {f}" for f in shown)
     lines = [
         "",
         "layerscope: results are in results/ (logs in logs/, timings in benchmarks/):",

@@ -83,6 +83,28 @@ rule plot_tsne:
         "../scripts/plot_tsne.py"
 
 
+rule plot_generalization:
+    input:
+        "results/probes/{model}/generalization_{group}.csv",
+    output:
+        figure=report(
+            "results/figures/{model}/generalization_{group}.png",
+            category="Probes",
+            subcategory="{model}",
+            caption="../report/generalization.rst",
+            labels={"model": "{model}", "figure": "generalization {group}"},
+        ),
+        extra=extra_formats("results/figures/{model}/generalization_{group}"),
+    params:
+        formats=config["figures"]["formats"],
+    log:
+        "logs/plot_generalization/{model}/{group}.log",
+    conda:
+        "../../envs/core.yaml"
+    script:
+        "../scripts/plot_generalization.py"
+
+
 rule depth_comparison:
     input:
         expand("results/probes/{model}/{{dataset}}/summary.csv", model=MODELS),
