@@ -677,6 +677,7 @@ def cache_store(
                 f.create_dataset("shard_rows", data=np.asarray(rows, dtype=np.int64))
             h5cache.write_strings(f, "prompt_id", prompt_ids)
             h5cache.write_strings(f, "label", labels)
+            h5cache.write_strings(f, "text_sha1", h5cache.text_hashes(texts))  # the cache's key (not labels)
             if groups is not None:
                 h5cache.write_strings(f, "group", groups)
             f.create_dataset("n_tokens", data=np.asarray(lengths, dtype=np.int32))
@@ -888,10 +889,12 @@ def _check_finite(arr: np.ndarray, component: str, pooling: str, batch: Sequence
 # per-layer files and the workflow entry point
 
 
-def extract_layer(store_path: str | os.PathLike, layer: int, out_path: str | os.PathLike) -> Path:
-    """Write ``layer`` of the store to ``out_path`` (``layer_{L}.h5`` layout), atomically."""
+def extract_layer(store_path: str | os.PathLike, layer: int, out_path: str | os.PathLike,
+                  table: str | os.PathLike | None = None) -> Path:
+    """Write ``layer`` of the store to ``out_path`` (``layer_{L}.h5`` layout), atomically; with
+    ``table``, labels and groups come from that prompt table (see :func:`h5cache.copy_layer`)."""
     with atomic_path(out_path) as tmp:
-        h5cache.copy_layer(store_path, int(layer), out_path, tmp)
+        h5cache.copy_layer(store_path, int(layer), out_path, tmp, table=table)
     return Path(out_path)
 
 
@@ -910,7 +913,7 @@ def cache_from_table(
     engine: str = "auto",
     self_check: int = 4,
 ) -> dict[str, Any]:
-    """Workflow entry point: prompt table CSV (prompt_id, text, label[, group]) -> store HDF5
+    """Workflow entry point: prompt table CSV (prompt_id, text[, label, group]) -> store HDF5
     (or, with ``shard=(i, n)``, shard ``i`` of ``n`` of it; see :func:`cache_store`).
 
     ``model``: source, revision, dtype, compatibility_mode, bos. ``activations``: components,
@@ -927,7 +930,9 @@ def cache_from_table(
         df = pd.read_csv(table, dtype=str, keep_default_na=False)
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot read prompt table: {exc}", file=table) from exc
-    missing = [c for c in ("prompt_id", "text", "label") if c not in df.columns]
+    # The workflow caches from prompt ids and texts alone (labels are the prompt table's, joined
+    # when layers are extracted), so a relabel does not rerun the forward pass.
+    missing = [c for c in ("prompt_id", "text") if c not in df.columns]
     if missing:
         raise InputError(f"missing column(s) {missing}", file=table)
     if threads and device in ("cpu", "auto"):
@@ -952,7 +957,7 @@ def cache_from_table(
         bridge,
         df["prompt_id"].tolist(),
         df["text"].tolist(),
-        df["label"].tolist(),
+        df["label"].tolist() if "label" in df.columns else [""] * len(df),
         store_path,
         components=act.get("components", ["resid_post"]),
         poolings=act.get("poolings", ["mean", "last"]),

@@ -1,4 +1,6 @@
-# Stage 5: task-vector geometry of task-grid datasets (activation patching: patching.smk).
+# Stage 5a: task-vector geometry of task-grid datasets. The compute job writes tables and arrays; a
+# separate plot job draws from them, so a figure setting (formats, the heatmap layer) never reruns
+# the bootstrap.
 
 
 rule task_vectors:
@@ -14,6 +16,23 @@ rule task_vectors:
             labels={"model": "{model}", "dataset": "{dataset}", "table": "task-vector scores"},
         ),
         matrices="results/task_vectors/{model}/{dataset}/matrices.h5",
+    params:
+        settings=lambda wc: stable(task_vector_compute_settings(wc.model)),
+    log:
+        "logs/task_vectors/{model}/{dataset}.log",
+    benchmark:
+        "benchmarks/task_vectors/{model}/{dataset}.tsv"
+    conda:
+        "../../envs/core.yaml"
+    script:
+        "../scripts/task_vectors.py"
+
+
+rule plot_task_vectors:
+    input:
+        scores="results/task_vectors/{model}/{dataset}/scores.csv",
+        matrices="results/task_vectors/{model}/{dataset}/matrices.h5",
+    output:
         **{
             name: report(
                 f"results/figures/{{model}}/{{dataset}}/task_{name}.png",
@@ -30,12 +49,11 @@ rule task_vectors:
             for path in extra_formats(f"results/figures/{{model}}/{{dataset}}/task_{name}")
         ],
     params:
-        settings=lambda wc: stable(task_vector_settings(wc.model)),
+        layer=config["task_vectors"]["layer"],
         formats=config["figures"]["formats"],
     log:
-        "logs/task_vectors/{model}/{dataset}.log",
+        "logs/plot_task_vectors/{model}/{dataset}.log",
     conda:
         "../../envs/core.yaml"
     script:
-        "../scripts/task_vectors.py"
-
+        "../scripts/plot_task_vectors.py"
