@@ -187,9 +187,10 @@ def draw_patching_heatmaps(summary: pd.DataFrame, labels: Mapping[int, Sequence[
             ax.set_title(f"{COMPONENT_TITLES.get(comp, comp)} ({comp})", fontsize=8)
         _interval_panel(axes[gi][-1], g, comps, lab)
         n_pairs = int(g["n_pairs"].max())
+        first_title = axes[gi][0].get_title()
+        axes[gi][0].set_title("")
         axes[gi][0].set_title(f"{n_tok}-token prompts, {n_pairs} pair{'s' if n_pairs != 1 else ''}"
-                              f"{_corrupted_where(pairs, n_tok)}\n{axes[gi][0].get_title()}", fontsize=8,
-                              loc="left")
+                              f"{_corrupted_where(pairs, n_tok)}\n{first_title}", fontsize=8, loc="left")
     cb = fig.colorbar(im, ax=axes, shrink=0.6, extend="both", pad=0.01, location="left")
     cb.set_label(f"mean {metric} over pairs" + (" (1 = clean answer restored, 0 = no effect)"
                                                 if metric == "recovery" else ""), fontsize=8)
@@ -297,9 +298,11 @@ def draw_generation_heatmap(summary: pd.DataFrame, labels: Mapping[int, Sequence
             ax.set_title(f"{COMPONENT_TITLES.get(comp, comp)} ({comp})", fontsize=8)
         first = g.iloc[0]
         who = "every pair" if n_tok == 0 else f"{n_tok}-token prompts"
+        first_title = axes[gi][0].get_title()
+        axes[gi][0].set_title("")
         axes[gi][0].set_title(f"{who}, {int(g['n_pairs'].max())} pairs; clean answer without patching: "
                               f"{first['unpatched_rate']:.2f} (clean run {first['clean_run_rate']:.2f})\n"
-                              f"{axes[gi][0].get_title()}", fontsize=8, loc="left")
+                              f"{first_title}", fontsize=8, loc="left")
     cb = fig.colorbar(im, ax=axes, shrink=0.6, pad=0.01, location="left")
     cb.set_label("recovery rate: share of pairs whose generated answer is the clean one", fontsize=8)
     fig.suptitle(f"Generation patching: {experiment}   (model: {model})\n"
