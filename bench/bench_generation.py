@@ -6,7 +6,7 @@ produce identical tables (checked). Arms are interleaved (A B A B ...) so that l
 processes hits both alike; the reported ratio is median(one at a time) / median(batched).
 Model loading is excluded; one warm-up generation runs first.
 
-    python bench/bench_generation.py                # 8 pairs, 4 components x 6 layers x (diff, gen1), 3 repeats
+    python bench/bench_generation.py    # 8 pairs, 4 components x 6 layers x (diff, gen1), 3 repeats
     python bench/bench_generation.py --pairs 4 --repeats 1
 """
 
@@ -62,7 +62,8 @@ def main() -> None:
     for k, v in times.items():
         print(f"{k:14s} runs {['%.2f' % x for x in v]} s, median {med[k]:.2f} s, "
               f"{n * args.max_new_tokens / med[k]:.0f} generated tokens/s ({n} generations)")
-    print(f"speed-up batched vs one at a time: {med['one_at_a_time'] / med['batched']:.1f}x (identical tables)")
+    ratio = med["one_at_a_time"] / med["batched"]
+    print(f"speed-up batched vs one at a time: {ratio:.1f}x (identical tables)")
 
 
 if __name__ == "__main__":

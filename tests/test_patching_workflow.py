@@ -56,7 +56,8 @@ def test_patching_outputs_and_what_reruns(tmp_path):
                  lambda c: c["precision"].update(half_width=0.05)):
         edit(cfg)
         _write(work, cfg)
-        assert job_counts(run_snakemake(work, *_targets(cfg), "-n").stdout) == {"patching": 1, "plot_patching": 1}
+        counts = job_counts(run_snakemake(work, *_targets(cfg), "-n").stdout)
+        assert counts == {"patching": 1, "plot_patching": 1}
 
     # Generation off: the generation keys no longer reach the compute job's params.
     cfg["patching"]["generation"]["enabled"] = False

@@ -57,6 +57,7 @@ def _small_config(work, **model_overrides):
     cfg["probes"].update(n_repeats=1, n_permutations=20, n_random_directions=5, generalization={})
     cfg["task_vectors"].update(n_boot=200, layer=3)
     cfg["patching"].update(components=["resid_post"], positions=2, heads=False)
+    cfg["patching"]["generation"]["enabled"] = False  # covered by test_patching_workflow.py
     return cfg
 
 
@@ -118,4 +119,4 @@ def test_demo_run_and_rerun_only_changed_layers(tmp_path):
     _write(work, cfg)
     counts = job_counts(run_snakemake(work, "-n").stdout)
     assert counts == {**per_layer_aggregates, "cache_activations": 2, "extract_layer": 6, "train_probe": 6,
-                      "patching": 1}
+                      "patching": 1, "plot_patching": 1}

@@ -298,8 +298,8 @@ def _generation_patching(bridge, pairs, result, ld_summary, out, gen: Mapping[st
     t0 = time.perf_counter()
     layers = gen["layers"] if gen["layers"] != "all" else range(int(bridge.cfg.n_layers))
     rows = G.generation_sweep(
-        G.BridgeStepper(bridge), bridge.tokenizer, pairs, components=gen["components"] or settings["components"],
-        layers=layers, positions=gen["positions"], ranges=gen["ranges"], max_new_tokens=gen["max_new_tokens"],
+        G.BridgeStepper(bridge), bridge.tokenizer, pairs,
+        components=gen["components"] or settings["components"], layers=layers, positions=gen["positions"], ranges=gen["ranges"], max_new_tokens=gen["max_new_tokens"],
         answer_regex=gen["answer_regex"], prepend_bos=model["bos"], batch_size=batch_size, log=log)
     summary = G.summarize_generation(rows, precision)
     summary = G.add_logit_recovery(summary, ld_summary, G.length_map(rows, result.pairs))

@@ -69,7 +69,8 @@ COMPONENTS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 BASELINE = "unpatched"
 ROW_COLUMNS = (
     "pair_id", "n_tokens", "component", "layer", "position", "position_kind", "patched_positions",
-    "generated_text", "generated_ids", "answer", "matches_clean", "matches_corrupted", "clean_answer", "corrupted_answer",
+    "generated_text", "generated_ids", "answer", "matches_clean", "matches_corrupted", "clean_answer",
+    "corrupted_answer",
 )
 _GEN = re.compile(r"^gen(\d+)$")
 _GEN_RANGE = re.compile(r"^gen(\d+)-(\d+)$")
@@ -238,7 +239,8 @@ class GenCell:
 
 
 def position_kind(label: str) -> str:
-    """``"prompt"`` for a prompt index, ``"diff"``, ``"gen"`` for ``genK``, ``"range"`` for ``prompt``/``genA-B``."""
+    """Kind of a position label: ``"prompt"`` (an index), ``"diff"``, ``"gen"`` (``genK``) or ``"range"``
+    (``prompt``, ``genA-B``)."""
     if label == "diff":
         return "diff"
     if label == "prompt" or _GEN_RANGE.match(label):
@@ -372,19 +374,18 @@ def tokenize_pairs(tokenizer, pairs: pd.DataFrame, *, prepend_bos: bool, answer_
     for i in range(len(pairs)):
         rec = pairs.iloc[i]
         pid = str(rec["pair_id"])
-        cp, kp = tokenize_prompts(tokenizer, [str(rec["clean"]), str(rec["corrupted"])], prepend_bos=prepend_bos)
+        line = int(rec["source_line"]) if "source_line" in pairs.columns else None
+        where = {"file": pairs.attrs.get("source"), "line": line, "row": None if line else i + 1}
+        cp, kp = tokenize_prompts(tokenizer, [str(rec["clean"]), str(rec["corrupted"])],
+                                  prepend_bos=prepend_bos)
         if len(cp) != len(kp):
-            line = int(rec["source_line"]) if "source_line" in pairs.columns else None
-            raise InputError(f"pair {pid!r}: clean and corrupted prompts tokenize to different lengths (clean "
-                             f"{len(cp)} tokens, corrupted {len(kp)}); generation patching needs aligned prompts",
-                             file=pairs.attrs.get("source"), line=line, row=None if line else i + 1,
-                             field="corrupted")
+            raise InputError(f"pair {pid!r}: clean and corrupted prompts tokenize to different lengths "
+                             f"(clean {len(cp)} tokens, corrupted {len(kp)}); generation patching needs "
+                             "aligned prompts", field="corrupted", **where)
         ca, ka = (normalize_expected(str(rec[c]), answer_regex) for c in ("clean_answer", "corrupted_answer"))
         if ca == ka:
-            line = int(rec["source_line"]) if "source_line" in pairs.columns else None
-            raise InputError(f"pair {pid!r}: the answer rule reads the same answer {ca!r} from clean_answer and "
-                             "corrupted_answer", file=pairs.attrs.get("source"), line=line,
-                             row=None if line else i + 1, field="corrupted_answer")
+            raise InputError(f"pair {pid!r}: the answer rule reads the same answer {ca!r} from clean_answer "
+                             "and corrupted_answer", field="corrupted_answer", **where)
         out.append(GenPair(pid, cp, kp, ca, ka))
     return out
 
@@ -438,7 +439,8 @@ def _row(pair: GenPair, component: str, layer: int, position: str, kind: str, pa
     answer = extract_answer(text, answer_regex)
     return {"pair_id": pair.pair_id, "n_tokens": pair.n_tokens, "component": component, "layer": int(layer),
             "position": position, "position_kind": kind, "patched_positions": " ".join(map(str, patched)),
-            "generated_text": text, "generated_ids": ids, "answer": answer, "matches_clean": answer == pair.clean_answer,
+            "generated_text": text, "generated_ids": ids, "answer": answer,
+            "matches_clean": answer == pair.clean_answer,
             "matches_corrupted": answer == pair.corrupted_answer, "clean_answer": pair.clean_answer,
             "corrupted_answer": pair.corrupted_answer}
 
@@ -448,8 +450,8 @@ def _generated(tokenizer, ids) -> tuple[str, str]:
     return decode_generated(tokenizer, ids), " ".join(str(int(i)) for i in ids)
 
 
-def _chunk_rows(stepper, tokenizer, group: Sequence[GenPair], cells: Sequence[GenCell], settings: Mapping[str, Any],
-                stats: dict[str, int]) -> list[dict[str, Any]]:
+def _chunk_rows(stepper, tokenizer, group: Sequence[GenPair], cells: Sequence[GenCell],
+                settings: Mapping[str, Any], stats: dict[str, int]) -> list[dict[str, Any]]:
     """Every row of one chunk of equal-length pairs: the two unpatched runs, then each cell."""
     N, regex, k = settings["max_new_tokens"], settings["answer_regex"], len(group)
     T = group[0].n_tokens
@@ -480,8 +482,9 @@ def _chunk_rows(stepper, tokenizer, group: Sequence[GenPair], cells: Sequence[Ge
     return rows
 
 
-def generation_sweep(stepper: Stepper, tokenizer, pairs: pd.DataFrame, *, components: Sequence[str] = COMPONENTS,
-                     layers: Sequence[int], positions="all", ranges: Sequence[str] = ("prompt",),
+def generation_sweep(stepper: Stepper, tokenizer, pairs: pd.DataFrame, *,
+                     components: Sequence[str] = COMPONENTS, layers: Sequence[int], positions="all",
+                     ranges: Sequence[str] = ("prompt",),
                      max_new_tokens: int = 4, answer_regex: str = DEFAULT_ANSWER_REGEX,
                      prepend_bos: bool | str = "auto", batch_size: int = 64, source: str = "clean",
                      skip_identical: bool = True, log: Callable[[str], Any] | None = None) -> pd.DataFrame:
@@ -563,7 +566,7 @@ SUMMARY_COLUMNS = (
 
 
 def _pooled(rows: pd.DataFrame) -> pd.DataFrame:
-    """Rows of cells defined for every pair (diff, generation steps, ranges, unpatched) again with n_tokens 0."""
+    """Rows of cells every pair has (diff, generation steps, ranges, unpatched), again with n_tokens 0."""
     pool = rows[rows["position_kind"].isin(["diff", "gen", "range", "none"])].copy()
     pool["n_tokens"] = 0
     return pool
@@ -588,8 +591,9 @@ def summarize_generation(rows: pd.DataFrame, precision: Mapping[str, Any]) -> pd
     base = rows[rows["component"] == BASELINE]
     p0 = base[base["position"] == "corrupted_prompt"].groupby("n_tokens")["matches_clean"].mean()
     p_clean = base[base["position"] == "clean_prompt"].groupby("n_tokens")["matches_clean"].mean()
-    g = rows.groupby(keys, sort=False).agg(n_pairs=("matches_clean", "size"), n_clean=("matches_clean", "sum"),
-                                           n_corrupted=("matches_corrupted", "sum")).reset_index()
+    g = rows.groupby(keys, sort=False).agg(
+        n_pairs=("matches_clean", "size"), n_clean=("matches_clean", "sum"),
+        n_corrupted=("matches_corrupted", "sum")).reset_index()
     out = []
     for rec in g.itertuples(index=False):
         n, k = int(rec.n_pairs), int(rec.n_clean)
@@ -625,7 +629,8 @@ def length_map(rows: pd.DataFrame, sweep_pairs: pd.DataFrame) -> dict[int, int]:
     return out
 
 
-def add_logit_recovery(summary: pd.DataFrame, ld_summary: pd.DataFrame, lengths: Mapping[int, int]) -> pd.DataFrame:
+def add_logit_recovery(summary: pd.DataFrame, ld_summary: pd.DataFrame,
+                       lengths: Mapping[int, int]) -> pd.DataFrame:
     """Beside each prompt-position cell, the logit-difference recovery of the same cell (mean and
     bootstrap interval from :func:`layerscope.patching.summarize`); ``lengths`` from
     :func:`length_map`. NaN where the forward sweep has no such cell (``diff``, generation steps,

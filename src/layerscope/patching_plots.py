@@ -123,8 +123,8 @@ def _interval_panel(ax, g: pd.DataFrame, comps: Sequence[str], labels: Sequence[
         line = c[c["position"] == best].sort_values("layer")
         lo = (line["mean"] - line["ci_low"]).clip(lower=0)
         hi = (line["ci_high"] - line["mean"]).clip(lower=0)
-        ax.errorbar(line["layer"] + (k - len(comps) / 2) * 0.06, line["mean"], yerr=[lo, hi], marker="o", ms=3,
-                    capsize=2, lw=1, color=colours[k % len(colours)],
+        ax.errorbar(line["layer"] + (k - len(comps) / 2) * 0.06, line["mean"], yerr=[lo, hi], marker="o",
+                    ms=3, capsize=2, lw=1, color=colours[k % len(colours)],
                     label=f"{comp} at {_tick(labels, best)}")
     ax.axhline(0, color="0.6", lw=0.7)
     ax.axhline(1, color="0.6", lw=0.7, ls="--")
@@ -187,15 +187,17 @@ def draw_patching_heatmaps(summary: pd.DataFrame, labels: Mapping[int, Sequence[
             ax.set_title(f"{COMPONENT_TITLES.get(comp, comp)} ({comp})", fontsize=8)
         _interval_panel(axes[gi][-1], g, comps, lab)
         n_pairs = int(g["n_pairs"].max())
+        first_title = axes[gi][0].get_title()
+        axes[gi][0].set_title("")
         axes[gi][0].set_title(f"{n_tok}-token prompts, {n_pairs} pair{'s' if n_pairs != 1 else ''}"
-                              f"{_corrupted_where(pairs, n_tok)}\n{axes[gi][0].get_title()}", fontsize=8,
-                              loc="left")
+                              f"{_corrupted_where(pairs, n_tok)}\n{first_title}", fontsize=8, loc="left")
     cb = fig.colorbar(im, ax=axes, shrink=0.6, extend="both", pad=0.01, location="left")
     cb.set_label(f"mean {metric} over pairs" + (" (1 = clean answer restored, 0 = no effect)"
                                                 if metric == "recovery" else ""), fontsize=8)
     fig.suptitle(f"Activation patching (logit difference): {experiment}   (model: {model})\n"
-                 "clean activation patched into the corrupted run at one (layer, position); red * = token that "
-                 "differs between clean and corrupted; # = digit that varies across pairs", fontsize=9)
+                 "clean activation patched into the corrupted run at one (layer, position); "
+                 "red * = token that differs between clean and corrupted; # = digit that varies across pairs",
+                 fontsize=9)
     return fig
 
 
@@ -205,7 +207,8 @@ def draw_head_heatmap(summary: pd.DataFrame, *, model: str, experiment: str, met
     each cell annotated with the mean and its bootstrap interval."""
     s = summary[(summary["metric"] == metric) & (summary["component"] == HEAD_COMPONENT)]
     if s.empty:
-        raise LayerscopeError("no per-head results to plot (was the sweep run with heads=True on a model with hook_z?)")
+        raise LayerscopeError("no per-head results to plot (was the sweep run with heads=True on a model "
+                              "with hook_z?)")
     groups = sorted(int(n) for n in s["n_tokens"].unique())
     layers = sorted(int(L) for L in s["layer"].unique())
     heads = sorted(int(h) for h in s["head"].unique())
@@ -267,7 +270,8 @@ def draw_generation_heatmap(summary: pd.DataFrame, labels: Mapping[int, Sequence
     groups = sorted(int(n) for n in s["n_tokens"].unique())
     layers = sorted(int(L) for L in s["layer"].unique())
     n_pos = max(s[s["n_tokens"] == n]["position"].nunique() for n in groups)
-    fig = _figure(max(3.2, 0.62 * n_pos + 1.2) * len(comps) + 1.2, (0.42 * len(layers) + 1.9) * len(groups) + 1.0)
+    fig = _figure(max(3.2, 0.62 * n_pos + 1.2) * len(comps) + 1.2,
+                  (0.42 * len(layers) + 1.9) * len(groups) + 1.0)
     axes = fig.subplots(len(groups), len(comps), squeeze=False)
     cmap = colormaps["viridis"].with_extremes(bad="#d0d0d0")
     im = None
@@ -278,12 +282,13 @@ def draw_generation_heatmap(summary: pd.DataFrame, labels: Mapping[int, Sequence
         xl = [_tick(lab, int(p)) if p.lstrip("-").isdigit() else p for p in positions]
         for ci, comp in enumerate(comps):
             c = g[g["component"] == comp]
-            piv = {v: c.pivot_table(index="layer", columns="position", values=v, aggfunc="first", dropna=False)
-                   .reindex(index=layers, columns=positions) for v in ("recovery_rate", "ci_low", "ci_high",
-                                                                        "n_clean", "n_pairs")}
+            values = ("recovery_rate", "ci_low", "ci_high", "n_clean", "n_pairs")
+            piv = {v: c.pivot_table(index="layer", columns="position", values=v, aggfunc="first",
+                                    dropna=False).reindex(index=layers, columns=positions) for v in values}
             ax = axes[gi][ci]
             rate = piv["recovery_rate"].to_numpy(dtype=float)
-            im = ax.imshow(rate, cmap=cmap, vmin=0, vmax=1, origin="lower", aspect="auto", interpolation="nearest")
+            im = ax.imshow(rate, cmap=cmap, vmin=0, vmax=1, origin="lower", aspect="auto",
+                           interpolation="nearest")
             for (yi, xi), v in np.ndenumerate(rate):
                 if np.isfinite(v):
                     ax.text(xi, yi, f"{int(piv['n_clean'].iat[yi, xi])}/{int(piv['n_pairs'].iat[yi, xi])}\n"
@@ -297,13 +302,16 @@ def draw_generation_heatmap(summary: pd.DataFrame, labels: Mapping[int, Sequence
             ax.set_title(f"{COMPONENT_TITLES.get(comp, comp)} ({comp})", fontsize=8)
         first = g.iloc[0]
         who = "every pair" if n_tok == 0 else f"{n_tok}-token prompts"
+        first_title = axes[gi][0].get_title()
+        axes[gi][0].set_title("")
         axes[gi][0].set_title(f"{who}, {int(g['n_pairs'].max())} pairs; clean answer without patching: "
                               f"{first['unpatched_rate']:.2f} (clean run {first['clean_run_rate']:.2f})\n"
-                              f"{axes[gi][0].get_title()}", fontsize=8, loc="left")
+                              f"{first_title}", fontsize=8, loc="left")
     cb = fig.colorbar(im, ax=axes, shrink=0.6, pad=0.01, location="left")
     cb.set_label("recovery rate: share of pairs whose generated answer is the clean one", fontsize=8)
     fig.suptitle(f"Generation patching: {experiment}   (model: {model})\n"
-                 "clean activation patched into the corrupted run, then greedy generation; cell = pairs with the "
-                 "clean answer / pairs [95% Wilson interval]; genK = position of the K-th generated token",
+                 "clean activation patched into the corrupted run, then greedy generation; "
+                 "cell = pairs with the clean answer / pairs [95% Wilson interval]; "
+                 "genK = position of the K-th generated token",
                  fontsize=9)
     return fig

@@ -8,7 +8,8 @@ with job_logging(snakemake.log[0]) as log:
     formats = snakemake.params.formats
     names = {"model": snakemake.wildcards.model, "experiment": snakemake.wildcards.experiment}
     labels, pairs = pp.read_position_labels(snakemake.input.arrays)
-    summary = pd.read_csv(snakemake.input.summary, keep_default_na=False, na_values=[""], dtype={"token": str})
+    summary = pd.read_csv(snakemake.input.summary, keep_default_na=False, na_values=[""],
+                          dtype={"token": str})
     figures = {"heatmaps": pp.draw_patching_heatmaps(summary, labels, pairs=pairs, **names)}
     if "heads" in snakemake.output.keys():
         figures["heads"] = pp.draw_head_heatmap(summary, **names)
