@@ -429,3 +429,31 @@ def test_dose_response_figure(tmp_path):
     assert [Path(p).name for p in written] == ["f.png", "f.svg"]
     with pytest.raises(ValueError, match="only random"):
         plots._draw_steering_dose_response(effects[effects["source"] == "random"])
+
+
+def test_steering_job_end_to_end_is_reproducible(tmp_path):
+    """The job's glue: a file direction, prompts with fixed targets, generation; two runs, same bytes."""
+    np.save(tmp_path / "dir.npy", np.random.default_rng(3).standard_normal((6, 128)))
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompt_id,prompt\na,The capital of France is\nb,The capital of Japan is\n")
+    exp = {"prompts": str(prompts), "targets": {"positive": " Paris", "negative": " Tokyo"},
+           "direction": {"source": "file", "path": str(tmp_path / "dir.npy")}, "layers": [2],
+           "alphas": [-0.5, 0.5], "hook": "resid_post", "positions": -1, "neutral": str(DATA / "neutral.txt"),
+           "n_random": 10, "seed": 0, "max_new_tokens": 2}
+    model = {"source": str(DEMO), "dtype": "float32", "compatibility_mode": False, "bos": "auto"}
+    outs = []
+    for run in ("one", "two"):
+        out = {k: tmp_path / run / f"{k}.{'json' if k == 'summary' else 'csv'}"
+               for k in ("effects", "per_prompt", "norms", "generations", "summary")}
+        files = {"prompts": prompts, "neutral": DATA / "neutral.txt", "path": tmp_path / "dir.npy"}
+        summary = R.steering_experiment(files, out, model=model, experiment=exp, precision={}, device="cpu",
+                                        batch_size=64, threads=1, log=lambda m: None)
+        outs.append(out)
+    assert summary["layers"] == [2] and summary["alphas"] == [-0.5, 0.0, 0.5]
+    for k in outs[0]:
+        assert outs[0][k].read_bytes() == outs[1][k].read_bytes(), k
+    gens = pd.read_csv(outs[0]["generations"])
+    assert len(gens) == 3 * 2 and set(gens["alpha"]) == {-0.5, 0.0, 0.5}
+    assert gens[gens["alpha"] == 0]["starts_with_positive"].tolist() == [True, False]  # France -> Paris
+    effects = pd.read_csv(outs[0]["effects"])
+    assert (effects.loc[effects["alpha"] == 0, "value"] == 0).all()

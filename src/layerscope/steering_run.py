@@ -252,8 +252,9 @@ def steering_experiment(files: Mapping[str, Any], out: Mapping[str, PathLike], *
     write_csv(out["per_prompt"], res.per_prompt)
     write_csv(out["norms"], res.norms)
     write_csv(out["generations"], gens)
+    # Timings go to the log (and the benchmark file), not into summary.json: reruns give identical bytes.
+    log(f"sweep {time.perf_counter() - t1:.1f} s, whole job {wall:.1f} s")
     summary = dict(res.info, model=info, experiment=dict(experiment), precision=dict(precision),
-                   sweep_seconds=round(time.perf_counter() - t1, 2), wall_seconds=round(wall, 2),
                    headline=headline(res.effects), notes=res.notes)
     write_json(out["summary"], summary)
     return summary
