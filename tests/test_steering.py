@@ -457,3 +457,46 @@ def test_steering_job_end_to_end_is_reproducible(tmp_path):
     assert gens[gens["alpha"] == 0]["starts_with_positive"].tolist() == [True, False]  # France -> Paris
     effects = pd.read_csv(outs[0]["effects"])
     assert (effects.loc[effects["alpha"] == 0, "value"] == 0).all()
+
+
+class _HFEngine:
+    """A minimal engine with the forward contract of the native engine (``return_type="output"``):
+    plain HF GPT-2 tapped at ``blocks.L.hook_resid_post``. Used to test the KV-cache path of
+    :func:`layerscope.steering.generate`, which the bridge cannot take (it returns an empty cache)."""
+
+    def __init__(self, hf):
+        self.model, self.cfg = hf, type("cfg", (), {"n_layers": 6, "d_model": 128})()
+        self.hook_dict = {f"blocks.{L}.hook_resid_post": None for L in range(6)}
+        self.device = next(hf.parameters()).device
+
+    def hooks(self, fwd_hooks=()):
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            handles = []
+            for name, fn in fwd_hooks:
+                block = self.model.transformer.h[int(name.split(".")[1])]
+                handles.append(block.register_forward_hook(
+                    lambda m, a, out, fn=fn: (fn(out[0]),) + tuple(out[1:]) if isinstance(out, tuple) else fn(out)))
+            try:
+                yield self
+            finally:
+                for h in handles:
+                    h.remove()
+        return ctx()
+
+    def __call__(self, ids, attention_mask=None, return_type="logits", **kw):
+        out = self.model(input_ids=ids, attention_mask=attention_mask, **kw)
+        return out.logits if return_type == "logits" else out
+
+
+def test_kv_cache_generation_equals_recompute(hf_demo, demo_prompts):
+    engine = _HFEngine(hf_demo)
+    vec = torch.as_tensor(np.random.default_rng(9).standard_normal(128) * 3.0, dtype=torch.float64)
+    kw = dict(hook="blocks.2.hook_resid_post", vector=vec, position=-2)
+    cached, used = S.generate(engine, demo_prompts.ids, 5, **kw)
+    plain, not_used = S.generate(engine, demo_prompts.ids, 5, use_cache=False, **kw)
+    assert used and not not_used
+    assert cached == plain
+    assert cached != S.generate(engine, demo_prompts.ids, 5, use_cache=False)[0]  # steering acts
