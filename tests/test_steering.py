@@ -477,8 +477,9 @@ class _HFEngine:
             handles = []
             for name, fn in fwd_hooks:
                 block = self.model.transformer.h[int(name.split(".")[1])]
-                handles.append(block.register_forward_hook(
-                    lambda m, a, out, fn=fn: (fn(out[0]),) + tuple(out[1:]) if isinstance(out, tuple) else fn(out)))
+                def post(m, a, out, fn=fn):
+                    return (fn(out[0]),) + tuple(out[1:]) if isinstance(out, tuple) else fn(out)
+                handles.append(block.register_forward_hook(post))
             try:
                 yield self
             finally:
