@@ -108,9 +108,14 @@ def worker(method: str, model_dir: Path, n: int, out_dir: Path, threads: int | N
     res: dict = {"method": method, "n_prompts": n, "threads": torch.get_num_threads()}
 
     if method in ("seed", "store"):
-        from layerscope.activations import cache_store, extract_layer, load_model, tokenize_prompts
+        from layerscope.activations import cache_store, extract_layer, load_engine, load_model, tokenize_prompts
 
-        bridge, info = load_model(str(model_dir), device="cpu")
+        # the seed loop is TransformerLens's run_with_cache; the store takes the workflow's default engine
+        if method == "seed":
+            bridge, info = load_model(str(model_dir), device="cpu")
+        else:
+            bridge, info = load_engine(str(model_dir), device="cpu")
+            res["engine"] = info["engine"]
         ids = tokenize_prompts(bridge.tokenizer, texts, prepend_bos=True)
         res["tokens"] = sum(len(x) for x in ids)
         bridge(torch.tensor([ids[0]]), return_type=None)  # warm-up (lazy weights, allocator)
@@ -135,7 +140,7 @@ def worker(method: str, model_dir: Path, n: int, out_dir: Path, threads: int | N
             for _ in range(repeats):
                 c0, t0 = time.process_time(), time.perf_counter()
                 cache_store(bridge, pids, texts, ["x"] * n, store, components=["resid_post"], poolings=["mean"],
-                            batch_size=BATCH, model_info=info, log=lambda m: None)
+                            batch_size=BATCH, model_info=info, log=lambda m: None, self_check=0)
                 _record(res, time.perf_counter() - t0, time.process_time() - c0)
             t1 = time.perf_counter()
             for L in LAYERS:

@@ -46,7 +46,7 @@ def _model_dir(tmp_path, n_layer=4, tokenizer=True):
     root = tmp_path / "m"
     root.mkdir()
     (root / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": n_layer}))
-    (root / "model.safetensors").write_bytes(b"x")
+    (root / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")  # a valid, empty safetensors file
     if tokenizer:
         (root / "tokenizer.json").write_text("{}")
     return root

@@ -209,6 +209,47 @@ def base(draw, t: Target) -> tuple[list[dict], list[bool]]:
     return recs, truths
 
 
+def oracle_labels(values: list) -> list[str] | None:
+    """The documented label rule, written independently of layerscope: stripped text, booleans
+    (any casing, JSON booleans, and 0/1 beside them) as true/false, numbers compared as numbers.
+    None when the column mixes booleans with text or with numbers other than 0/1 (refused)."""
+    typed = []
+    for v in values:
+        if isinstance(v, bool):
+            typed.append(("b", v))
+        elif isinstance(v, (int, float)):
+            typed.append(("n", float(v)))
+        elif v.strip().lower() in ("true", "false"):
+            typed.append(("b", v.strip().lower() == "true"))
+        elif v.strip() and set(v.strip()) <= set("0123456789+-.eE") and _float_or_none(v.strip()) is not None:
+            typed.append(("n", float(v.strip())))
+        else:
+            typed.append(("t", v.strip()))
+    kinds = {k for k, _ in typed}
+    if "b" in kinds and ("t" in kinds or any(k == "n" and x not in (0.0, 1.0) for k, x in typed)):
+        return None
+    as_bool = "b" in kinds
+    return [("true" if x else "false") if k == "b" or (as_bool and k == "n")
+            else (str(int(x)) if x.is_integer() else repr(x)) if k == "n" else x for k, x in typed]
+
+
+def _float_or_none(s: str) -> float | None:
+    try:
+        return float(s)
+    except ValueError:
+        return None
+
+
+def labelled_case(t: Target, recs: list[dict], raw_labels: list, done, rendered, line=None):
+    """An 'exact' case whose expected labels follow the label rule, or the refusal of a mixed column."""
+    expected = oracle_labels(raw_labels)
+    if expected is None:
+        return done(rendered, line=None, field=t.label_col, words=("mix", f"line {line}"))
+    for r, label in zip(recs, expected):
+        r[t.label_col] = label
+    return done(rendered, "exact")
+
+
 def bad_label_outcome(t: Target, as_label, as_truth):
     """(must_fail, expected stored value) for a label fault."""
     if t.kind == "labelled":
@@ -301,6 +342,8 @@ def csv_case(draw, t: Target, fault: str) -> Case:
         fails, _ = bad_label_outcome(t, as_label, as_truth)
         if fails:
             return done(csv_rows(t, recs), line=row_line, field=t.label_col)
+        if t.kind == "labelled":
+            return labelled_case(t, recs, [r[t.label_col] for r in recs], done, csv_rows(t, recs), row_line)
         return done(csv_rows(t, recs), "exact")
     if fault == "unicode_ids_and_texts":
         recs[i][t.id_col] = recs[i][t.id_col] + ":" + draw(UNICODE)
@@ -392,6 +435,9 @@ def jsonl_case(draw, t: Target, fault: str) -> Case:
         fails, expected = bad_label_outcome(t, as_label, as_truth)
         if fails:
             return done(lines, field=t.label_col)
+        if t.kind == "labelled":
+            raw = [json.loads(token) if k == i else r[t.label_col] for k, r in enumerate(recs)]
+            return labelled_case(t, recs, raw, done, lines, i + 1)
         recs[i][t.label_col] = expected
         return done(lines, "exact")
     if fault == "unicode_ids_and_texts":

@@ -282,7 +282,8 @@ def test_label_mean_cosine_matches_numpy():
 def test_metric_vs_layer_content():
     fig = plots._draw_metric_vs_layer(_summary(), metric="accuracy", model="m", dataset="d", n_layers=12)
     ax = fig.axes[0]
-    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    legend = fig.legends[0]  # below the axes, off the interval bands (issue 13)
+    texts = [t.get_text() for t in legend.get_texts()]
     assert "resid_post / last  (best: layer 8, 0.870)" in texts
     assert "resid_post / mean  (best: layer 8, 0.890)" in texts
     assert "chance (0.50)" in texts and "majority baseline (0.60)" in texts and "95% CI" in texts

@@ -94,7 +94,7 @@ def test_demo_run_and_rerun_only_changed_layers(tmp_path):
     # Adding a layer: no forward pass; that layer's file and probes, and the cross-layer aggregates.
     # (Every config edit also rewrites the run manifest, which records the config.)
     per_layer_aggregates = {"layer_index": 2, "probe_summary": 2, "activation_stats": 2, "plot_probes": 2,
-                            "plot_geometry": 2, "task_vectors": 1, "manifest": 1, "all": 1}
+                            "plot_geometry": 2, "task_vectors": 1, "plot_task_vectors": 1, "manifest": 1, "all": 1}
     cfg["models"]["demo"]["layers"] = [1, 2, 3, 5]
     _write(work, cfg)
     counts = job_counts(run_snakemake(work, "-n").stdout)

@@ -107,23 +107,128 @@ def load_model(
     kwargs: dict[str, Any] = {"device": dev, "dtype": tdtype}
     if revision:
         kwargs["revision"] = revision
+    refusal = bridge_refusal(source, revision)
+    if refusal:
+        raise LayerscopeError(f"engine: bridge cannot run {source}: {refusal}")
     try:
         bridge = TransformerBridge.boot_transformers(os.fspath(source), **kwargs)
     except (OSError, ValueError) as exc:
         raise LayerscopeError(f"could not load model {source!r}: {exc}") from exc
+    except Exception as exc:  # an adapter that cannot map this layout: name it, no raw traceback
+        raise LayerscopeError(f"TransformerBridge {_tl_version()} cannot boot {source!r} "
+                              f"({_arch_name(source, revision)}): {type(exc).__name__}: {exc}; "
+                              "use engine: native") from exc
     if compatibility_mode:
         bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.eval()
     bridge.original_model.eval()
+    # The bridge rewrites the tokenizer (Qwen: BOS := EOS); BOS decisions use the model's own files.
+    bridge.layerscope_tokenizer = _own_tokenizer(source, revision, fallback=bridge.tokenizer)
     info = describe_model(bridge, source=source, revision=revision, dtype=tdtype, device=dev,
                           compatibility_mode=compatibility_mode)
+    info["engine"] = "bridge"
     return bridge, info
+
+
+def _hf_config(source, revision):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(os.fspath(source), **({"revision": revision} if revision else {}))
+
+
+def _arch_name(source, revision) -> str:
+    try:
+        config = _hf_config(source, revision)
+    except (OSError, ValueError):
+        return "unknown architecture"
+    return (getattr(config, "architectures", None) or [config.model_type])[0]
+
+
+def bridge_refusal(source, revision=None) -> str | None:
+    """Layouts where the TransformerBridge (4.3) is known to be wrong or not to boot, found by the
+    architecture matrix (tests/test_architectures.py); None where it is fine or unknown."""
+    try:
+        config = _hf_config(source, revision)
+    except (OSError, ValueError):
+        return None  # let the boot itself report it
+    if config.model_type == "falcon" and config.new_decoder_architecture:
+        return ("Falcon with new_decoder_architecture: the bridge's joint-QKV split does not fit its grouped "
+                "K/V heads and it cannot boot")
+    if config.model_type == "falcon" and config.alibi:
+        return ("Falcon with ALiBi: the bridge's activations differ from transformers' (relative 0.04-0.17 "
+                "on a tiny random model)")
+    return None
+
+
+def _own_tokenizer(source, revision, fallback):
+    from transformers import AutoTokenizer
+
+    try:
+        kw = {"revision": revision} if revision else {}
+        return AutoTokenizer.from_pretrained(os.fspath(source), **kw)
+    except (OSError, ValueError):
+        return fallback
+
+
+ENGINES = ("auto", "native", "bridge")
+
+
+def load_engine(
+    source: str,
+    *,
+    engine: str = "auto",
+    components: Sequence[str] = (),
+    dtype: str = "float32",
+    device: str = "auto",
+    compatibility_mode: bool = False,
+    revision: str | None = None,
+    log: Callable[[str], Any] | None = None,
+):
+    """The model to cache with: the native engine (plain HF model, SDPA, hooks on its modules; see
+    :mod:`layerscope.engine`) or the TransformerBridge. ``engine: auto`` takes the native one unless
+    compatibility_mode is on (folded LayerNorm exists only in the bridge) or the layout has no native
+    tap point for a requested component; ``native`` refuses those cases by name. Returns ``(model, info)``.
+    """
+    from . import engine as native
+
+    if engine not in ENGINES:
+        raise LayerscopeError(f"engine {engine!r} not understood; expected one of {list(ENGINES)}")
+    reason = _native_refusal(source, revision, components, compatibility_mode) if engine != "bridge" else None
+    if engine == "native" and reason:
+        raise LayerscopeError(f"engine: native cannot run {source}: {reason}")
+    if engine == "bridge" or reason:
+        if reason and log:
+            log(f"engine: bridge ({reason})")
+        return load_model(source, dtype=dtype, device=device, compatibility_mode=compatibility_mode,
+                          revision=revision)
+    dev = resolve_device(device)
+    tdtype = torch_dtype(dtype)
+    model = native.load_native(source, dtype=tdtype, device=dev, revision=revision)
+    info = describe_model(model, source=source, revision=revision, dtype=tdtype, device=dev,
+                          compatibility_mode=False)
+    info.update(engine="native", attn_implementation=str(model.attn_implementation))
+    return model, info
+
+
+def _native_refusal(source, revision, components, compatibility_mode) -> str | None:
+    """Why the native engine cannot serve this request (None if it can)."""
+    from . import engine as native
+
+    if compatibility_mode:
+        return "compatibility_mode (folded LayerNorm) exists only in the bridge"
+    try:
+        config = _hf_config(source, revision)
+        have = native.supported_components(config)
+    except (OSError, ValueError, LayerscopeError) as exc:
+        return str(exc)
+    missing = [c for c in components if c not in have]
+    return native.why_unsupported(config, missing[0]) if missing else None
 
 
 def describe_model(bridge, *, source: str | None = None, revision: str | None = None, dtype=None,
                    device: str | None = None, compatibility_mode: bool | None = None) -> dict[str, Any]:
-    """The ``info`` dict of :func:`load_model` for an already booted bridge."""
-    hf = getattr(bridge, "original_model", None)
+    """The ``info`` dict of :func:`load_model` for an already booted bridge (or native engine)."""
+    hf = getattr(bridge, "original_model", None) or getattr(bridge, "model", None)
     config = getattr(hf, "config", None)
     name_or_path = getattr(config, "_name_or_path", None) or ""
     source = source if source is not None else (name_or_path or "unknown")
@@ -133,7 +238,7 @@ def describe_model(bridge, *, source: str | None = None, revision: str | None = 
         revision = "local" if os.path.isdir(os.fspath(source)) else None
     if dtype is None:
         try:
-            dtype = next(bridge.original_model.parameters()).dtype
+            dtype = next(hf.parameters()).dtype
         except (StopIteration, AttributeError):
             dtype = "unknown"
     arch = getattr(bridge.cfg, "architecture", None)
@@ -159,12 +264,32 @@ def describe_model(bridge, *, source: str | None = None, revision: str | None = 
 # tokenization
 
 
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the model's own tokenizer puts BOS first: it defines a BOS token and either adds it
+    when encoding (Llama, DeepSeek-R1-Distill-Qwen, Gemma, OPT) or, GPT-2 style, adds no special
+    token at all while its BOS is also its EOS document separator (GPT-2, Pythia, Phi: the
+    TransformerLens convention, kept). A tokenizer without a BOS token (Qwen2.5, Qwen3) -> False.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    try:
+        with_special = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+        plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    except (TypeError, KeyError, ValueError):  # a minimal tokenizer object: trust its BOS token
+        return True
+    if with_special and with_special[0] == bos:
+        return True
+    return bos == getattr(tokenizer, "eos_token_id", None) and with_special == plain
+
+
 def resolve_bos(tokenizer, policy: str | bool = "auto") -> bool:
-    """``bos: auto | true | false`` -> whether to prepend BOS. ``auto``: iff the tokenizer has one."""
+    """``bos: auto | true | false`` -> whether to prepend BOS. ``auto``: iff the model's own
+    tokenizer puts one first (:func:`tokenizer_adds_bos`)."""
     if isinstance(policy, str):
         p = policy.strip().lower()
         if p == "auto":
-            return getattr(tokenizer, "bos_token_id", None) is not None
+            return tokenizer_adds_bos(tokenizer)
         if p in ("true", "yes", "1"):
             policy = True
         elif p in ("false", "no", "0"):
@@ -277,6 +402,19 @@ def _token_ids(tokenizer, texts: Sequence[str], rows: Iterable[int], prepend: bo
     return out
 
 
+def _stop_exception(model) -> type:
+    """The exception a hook raises to end a forward pass early, as the model catches it."""
+    exc = getattr(model, "stop_exception", None)
+    if exc is None:
+        from transformer_lens.model_bridge.exceptions import StopAtLayerException as exc
+    return exc
+
+
+def _model_device(model):
+    hf = getattr(model, "original_model", None) or getattr(model, "model", None)
+    return next(iter(hf.parameters())).device
+
+
 def hook_name(component: str, layer: int) -> str:
     return HOOKS[component].format(L=layer)
 
@@ -320,6 +458,7 @@ def cache_store(
     progress_every_s: float = 10.0,
     stop_early: bool = True,
     shard: tuple[int, int] | None = None,
+    self_check: int = 4,
 ) -> dict[str, Any]:
     """Run all prompts through ``bridge`` once; write pooled vectors of every layer to ``out_path``.
 
@@ -334,11 +473,14 @@ def cache_store(
     ``shard=(i, n)`` computes only shard ``i`` of ``n`` (see :func:`shard_batches`) and writes a
     *shard* file holding just its prompts; :func:`layerscope.h5cache.gather_shards` joins the
     shards into a store equal, array for array, to the unsharded one.
+    ``self_check``: how many prompts (the longest, the shortest, ...) the parity self-check
+    recomputes with plain ``transformers`` before the file is renamed into place (0 = off; see
+    :mod:`layerscope.parity`); the largest difference goes into the attributes and the log.
     Returns a small summary dict (n_prompts, n_tokens, seconds, tokens_per_s, batches).
     """
     import torch
-    from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
+    StopAtLayerException = _stop_exception(bridge)
     log = log or (lambda msg: None)
     components = _check_choices(components, h5cache.COMPONENTS, "component")
     poolings = _check_choices(poolings, h5cache.POOLINGS, "pooling")
@@ -386,7 +528,7 @@ def cache_store(
             )
 
     # --- tokens --------------------------------------------------------------------------------
-    tokenizer = bridge.tokenizer
+    tokenizer = getattr(bridge, "layerscope_tokenizer", None) or bridge.tokenizer
     bos_policy = prepend_bos
     prepend = resolve_bos(tokenizer, prepend_bos)
     # A shard keeps only the lengths of other shards' prompts (for the global batch plan), so its
@@ -410,6 +552,12 @@ def cache_store(
         pad_id = getattr(tokenizer, "eos_token_id", None) or 0  # value irrelevant: masked, right of real tokens
     batches = make_batches(lengths, batch_size, max_tokens_per_batch)
     n_total = n
+    # The self-check sample is drawn from the whole table, so that shards check the same prompts
+    # as the unsharded job (each shard those it holds; gather_store keeps the largest difference).
+    from . import parity
+
+    check_rows = parity.sample_rows(lengths, int(self_check or 0))
+    check_pids = [prompt_ids[i] for i in check_rows]
     if shard is not None:
         # Keep only this shard's prompts (ascending table order) and renumber them; each batch
         # keeps its members and their order, so its input tensor is the unsharded one.
@@ -421,6 +569,7 @@ def cache_store(
             [seq[i] for i in rows] for seq in (prompt_ids, texts, labels, lengths, n_pooled)
         )
         ids = _token_ids(tokenizer, texts, range(len(rows)), prepend, keep=True)
+        check_rows = [local[i] for i in check_rows if i in local]
         if groups is not None:
             groups = [groups[i] for i in rows]
         n = len(rows)
@@ -483,12 +632,13 @@ def cache_store(
         "poolings": poolings,
         "token_level_layers": token_level_layers,
         "pad_side": "right",
+        "engine": str(info.get("engine", "native" if hasattr(bridge, "layout") else "bridge")),
     }
     if shard is not None:
         attrs.update(kind="shard", shard_index=int(shard[0]), n_shards=int(shard[1]), n_prompts_total=n_total,
                      batch_size=int(batch_size), max_tokens_per_batch=int(max_tokens_per_batch or 0))
 
-    device = next(iter(bridge.original_model.parameters())).device
+    device = _model_device(bridge)
     total_real = int(sum(lengths))
     if shard is not None:
         log(f"cache_store: shard {shard[0]} of {shard[1]} (numbered from 0): {n} of {n_total} prompts")
@@ -527,6 +677,7 @@ def cache_store(
                 f.create_dataset("shard_rows", data=np.asarray(rows, dtype=np.int64))
             h5cache.write_strings(f, "prompt_id", prompt_ids)
             h5cache.write_strings(f, "label", labels)
+            h5cache.write_strings(f, "text_sha1", h5cache.text_hashes(texts))  # the cache's key (not labels)
             if groups is not None:
                 h5cache.write_strings(f, "group", groups)
             f.create_dataset("n_tokens", data=np.asarray(lengths, dtype=np.int32))
@@ -546,32 +697,59 @@ def cache_store(
                     )
                     f.create_dataset(f"{c}/none/offsets", data=offsets)
 
+            def forward(batch: list[int], T: int) -> dict:
+                """One padded forward pass of ``batch`` (width ``T``); the pooled vectors it captured."""
+                B = len(batch)
+                input_ids = torch.full((B, T), int(pad_id), dtype=torch.long)
+                mask = torch.zeros((B, T), dtype=torch.long)
+                for r, i in enumerate(batch):
+                    input_ids[r, : lengths[i]] = torch.from_numpy(ids[i])
+                    mask[r, : lengths[i]] = 1
+                input_ids = input_ids.to(device)
+                mask = mask.to(device)
+                pool_mask = mask.bool().clone()
+                pool_mask[:, :skip] = False
+                state["pool_mask"] = pool_mask
+                state["counts"] = pool_mask.sum(dim=1, keepdim=True).float()
+                state["rows"] = torch.arange(B, device=device)
+                state["last"] = torch.tensor([lengths[i] - 1 for i in batch], device=device)
+                state["captured"] = {}
+                bridge(input_ids, attention_mask=mask, return_type=None)
+                captured = state.pop("captured")
+                if len(captured) != len(fwd_hooks):
+                    keys = [(c, L) for L in range(n_layers) for c in components]
+                    missing = [h for (h, _), key in zip(fwd_hooks, keys) if key not in captured]
+                    raise LayerscopeError(f"hooks did not fire: {_names(missing)}")
+                return captured
+
+            def run(batch: list[int], T: int) -> None:
+                """Forward and write ``batch``; on CUDA out-of-memory, halve it and retry each half at the
+                same width ``T`` (each row then sees exactly the input it had in the whole batch)."""
+                try:
+                    captured = forward(batch, T)
+                except torch.cuda.OutOfMemoryError as exc:
+                    state.pop("captured", None)
+                    if len(batch) == 1:
+                        raise LayerscopeError(
+                            f"CUDA out of memory on prompt {prompt_ids[batch[0]]} ({lengths[batch[0]]} tokens) "
+                            "alone: use a smaller dtype, a bigger GPU or shorter prompts") from exc
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    half = len(batch) // 2
+                    log(f"cache_store: CUDA out of memory on a batch of {len(batch)} prompts x {T} tokens; "
+                        f"retrying it as {half} + {len(batch) - half} "
+                        "(lower max_tokens_per_batch to avoid this)")
+                    run(batch[:half], T)
+                    run(batch[half:], T)
+                    return
+                _write_batch(batch, captured, components, poolings, n_layers, pooled_ds, token_ds,
+                             tl_index, offsets, dtype_out, prompt_ids, overflow_hint)
+                del captured  # one batch of activations at a time
+
             with torch.inference_mode(), bridge.hooks(fwd_hooks=fwd_hooks):
                 for batch in batches:
                     B = len(batch)
-                    T = max(lengths[i] for i in batch)
-                    input_ids = torch.full((B, T), int(pad_id), dtype=torch.long)
-                    mask = torch.zeros((B, T), dtype=torch.long)
-                    for r, i in enumerate(batch):
-                        input_ids[r, : lengths[i]] = torch.from_numpy(ids[i])
-                        mask[r, : lengths[i]] = 1
-                    input_ids = input_ids.to(device)
-                    mask = mask.to(device)
-                    pool_mask = mask.bool().clone()
-                    pool_mask[:, :skip] = False
-                    state["pool_mask"] = pool_mask
-                    state["counts"] = pool_mask.sum(dim=1, keepdim=True).float()
-                    state["rows"] = torch.arange(B, device=device)
-                    state["last"] = torch.tensor([lengths[i] - 1 for i in batch], device=device)
-                    state["captured"] = {}
-                    bridge(input_ids, attention_mask=mask, return_type=None)
-                    captured = state.pop("captured")
-                    if len(captured) != len(fwd_hooks):
-                        missing = [h for (h, _), key in zip(fwd_hooks, [(c, L) for L in range(n_layers) for c in components])
-                                   if key not in captured]
-                        raise LayerscopeError(f"hooks did not fire: {_names(missing)}")
-                    _write_batch(batch, captured, components, poolings, n_layers, pooled_ds, token_ds,
-                                 tl_index, offsets, dtype_out, prompt_ids, overflow_hint)
+                    run(batch, max(lengths[i] for i in batch))
                     done_prompts += B
                     done_tokens += sum(lengths[i] for i in batch)
                     now = time.perf_counter()
@@ -582,6 +760,9 @@ def cache_store(
                             f"{done_tokens / el:.0f} tokens/s, {el:.1f} s"
                         )
                         last_log = now
+            if self_check:
+                h5cache.set_attrs(f, _self_check(bridge, f, ids, check_rows, check_pids, prompt_ids,
+                                                 int(self_check), skip, components, poolings, attrs, log))
             h5cache.mark_complete(f)
     seconds = time.perf_counter() - t0
     return {
@@ -592,6 +773,71 @@ def cache_store(
         "tokens_per_s": total_real / max(seconds, 1e-9),
         "prepend_bos": prepend,
     }
+
+
+def _reference_model(model, info: Mapping[str, Any]):
+    """The plain HF model the self-check recomputes with: the native engine's own model (it is
+    not wrapped), or for the bridge a separately loaded copy (the bridge swaps the HF submodules)."""
+    if hasattr(model, "layout"):
+        return model.model
+    from transformers import AutoModelForCausalLM
+
+    rev = info.get("model_revision")
+    kw = {"revision": rev} if rev and rev != "local" else {}
+    dtype = torch_dtype(info.get("dtype", "float32"))
+    hf = AutoModelForCausalLM.from_pretrained(info["model"], dtype=dtype, **kw)
+    return hf.to(_model_device(model)).eval()
+
+
+def _self_check(model, f, ids, rows, sample_pids, prompt_ids, k, skip, components, poolings, attrs,
+                log) -> dict:
+    """Recompute the sampled prompts (local ``rows`` of the open store ``f``) with plain transformers
+    and compare; raise naming architecture, component and difference beyond the tolerance."""
+    from . import parity
+
+    arch = attrs["architecture"]
+    if attrs["compatibility_mode"]:
+        log("parity self-check skipped: compatibility_mode folds LayerNorm, "
+            "so values are not plain transformers'")
+        return {"self_check": "skipped (compatibility_mode)"}
+    tol = parity.tolerance(attrs["dtype"], attrs["out_dtype"])
+    common = {"self_check": k, "self_check_tolerance": tol, "self_check_prompts": sample_pids}
+    if not rows:
+        log(f"parity self-check: none of its sample ({_names(sample_pids)}) is in this shard")
+        return common
+    hf = _reference_model(model, attrs)
+    try:
+        ref = {r: parity.reference_pass(hf, [int(t) for t in ids[r]]) for r in rows}
+    except LayerscopeError:
+        raise
+    except Exception as exc:  # an architecture the reference cannot tap: say so, never a traceback
+        raise LayerscopeError(f"parity self-check could not recompute architecture {arch}: "
+                              f"{type(exc).__name__}: {exc}; set self_check: 0 to skip it") from exc
+    missing = sorted({c for c in components for r in rows if (c, 0) not in ref[r]})
+    checked = [c for c in components if c not in missing]
+    cache: dict[tuple[str, str], np.ndarray] = {}
+
+    def stored(c, p, L, row):
+        if (c, p) not in cache:
+            cache[(c, p)] = f[f"{c}/{p}"][:, rows, :].astype(np.float64)
+        return cache[(c, p)][L, rows.index(row)]
+
+    worst = parity.compare(stored, ref, checked, poolings, attrs["n_layers"], skip)
+    biggest = max((v[0] for v in worst.values()), default=0.0)
+    log(f"parity self-check on {len(rows)} prompt(s) ({_names([prompt_ids[r] for r in rows])}): "
+        f"largest relative difference from plain transformers {biggest:.3g} "
+        f"(tolerance {tol:g} for {attrs['dtype']}); "
+        + ", ".join(f"{c} {v[0]:.2g}" for c, v in worst.items())
+        + (f"; not checked (no plain-transformers tap point): {missing}" if missing else ""))
+    for c, (d, L, r) in worst.items():
+        if d > tol:
+            raise LayerscopeError(
+                f"parity self-check failed: architecture {arch}, component {c}, layer {L}, "
+                f"prompt {prompt_ids[r]}: the {attrs.get('engine', 'model')} engine's values differ "
+                f"from plain transformers by {d:.3g} "
+                f"(relative; tolerance {tol:g} for {attrs['dtype']}). These activations are not trustworthy; "
+                "try the other engine (models.<name>.engine) or report the architecture")
+    return {**common, "self_check_max_diff": biggest}
 
 
 def _write_batch(batch, captured, components, poolings, n_layers, pooled_ds, token_ds, tl_index, offsets,
@@ -643,10 +889,12 @@ def _check_finite(arr: np.ndarray, component: str, pooling: str, batch: Sequence
 # per-layer files and the workflow entry point
 
 
-def extract_layer(store_path: str | os.PathLike, layer: int, out_path: str | os.PathLike) -> Path:
-    """Write ``layer`` of the store to ``out_path`` (``layer_{L}.h5`` layout), atomically."""
+def extract_layer(store_path: str | os.PathLike, layer: int, out_path: str | os.PathLike,
+                  table: str | os.PathLike | None = None) -> Path:
+    """Write ``layer`` of the store to ``out_path`` (``layer_{L}.h5`` layout), atomically; with
+    ``table``, labels and groups come from that prompt table (see :func:`h5cache.copy_layer`)."""
     with atomic_path(out_path) as tmp:
-        h5cache.copy_layer(store_path, int(layer), out_path, tmp)
+        h5cache.copy_layer(store_path, int(layer), out_path, tmp, table=table)
     return Path(out_path)
 
 
@@ -662,12 +910,16 @@ def cache_from_table(
     log: Callable[[str], Any] | None = print,
     max_tokens_per_batch: int | None = None,
     shard: tuple[int, int] | None = None,
+    engine: str = "auto",
+    self_check: int = 4,
 ) -> dict[str, Any]:
-    """Workflow entry point: prompt table CSV (prompt_id, text, label[, group]) -> store HDF5
+    """Workflow entry point: prompt table CSV (prompt_id, text[, label, group]) -> store HDF5
     (or, with ``shard=(i, n)``, shard ``i`` of ``n`` of it; see :func:`cache_store`).
 
     ``model``: source, revision, dtype, compatibility_mode, bos. ``activations``: components,
-    poolings, exclude_bos_from_pooling, token_level_layers, compression, out_dtype.
+    poolings, exclude_bos_from_pooling, token_level_layers, compression, out_dtype. ``engine``
+    (auto | native | bridge, see :func:`load_engine`) and ``self_check`` (prompts the parity
+    self-check recomputes, 0 = off) change the numbers only by float noise.
     """
     import pandas as pd
     import torch
@@ -678,27 +930,34 @@ def cache_from_table(
         df = pd.read_csv(table, dtype=str, keep_default_na=False)
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot read prompt table: {exc}", file=table) from exc
-    missing = [c for c in ("prompt_id", "text", "label") if c not in df.columns]
+    # The workflow caches from prompt ids and texts alone (labels are the prompt table's, joined
+    # when layers are extracted), so a relabel does not rerun the forward pass.
+    missing = [c for c in ("prompt_id", "text") if c not in df.columns]
     if missing:
         raise InputError(f"missing column(s) {missing}", file=table)
     if threads and device in ("cpu", "auto"):
         torch.set_num_threads(int(threads))
     t = time.perf_counter()
-    bridge, info = load_model(
+    bridge, info = load_engine(
         model["source"],
+        engine=engine or "auto",
+        components=act.get("components", ["resid_post"]),
         dtype=model.get("dtype", "float32") or "float32",
         device=device or "auto",
         compatibility_mode=bool(model.get("compatibility_mode", False)),
         revision=model.get("revision"),
+        log=log,
     )
     log(f"loaded {info['model']} ({info['architecture']}, {info['n_layers']} layers, d_model {info['d_model']}, "
-        f"{info['dtype']}, {info['device']}) in {time.perf_counter() - t:.1f} s")
+        f"{info['dtype']}, {info['device']}, engine {info['engine']}"
+        f"{', attention ' + info['attn_implementation'] if 'attn_implementation' in info else ''}) "
+        f"in {time.perf_counter() - t:.1f} s")
     bos = model.get("bos", "auto")
     return cache_store(
         bridge,
         df["prompt_id"].tolist(),
         df["text"].tolist(),
-        df["label"].tolist(),
+        df["label"].tolist() if "label" in df.columns else [""] * len(df),
         store_path,
         components=act.get("components", ["resid_post"]),
         poolings=act.get("poolings", ["mean", "last"]),
@@ -713,7 +972,23 @@ def cache_from_table(
         model_info=info,
         groups=df["group"].tolist() if "group" in df.columns else None,
         shard=shard,
+        self_check=int(self_check or 0),
     )
+
+
+def _gather_self_check(shard_paths, store_tmp) -> None:
+    """The store's self-check difference is the largest of its shards' (each checked the prompts of
+    the one table-wide sample that it holds), so it equals the unsharded job's."""
+    import h5py
+
+    diffs = []
+    for path in shard_paths:
+        with h5py.File(path, "r") as f:
+            if "self_check_max_diff" in f.attrs:
+                diffs.append(float(f.attrs["self_check_max_diff"]))
+    if diffs:
+        with h5py.File(store_tmp, "r+") as f:
+            f.attrs["self_check_max_diff"] = max(diffs)
 
 
 def gather_store(shard_paths: Sequence[str | os.PathLike], store_path: str | os.PathLike,
@@ -721,6 +996,7 @@ def gather_store(shard_paths: Sequence[str | os.PathLike], store_path: str | os.
     """Join the shard files of one (model, dataset) into its store, atomically."""
     with atomic_path(store_path) as tmp:
         info = h5cache.gather_shards(shard_paths, tmp, out_path=store_path)
+        _gather_self_check(shard_paths, tmp)
     if log:
         log(f"gathered {len(shard_paths)} shard(s), {info['n_prompts']} prompts, into {store_path}")
     return Path(store_path)

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError, LayerscopeError
 
 DATASET_FILE_KEYS = {
     "phase2": ("scores", "responses"),
@@ -87,6 +87,65 @@ def _duplicate_keys(node: Any, parts: list[Any], file: str, seen: set[int]) -> N
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             _duplicate_keys(item, [*parts, i], file, seen)
+
+
+# ---------------------------------------------------------------------------------------------------
+# YAML syntax: Snakemake says only "not valid JSON or YAML"; this names the file, line and column
+
+
+def check_yaml_syntax(path: str | os.PathLike) -> None:
+    """Raise InputError naming ``path``, the line and the column of a YAML syntax error."""
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"not UTF-8 text (byte {exc.start})", file=path) from None
+    except OSError as exc:
+        raise InputError(f"cannot be read ({exc.strerror})", file=path) from None
+    try:
+        yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        column = f" (column {mark.column + 1})" if mark is not None else ""
+        what = " ".join(str(p) for p in (getattr(exc, "context", None), getattr(exc, "problem", None)) if p)
+        raise InputError(f"invalid YAML{column}: {what or exc}; check the indentation (spaces only, no tabs) "
+                         "of this line and the one before", file=path,
+                         line=mark.line + 1 if mark is not None else None) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m layerscope.config my.yaml [more.yaml ...]``: check config files as the workflow
+    would (YAML syntax with file and line, then schema and files), merged in order."""
+    import sys
+
+    import yaml
+
+    paths = list(sys.argv[1:] if argv is None else argv)
+    if not paths:
+        print("usage: python -m layerscope.config CONFIG.yaml [MORE.yaml ...]", file=sys.stderr)
+        return 2
+    schema = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+    try:
+        merged: dict[str, Any] = {}
+        for path in paths:
+            check_yaml_syntax(path)
+            _merge(merged, yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {})
+        validate_config(merged, schema, configfiles=paths, base_dir=".")
+    except LayerscopeError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"ok: {', '.join(paths)}")
+    return 0
+
+
+def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    """Snakemake's merge of several config files: mappings recursively, anything else replaced."""
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -313,6 +372,86 @@ def resolve_layers(name: str, model: dict[str, Any], base_dir: str | Path = ".")
     return layers
 
 
+_MAX_HEADER = 100 << 20  # a safetensors header is JSON of tensor names and offsets: megabytes at most
+
+
+def safetensors_problem(path: str | os.PathLike) -> str | None:
+    """What is wrong with the framing of a safetensors file, or None. Reads only its header, so a
+    dry run stays fast: the 8-byte header length, the JSON header, and whether the file is as long
+    as the tensors the header lists (a truncated download is shorter)."""
+    size = os.path.getsize(path)
+    if size < 8:
+        return f"{size} bytes: too short for a safetensors file"
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > min(size - 8, _MAX_HEADER):
+            return f"its header claims {n} bytes but the file has {size}: truncated or not a safetensors file"
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "its header is not valid safetensors JSON: the file is corrupt"
+    if 8 + n + end != size:
+        return f"{size} bytes, but its header lists tensors up to byte {8 + n + end}: truncated or corrupt"
+    return None
+
+
+def check_model_dir(root: Path, key: str) -> None:
+    """A local model directory must have a readable config.json and complete weights files."""
+    try:
+        json.loads((root / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(key, f"{root / 'config.json'} is not valid JSON ({exc}): save the model again") from None
+    weights = [p for pattern in _WEIGHT_GLOBS for p in sorted(root.glob(pattern))]
+    if not weights:
+        raise ConfigError(key, f"{root} has no weights (*.safetensors or *.bin): save the model with save_pretrained")
+    for path in weights:
+        problem = safetensors_problem(path) if path.suffix == ".safetensors" else None
+        if problem:
+            raise ConfigError(key, f"{path}: {problem}; download the model again (or save it again with "
+                                   "save_pretrained) and rerun")
+
+
+def context_length(source: str, base_dir: str | Path = ".") -> int | None:
+    """The longest input a local model takes (config.json), or None (hub id, or no limit given)."""
+    if not is_local_model(source, base_dir):
+        return None
+    try:
+        cfg = json.loads((Path(base_dir) / source / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if isinstance(cfg.get(key), int):
+            return cfg[key]
+    return None
+
+
+def fast_tokenizer_file(source: str, base_dir: str | Path = ".") -> str | None:
+    """A local model's tokenizer.json when the ``tokenizers`` package can read it here, else None."""
+    path = Path(base_dir) / source / "tokenizer.json"
+    if not is_local_model(source, base_dir) or not path.is_file():
+        return None
+    try:
+        import tokenizers  # noqa: F401  (only with the model extra)
+    except ImportError:
+        return None
+    return str(path)
+
+
+def check_prompt_lengths(dataset: str, longest: dict[str, list], models: dict[str, Any],
+                         base_dir: str | Path = ".") -> None:
+    """ConfigError when a dataset's longest prompt (plus BOS) exceeds a local model's context."""
+    for name, (n_tokens, prompt_id) in sorted(longest.items()):
+        limit = context_length(models[name]["source"], base_dir)
+        total = n_tokens + (0 if models[name].get("bos") is False else 1)
+        if limit is not None and total > limit:
+            raise ConfigError(
+                f"datasets.{dataset}",
+                f"prompt '{prompt_id}' is {total} tokens long (with BOS), longer than the {limit}-token context "
+                f"of model '{name}' ({models[name]['source']}): shorten or drop the long prompts",
+            )
+
+
 def dataset_files(spec: dict[str, Any]) -> list[str]:
     return [spec[key] for key in DATASET_FILE_KEYS.get(spec.get("kind"), ()) if key in spec]
 
@@ -342,6 +481,7 @@ def check_config(config: dict[str, Any], base_dir: str | Path = ".") -> dict[str
                 raise ConfigError(f"models.{name}.source", f"{source} has no config.json (not a save_pretrained directory)")
             if not any((root / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
                 raise ConfigError(f"models.{name}.source", f"{source} has no tokenizer files (tokenizer.json/tokenizer_config.json)")
+            check_model_dir(root, f"models.{name}.source")
         elif "/" in source and (base / source.split("/")[0]).is_dir():
             raise ConfigError(
                 f"models.{name}.source",
@@ -383,3 +523,7 @@ def check_config(config: dict[str, Any], base_dir: str | Path = ".") -> dict[str
         if unknown:
             raise ConfigError(f"probes.generalization.{group}", f"unknown dataset(s) {unknown}")
     return layers
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -29,11 +29,12 @@ class PromptTable:
     """The columns of a prompt table the activations must agree with (read once, reused)."""
 
     def __init__(self, path: PathLike, prompt_ids: Sequence[str], labels: Sequence[str],
-                 groups: Sequence[str] | None) -> None:
+                 groups: Sequence[str] | None, texts: Sequence[str] | None = None) -> None:
         self.path = os.fspath(path)
         self.prompt_ids = [str(x) for x in prompt_ids]
         self.labels = [str(x) for x in labels]
         self.groups = None if groups is None else [str(x) for x in groups]
+        self.texts = None if texts is None else [str(x) for x in texts]
 
 
 def read_table(table_path: PathLike) -> PromptTable:
@@ -44,7 +45,7 @@ def read_table(table_path: PathLike) -> PromptTable:
 
     df = read_prompt_table(table_path)
     groups = df["group"].tolist() if "group" in df.columns else None
-    return PromptTable(table_path, df["prompt_id"].tolist(), df["label"].tolist(), groups)
+    return PromptTable(table_path, df["prompt_id"].tolist(), df["label"].tolist(), groups, df["text"].tolist())
 
 
 def _q(value: str) -> str:
@@ -134,3 +135,31 @@ def check_files_against_table(paths: Iterable[PathLike], table_path: PathLike | 
         ids, labels, groups = read_prompt_keys(path)
         check_against_table(ids, labels, groups, path, tbl)
     return len(tbl.prompt_ids)
+
+
+def check_store_texts(store_path: PathLike, table_path: PathLike | PromptTable) -> PromptTable:
+    """Raise :class:`TableMismatchError` unless the store holds the table's prompts (ids in order)
+    and texts (by hash); labels may differ, since a cache is keyed by its prompts, not its labels.
+    Returns the table read, whose labels and groups the per-layer files then carry."""
+    from .h5cache import read_text_hashes, text_hashes
+
+    tbl = read_table(table_path)
+    ids, _, _ = _store_keys(store_path)
+    check_against_table(ids, tbl.labels, None, store_path, tbl)  # ids only: labels are the table's
+    stored = read_text_hashes(store_path)
+    if stored is not None and tbl.texts is not None:
+        expected = text_hashes(tbl.texts)
+        bad = [i for i, (a, b) in enumerate(zip(stored, expected)) if a != b]
+        if bad:
+            shown = ", ".join(f"{_q(ids[i])} (row {i + 1})" for i in bad[:MAX_SHOWN])
+            raise TableMismatchError(
+                f"{os.fspath(store_path)} was built from other prompt texts than {tbl.path}: {len(bad)} text(s) "
+                f"differ, first {shown}; rebuild the activations (delete {Path(store_path).parent}/ and rerun)"
+            )
+    return tbl
+
+
+def _store_keys(path: PathLike):
+    from .h5cache import read_prompt_keys
+
+    return read_prompt_keys(path)

@@ -61,6 +61,7 @@ __all__ = [
     "write_prompt_table",
     "read_prompt_table",
     "parse_bool",
+    "normalise_labels",
 ]
 
 CORE_COLUMNS = ("prompt_id", "text", "label", "group")
@@ -220,6 +221,75 @@ class _Table:
             return parse_bool(raw)
         except ValueError as exc:
             raise InputError(str(exc), file=self.file, line=rec.line, field=name) from None
+
+
+# ---------------------------------------------------------------------------
+# label normalisation (labelled datasets): one spelling per class
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _label_value(raw: Any) -> tuple[str, Any]:
+    """Classify one label as ``("bool", bool)``, ``("number", float)`` or ``("text", str)``.
+
+    Text is stripped; ``true``/``false`` in any casing are booleans; text that reads as a finite
+    decimal number is a number (so ``1`` and ``1.0`` are the same class)."""
+    if isinstance(raw, (bool, np.bool_)):
+        return "bool", bool(raw)
+    if isinstance(raw, (int, float, np.integer, np.floating)):
+        return "number", float(raw)
+    text = str(raw).strip()
+    if text.lower() in ("true", "false"):
+        return "bool", text.lower() == "true"
+    if _NUMBER.fullmatch(text):
+        return "number", float(text)
+    return "text", text
+
+
+def _number_label(x: float) -> str:
+    return str(int(x)) if x.is_integer() and abs(x) < 2**53 else repr(x)
+
+
+def normalise_labels(values: list[tuple[int, Any]], file: str, field: str) -> list[str]:
+    """One string per class for a label column given as ``(line, raw value)`` pairs.
+
+    The documented rule (config/README.md): strip whitespace; ``true``/``false`` in any casing and
+    JSON booleans are booleans, and a column of booleans (with the numbers 0 and 1 beside them)
+    becomes ``true``/``false``; numbers are compared as numbers (``1`` = ``1.0``) and written
+    without a trailing ``.0``; other text stays text. Booleans beside text, or beside numbers other
+    than 0/1, cannot be reconciled (is ``1`` the same class as ``True``?): InputError naming the
+    file, the lines and the values."""
+    typed = [(line, raw, *_label_value(raw)) for line, raw in values]
+    kinds = {kind for _, _, kind, _ in typed}
+    if "bool" in kinds:
+        bools = [(line, raw) for line, raw, kind, _ in typed if kind == "bool"]
+        text = [(line, raw) for line, raw, kind, _ in typed if kind == "text"]
+        if text:
+            _refuse_mix(file, field, "booleans", bools, "text", text)
+        other = [(line, raw) for line, raw, kind, x in typed if kind == "number" and x not in (0.0, 1.0)]
+        if other:
+            _refuse_mix(file, field, "booleans", bools, "numbers other than 0/1", other)
+    as_bool = "bool" in kinds
+    out = []
+    for _, _, kind, x in typed:
+        if kind == "bool" or (as_bool and kind == "number"):
+            out.append("true" if x else "false")
+        else:
+            out.append(_number_label(x) if kind == "number" else x)
+    return out
+
+
+def _refuse_mix(file: str, field: str, what_a: str, a: list, what_b: str, b: list) -> None:
+    def shown(items: list) -> str:
+        head = ", ".join(f"line {line}: {_clip(raw)}" for line, raw in items[:3])
+        return head + (f", ... ({len(items) - 3} more)" if len(items) > 3 else "")
+
+    raise InputError(
+        f"labels mix {what_a} ({shown(a)}) with {what_b} ({shown(b)}); they cannot be one class "
+        "vocabulary: make the column all text, all numbers or all booleans",
+        file=file, field=field,
+    )
 
 
 def _resolve(given: Any, base_dir: Path, key_path: str) -> tuple[str, Path]:
@@ -785,6 +855,18 @@ def _check_min(counts: dict[str, int], minimum: int, *, file: str | None, spec: 
         raise InputError(msg, file=file)
 
 
+def _check_two_classes(counts: dict[str, int], *, file: str | None, field: str | None, spec: _Spec) -> None:
+    """Probes need two classes: a single-class dataset fails at ingest, not after caching."""
+    present = sorted(c for c, n in counts.items() if n > 0)
+    if len(present) >= 2:
+        return
+    msg = (f"dataset '{spec.name}' has {len(present)} class(es) {_short(present, 5)} after filters "
+           "and caps; probes need at least two: check the label column, the filters and max_per_class")
+    if file is None:
+        raise ConfigError(spec.key("tasks"), msg)
+    raise InputError(msg, file=file, field=field)
+
+
 def _order_classes(labels: Iterable[str], positive: str | None) -> list[str]:
     classes = sorted(set(labels))
     if positive is not None and positive in classes:
@@ -828,6 +910,7 @@ class _Built:
     inputs: dict[str, str]
     min_file: str | None  # file named by a min_per_class error (None -> ConfigError)
     min_per_class: int
+    label_field: str | None = None  # the input column the labels come from (named in errors)
 
 
 def _build_phase2(spec: _Spec) -> _Built:
@@ -951,6 +1034,7 @@ def _build_phase2(spec: _Spec) -> _Built:
         columns=["pair_id", "variant", "source_file", "source_line", "scores_line"],
         classes=classes,
         positive="faithful",
+        label_field=f_faith,
         inputs={scores.given: scores.sha256, responses.given: responses.sha256},
         min_file=scores.file,
         min_per_class=min_n,
@@ -1008,6 +1092,7 @@ def _build_facts(spec: _Spec) -> _Built:
         columns=["subject", "relation", "object", "source_file", "source_line"],
         classes=classes,
         positive="true",
+        label_field="is_true",
         inputs={table.given: table.sha256},
         min_file=table.file,
         min_per_class=min_n,
@@ -1100,12 +1185,14 @@ def _build_labelled(spec: _Spec) -> _Built:
 
     table = _load_table(spec.required("path"), spec.base_dir, spec.key("path"))
     table.require_columns([f for f in (text_field, label_field, group_field, id_field) if f is not None])
-    # Class names known to the file (before filters), to catch typos in max_per_class.
-    file_labels = []
+    # One spelling per class (see normalise_labels); class names known to the file (before
+    # filters) catch typos in max_per_class.
+    raw = []
     for rec in table.records:
-        label = table.get_str(rec, label_field)
-        if label not in file_labels:
-            file_labels.append(label)
+        table.get_str(rec, label_field)  # an empty or null label is an error naming its line
+        raw.append((rec.line, table.get(rec, label_field)))
+    label_of = dict(zip(map(id, table.records), normalise_labels(raw, table.file, label_field)))
+    file_labels = list(dict.fromkeys(label_of.values()))
     cap_of = spec.caps(None, file_labels)
     index_of = {id(rec): i for i, rec in enumerate(table.records)}
     id_line: dict[str, int] = {}
@@ -1123,7 +1210,7 @@ def _build_labelled(spec: _Spec) -> _Built:
     for rec in kept:
         i = index_of[id(rec)]
         text = table.get_str(rec, text_field)
-        label = table.get_str(rec, label_field)
+        label = label_of[id(rec)]
         pid = table.get_str(rec, id_field) if id_field is not None else f"row_{i:04d}"
         group = table.get_str(rec, group_field) if group_field is not None else pid
         by_class.setdefault(label, []).append(
@@ -1146,6 +1233,7 @@ def _build_labelled(spec: _Spec) -> _Built:
         inputs={table.given: table.sha256},
         min_file=table.file,
         min_per_class=min_n,
+        label_field=label_field,
     )
 
 
@@ -1161,7 +1249,9 @@ _BUILDERS = {
 # public API
 
 
-def build_prompt_table(name: str, spec: dict, base_dir: str | os.PathLike = ".") -> tuple[pd.DataFrame, dict]:
+def build_prompt_table(
+    name: str, spec: dict, base_dir: str | os.PathLike = ".", *, min_classes: int = 1
+) -> tuple[pd.DataFrame, dict]:
     """Build the prompt table for dataset ``name`` from its config ``spec``.
 
     Relative paths in ``spec`` are resolved against ``base_dir``. Returns the table
@@ -1170,8 +1260,9 @@ def build_prompt_table(name: str, spec: dict, base_dir: str | os.PathLike = ".")
     positive_class, counts, n_groups, inputs``. ``classes`` is sorted with the positive
     class last for the binary kinds (phase2: ``faithful``; facts: ``true``).
 
-    Raises :class:`InputError` for bad input files and :class:`ConfigError` for a bad spec.
-    Nothing is written to disk.
+    Raises :class:`InputError` for bad input files and :class:`ConfigError` for a bad spec; with
+    ``min_classes=2`` (the workflow: probes need two classes) a table with one class is an error
+    naming the input file and its label column. Nothing is written to disk.
     """
     sp = _Spec(str(name), spec, Path(base_dir))
     kind = spec.get("kind")
@@ -1185,6 +1276,8 @@ def build_prompt_table(name: str, spec: dict, base_dir: str | os.PathLike = ".")
     classes = _order_classes(counts, built.positive)
     counts = {c: counts[c] for c in classes}
     _check_min(counts, built.min_per_class, file=built.min_file, spec=sp)
+    if min_classes > 1:
+        _check_two_classes(counts, file=built.min_file, field=built.label_field, spec=sp)
 
     columns = [*CORE_COLUMNS, *built.columns]
     df = pd.DataFrame(built.rows, columns=columns)
@@ -1207,6 +1300,75 @@ def build_prompt_table(name: str, spec: dict, base_dir: str | os.PathLike = ".")
         "inputs": built.inputs,
     }
     return df, summary
+
+
+def texts_digest(df: pd.DataFrame) -> str:
+    """SHA-256 of the (prompt_id, text) pairs in table order: what cached activations depend on
+    (not the labels, which the per-layer files take from the table)."""
+    h = hashlib.sha256()
+    for pid, text in zip(df["prompt_id"], df["text"]):
+        h.update(json.dumps([str(pid), str(text)], ensure_ascii=False).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def dry_run_check(name: str, spec: dict, base_dir: str | os.PathLike = ".",
+                  cache_dir: str | os.PathLike | None = None,
+                  tokenizers: dict[str, str | os.PathLike] | None = None,
+                  texts_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Build dataset ``name`` as ``prepare_dataset`` will (every input, label and class check,
+    before any job runs) and return ``{"texts_sha256", "n_prompts", "longest"}``; ``longest`` maps
+    each model of ``tokenizers`` (name -> tokenizer.json) to ``[tokens, prompt_id]`` of the longest
+    prompt (without BOS).
+
+    The result is remembered in ``cache_dir`` under a key of the spec and the sizes and modification
+    times of the input and tokenizer files, so a repeated dry run does not read them again.
+
+    ``texts_path``: where to keep the dataset's prompt ids and texts (the caching job's input, so
+    that the forward pass depends on the texts and not on the labels); rewritten only when they
+    change, so its modification time says when the texts last changed."""
+    from .config import dataset_files
+
+    tokenizers = dict(sorted((tokenizers or {}).items()))
+    files = [Path(base_dir) / f for f in dataset_files(spec)] + [Path(t) for t in tokenizers.values()]
+    key = hashlib.sha256(json.dumps([name, spec, list(tokenizers), [(str(f), *_stat(f)) for f in files]],
+                                    sort_keys=True, default=str).encode()).hexdigest()[:32]
+    memo = Path(cache_dir) / f"{name}-{key}.json" if cache_dir is not None else None
+    if memo is not None and memo.is_file() and (texts_path is None or Path(texts_path).is_file()):
+        return json.loads(memo.read_text(encoding="utf-8"))
+    df, _ = build_prompt_table(name, spec, base_dir, min_classes=2)
+    if texts_path is not None:
+        _write_if_changed(texts_path, df[["prompt_id", "text"]].to_csv(index=False, lineterminator="\n"))
+    result = {"texts_sha256": texts_digest(df), "n_prompts": int(len(df)),
+              "longest": {m: _longest(tok, df) for m, tok in tokenizers.items()}}
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        write_json(memo, result)
+    return result
+
+
+def _longest(tokenizer_json: str | os.PathLike, df: pd.DataFrame) -> list:
+    """[token count, prompt id] of the longest prompt under a fast tokenizer (no special tokens)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.fspath(tokenizer_json))
+    lengths = [len(e.ids) for e in tok.encode_batch(df["text"].tolist(), add_special_tokens=False)]
+    i = int(np.argmax(lengths))
+    return [int(lengths[i]), str(df["prompt_id"].iloc[i])]
+
+
+def _write_if_changed(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
 
 
 def write_prompt_table(

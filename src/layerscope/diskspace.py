@@ -14,9 +14,11 @@ from pathlib import Path
 
 from .errors import LayerscopeError
 
-#: Extra room asked for on top of the estimate: a share of it plus a fixed amount.
+#: Extra room asked for on top of the estimate: a share of it, plus 1 MiB of slack (HDF5 rounds
+#: allocations up). Proportional, so a small store on a small disk is not refused for want of a
+#: fixed margin far larger than the store itself (a fixed 64 MiB refused a 1.3 MB store).
 MARGIN_FRACTION = 0.05
-MARGIN_BYTES = 64 << 20
+MARGIN_BYTES = 1 << 20
 #: HDF5 metadata and per-prompt bookkeeping, roughly: a fixed part plus bytes per prompt
 #: (prompt_id, label and group strings, n_tokens, n_pooled).
 OVERHEAD_BYTES = 1 << 20

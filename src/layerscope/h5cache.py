@@ -30,6 +30,7 @@ file is renamed into place. Readers refuse a file without it.
 from __future__ import annotations
 
 import json
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -44,7 +45,9 @@ FORMAT_VERSION = 1
 COMPONENTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 POOLINGS = ("mean", "last", "max")  # plus "none" (token level) for token_level_layers
 TOKEN_POOLING = "none"
-STRING_DATASETS = ("prompt_id", "label", "group")
+# text_sha1: a hash of each prompt's text, so that a cache is keyed by its prompts, not its labels
+# (a relabel reuses it; a changed text is refused).
+STRING_DATASETS = ("prompt_id", "label", "group", "text_sha1")
 REQUIRED_ATTRS = (
     "kind", "format_version", "model", "n_layers", "d_model", "n_prompts", "hook_names",
     "components", "poolings", "token_level_layers", "prepend_bos", "exclude_bos_from_pooling",
@@ -271,6 +274,13 @@ def read_prompt_keys(path: str | os.PathLike) -> tuple[list[str], list[str], lis
         return _strings(f, "prompt_id"), _strings(f, "label"), (_strings(f, "group") if "group" in f else None)
 
 
+def read_text_hashes(path: str | os.PathLike) -> list[str] | None:
+    """The per-prompt text hashes of an activation file (None for files written before they were kept)."""
+    with _open(path) as f:
+        check_file(f, path)
+        return _strings(f, "text_sha1") if "text_sha1" in f else None
+
+
 def _expected_shape(attrs: Mapping[str, Any]) -> tuple[int, ...]:
     if attrs["kind"] in ("store", "shard"):
         return (int(attrs["n_layers"]), int(attrs["n_prompts"]), int(attrs["d_model"]))
@@ -403,12 +413,20 @@ def _copy_slice(sds, index: int, dst, name: str, block_rows: int) -> None:
         dds[start:stop] = sds[index, start:stop]
 
 
+def text_hashes(texts: Sequence[Any]) -> list[str]:
+    """A short hash of each prompt text (stored beside the prompt ids as ``text_sha1``)."""
+    return [hashlib.sha1(str(t).encode("utf-8")).hexdigest()[:16] for t in texts]
+
+
 def copy_layer(store_path: str | os.PathLike, layer: int, out_path: str | os.PathLike,
-               tmp_path: str | os.PathLike, *, block_rows: int = 4096) -> None:
+               tmp_path: str | os.PathLike, *, block_rows: int = 4096, table: Any = None) -> None:
     """Write layer ``layer`` of the store at ``store_path`` to ``tmp_path`` (renamed by the caller).
 
     Streams in blocks of ``block_rows`` rows, so memory stays bounded for large datasets.
-    ``out_path`` is only used for checks and messages.
+    ``out_path`` is only used for checks and messages. With ``table`` (the current prompt table, a
+    path or :class:`layerscope.consistency.PromptTable`), the store's prompts and texts must be the
+    table's, and the layer file takes its labels and groups from the table: a relabel re-extracts
+    layers on the CPU instead of rerunning the forward pass.
     """
     m = _LAYER_FILE.search(Path(out_path).name)
     if m and int(m.group(1)) != int(layer):
@@ -425,8 +443,16 @@ def copy_layer(store_path: str | os.PathLike, layer: int, out_path: str | os.Pat
         out_attrs["token_level_layers"] = [layer] if layer in token_layers else []
         with open_for_write(tmp_path) as dst:
             set_attrs(dst, out_attrs)
-            for name in ("prompt_id", "label", "group", "n_tokens", "n_pooled"):
-                if name in src:
+            labels_from = None
+            if table is not None:
+                from .consistency import check_store_texts
+
+                labels_from = check_store_texts(store_path, table)
+            for name in ("prompt_id", "label", "group", "text_sha1", "n_tokens", "n_pooled"):
+                if labels_from is not None and name in ("label", "group"):
+                    if getattr(labels_from, name + "s") is not None:
+                        write_strings(dst, name, getattr(labels_from, name + "s"))
+                elif name in src:
                     src.copy(src[name], dst, name=name)
             for component in attrs["components"]:
                 for pooling in attrs["poolings"]:
@@ -447,7 +473,7 @@ def copy_layer(store_path: str | os.PathLike, layer: int, out_path: str | os.Pat
 
 #: Attributes that differ between the shards of one store (everything else must agree).
 SHARD_ATTRS = ("kind", "complete", "shard_index", "n_shards", "n_prompts", "n_prompts_total",
-               "batch_size", "max_tokens_per_batch")
+               "batch_size", "max_tokens_per_batch", "self_check_max_diff")
 
 
 def _runs(rows: np.ndarray, starts: np.ndarray, stops: np.ndarray, max_len: int):
@@ -531,7 +557,7 @@ def gather_shards(shard_paths: Sequence[str | os.PathLike], tmp_path: str | os.P
         attrs = dict(common, kind="store", n_prompts=n)
         with open_for_write(tmp_path) as dst:
             set_attrs(dst, {k: v for k, v in attrs.items() if k != "complete"})
-            for name in ("prompt_id", "label", "group"):
+            for name in STRING_DATASETS:
                 if meta_strings[name] is not None:
                     write_strings(dst, name, meta_strings[name].tolist())
             dst.create_dataset("n_tokens", data=n_tokens)

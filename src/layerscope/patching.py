@@ -58,7 +58,6 @@ treat each token length (``n_tokens``) as its own group.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 import warnings
@@ -855,13 +854,11 @@ def write_patching(result: PatchingResult, csv_path: str | os.PathLike, h5_path:
 
 
 # --------------------------------------------------------------------------------------------
-# figures
+# figures (drawn by layerscope.patching_plots; these wrappers save them with the one saver)
 
 
 def _save_figure(fig, out: str | os.PathLike, formats: Sequence[str]) -> list[Path]:
-    """Save ``fig`` as ``out`` with each format's extension (atomically), then close it."""
-    import matplotlib.pyplot as plt
-
+    """Save ``fig`` as ``out`` with each format's extension (atomically), then clear it."""
     from .plots import save_figure
 
     out = Path(out)
@@ -870,181 +867,37 @@ def _save_figure(fig, out: str | os.PathLike, formats: Sequence[str]) -> list[Pa
         first = stem.parent / f"{stem.name}.{formats[0]}"
         return [Path(p) for p in save_figure(fig, first, formats, dpi=150, tight=True)]
     finally:
-        plt.close(fig)
+        fig.clear()
 
 
-def _labels_for(summary: pd.DataFrame, tokens, n_tok: int) -> list[str]:
-    if tokens is not None:
-        if isinstance(tokens, Mapping):
-            if n_tok in tokens:
-                return list(tokens[n_tok])
-        elif len(tokens) == n_tok:
-            return list(tokens)
-    sub = summary[summary["n_tokens"] == n_tok].drop_duplicates("position").set_index("position")["token"]
-    return [str(sub.get(p, "")) for p in range(n_tok)]
+def _pairs_where(pairs: pd.DataFrame | None) -> pd.DataFrame | None:
+    if pairs is None or "diff_positions" not in pairs.columns:
+        return None
+    return pairs[["pair_id", "n_tokens", "diff_positions"]]
 
 
-_COMPONENT_TITLES = {
-    "resid_pre": "residual stream (block input)",
-    "resid_mid": "residual stream (after attention)",
-    "resid_post": "residual stream (block output)",
-    "attn_out": "attention output",
-    "mlp_out": "MLP output",
-}
+def plot_patching_heatmaps(summary: pd.DataFrame, tokens, out: str | os.PathLike, *, model: str, experiment: str,
+                           formats: Sequence[str] = ("png",), metric: str = "recovery", vlim: float = 1.0,
+                           pairs: pd.DataFrame | None = None) -> list[Path]:
+    """Draw :func:`layerscope.patching_plots.draw_patching_heatmaps` and save it; ``tokens``: labels
+    per length (``{n_tokens: labels}`` as from :meth:`PatchingResult.position_labels`) or one list."""
+    from .patching_plots import draw_patching_heatmaps
 
-
-def plot_patching_heatmaps(
-    summary: pd.DataFrame,
-    tokens,
-    out: str | os.PathLike,
-    *,
-    model: str,
-    experiment: str,
-    formats: Sequence[str] = ("png",),
-    metric: str = "recovery",
-    vlim: float = 1.0,
-    ncols: int | None = None,
-    pairs: pd.DataFrame | None = None,
-) -> list[Path]:
-    """Heatmaps of the mean ``metric`` per (layer, position): one panel per component.
-
-    Layers on y (layer 0 at the bottom), positions on x labelled with their tokens (``tokens``:
-    a list for one group, ``{n_tokens: labels}`` as from :meth:`PatchingResult.position_labels`,
-    or None for the ``token`` column of ``summary``; labels ending in ``*`` are drawn in red:
-    the corrupted token). Each token-length group gets its own block of panels (``ncols``
-    panels per row; default 2 for 4 components). Colours: diverging ``RdBu_r`` centred at 0,
-    clipped to ``[-vlim, vlim]`` (recovery 1 = deepest red; the colourbar's arrows mark values
-    beyond); grey = not computed. ``pairs`` (:attr:`PatchingResult.pairs`, optional): panel
-    titles then say at which positions the pairs of the group were corrupted and how many
-    pairs each (a mean over pairs corrupted at different positions splits the recovery between
-    them). Returns the written paths (``out`` with each format's extension).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    s = summary[(summary["metric"] == metric) & (summary["component"] != HEAD_COMPONENT)]
-    if s.empty:
-        raise LayerscopeError(f"no {metric} values to plot")
-    present = set(s["component"])
-    comps = [c for c in ("resid_pre", "attn_out", "mlp_out", "resid_post", "resid_mid") if c in present]
-    groups = sorted(int(n) for n in s["n_tokens"].unique())
-    layers = sorted(int(L) for L in s["layer"].unique())
-    if ncols is None:
-        ncols = 2 if len(comps) == 4 else min(3, len(comps))
-    ncols = max(1, min(int(ncols), len(comps)))
-    rows_per_group = math.ceil(len(comps) / ncols)
-    n_pos_max = max(len(s[s["n_tokens"] == n]["position"].unique()) for n in groups)
-    panel_w = max(3.4, 0.34 * n_pos_max + 0.9)
-    panel_h = 0.3 * len(layers) + 1.6
-    fig, axes = plt.subplots(len(groups) * rows_per_group, ncols,
-                             figsize=(panel_w * ncols + 1.4, panel_h * len(groups) * rows_per_group + 0.9),
-                             squeeze=False, constrained_layout=True)
-    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#d0d0d0")
-    im = None
-    for gi, n_tok in enumerate(groups):
-        labels = _labels_for(summary, tokens, n_tok)
-        g = s[s["n_tokens"] == n_tok]
-        positions = sorted(int(p) for p in g["position"].unique())
-        n_pairs = int(g["n_pairs"].max())
-        where = ""
-        if pairs is not None and "diff_positions" in pairs.columns:
-            counts = pairs.loc[pairs["n_tokens"] == n_tok, "diff_positions"].astype(str).value_counts()
-            where = "; corrupted at position " + ", ".join(
-                f"{k} ({v})" for k, v in sorted(counts.items(), key=lambda kv: [int(x) for x in kv[0].split()] or [0]))
-        for ci in range(rows_per_group * ncols):
-            ax = axes[gi * rows_per_group + ci // ncols][ci % ncols]
-            if ci >= len(comps):
-                ax.set_visible(False)
-                continue
-            comp = comps[ci]
-            m = g[g["component"] == comp].pivot_table(index="layer", columns="position", values="mean", dropna=False)
-            m = m.reindex(index=layers, columns=positions)
-            im = ax.imshow(m.to_numpy(dtype=float), cmap=cmap, vmin=-vlim, vmax=vlim, origin="lower",
-                           aspect="auto", interpolation="nearest")
-            ax.set_xticks(range(len(positions)))
-            ax.set_xticklabels([labels[p] if p < len(labels) else str(p) for p in positions], rotation=90, fontsize=8)
-            for tick, p in zip(ax.get_xticklabels(), positions):
-                if p < len(labels) and labels[p].endswith("*"):
-                    tick.set_color("#b2182b")
-                    tick.set_fontweight("bold")
-            ax.set_yticks(range(len(layers)))
-            ax.set_yticklabels([str(L) for L in layers], fontsize=8)
-            if ci % ncols == 0:
-                ax.set_ylabel("layer", fontsize=9)
-            ax.set_title(f"{_COMPONENT_TITLES.get(comp, comp)} ({comp})\n"
-                         f"{n_tok}-token prompts, {n_pairs} pair{'s' if n_pairs != 1 else ''}{where}", fontsize=9)
-    if im is not None:
-        cb = fig.colorbar(im, ax=axes, shrink=0.6, extend="both", pad=0.01)
-        cb.set_label(f"mean {metric} over pairs" + (" (1 = clean answer restored, 0 = no effect)"
-                                                    if metric == "recovery" else ""), fontsize=9)
-    fig.suptitle(f"Activation patching: {experiment}   (model: {model})\n"
-                 "clean activation patched into the corrupted run at one (layer, position); "
-                 "red * = token that differs between clean and corrupted; # = digit that varies across pairs; "
-                 "logits read at the last position", fontsize=10)
+    if tokens is None:
+        labels: dict[int, list[str]] = {}
+    elif isinstance(tokens, Mapping):
+        labels = {int(k): list(v) for k, v in tokens.items()}
+    else:
+        labels = {len(tokens): list(tokens)}
+    fig = draw_patching_heatmaps(summary, labels, model=model, experiment=experiment, pairs=_pairs_where(pairs),
+                                 metric=metric, vlim=vlim)
     return _save_figure(fig, out, formats)
 
 
-def plot_head_heatmap(
-    summary: pd.DataFrame,
-    out: str | os.PathLike,
-    *,
-    model: str,
-    experiment: str,
-    formats: Sequence[str] = ("png",),
-    metric: str = "recovery",
-    position: str | int = "last",
-    vlim: float = 1.0,
-) -> list[Path]:
-    """Mean ``metric`` of per-head (``z``) patching: heads (x) by layers (y), one panel per group.
+def plot_head_heatmap(summary: pd.DataFrame, out: str | os.PathLike, *, model: str, experiment: str,
+                      formats: Sequence[str] = ("png",), metric: str = "recovery", vlim: float = 1.0) -> list[Path]:
+    """Draw :func:`layerscope.patching_plots.draw_head_heatmap` (last position) and save it."""
+    from .patching_plots import draw_head_heatmap
 
-    ``position``: ``"last"`` (each group's last token) or a token index.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    s = summary[(summary["metric"] == metric) & (summary["component"] == HEAD_COMPONENT)]
-    if s.empty:
-        raise LayerscopeError("no per-head results to plot (was the sweep run with heads=True on a model with hook_z?)")
-    groups = sorted(int(n) for n in s["n_tokens"].unique())
-    layers = sorted(int(L) for L in s["layer"].unique())
-    heads = sorted(int(h) for h in s["head"].unique())
-    fig, axes = plt.subplots(1, len(groups), figsize=(max(3.0, 0.45 * len(heads) + 1.6) * len(groups) + 1.0,
-                                                       0.32 * len(layers) + 2.2),
-                             squeeze=False, constrained_layout=True)
-    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#d0d0d0")
-    im = None
-    for k, n_tok in enumerate(groups):
-        g = s[s["n_tokens"] == n_tok]
-        pos = n_tok - 1 if position == "last" else int(position)
-        g = g[g["position"] == pos]
-        ax = axes[0][k]
-        m = g.pivot_table(index="layer", columns="head", values="mean", dropna=False).reindex(index=layers, columns=heads)
-        im = ax.imshow(m.to_numpy(dtype=float), cmap=cmap, vmin=-vlim, vmax=vlim, origin="lower", aspect="auto",
-                       interpolation="nearest")
-        vals = m.to_numpy(dtype=float)
-        if vals.size <= 400:  # small grids: print the values
-            for (yi, xi), v in np.ndenumerate(vals):
-                if np.isfinite(v):
-                    txt = f"{v:.2f}"
-                    ax.text(xi, yi, "0.00" if txt == "-0.00" else txt, ha="center", va="center", fontsize=7,
-                            color="white" if abs(v) > 0.6 * vlim else "black")
-        ax.set_xticks(range(len(heads)))
-        ax.set_xticklabels([str(h) for h in heads], fontsize=8)
-        ax.set_yticks(range(len(layers)))
-        ax.set_yticklabels([str(L) for L in layers], fontsize=8)
-        ax.set_xlabel("head")
-        if k == 0:
-            ax.set_ylabel("layer")
-        tok = g["token"].iloc[0] if len(g) else ""
-        n_pairs = int(g["n_pairs"].max()) if len(g) else 0
-        ax.set_title(f"{n_tok} tokens ({n_pairs} pairs), position {pos} '{tok}'", fontsize=9)
-    if im is not None:
-        cb = fig.colorbar(im, ax=axes, shrink=0.9, extend="both", pad=0.02)
-        cb.set_label(f"mean {metric}", fontsize=9)
-    fig.suptitle(f"Per-head patching: {experiment}   (model: {model})\n"
-                 "clean z of one attention head (hook_z) patched into the corrupted run", fontsize=10)
+    fig = draw_head_heatmap(summary, model=model, experiment=experiment, metric=metric, vlim=vlim)
     return _save_figure(fig, out, formats)

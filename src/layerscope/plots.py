@@ -24,6 +24,7 @@ cap, beyond which the labels are thinned; long labels are shortened with an elli
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import textwrap
@@ -140,6 +141,27 @@ _BOUNDED = tuple(METRIC_NAMES)
 def metric_name(metric: str) -> str:
     """How a metric is written on axes and titles (``auroc`` -> ``AUROC``)."""
     return METRIC_NAMES.get(metric, metric)
+
+
+def metric_axis_label(metric: str, n_classes: int | None = None) -> str:
+    """Axis label of a metric; for more than two classes it says how the classes are averaged."""
+    name = metric_name(metric)
+    if n_classes is not None and n_classes > 2:
+        if metric == "auroc":
+            return f"{name} (one-vs-rest, macro mean over {n_classes} classes)"
+        if metric == "f1":
+            return f"{name} (macro mean over {n_classes} classes)"
+    return name
+
+
+def _n_classes(df: pd.DataFrame) -> int | None:
+    """The class count of a probe summary (from its ``n_per_class`` JSON), or None."""
+    if "n_per_class" not in df.columns or df.empty:
+        return None
+    try:
+        return len(json.loads(str(df["n_per_class"].iloc[0])))
+    except (ValueError, TypeError):
+        return None
 
 
 def relative_depth(layer, n_layers):
@@ -511,7 +533,7 @@ def _draw_metric_vs_layer(summary: pd.DataFrame, *, metric: str = "auroc", model
         handles.append(Line2D([], [], marker="*", color="#888888", markeredgecolor="black", markersize=11,
                               linestyle="none", label="best layer"))
         ax.set_xlabel("layer")
-        ax.set_ylabel(metric_name(metric))
+        ax.set_ylabel(metric_axis_label(metric, _n_classes(df)))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ys = np.concatenate(all_y) if all_y else np.array([0.0, 1.0])
         lo, hi = float(np.nanmin(ys)), float(np.nanmax(ys))
@@ -525,10 +547,8 @@ def _draw_metric_vs_layer(summary: pd.DataFrame, *, metric: str = "auroc", model
         if n_layers:
             sec = ax.secondary_xaxis("top", functions=(lambda L: L / float(n_layers), lambda r: r * float(n_layers)))
             sec.set_xlabel(f"relative depth (layer / {n_layers})")
-        if len(handles) <= 7:
-            ax.legend(handles=handles, loc="best")
-        else:
-            fig.legend(handles=handles, loc="outside right upper")
+        # Outside the axes: a legend inside covered the intervals, which span most of the plot.
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)), fontsize="small")
         ax.set_title(title or _title(f"Linear probe {metric_name(metric)} by layer", model=model, dataset=dataset))
     return fig
 
@@ -762,14 +782,60 @@ def _draw_label_mean_matrix(X, labels, *, model=None, dataset=None, layer=None, 
     return fig
 
 
+def mean_difference_projection(X, labels, n_folds: int = 5, seed: int = 0) -> tuple[np.ndarray, list]:
+    """Each prompt's projection on the unit difference of the two class means, cross-fitted: the
+    direction is computed without the prompt's fold, so random labels do not separate (with
+    d >> n an in-sample direction separates any labelling). Returns ``(projections, classes)``."""
+    X = np.asarray(X, dtype=np.float64)
+    classes, codes = _classes(labels)
+    if len(classes) != 2:
+        raise ValueError(f"mean_difference_projection needs two classes, got {len(classes)}")
+    folds = np.random.default_rng(seed).permutation(len(codes)) % max(2, min(n_folds, len(codes)))
+    proj = np.zeros(len(codes))
+    for f in np.unique(folds):
+        tr, te = folds != f, folds == f
+        diff = X[tr][codes[tr] == 1].mean(axis=0) - X[tr][codes[tr] == 0].mean(axis=0)
+        unit = diff / (np.linalg.norm(diff) or 1.0)
+        proj[te] = (X[te] - X[tr].mean(axis=0)) @ unit
+    return proj, classes
+
+
+def _draw_mean_difference(X, labels, *, model=None, dataset=None, layer=None, component=None, pooling=None,
+                          title: str | None = None) -> Figure:
+    proj, classes = mean_difference_projection(X, labels)
+    _, codes = _classes(labels)
+    a, b = proj[codes == 0], proj[codes == 1]
+    pooled = math.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2) if min(a.size, b.size) > 1 else float("nan")
+    d_prime = (b.mean() - a.mean()) / pooled if pooled and np.isfinite(pooled) else float("nan")
+    with style():
+        fig = _new_figure(6.4, 3.8)
+        ax = fig.add_subplot()
+        bins = np.histogram_bin_edges(proj, bins=min(30, max(8, proj.size // 3)))
+        for vals, name, color in ((a, classes[0], palette(2)[0]), (b, classes[1], palette(2)[1])):
+            ax.hist(vals, bins=bins, alpha=0.55, color=color, label=f"{shorten(name)} (n={vals.size})")
+        ax.set_xlabel(f"projection on the difference of class means ({shorten(classes[1])} − {shorten(classes[0])}),"
+                      " cross-fitted over 5 folds")
+        ax.set_ylabel("prompts")
+        ax.legend(loc="upper left", fontsize="small")
+        _suptitle(fig, title or _title(f"Two label means: separation along their difference (d′ = {d_prime:.2f})",
+                                       model=model, dataset=dataset, layer=layer, component=component,
+                                       pooling=pooling))
+    return fig
+
+
 def label_mean_matrix(X, labels, out, *, model=None, dataset=None, layer=None, component=None, pooling=None,
                       title: str | None = None, formats: Sequence[str] = ("png",),
                       dpi: float = DEFAULT_DPI) -> list[str]:
     """Annotated matrix of cosine similarities between the per-label mean vectors, after
     subtracting the overall centroid (:func:`label_mean_cosine`). Axis labels give each
-    label's prompt count. Values are written in the cells for up to 30 labels."""
-    fig = _draw_label_mean_matrix(X, labels, model=model, dataset=dataset, layer=layer, component=component,
-                                  pooling=pooling, title=title)
+    label's prompt count. Values are written in the cells for up to 30 labels.
+
+    With two labels that matrix is always [[1, -1], [-1, 1]] (centring makes the two means
+    opposite), so the figure shows instead how far the prompts separate along the difference of the
+    two means (cross-fitted projections by class, with d′)."""
+    draw = _draw_mean_difference if len(set(map(str, labels))) == 2 else _draw_label_mean_matrix
+    fig = draw(X, labels, model=model, dataset=dataset, layer=layer, component=component, pooling=pooling,
+               title=title)
     return _finish(fig, out, formats, dpi)
 
 
@@ -924,7 +990,7 @@ _CHANCE = {"auroc": 0.5, "balanced_accuracy": None, "accuracy": None, "f1": None
 
 def _draw_generalization_matrix(matrix: pd.DataFrame, *, metric: str = "auroc", layer=None, model=None,
                                 component=None, pooling=None, chance: float | None = None,
-                                title: str | None = None) -> Figure:
+                                title: str | None = None, intervals=None, note: str | None = None) -> Figure:
     M = matrix.to_numpy(dtype=float)
     rows = [shorten(r) for r in matrix.index]
     cols = [shorten(c) for c in matrix.columns]
@@ -955,9 +1021,11 @@ def _draw_generalization_matrix(matrix: pd.DataFrame, *, metric: str = "auroc", 
         ax.set_xticks(range(nc), cols, rotation=45 if max(len(c) for c in cols) > 3 else 0,
                       ha="right" if max(len(c) for c in cols) > 3 else "center", rotation_mode="anchor")
         ax.tick_params(length=0)
-        if max(nr, nc) <= 25:
+        if max(nr, nc) <= 25 and intervals is None:
             fs = float(np.clip(cell * 72.0 * 0.3, 5.5, TICK_SIZE + 1))
             _annotate(ax, M, cmap, norm, fontsize=fs)
+        elif max(nr, nc) <= 10:
+            _annotate_intervals(ax, M, *(np.asarray(b, dtype=float) for b in intervals), cmap, norm)
         for i, r in enumerate(matrix.index):
             if r in list(matrix.columns):
                 j = list(matrix.columns).index(r)
@@ -968,20 +1036,36 @@ def _draw_generalization_matrix(matrix: pd.DataFrame, *, metric: str = "auroc", 
         cb.set_label(metric_name(metric) + (f" (white = chance, {chance:g})" if chance is not None else ""))
         _suptitle(fig, title or _title(f"Cross-dataset generalisation of linear probes ({metric_name(metric)})", model=model,
                                        layer=layer, component=component, pooling=pooling,
-                                       extra="outlined diagonal: cross-validated within the dataset"))
+                                       extra="outlined diagonal: cross-validated within the dataset"
+                                       + (" (the probe summary)" if intervals is not None else "")
+                                       + ("; [95% interval]" if intervals is not None else "")
+                                       + (f"\n{note}" if note else "")))
         _declutter(fig, [ax], "y")
     return fig
 
 
+def _annotate_intervals(ax, M: np.ndarray, lo: np.ndarray, hi: np.ndarray, cmap, norm) -> None:
+    """Each cell's value with its interval below it (two lines)."""
+    for (i, j), v in np.ndenumerate(M):
+        if not np.isfinite(v):
+            continue
+        dark = _luminance(cmap(norm(v))) < 0.45
+        band = f"[{lo[i, j]:.2f}, {hi[i, j]:.2f}]" if np.isfinite(lo[i, j]) and np.isfinite(hi[i, j]) else ""
+        ax.text(j, i, f"{v:.2f}\n{band}".rstrip(), ha="center", va="center", fontsize=TICK_SIZE - 1,
+                color="white" if dark else "black")
+
+
 def generalization_matrix(matrix: pd.DataFrame, out, *, metric: str = "auroc", layer=None, model=None,
                           component=None, pooling=None, chance: float | None = None, title: str | None = None,
-                          formats: Sequence[str] = ("png",), dpi: float = DEFAULT_DPI) -> list[str]:
+                          formats: Sequence[str] = ("png",), dpi: float = DEFAULT_DPI, intervals=None,
+                          note: str | None = None) -> list[str]:
     """Annotated train-dataset (rows) x test-dataset (columns) heatmap, as made by
     :func:`layerscope.probes.cross_dataset_matrix`. Diagonal cells (cross-validated) are outlined.
     With a ``chance`` level (default 0.5 for AUROC) the colours diverge around it; otherwise a
-    sequential map over [0, 1]."""
+    sequential map over [0, 1]. ``intervals``: (low, high) frames shaped like ``matrix``, written
+    under each value; ``note``: a line under the title (e.g. why this layer is shown)."""
     fig = _draw_generalization_matrix(matrix, metric=metric, layer=layer, model=model, component=component,
-                                      pooling=pooling, chance=chance, title=title)
+                                      pooling=pooling, chance=chance, title=title, intervals=intervals, note=note)
     return _finish(fig, out, formats, dpi)
 
 

@@ -48,16 +48,19 @@ def train_layer_probes(
     if "Cs" in settings:
         fit_kwargs["Cs"] = tuple(settings["Cs"])
     probes = []
-    for component in attrs["components"]:
-        for pooling in attrs["poolings"]:
+    for ci, component in enumerate(attrs["components"]):
+        for pi, pooling in enumerate(attrs["poolings"]):
             data = read_layer(layer_path, component, pooling)
             groups = data.groups if data.groups is not None else data.prompt_ids
-            result = fit_probe(data.X, data.labels, groups, positive_class=positive, **fit_kwargs)
+            # Independent permutations per layer and view, not one stream reused at every layer.
+            result = fit_probe(data.X, data.labels, groups, positive_class=positive, stream=(layer, ci, pi),
+                               **fit_kwargs)
             keys = dict(model=model, dataset=dataset, layer=layer, component=component, pooling=pooling)
             rows = summary_rows(result, thresholds, **keys)
             primary = next(r for r in rows if r["primary"])
             log(f"layer {layer} {component}/{pooling}: {primary['metric']} {primary['mean']:.3f} "
-                f"[{primary['ci_low']:.3f}, {primary['ci_high']:.3f}] p={primary['p_permutation']}")
+                f"[{primary['ci_low']:.3f}, {primary['ci_high']:.3f}] p={primary['p_permutation']} "
+                f"(Monte-Carlo s.e. {primary['p_permutation_se']})")
             probes.append({"component": component, "pooling": pooling, "rows": rows, "result": result.to_dict()})
     doc = {
         "model": model, "dataset": dataset, "layer": layer, "layer_file": os.fspath(layer_path),

@@ -928,6 +928,7 @@ def fit_probe(
     max_iter: int = 1000,
     positive_class: Any = None,
     blas_threads: int | None = 1,
+    stream: Sequence[int] = (),
 ) -> ProbeResult:
     """Cross-validated linear probe of ``y`` from ``X`` with intervals and controls.
 
@@ -943,7 +944,10 @@ def fit_probe(
         (scored by the primary metric; ties -> smallest C). If a training fold has a class
         in fewer than 2 groups, inner CV is impossible and C = 1.0 (or the grid's middle)
         is used, recorded in ``fold_C_source``.
-    n_permutations : label-permutation test of the primary metric (0 to skip). To keep the
+    n_permutations : label-permutation test of the primary metric (0 to skip): the most
+        permutations drawn. They are drawn in batches of ``PERMUTATION_BATCH`` and stop early once
+        the p-value is clearly on one side of ``PERMUTATION_ALPHA`` (see :func:`_permutation_test`);
+        ``permutation["mc_se"]`` is the Monte-Carlo standard error of the p-value. To keep the
         cost down each permutation runs ONE repeat of outer CV with a FIXED C, the C most
         often chosen by the inner CV (ties -> smaller C). The observed statistic is computed
         the same way on the true labels (``permutation["observed"]``; it can differ slightly
@@ -951,7 +955,11 @@ def fit_probe(
         If every group has a single label, labels are permuted between groups (the group
         structure is kept; ``scheme="groups"``), else between rows (``scheme="rows"``,
         only exact when rows within a group are exchangeable). Folds are rebuilt for each
-        permuted labelling with repeat 0's seed. ``p = (1 + #{perm >= observed}) / (1 + n)``.
+        permuted labelling with repeat 0's seed. ``p = (1 + #{perm >= observed}) / (1 + n)`` over
+        the ``n`` permutations drawn.
+    stream : more seed material for the permutation stream (the workflow passes the layer and the
+        component and pooling indices), so that probes of different layers get independent
+        permutations rather than one stream reused at every layer.
     n_random_directions : control: ``X`` projected on that many random unit directions
         (seeded, Gaussian), each scored by a 1-D probe (same fixed C, repeat-0 folds);
         reports mean and 95th percentile of the primary metric. If arbitrary directions
@@ -986,11 +994,83 @@ def fit_probe(
     with ctx:
         return _fit_probe(X, codes, gcodes, classes, k, primary, k_eff, notes, n_splits=n_splits,
                           n_repeats=n_repeats, inner_splits=inner_splits, Cs=Cs, n_permutations=n_permutations,
-                          n_random_directions=n_random_directions, seed=seed, max_iter=max_iter)
+                          n_random_directions=n_random_directions, seed=seed, max_iter=max_iter,
+                          stream=tuple(int(x) for x in stream))
+
+
+#: Permutations are drawn in batches of this size (one batched solve each) ...
+PERMUTATION_BATCH = 100
+#: ... and stop once the p-value's distance from this level exceeds PERMUTATION_Z Monte-Carlo
+#: standard errors: the decision at this level is then settled, and only borderline p-values
+#: pay for many permutations (up to n_permutations).
+PERMUTATION_ALPHA = 0.05
+PERMUTATION_Z = 3.0
+
+
+def permutation_p(hits: int, n: int) -> tuple[float, float]:
+    """``(p, mc_se)``: the permutation p-value ``(1 + hits) / (1 + n)`` and its Monte-Carlo
+    standard error ``sqrt(p (1 - p) / (n + 1))``."""
+    p = (1 + hits) / (1 + n)
+    return p, math.sqrt(p * (1 - p) / (n + 1))
+
+
+def _permuted_labellings(codes, gcodes, k, k_eff, seed, rng, count):
+    """``count`` permuted labellings with their folds (None where no valid CV exists)."""
+    one_label = all(np.unique(codes[gcodes == g]).size == 1 for g in np.unique(gcodes))
+    uniq = np.unique(gcodes)
+    glabel = np.zeros(int(gcodes.max()) + 1, dtype=np.int64)
+    for g in uniq:
+        glabel[g] = codes[gcodes == g][0]
+    out: list[tuple[np.ndarray, np.ndarray] | None] = []
+    for _ in range(count):
+        if one_label:
+            new = glabel.copy()
+            new[uniq] = glabel[uniq][rng.permutation(uniq.size)]
+            pc = new[gcodes]
+        else:
+            pc = codes[rng.permutation(codes.size)]
+        try:
+            kp = effective_n_splits(pc, gcodes, k_eff)
+            pids, _ = _make_fold_ids(pc, gcodes, k, kp, 1, seed)
+        except ProbeInputError:  # row permutation left a class in < 2 groups: no valid CV
+            out.append(None)
+            continue
+        out.append((pc, pids[0]))
+    return out, ("groups" if one_label else "rows")
+
+
+def _permutation_test(X, codes, gcodes, k, k_eff, fold_ids, C_fixed, fitter, *, primary, n_permutations,
+                      seed, stream) -> dict[str, Any]:
+    """Sequential label-permutation test of the primary metric (see ``fit_probe``'s docstring)."""
+    perm: dict[str, Any] = {"metric": primary, "scheme": None, "n_permutations": int(n_permutations),
+                            "n_drawn": 0, "C": C_fixed, "n_repeats": 1, "observed": None, "scores": [],
+                            "p_value": None, "mc_se": None, "stopped_early": False}
+    if n_permutations <= 0:
+        perm["scheme"] = _permuted_labellings(codes, gcodes, k, k_eff, seed, None, 0)[1]
+        return perm
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 3, *stream]))
+    observed = None
+    scores: list[float] = []
+    while len(scores) < n_permutations:
+        batch, perm["scheme"] = _permuted_labellings(codes, gcodes, k, k_eff, seed, rng,
+                                                     min(PERMUTATION_BATCH, n_permutations - len(scores)))
+        if observed is None:  # the observed statistic solved with the first batch's fits
+            observed, *new = _cv_fixed_C_many(X, [(codes, fold_ids[0]), *batch], k, C_fixed, fitter)
+        else:
+            new = _cv_fixed_C_many(X, batch, k, C_fixed, fitter)
+        scores += list(new)
+        # NaN permutation scores (undefined metric) count as >= observed: conservative
+        hits = int(np.sum(~(np.asarray(scores) < observed))) if math.isfinite(observed) else len(scores)
+        p, se = permutation_p(hits, len(scores))
+        if len(scores) < n_permutations and abs(p - PERMUTATION_ALPHA) > PERMUTATION_Z * se:
+            perm["stopped_early"] = True
+            break
+    perm.update(observed=observed, scores=scores, n_drawn=len(scores), p_value=p, mc_se=se)
+    return perm
 
 
 def _fit_probe(X, codes, gcodes, classes, k, primary, k_eff, notes, *, n_splits, n_repeats, inner_splits, Cs,
-               n_permutations, n_random_directions, seed, max_iter) -> ProbeResult:
+               n_permutations, n_random_directions, seed, max_iter, stream) -> ProbeResult:
     n, d = X.shape
     fitter = _Fitter(max_iter)
     fold_ids, states = _make_fold_ids(codes, gcodes, k, k_eff, n_repeats, seed)
@@ -1029,47 +1109,9 @@ def _fit_probe(X, codes, gcodes, classes, k, primary, k_eff, notes, *, n_splits,
     counts = Counter(fold_C)
     C_fixed = min(counts, key=lambda c: (-counts[c], c))
 
-    # ---- permutation test
-    one_label = all(np.unique(codes[gcodes == g]).size == 1 for g in np.unique(gcodes))
-    scheme = "groups" if one_label else "rows"
-    perm: dict[str, Any] = {
-        "metric": primary,
-        "scheme": scheme,
-        "n_permutations": int(n_permutations),
-        "C": C_fixed,
-        "n_repeats": 1,
-        "observed": None,
-        "scores": [],
-        "p_value": None,
-    }
-    if n_permutations > 0:
-        rng = np.random.default_rng(np.random.SeedSequence([seed, 3]))
-        if one_label:
-            uniq = np.unique(gcodes)
-            glabel = np.empty(int(gcodes.max()) + 1, dtype=np.int64)
-            for g in uniq:
-                glabel[g] = codes[gcodes == g][0]
-        labellings: list[tuple[np.ndarray, np.ndarray] | None] = [(codes, fold_ids[0])]  # observed first
-        for _ in range(n_permutations):
-            if one_label:
-                new = glabel.copy()
-                new[uniq] = glabel[uniq][rng.permutation(uniq.size)]
-                pc = new[gcodes]
-            else:
-                pc = codes[rng.permutation(n)]
-            try:
-                kp = effective_n_splits(pc, gcodes, k_eff)
-                pids, _ = _make_fold_ids(pc, gcodes, k, kp, 1, seed)
-            except ProbeInputError:  # row permutation left a class in < 2 groups: no valid CV
-                labellings.append(None)
-                continue
-            labellings.append((pc, pids[0]))
-        # the observed statistic and every permutation's: the same fits, solved together
-        observed, *perm_scores = _cv_fixed_C_many(X, labellings, k, C_fixed, fitter)
-        ps = np.asarray(perm_scores)
-        # NaN permutation scores (undefined metric) count as >= observed: conservative
-        hits = int(np.sum(~(ps < observed))) if math.isfinite(observed) else n_permutations
-        perm.update(observed=observed, scores=perm_scores, p_value=(1 + hits) / (1 + n_permutations))
+    # ---- permutation test (sequential: see _permutation_test)
+    perm = _permutation_test(X, codes, gcodes, k, k_eff, fold_ids, C_fixed, fitter, primary=primary,
+                             n_permutations=n_permutations, seed=seed, stream=stream)
 
     # ---- random-direction control
     rand: dict[str, Any] = {"n": int(n_random_directions), "metric": primary, "C": C_fixed, "scores": [],
@@ -1179,7 +1221,7 @@ def interpret(
 
 _ROW_COLUMNS = (
     "metric", "mean", "std", "ci_low", "ci_high", "ci_method", "n", "n_per_class", "chance", "majority",
-    "baseline", "primary", "p_permutation", "random_direction_p95", "n_splits", "n_repeats", "C", "interpretation",
+    "baseline", "primary", "p_permutation", "p_permutation_se", "random_direction_p95", "n_splits", "n_repeats", "C", "interpretation",
 )
 
 
@@ -1189,7 +1231,8 @@ def summary_rows(result: ProbeResult | Mapping[str, Any], thresholds: tuple[floa
 
     Columns: ``metric, mean, std, ci_low, ci_high, ci_method, n`` (folds used), ``n_per_class``
     (JSON string), ``chance`` and ``majority`` (see baselines), ``baseline = max(chance,
-    majority)``, ``primary`` (bool), ``p_permutation`` (only on the primary-metric row, the
+    majority)``, ``primary`` (bool), ``p_permutation`` and its Monte-Carlo standard error
+    ``p_permutation_se`` (only on the primary-metric row, the
     only metric the permutation test was run for; None elsewhere and when skipped),
     ``random_direction_p95`` (primary row only), ``n_splits, n_repeats, C`` (final probe)
     and ``interpretation`` = :func:`interpret` of the interval with the thresholds shifted to
@@ -1220,6 +1263,7 @@ def summary_rows(result: ProbeResult | Mapping[str, Any], thresholds: tuple[floa
             baseline=base,
             primary=is_primary,
             p_permutation=d["permutation"]["p_value"] if is_primary else None,
+            p_permutation_se=d["permutation"].get("mc_se") if is_primary else None,
             random_direction_p95=d["random_directions"]["p95"] if is_primary else None,
             n_splits=d["n_splits"],
             n_repeats=d["n_repeats"],
@@ -1310,3 +1354,30 @@ def cross_dataset_matrix(
                 codes_b = np.array([lookup[_py(v)] for v in yb], dtype=np.int64)
                 out.loc[a, b] = fold_metrics(codes_b, model.predict_proba(Xb), k)[metric]
     return out
+
+
+def transfer_metric(train: tuple, test: tuple, *, positive_class: Any = None, metric: str = "auroc",
+                    inner_splits: int = 3, Cs: Sequence[float] = (0.001, 0.01, 0.1, 1, 10, 100), seed: int = 0,
+                    n_boot: int = 1000, ci: float = 0.95, max_iter: int = 1000) -> dict[str, float]:
+    """Fit a probe on all of ``train`` = (X, y, groups) (C by grouped inner CV, as in
+    :func:`cross_dataset_matrix`), score it on ``test`` = (X, y): ``{"value", "ci_low", "ci_high"}``,
+    the interval a percentile bootstrap over the test prompts (resamples missing a class skipped)."""
+    Xa, ya, ga = _check_X(train[0], "train X"), train[1], train[2] if len(train) > 2 else None
+    Xb = _check_X(test[0], "test X")
+    codes_a, classes = _encode(_check_labels(ya, Xa.shape[0], "train y"), positive_class)
+    k = len(classes)
+    fitter = _Fitter(max_iter)
+    with threadpool_limits(limits=1):
+        C, _ = _select_C(Xa, codes_a, _check_groups(ga, len(ya)), k, tuple(Cs), inner_splits, (seed, 5), fitter)
+        proba = fitter.fit(Xa, codes_a, C).predict_proba(Xb)
+    lookup = {c: i for i, c in enumerate(classes)}
+    codes_b = np.array([lookup[_py(v)] for v in test[1]], dtype=np.int64)
+    value = fold_metrics(codes_b, proba, k)[metric]
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 6]))
+    boots = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, codes_b.size, codes_b.size)
+        if np.unique(codes_b[idx]).size == k:
+            boots.append(fold_metrics(codes_b[idx], proba[idx], k)[metric])
+    lo, hi = (np.quantile(boots, [(1 - ci) / 2, (1 + ci) / 2]) if boots else (np.nan, np.nan))
+    return {"value": float(value), "ci_low": float(lo), "ci_high": float(hi)}

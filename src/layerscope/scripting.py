@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .errors import LayerscopeError
+from .errors import LayerscopeError, environment_error
 
 
 @contextlib.contextmanager
@@ -39,12 +39,26 @@ def job_logging(log_path: str | Path | None, name: str = "layerscope") -> Iterat
         logger.error("%s", exc)
         _close(logger)
         sys.exit(1)
-    except Exception:
+    except Exception as exc:
+        user_error = environment_error(exc, **_job_files())
+        if user_error is not None:  # a full disk, a corrupt weights file: the user's to fix
+            logger.error("%s", user_error)
+            _close(logger)
+            sys.exit(1)
         logger.exception("unexpected error (a bug in layerscope; please report it with this log)")
         _close(logger)
         raise
     logger.info("done in %.1f s", time.perf_counter() - start)
     _close(logger)
+
+
+def _job_files() -> dict[str, list[str]]:
+    """The running Snakemake job's input and output files (its ``snakemake`` object lives in the
+    script's ``__main__``), to name them in messages; empty outside a workflow script."""
+    job = getattr(sys.modules.get("__main__"), "snakemake", None)
+    if job is None:
+        return {"inputs": [], "outputs": []}
+    return {"inputs": [str(f) for f in job.input], "outputs": [str(f) for f in job.output]}
 
 
 def log_visible_gpus(logger: logging.Logger) -> None:

@@ -584,8 +584,9 @@ def write_task_vectors(
             f.create_dataset("bootstrap/separation", data=np.asarray(arrays["boot_separation"], dtype=np.float64))
             for i, layer in enumerate(arrays["layers"]):
                 g = f.create_group(f"layer_{int(layer)}")
-                for key in ("prompt_cosine", "task_cosine", "task_vectors", "task_norms"):
-                    g.create_dataset(key, data=np.asarray(arrays[key][i]))
+                for key in ("prompt_cosine", "task_cosine", "task_vectors", "task_norms", "centred"):
+                    if key in arrays:  # centred prompts: the PCA figure is drawn from the file alone
+                        g.create_dataset(key, data=np.asarray(arrays[key][i]))
                 row = scores.loc[scores["layer"] == int(layer)]
                 if len(row) == 1:
                     for key in ("within", "between", "separation", "separation_ci_low", "separation_ci_high"):
@@ -608,8 +609,9 @@ def read_task_vectors(h5_path: str | os.PathLike) -> dict[str, Any]:
         out["order"] = f["order"][()]
         out["layers"] = f["layers"][()]
         out["boot_separation"] = f["bootstrap/separation"][()]
-        for key in ("prompt_cosine", "task_cosine", "task_vectors", "task_norms"):
-            out[key] = np.stack([f[f"layer_{int(L)}/{key}"][()] for L in out["layers"]])
+        for key in ("prompt_cosine", "task_cosine", "task_vectors", "task_norms", "centred"):
+            if all(key in f[f"layer_{int(L)}"] for L in out["layers"]):
+                out[key] = np.stack([f[f"layer_{int(L)}/{key}"][()] for L in out["layers"]])
         attrs = {}
         for k, v in f.attrs.items():
             if isinstance(v, bytes):
@@ -636,19 +638,21 @@ def _targets(out: str | os.PathLike, formats: Sequence[str]) -> list[Path]:
 
 
 def _save(fig, out, formats) -> list[Path]:
+    """The project's one figure writer (plots.save_figure), then the figure's artists are dropped."""
     from .plots import save_figure
 
     targets = _targets(out, formats)
-    return [Path(p) for p in save_figure(fig, targets[0], [t.suffix[1:] for t in targets], dpi=150, tight=True)]
+    try:
+        return [Path(p) for p in save_figure(fig, targets[0], [t.suffix[1:] for t in targets], dpi=150, tight=True)]
+    finally:
+        fig.clear()
 
 
-def _pyplot():
-    import matplotlib
+def _figure(width: float, height: float):
+    """A pyplot-free Agg figure (no global figure registry to leak into)."""
+    from .plots import _new_figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return _new_figure(width, height, layout=None)
 
 
 def _title(what: str, model: str | None, dataset: str | None, component: str | None, layer: int | None = None) -> str:
@@ -659,107 +663,114 @@ def _title(what: str, model: str | None, dataset: str | None, component: str | N
 
 
 def _task_colors(n: int):
-    plt = _pyplot()
-    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def plot_separation(
+def plot_separation(scores: pd.DataFrame, out: str | os.PathLike, *, formats: Sequence[str] = ("png",),
+                    **kw: Any) -> list[Path]:
+    """Draw :func:`draw_separation` and write it in every format."""
+    return _save(draw_separation(scores, **kw), out, formats)
+
+
+def draw_separation(
     scores: pd.DataFrame,
-    out: str | os.PathLike,
     *,
     model: str | None = None,
     dataset: str | None = None,
     component: str | None = None,
     ci: float = 0.95,
-    formats: Sequence[str] = ("png",),
-) -> list[Path]:
+):
     """Separation (within - between) vs layer with its bootstrap interval; means below.
 
     ``ci`` only labels the band (the interval itself is in the score columns).
     """
-    plt = _pyplot()
     s = scores.sort_values("layer")
     x = s["layer"].to_numpy()
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=[3, 2])
-    try:
-        ax.fill_between(x, s["separation_ci_low"], s["separation_ci_high"], color="C0", alpha=0.25,
-                        label=f"{100 * ci:g}% bootstrap interval (over pairs)")
-        ax.plot(x, s["separation"], "o-", color="C0", label="separation = within - between")
-        ax.axhline(0, color="0.3", lw=0.8)
-        best = best_layer(s)
-        ax.axvline(best, color="C3", ls="--", lw=1, label=f"best layer {best}")
-        ax.set_ylabel("mean cosine difference")
-        ax.legend(fontsize=8, loc="best")
-        ax.set_title(_title("Task separation by layer", model, dataset, component), fontsize=10)
-        ax.grid(alpha=0.3)
-        ax2.plot(x, s["within"], "o-", color="C2", label="within task (different pair)")
-        matched = not ("between_all" in s and np.allclose(s["between"], s["between_all"], equal_nan=True))
-        ax2.plot(x, s["between"], "s-", color="C1",
-                 label="between tasks (different pair)" if matched else "between tasks (all pairs)")
-        if "same_pair" in s:
-            ax2.plot(x, s["same_pair"], "^:", color="0.5", label="same pair, different task")
-        ax2.axhline(0, color="0.3", lw=0.8)
-        ax2.set_xlabel("layer")
-        ax2.set_ylabel("mean cosine (centred)")
-        ax2.legend(fontsize=8, loc="best")
-        ax2.grid(alpha=0.3)
-        ax2.set_xticks(x if len(x) <= 40 else x[:: max(1, len(x) // 20)])
-        return _save(fig, out, formats)
-    finally:
-        plt.close(fig)
+    fig = _figure(7, 6)
+    ax, ax2 = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
+    ax.fill_between(x, s["separation_ci_low"], s["separation_ci_high"], color="C0", alpha=0.25,
+                    label=f"{100 * ci:g}% bootstrap interval (over pairs)")
+    ax.plot(x, s["separation"], "o-", color="C0", label="separation = within - between")
+    ax.axhline(0, color="0.3", lw=0.8)
+    best = best_layer(s)
+    ax.axvline(best, color="C3", ls="--", lw=1, label=f"best layer {best}")
+    ax.set_ylabel("mean cosine difference")
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(_title("Task separation by layer", model, dataset, component), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax2.plot(x, s["within"], "o-", color="C2", label="within task (different pair)")
+    matched = not ("between_all" in s and np.allclose(s["between"], s["between_all"], equal_nan=True))
+    ax2.plot(x, s["between"], "s-", color="C1",
+             label="between tasks (different pair)" if matched else "between tasks (all pairs)")
+    if "same_pair" in s:
+        ax2.plot(x, s["same_pair"], "^:", color="0.5", label="same pair, different task")
+    ax2.axhline(0, color="0.3", lw=0.8)
+    ax2.set_xlabel("layer")
+    ax2.set_ylabel("mean cosine (centred)")
+    ax2.legend(fontsize=8, loc="best")
+    ax2.grid(alpha=0.3)
+    ax2.set_xticks(x if len(x) <= 40 else x[:: max(1, len(x) // 20)])
+    return fig
 
 
-def plot_norms(
+def plot_norms(scores: pd.DataFrame, out: str | os.PathLike, *, formats: Sequence[str] = ("png",),
+               **kw: Any) -> list[Path]:
+    """Draw :func:`draw_norms` and write it in every format."""
+    return _save(draw_norms(scores, **kw), out, formats)
+
+
+def draw_norms(
     scores: pd.DataFrame,
-    out: str | os.PathLike,
     *,
     model: str | None = None,
     dataset: str | None = None,
     component: str | None = None,
     relative: bool = True,
-    formats: Sequence[str] = ("png",),
-) -> list[Path]:
+):
     """Task-vector L2 norm per task vs layer (and, with ``relative``, norm / centred RMS norm)."""
-    plt = _pyplot()
     long = norms_long(scores)
     tasks = list(dict.fromkeys(long["task"]))
     colors = _task_colors(len(tasks))
     ncols = 2 if relative else 1
-    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.2), squeeze=False)
-    try:
-        panels = [("norm", "task-vector L2 norm")]
-        if relative:
-            panels.append(("rel_norm", "norm / RMS norm of centred prompts"))
-        for ax, (col, ylabel) in zip(axes[0], panels):
-            for task, color in zip(tasks, colors):
-                d = long[long["task"] == task]
-                ax.plot(d["layer"], d[col], "o-", ms=3, color=color, label=task)
-            ax.set_xlabel("layer")
-            ax.set_ylabel(ylabel)
-            ax.set_ylim(bottom=0)
-            ax.grid(alpha=0.3)
-        axes[0][-1].legend(title="task", fontsize=8, loc="best")
-        fig.suptitle(_title("Task-vector norms by layer", model, dataset, component), fontsize=10)
-        fig.tight_layout()
-        return _save(fig, out, formats)
-    finally:
-        plt.close(fig)
+    fig = _figure(6 * ncols, 4.2)
+    axes = fig.subplots(1, ncols, squeeze=False)
+    panels = [("norm", "task-vector L2 norm")]
+    if relative:
+        panels.append(("rel_norm", "norm / RMS norm of centred prompts"))
+    for ax, (col, ylabel) in zip(axes[0], panels):
+        for task, color in zip(tasks, colors):
+            d = long[long["task"] == task]
+            ax.plot(d["layer"], d[col], "o-", ms=3, color=color, label=task)
+        ax.set_xlabel("layer")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(title="task", fontsize=8, loc="best")
+    fig.suptitle(_title("Task-vector norms by layer", model, dataset, component), fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
-def plot_prompt_cosine(
+def plot_prompt_cosine(matrix: Any, tasks: Sequence[Any], pairs: Sequence[Any], out: str | os.PathLike, *,
+                       formats: Sequence[str] = ("png",), **kw: Any) -> list[Path]:
+    """Draw :func:`draw_prompt_cosine` and write it in every format."""
+    return _save(draw_prompt_cosine(matrix, tasks, pairs, **kw), out, formats)
+
+
+def draw_prompt_cosine(
     matrix: Any,
     tasks: Sequence[Any],
     pairs: Sequence[Any],
-    out: str | os.PathLike,
     *,
     layer: int,
     model: str | None = None,
     dataset: str | None = None,
     component: str | None = None,
     vmax: float | str = 1.0,
-    formats: Sequence[str] = ("png",),
-) -> list[Path]:
+):
     """Heatmap of the prompt cosine matrix (rows already ordered by task, then pair).
 
     Diverging colormap centred at 0, limits ``[-vmax, vmax]``: 1.0 by default, so heatmaps of
@@ -767,7 +778,6 @@ def plot_prompt_cosine(
     magnitude (the diagonal, 1 by definition, is then beyond the scale; the colorbar says so).
     Ticks are the pairs; task blocks are outlined and named on the left and top.
     """
-    plt = _pyplot()
     M = np.asarray(matrix, dtype=float)
     n = M.shape[0]
     if M.shape != (n, n) or len(tasks) != n or len(pairs) != n:
@@ -783,78 +793,77 @@ def plot_prompt_cosine(
     ends = starts[1:] + [n]
     side = float(np.clip(2.5 + 0.2 * n, 5, 11))
     fs = float(np.clip(300 / max(n, 1), 5, 9))
-    fig, ax = plt.subplots(figsize=(side + 1.6, side))
-    try:
-        im = ax.imshow(M, cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
-        ax.set_xticks(range(n))
-        ax.set_yticks(range(n))
-        ax.set_xticklabels([str(p) for p in pairs], rotation=90, fontsize=fs)
-        ax.set_yticklabels([str(p) for p in pairs], fontsize=fs)
-        for s in starts[1:]:
-            ax.axhline(s - 0.5, color="k", lw=0.8)
-            ax.axvline(s - 0.5, color="k", lw=0.8)
-        # task names: centred on their block, outside the tick labels
-        for s, e in zip(starts, ends):
-            mid = (s + e - 1) / 2
-            ax.annotate(tasks[s], xy=(0, mid), xycoords=("axes fraction", "data"), xytext=(-6.5 * fs, 0),
-                        textcoords="offset points", ha="right", va="center", fontsize=fs + 2, fontweight="bold")
-            ax.annotate(tasks[s], xy=(mid, 1), xycoords=("data", "axes fraction"), xytext=(0, 4),
-                        textcoords="offset points", ha="center", va="bottom", fontsize=fs + 1, fontweight="bold")
-        cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
-        cb.set_label("cosine similarity (centred vectors)" + ("; diagonal = 1 is off scale" if vmax < 1 else ""))
-        ax.set_title(_title("Prompt cosine similarity, ordered by task then number pair", model, dataset,
-                            component, layer), fontsize=10, pad=8 + 2.2 * fs)
-        return _save(fig, out, formats)
-    finally:
-        plt.close(fig)
+    fig = _figure(side + 1.6, side)
+    ax = fig.subplots()
+    im = ax.imshow(M, cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    ax.set_xticklabels([str(p) for p in pairs], rotation=90, fontsize=fs)
+    ax.set_yticklabels([str(p) for p in pairs], fontsize=fs)
+    for s in starts[1:]:
+        ax.axhline(s - 0.5, color="k", lw=0.8)
+        ax.axvline(s - 0.5, color="k", lw=0.8)
+    # task names: centred on their block, outside the tick labels
+    for s, e in zip(starts, ends):
+        mid = (s + e - 1) / 2
+        ax.annotate(tasks[s], xy=(0, mid), xycoords=("axes fraction", "data"), xytext=(-6.5 * fs, 0),
+                    textcoords="offset points", ha="right", va="center", fontsize=fs + 2, fontweight="bold")
+        ax.annotate(tasks[s], xy=(mid, 1), xycoords=("data", "axes fraction"), xytext=(0, 4),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=fs + 1, fontweight="bold")
+    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    cb.set_label("cosine similarity (centred vectors)" + ("; diagonal = 1 is off scale" if vmax < 1 else ""))
+    ax.set_title(_title("Prompt cosine similarity, ordered by task then number pair", model, dataset,
+                        component, layer), fontsize=10, pad=8 + 2.2 * fs)
+    return fig
 
 
-def plot_task_pca(
+def plot_task_pca(X: Any, tasks: Sequence[Any], out: str | os.PathLike, *, formats: Sequence[str] = ("png",),
+                  **kw: Any) -> list[Path]:
+    """Draw :func:`draw_task_pca` and write it in every format."""
+    return _save(draw_task_pca(X, tasks, **kw), out, formats)
+
+
+def draw_task_pca(
     X: Any,
     tasks: Sequence[Any],
-    out: str | os.PathLike,
     *,
     layer: int,
     model: str | None = None,
     dataset: str | None = None,
     component: str | None = None,
     pairs: Sequence[Any] | None = None,
-    formats: Sequence[str] = ("png",),
-) -> list[Path]:
+):
     """PCA (2D) of the prompt vectors ``X`` [n, d] of one layer, coloured by task.
 
     Each task's mean (its task vector, projected) is drawn as a large labelled marker.
     With ``pairs``, each prompt is annotated with its pair (small grey text) when n <= 60.
     """
-    plt = _pyplot()
     pca = pca_of_prompts(X, tasks, n_components=2)
     coords, ev = pca["coords"], pca["explained_variance_ratio"]
     levels = pca["tasks"]
     colors = _task_colors(len(levels))
     tasks = [str(t) for t in tasks]
-    fig, ax = plt.subplots(figsize=(7, 6))
-    try:
-        for j, (task, color) in enumerate(zip(levels, colors)):
-            m = np.array([t == task for t in tasks])
-            ax.scatter(coords[m, 0], coords[m, 1], s=28, color=color, alpha=0.75, label=task, edgecolors="none")
-            cx, cy = pca["task_coords"][j]
-            ax.scatter([cx], [cy], s=180, marker="X", color=color, edgecolors="k", linewidths=1.0, zorder=3)
-        if pairs is not None and len(tasks) <= 60:
-            for (x0, y0), p in zip(coords, pairs):
-                ax.annotate(str(p), (x0, y0), xytext=(3, 3), textcoords="offset points", fontsize=6, color="0.4")
-        ax.axhline(0, color="0.8", lw=0.8, zorder=0)
-        ax.axvline(0, color="0.8", lw=0.8, zorder=0)
-        ax.set_xlabel(f"PC1 ({100 * ev[0]:.1f}% of variance)")
-        ax.set_ylabel(f"PC2 ({100 * ev[1]:.1f}% of variance)")
-        handles, labels = ax.get_legend_handles_labels()
-        from matplotlib.lines import Line2D
+    fig = _figure(7, 6)
+    ax = fig.subplots()
+    for j, (task, color) in enumerate(zip(levels, colors)):
+        m = np.array([t == task for t in tasks])
+        ax.scatter(coords[m, 0], coords[m, 1], s=28, color=color, alpha=0.75, label=task, edgecolors="none")
+        cx, cy = pca["task_coords"][j]
+        ax.scatter([cx], [cy], s=180, marker="X", color=color, edgecolors="k", linewidths=1.0, zorder=3)
+    if pairs is not None and len(tasks) <= 60:
+        for (x0, y0), p in zip(coords, pairs):
+            ax.annotate(str(p), (x0, y0), xytext=(3, 3), textcoords="offset points", fontsize=6, color="0.4")
+    ax.axhline(0, color="0.8", lw=0.8, zorder=0)
+    ax.axvline(0, color="0.8", lw=0.8, zorder=0)
+    ax.set_xlabel(f"PC1 ({100 * ev[0]:.1f}% of variance)")
+    ax.set_ylabel(f"PC2 ({100 * ev[1]:.1f}% of variance)")
+    handles, labels = ax.get_legend_handles_labels()
+    from matplotlib.lines import Line2D
 
-        handles.append(Line2D([], [], marker="X", color="w", markerfacecolor="0.6", markeredgecolor="k",
-                              markersize=11, linestyle=""))
-        labels.append("task mean (task vector)")
-        ax.legend(handles, labels, title="task", fontsize=8, loc="best")
-        ax.set_title(_title("PCA of prompt vectors, coloured by task", model, dataset, component, layer), fontsize=10)
-        ax.grid(alpha=0.3)
-        return _save(fig, out, formats)
-    finally:
-        plt.close(fig)
+    handles.append(Line2D([], [], marker="X", color="w", markerfacecolor="0.6", markeredgecolor="k",
+                          markersize=11, linestyle=""))
+    labels.append("task mean (task vector)")
+    ax.legend(handles, labels, title="task", fontsize=8, loc="best")
+    ax.set_title(_title("PCA of prompt vectors, coloured by task", model, dataset, component, layer), fontsize=10)
+    ax.grid(alpha=0.3)
+    return fig

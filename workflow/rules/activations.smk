@@ -11,7 +11,9 @@ localrules:
 
 rule cache_activations:
     input:
-        table="results/datasets/{dataset}/prompts.csv",
+        # Keyed by the prompt texts (written while the DAG is built; see texts_file), not the prompt
+        # table: a relabel must not rerun the forward pass (the per-layer files take labels from the table).
+        table=lambda wc: texts_file(wc.dataset),
         model=lambda wc: model_files(model_cfg(wc)["source"]),
     output:
         store="results/activations/{model}/{dataset}/store.h5",
@@ -22,6 +24,7 @@ rule cache_activations:
         # change results only by float noise, so editing them must not rerun this job.
         model=lambda wc: stable(model_identity(wc.model)),
         activations=lambda wc: stable(CACHE_SETTINGS),
+        texts=lambda wc: CHECKED[wc.dataset]["texts_sha256"],
     resources:
         gpu=1,
         mem_mb=8000,
@@ -80,6 +83,7 @@ rule gather_activations:
 rule extract_layer:
     input:
         store="results/activations/{model}/{dataset}/store.h5",
+        table="results/datasets/{dataset}/prompts.csv",  # labels and groups come from the table
     output:
         "results/activations/{model}/{dataset}/layer_{layer}.h5",
     log:

@@ -1,9 +1,18 @@
 # Config validation, target lists and small helpers shared by every stage.
 import json
+import os
 import re
 
-from layerscope.config import dataset_files, model_files, read_n_layers, validate_config
-from layerscope.errors import ConfigError
+from layerscope.config import (
+    check_prompt_lengths,
+    dataset_files,
+    fast_tokenizer_file,
+    model_files,
+    read_n_layers,
+    validate_config,
+)
+from layerscope.datasets import dry_run_check
+from layerscope.errors import ConfigError, LayerscopeError
 
 # Every mistake in the config (unknown key, wrong type, duplicate name, missing file, bad layer, ...)
 # stops the run here, before any job, as one line naming the key path; the schema's defaults are filled in.
@@ -19,6 +28,33 @@ except ConfigError as exc:
 
 MODELS = sorted(config["models"])
 DATASETS = sorted(config["datasets"])
+# Every dataset is built here as prepare_dataset will build it (labels, classes, templates, input
+# files), so those mistakes stop even a dry run; remembered under .snakemake/ by input size and time.
+def texts_file(dataset):
+    """The prompt ids and texts of a dataset, written here (not by a rule): the caching job's input.
+    A relabel leaves it untouched, so the forward pass is not rerun (a file made by prepare_dataset
+    would put caching downstream of a job that every relabel reruns)."""
+    return f".snakemake/layerscope/texts/{dataset}.csv"
+
+
+# Prompts longer than a local model's context are caught here too (hub models: when caching starts).
+TOKENIZERS = {m: fast_tokenizer_file(config["models"][m]["source"]) for m in sorted(config["models"])}
+try:
+    CHECKED = {
+        d: dry_run_check(
+            d,
+            {k: v for k, v in config["datasets"][d].items() if k != "shards"},
+            ".",
+            ".snakemake/layerscope/datasets",
+            tokenizers={m: t for m, t in TOKENIZERS.items() if t},
+            texts_path=texts_file(d),
+        )
+        for d in DATASETS
+    }
+    for d in DATASETS:
+        check_prompt_lengths(d, CHECKED[d]["longest"], config["models"])
+except LayerscopeError as exc:
+    raise WorkflowError(str(exc)) from None
 ACT = config["activations"]
 # What cached numbers depend on: not the shard count, which only splits the work.
 CACHE_SETTINGS = {k: v for k, v in ACT.items() if k != "shards"}
@@ -36,9 +72,13 @@ FIGURE_VIEW = {
 TASK_GRIDS = sorted(d for d in DATASETS if config["datasets"][d]["kind"] == "task_grid")
 TASK_VECTOR_FIGURES = ["separation", "norms", "cosine_chosen", "cosine_best", "pca"]
 EXPERIMENTS = sorted(config["patching"]["experiments"])
-GEOMETRY_FIGURES = ["pca", "cosine", "label_means", "norm_heatmap", "norm_curves"] + (
-    ["tsne"] if FIGURES["tsne"] else []
+GENERATION_PATCHING = config["patching"]["generation"]["enabled"]
+# Suffixes of the patching figures: heatmaps, per-head, generation recovery rate.
+PATCHING_FIGURES = [""] + (["_heads"] if config["patching"]["heads"] else []) + (
+    ["_generation"] if GENERATION_PATCHING else []
 )
+# t-SNE is its own rule (plot_tsne), so turning it on runs that job alone.
+GEOMETRY_FIGURES = ["pca", "cosine", "label_means", "norm_heatmap", "norm_curves"]
 
 
 wildcard_constraints:
@@ -60,7 +100,11 @@ def model_cfg(wildcards):
 
 def dataset_spec(wildcards):
     """How to build the prompt table (shards only splits caching, so it is left out)."""
-    return {k: v for k, v in config["datasets"][wildcards.dataset].items() if k != "shards"}
+    return dataset_spec_of(wildcards.dataset)
+
+
+def dataset_spec_of(dataset):
+    return {k: v for k, v in config["datasets"][dataset].items() if k != "shards"}
 
 
 def names_regex(names):
@@ -74,14 +118,19 @@ def model_identity(model):
     return {k: m[k] for k in ("source", "revision", "dtype", "compatibility_mode", "bos")}
 
 
-def task_vector_settings(model):
-    tv = dict(config["task_vectors"])
+def task_vector_compute_settings(model):
+    """What the task-vector scores depend on (not the heatmap layer, which only the figures use)."""
+    tv = {k: v for k, v in config["task_vectors"].items() if k != "layer"}
     tv["component"] = tv["component"] or ACT["components"][0]
     return tv
 
 
 def patching_settings(model):
-    return {k: v for k, v in config["patching"].items() if k != "experiments"}
+    """What a patching job computes from (generation settings only when generation patching is on)."""
+    settings = {k: v for k, v in config["patching"].items() if k != "experiments"}
+    if not GENERATION_PATCHING:
+        settings["generation"] = {"enabled": False}
+    return settings
 
 
 def per_layer(pattern, model, dataset):
@@ -94,23 +143,58 @@ def extra_formats(stem):
     return [f"{stem}.{ext}" for ext in FIGURES["formats"] if ext != "png"]
 
 
+def in_formats(stems):
+    """Every figure stem in every configured format (figures.formats)."""
+    return [f"{stem}.{ext}" for stem in stems for ext in FIGURES["formats"]]
+
+
+def figure_targets():
+    """Every figure the config asks for, in every format: all of them are targets, so a figure that
+    is asked for but missing (t-SNE turned on, a format added) is drawn by its plot job alone."""
+    per_dataset = ["probe_metric_vs_layer", *GEOMETRY_FIGURES] + (["tsne"] if FIGURES["tsne"] else [])
+    stems = expand("results/figures/{model}/{dataset}/{name}", model=MODELS, dataset=DATASETS, name=per_dataset)
+    stems += expand(
+        "results/figures/{model}/{dataset}/task_{name}", model=MODELS, dataset=TASK_GRIDS, name=TASK_VECTOR_FIGURES
+    )
+    stems += expand("results/figures/{model}/generalization_{group}", model=MODELS, group=GENERALIZATION)
+    if len(MODELS) > 1:
+        stems += expand("results/figures/models/{dataset}/best_layer_vs_depth", dataset=DATASETS)
+    return in_formats(stems)
+
+
 def all_targets():
     targets = expand("results/datasets/{dataset}/prompts.csv", dataset=DATASETS)
     for pattern in (
         "results/activations/{model}/{dataset}/layers.csv",
         "results/probes/{model}/{dataset}/summary.csv",
         "results/stats/{model}/{dataset}/activation_stats.csv",
-        "results/figures/{model}/{dataset}/probe_metric_vs_layer.png",
-        "results/figures/{model}/{dataset}/pca.png",
     ):
         targets += expand(pattern, model=MODELS, dataset=DATASETS)
-    targets += expand("results/figures/{model}/generalization_{group}.png", model=MODELS, group=GENERALIZATION)
+    targets += expand("results/probes/{model}/generalization_{group}.csv", model=MODELS, group=GENERALIZATION)
     targets += expand("results/task_vectors/{model}/{dataset}/scores.csv", model=MODELS, dataset=TASK_GRIDS)
     targets += expand("results/patching/{model}/{experiment}/summary.csv", model=MODELS, experiment=EXPERIMENTS)
+    # Every patching figure in every format: a format added later is then a missing target of the plot job.
+    for name in PATCHING_FIGURES:
+        stem = f"results/figures/{{model}}/patching_{{experiment}}{name}"
+        targets += expand([f"{stem}.png"] + extra_formats(stem), model=MODELS, experiment=EXPERIMENTS)
     steer = sorted(config["steering"]["experiments"])
     targets += expand("results/steering/{model}/{steer}/effects.csv", model=MODELS, steer=steer)
     targets += expand("results/figures/{model}/steering_{steer}.png", model=MODELS, steer=steer)
     targets.append("results/manifest.json")
-    if len(MODELS) > 1:
-        targets += expand("results/figures/models/{dataset}/best_layer_vs_depth.png", dataset=DATASETS)
-    return targets
+    return targets + figure_targets()
+
+
+def run_summary():
+    """What the end of a successful run prints: where each kind of result is, and the report command."""
+    shown = [os.path.relpath(f) if not os.path.relpath(f).startswith("..") else f for f in workflow.overwrite_configfiles]
+    configfiles = " ".join(f"--configfile {f}" for f in shown)
+    lines = [
+        "",
+        "layerscope: results are in results/ (logs in logs/, timings in benchmarks/):",
+        "  results/probes/{model}/{dataset}/summary.csv   probe metrics per layer",
+        "  results/figures/{model}/...                    figures (" + ", ".join(FIGURES["formats"]) + ")",
+        "  results/manifest.json                          versions, config and model hashes of this run",
+        "Build the report (every figure and table with captions) with:",
+        f"  snakemake --report results/report.html {configfiles}".rstrip(),
+    ]
+    return "\n".join(lines)

@@ -57,6 +57,54 @@ rule plot_geometry:
         "../scripts/plot_geometry.py"
 
 
+rule plot_tsne:
+    input:
+        layers=lambda wc: per_layer("results/activations/{model}/{dataset}/layer_{layer}.h5", wc.model, wc.dataset),
+        table="results/datasets/{dataset}/prompts.csv",
+    output:
+        figure=report(
+            "results/figures/{model}/{dataset}/tsne.png",
+            category="Geometry",
+            subcategory="{model}",
+            caption="../report/tsne.rst",
+            labels={"model": "{model}", "dataset": "{dataset}", "figure": "tsne"},
+        ),
+        extra=extra_formats("results/figures/{model}/{dataset}/tsne"),
+    params:
+        view=stable({k: FIGURE_VIEW[k] for k in ("component", "pooling")}),
+        formats=config["figures"]["formats"],
+    log:
+        "logs/plot_tsne/{model}/{dataset}.log",
+    benchmark:
+        "benchmarks/plot_tsne/{model}/{dataset}.tsv"
+    conda:
+        "../../envs/core.yaml"
+    script:
+        "../scripts/plot_tsne.py"
+
+
+rule plot_generalization:
+    input:
+        "results/probes/{model}/generalization_{group}.csv",
+    output:
+        figure=report(
+            "results/figures/{model}/generalization_{group}.png",
+            category="Probes",
+            subcategory="{model}",
+            caption="../report/generalization.rst",
+            labels={"model": "{model}", "figure": "generalization {group}"},
+        ),
+        extra=extra_formats("results/figures/{model}/generalization_{group}"),
+    params:
+        formats=config["figures"]["formats"],
+    log:
+        "logs/plot_generalization/{model}/{group}.log",
+    conda:
+        "../../envs/core.yaml"
+    script:
+        "../scripts/plot_generalization.py"
+
+
 rule depth_comparison:
     input:
         expand("results/probes/{model}/{{dataset}}/summary.csv", model=MODELS),

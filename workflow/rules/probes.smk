@@ -75,24 +75,21 @@ rule generalization:
         ],
         tables=lambda wc: expand("results/datasets/{dataset}/prompts.csv", dataset=GENERALIZATION[wc.group]),
         summary=lambda wc: expand("results/datasets/{dataset}/summary.json", dataset=GENERALIZATION[wc.group]),
+        # The diagonal is each dataset's probe summary, so the figure agrees with the probe curves.
+        probes=lambda wc: expand(
+            "results/probes/{model}/{dataset}/summary.csv", model=wc.model, dataset=GENERALIZATION[wc.group]
+        ),
     output:
         table="results/probes/{model}/generalization_{group}.csv",
-        figure=report(
-            "results/figures/{model}/generalization_{group}.png",
-            category="Probes",
-            subcategory="{model}",
-            caption="../report/generalization.rst",
-            labels={"model": "{model}", "figure": "generalization {group}"},
-        ),
-        extra=extra_formats("results/figures/{model}/generalization_{group}"),
     params:
         datasets=lambda wc: GENERALIZATION[wc.group],
         layers=lambda wc: LAYERS[wc.model],
         settings=stable(PROBE_SETTINGS),
         view=stable(FIGURE_VIEW),
-        formats=config["figures"]["formats"],
     log:
         "logs/generalization/{model}/{group}.log",
+    benchmark:
+        "benchmarks/generalization/{model}/{group}.tsv"
     conda:
         "../../envs/core.yaml"
     script:

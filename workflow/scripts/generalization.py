@@ -9,13 +9,13 @@ with job_logging(snakemake.log[0]) as log:
     view = json.loads(snakemake.params.view)
     # Layer files live under results/activations/{model}/{dataset}/; group them by dataset.
     paths = {ds: [p for p in snakemake.input.layers if Path(p).parent.name == ds] for ds in snakemake.params.datasets}
-    # ...and their prompt tables under results/datasets/{dataset}/prompts.csv.
+    # ...their prompt tables under results/datasets/{dataset}/, their probe summaries under results/probes/.
     tables = {Path(t).parent.name: t for t in snakemake.input.tables}
+    summaries = {Path(t).parent.name: t for t in snakemake.input.probes}
     positives = {positive_class(p) for p in snakemake.input.summary}
     table = generalization(
         paths,
         snakemake.output.table,
-        snakemake.output.figure,
         component=view["component"],
         pooling=view["pooling"],
         metric=view["metric"],
@@ -23,7 +23,7 @@ with job_logging(snakemake.log[0]) as log:
         group=snakemake.wildcards.group,
         positive=positives.pop() if len(positives) == 1 else None,
         settings=json.loads(snakemake.params.settings),
-        formats=snakemake.params.formats,
         tables=tables,
+        summaries=summaries,
     )
     log.info("%d cells", len(table))

@@ -9,15 +9,15 @@ with job_logging(snakemake.log[0]) as log:
     runtime = snakemake.config["models"][snakemake.wildcards.model]
     info = patching_experiment(
         snakemake.input.pairs,
-        {k: v for k, v in snakemake.output.items() if k != "extra"},
+        dict(snakemake.output.items()),
         model=json.loads(snakemake.params.model),
         settings=json.loads(snakemake.params.settings),
+        precision=json.loads(snakemake.params.precision),
         experiment=snakemake.wildcards.experiment,
         model_name=snakemake.wildcards.model,
         device=runtime["device"],
         batch_size=max(runtime["batch_size"], 64),
         threads=snakemake.threads,
-        formats=snakemake.params.formats,
         log=log.info,
     )
     log.info("%d pairs; %s", info["n_pairs"], "; ".join(info["notes"]) or "no notes")

@@ -1,0 +1,59 @@
+# Stage 5a: task-vector geometry of task-grid datasets. The compute job writes tables and arrays; a
+# separate plot job draws from them, so a figure setting (formats, the heatmap layer) never reruns
+# the bootstrap.
+
+
+rule task_vectors:
+    input:
+        layers=lambda wc: per_layer("results/activations/{model}/{dataset}/layer_{layer}.h5", wc.model, wc.dataset),
+        table="results/datasets/{dataset}/prompts.csv",
+    output:
+        scores=report(
+            "results/task_vectors/{model}/{dataset}/scores.csv",
+            category="Task vectors",
+            subcategory="{model}",
+            caption="../report/task_vector_scores.rst",
+            labels={"model": "{model}", "dataset": "{dataset}", "table": "task-vector scores"},
+        ),
+        matrices="results/task_vectors/{model}/{dataset}/matrices.h5",
+    params:
+        settings=lambda wc: stable(task_vector_compute_settings(wc.model)),
+    log:
+        "logs/task_vectors/{model}/{dataset}.log",
+    benchmark:
+        "benchmarks/task_vectors/{model}/{dataset}.tsv"
+    conda:
+        "../../envs/core.yaml"
+    script:
+        "../scripts/task_vectors.py"
+
+
+rule plot_task_vectors:
+    input:
+        scores="results/task_vectors/{model}/{dataset}/scores.csv",
+        matrices="results/task_vectors/{model}/{dataset}/matrices.h5",
+    output:
+        **{
+            name: report(
+                f"results/figures/{{model}}/{{dataset}}/task_{name}.png",
+                category="Task vectors",
+                subcategory="{model}",
+                caption=f"../report/task_{name}.rst",
+                labels={"model": "{model}", "dataset": "{dataset}", "figure": f"task {name.replace('_', ' ')}"},
+            )
+            for name in TASK_VECTOR_FIGURES
+        },
+        extra=[
+            path
+            for name in TASK_VECTOR_FIGURES
+            for path in extra_formats(f"results/figures/{{model}}/{{dataset}}/task_{name}")
+        ],
+    params:
+        layer=config["task_vectors"]["layer"],
+        formats=config["figures"]["formats"],
+    log:
+        "logs/plot_task_vectors/{model}/{dataset}.log",
+    conda:
+        "../../envs/core.yaml"
+    script:
+        "../scripts/plot_task_vectors.py"

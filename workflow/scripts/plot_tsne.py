@@ -1,0 +1,15 @@
+import json
+
+from layerscope.analysis import tsne_figure
+from layerscope.scripting import job_logging
+
+with job_logging(snakemake.log[0]):
+    tsne_figure(
+        list(snakemake.input.layers),
+        snakemake.output.figure,
+        model=snakemake.wildcards.model,
+        dataset=snakemake.wildcards.dataset,
+        formats=snakemake.params.formats,
+        table=snakemake.input.table,
+        **json.loads(snakemake.params.view),
+    )
