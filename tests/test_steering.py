@@ -501,3 +501,26 @@ def test_kv_cache_generation_equals_recompute(hf_demo, demo_prompts):
     assert used and not not_used
     assert cached == plain
     assert cached != S.generate(engine, demo_prompts.ids, 5, use_cache=False)[0]  # steering acts
+
+
+def test_native_engine_steering_matches_plain_transformers(hf_demo, demo_prompts):
+    """The native engine (the integrator's default) runs the same sweep code: alpha = 0 is bit for bit the
+    unsteered run, steered logits equal a plain-transformers hook, and generation takes the KV cache."""
+    from layerscope.activations import load_engine
+
+    engine, info = load_engine(str(DEMO), engine="native", components=["resid_post"], device="cpu")
+    assert info["engine"] == "native"
+    rows = demo_prompts.ids
+    starts = S.row_starts([len(r) for r in rows], -3)
+    vec = torch.as_tensor(np.random.default_rng(5).standard_normal(128) * 3.0, dtype=torch.float64)
+    with torch.inference_mode():
+        base = S.run_rows(engine, rows, None, None, None, batch_size=4, pad_id=0)
+        zero = S.run_rows(engine, rows, "blocks.3.hook_resid_post", 0 * vec, starts, batch_size=4, pad_id=0)
+        ours = S.run_rows(engine, rows, "blocks.3.hook_resid_post", vec, starts, batch_size=4, pad_id=0)
+    assert all(torch.equal(a, b) for a, b in zip(base, zero))
+    for r, st, lg in zip(rows, starts, ours):
+        ref = _hf_steered_logits(hf_demo, r, 3, vec.float(), int(st))
+        assert torch.allclose(lg, ref, atol=2e-4), (lg - ref).abs().max()
+    toks, cached = S.generate(engine, rows[:3], 4, hook="blocks.2.hook_resid_post", vector=vec)
+    assert cached
+    assert toks == S.generate(engine, rows[:3], 4, hook="blocks.2.hook_resid_post", vector=vec, use_cache=False)[0]
