@@ -429,3 +429,98 @@ def test_dose_response_figure(tmp_path):
     assert [Path(p).name for p in written] == ["f.png", "f.svg"]
     with pytest.raises(ValueError, match="only random"):
         plots._draw_steering_dose_response(effects[effects["source"] == "random"])
+
+
+def test_steering_job_end_to_end_is_reproducible(tmp_path):
+    """The job's glue: a file direction, prompts with fixed targets, generation; two runs, same bytes."""
+    np.save(tmp_path / "dir.npy", np.random.default_rng(3).standard_normal((6, 128)))
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompt_id,prompt\na,The capital of France is\nb,The capital of Japan is\n")
+    exp = {"prompts": str(prompts), "targets": {"positive": " Paris", "negative": " Tokyo"},
+           "direction": {"source": "file", "path": str(tmp_path / "dir.npy")}, "layers": [2],
+           "alphas": [-0.5, 0.5], "hook": "resid_post", "positions": -1, "neutral": str(DATA / "neutral.txt"),
+           "n_random": 10, "seed": 0, "max_new_tokens": 2}
+    model = {"source": str(DEMO), "dtype": "float32", "compatibility_mode": False, "bos": "auto"}
+    outs = []
+    for run in ("one", "two"):
+        out = {k: tmp_path / run / f"{k}.{'json' if k == 'summary' else 'csv'}"
+               for k in ("effects", "per_prompt", "norms", "generations", "summary")}
+        files = {"prompts": prompts, "neutral": DATA / "neutral.txt", "path": tmp_path / "dir.npy"}
+        summary = R.steering_experiment(files, out, model=model, experiment=exp, precision={}, device="cpu",
+                                        batch_size=64, threads=1, log=lambda m: None)
+        outs.append(out)
+    assert summary["layers"] == [2] and summary["alphas"] == [-0.5, 0.0, 0.5]
+    for k in outs[0]:
+        assert outs[0][k].read_bytes() == outs[1][k].read_bytes(), k
+    gens = pd.read_csv(outs[0]["generations"])
+    assert len(gens) == 3 * 2 and set(gens["alpha"]) == {-0.5, 0.0, 0.5}
+    assert gens[gens["alpha"] == 0]["starts_with_positive"].tolist() == [True, False]  # France -> Paris
+    effects = pd.read_csv(outs[0]["effects"])
+    assert (effects.loc[effects["alpha"] == 0, "value"] == 0).all()
+
+
+class _HFEngine:
+    """A minimal engine with the forward contract of the native engine (``return_type="output"``):
+    plain HF GPT-2 tapped at ``blocks.L.hook_resid_post``. Used to test the KV-cache path of
+    :func:`layerscope.steering.generate`, which the bridge cannot take (it returns an empty cache)."""
+
+    def __init__(self, hf):
+        self.model, self.cfg = hf, type("cfg", (), {"n_layers": 6, "d_model": 128})()
+        self.hook_dict = {f"blocks.{L}.hook_resid_post": None for L in range(6)}
+        self.device = next(hf.parameters()).device
+
+    def hooks(self, fwd_hooks=()):
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            handles = []
+            for name, fn in fwd_hooks:
+                block = self.model.transformer.h[int(name.split(".")[1])]
+                def post(m, a, out, fn=fn):
+                    return (fn(out[0]),) + tuple(out[1:]) if isinstance(out, tuple) else fn(out)
+                handles.append(block.register_forward_hook(post))
+            try:
+                yield self
+            finally:
+                for h in handles:
+                    h.remove()
+        return ctx()
+
+    def __call__(self, ids, attention_mask=None, return_type="logits", **kw):
+        out = self.model(input_ids=ids, attention_mask=attention_mask, **kw)
+        return out.logits if return_type == "logits" else out
+
+
+def test_kv_cache_generation_equals_recompute(hf_demo, demo_prompts):
+    engine = _HFEngine(hf_demo)
+    vec = torch.as_tensor(np.random.default_rng(9).standard_normal(128) * 3.0, dtype=torch.float64)
+    kw = dict(hook="blocks.2.hook_resid_post", vector=vec, position=-2)
+    cached, used = S.generate(engine, demo_prompts.ids, 5, **kw)
+    plain, not_used = S.generate(engine, demo_prompts.ids, 5, use_cache=False, **kw)
+    assert used and not not_used
+    assert cached == plain
+    assert cached != S.generate(engine, demo_prompts.ids, 5, use_cache=False)[0]  # steering acts
+
+
+def test_native_engine_steering_matches_plain_transformers(hf_demo, demo_prompts):
+    """The native engine (the integrator's default) runs the same sweep code: alpha = 0 is bit for bit the
+    unsteered run, steered logits equal a plain-transformers hook, and generation takes the KV cache."""
+    from layerscope.activations import load_engine
+
+    engine, info = load_engine(str(DEMO), engine="native", components=["resid_post"], device="cpu")
+    assert info["engine"] == "native"
+    rows = demo_prompts.ids
+    starts = S.row_starts([len(r) for r in rows], -3)
+    vec = torch.as_tensor(np.random.default_rng(5).standard_normal(128) * 3.0, dtype=torch.float64)
+    with torch.inference_mode():
+        base = S.run_rows(engine, rows, None, None, None, batch_size=4, pad_id=0)
+        zero = S.run_rows(engine, rows, "blocks.3.hook_resid_post", 0 * vec, starts, batch_size=4, pad_id=0)
+        ours = S.run_rows(engine, rows, "blocks.3.hook_resid_post", vec, starts, batch_size=4, pad_id=0)
+    assert all(torch.equal(a, b) for a, b in zip(base, zero))
+    for r, st, lg in zip(rows, starts, ours):
+        ref = _hf_steered_logits(hf_demo, r, 3, vec.float(), int(st))
+        assert torch.allclose(lg, ref, atol=2e-4), (lg - ref).abs().max()
+    toks, cached = S.generate(engine, rows[:3], 4, hook="blocks.2.hook_resid_post", vector=vec)
+    assert cached
+    assert toks == S.generate(engine, rows[:3], 4, hook="blocks.2.hook_resid_post", vector=vec, use_cache=False)[0]

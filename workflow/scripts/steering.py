@@ -10,7 +10,7 @@ with job_logging(snakemake.log[0]) as log:
     for key in ("probes", "layers"):
         if key in files:
             files[key] = by_layer(list(files[key]), experiment["layers"])
-    # batch_size and device are read here, not passed as params, so that changing them does not rerun.
+    # batch_size, device and engine are read here, not passed as params: float noise only, no rerun.
     runtime = snakemake.config["models"][snakemake.wildcards.model]
     summary = steering_experiment(
         files,
@@ -21,6 +21,7 @@ with job_logging(snakemake.log[0]) as log:
         device=runtime["device"],
         batch_size=max(runtime["batch_size"], 64),
         threads=snakemake.threads,
+        engine=runtime.get("engine", "auto"),
         log=log.info,
     )
     for h in summary["headline"]:
