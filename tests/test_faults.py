@@ -16,6 +16,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import psutil
 import pytest
 import yaml
@@ -76,8 +77,12 @@ def reference(prepared, tmp_path_factory):
     cfg = yaml.safe_load((prepared / "config/config.yaml").read_text())
     m = cfg["models"]["demo"]
     out = tmp_path_factory.mktemp("reference") / "store.h5"
+    # The workflow caches from prompt ids and texts alone (labels join at layer extraction).
+    texts = out.parent / "texts.csv"
+    table = pd.read_csv(prepared / f"results/datasets/{DS}/prompts.csv", dtype=str, keep_default_na=False)
+    table[["prompt_id", "text"]].to_csv(texts, index=False, lineterminator="\n")
     kwargs = {
-        "table": str(prepared / f"results/datasets/{DS}/prompts.csv"),
+        "table": str(texts),
         "store_path": str(out),
         "model": {"source": str(prepared / m["source"]), "revision": m.get("revision"), "dtype": m["dtype"],
                   "compatibility_mode": m["compatibility_mode"], "bos": m["bos"]},
