@@ -11,7 +11,8 @@ pytestmark = pytest.mark.slow
 
 def _targets(cfg):
     """The patching figures in every configured format (what the default target asks for)."""
-    return [f"results/figures/demo/patching_numbers{name}.{fmt}" for name in ("", "_generation")
+    names = ("", "_generation") if cfg["patching"]["generation"]["enabled"] else ("",)
+    return [f"results/figures/demo/patching_numbers{name}.{fmt}" for name in names
             for fmt in cfg["figures"]["formats"]]
 
 
