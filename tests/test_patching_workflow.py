@@ -54,7 +54,7 @@ def test_patching_outputs_and_what_reruns(tmp_path):
 
     # Generation settings and precision goals change the computed tables: the compute job and its plot.
     for edit in (lambda c: c["patching"]["generation"].update(max_new_tokens=5),
-                 lambda c: c["precision"].update(half_width=0.05)):
+                 lambda c: c.setdefault("precision", {}).update(half_width=0.05)):
         edit(cfg)
         _write(work, cfg)
         counts = job_counts(run_snakemake(work, *_targets(cfg), "-n").stdout)
