@@ -41,6 +41,21 @@ def demo_sweep(demo):
                               ranges=["prompt", "gen1-2"], max_new_tokens=N_NEW, batch_size=64)
 
 
+@pytest.fixture(scope="module")
+def native_sweep(demo):
+    """The same sweep on the native engine (plain HF model, SDPA, its own KV cache): what the workflow runs."""
+    from layerscope.activations import load_engine
+
+    path, _, pairs = demo
+    engine, info = load_engine(str(path), engine="native", components=list(G.COMPONENTS), device="cpu")
+    assert info["engine"] == "native"
+    st = G.stepper_for(engine)
+    assert isinstance(st, G.NativeStepper)
+    return G.generation_sweep(st, engine.tokenizer, pairs.iloc[[0, 1, 12, 13]],
+                              components=G.COMPONENTS, layers=[0, 2, 5], positions=[-1, "diff", "gen1", "gen2"],
+                              ranges=["prompt", "gen1-2"], max_new_tokens=N_NEW, batch_size=64)
+
+
 def _hf(path):
     from transformers import AutoModelForCausalLM
 
@@ -189,9 +204,16 @@ def test_patching_the_corrupted_runs_own_activation_gives_the_corrupted_generati
     assert (cells["generated_ids"].to_numpy() == corr.loc[cells.pair_id].to_numpy()).all()
 
 
+def test_native_engine_generates_what_the_bridge_generates(demo_sweep, native_sweep):
+    cols = ["pair_id", "component", "layer", "position", "generated_ids", "matches_clean", "matches_corrupted"]
+    pd.testing.assert_frame_equal(native_sweep[cols], demo_sweep[cols])
+
+
+@pytest.mark.parametrize("engine", ["bridge", "native"])
 @pytest.mark.parametrize("component", G.COMPONENTS)
-def test_patched_generation_equals_hf_generate_with_a_forward_hook(demo, demo_sweep, component):
+def test_patched_generation_equals_hf_generate_with_a_forward_hook(demo, demo_sweep, native_sweep, component, engine):
     path, bridge, pairs = demo
+    demo_sweep = demo_sweep if engine == "bridge" else native_sweep
     hf = _hf(path)
     for layer in (0, 5):
         for label in ("diff", "16", "gen1", "prompt", "gen1-2"):

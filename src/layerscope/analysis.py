@@ -258,20 +258,21 @@ def task_vector_figures(scores_csv: PathLike, matrices_h5: PathLike, out: Mappin
 def patching_experiment(pairs_path: PathLike, out: Mapping[str, PathLike], *, model: Mapping[str, Any],
                         settings: Mapping[str, Any], experiment: str, model_name: str, device: str,
                         batch_size: int, threads: int | None, precision: Mapping[str, Any] | None = None,
-                        log=print) -> dict[str, Any]:
+                        engine: str = "auto", log=print) -> dict[str, Any]:
     """Load the model, run the logit-difference sweep and, when ``settings["generation"]["enabled"]``,
     generation patching; write tables only (``cells``, ``arrays``, ``summary``, ``generation``,
     ``generation_summary``). Figures are drawn by the plot job from these tables."""
     import torch
 
     from . import patching
-    from .activations import load_model
 
     if threads and device in ("cpu", "auto"):
         torch.set_num_threads(int(threads))
     pairs = patching.load_pairs(pairs_path)
-    bridge, info = load_model(model["source"], dtype=model["dtype"], device=device,
-                              compatibility_mode=model["compatibility_mode"], revision=model.get("revision"))
+    gen = settings.get("generation") or {}
+    # Per-head patching needs the bridge's hook_z; everything else runs on `engine` (native by default).
+    sweep_engine = "bridge" if settings["heads"] else engine
+    bridge, info = _load_for_patching(model, sweep_engine, settings["components"], device, log)
     result = patching.patch_sweep(
         bridge, pairs, components=settings["components"], layers=settings.get("layers"),
         positions=settings["positions"], heads=settings["heads"], batch_size=batch_size,
@@ -280,11 +281,23 @@ def patching_experiment(pairs_path: PathLike, out: Mapping[str, PathLike], *, mo
     patching.write_patching(result, out["cells"], out["arrays"])
     summary = patching.summarize(result, n_boot=settings["n_boot"], seed=settings["seed"])
     write_csv(out["summary"], summary)
-    gen = settings.get("generation") or {}
     if gen.get("enabled"):
+        gen_components = gen["components"] or settings["components"]
+        if info.get("engine") != "native" and engine != "bridge":
+            bridge, _ = _load_for_patching(model, engine, gen_components, device, log)
         _generation_patching(bridge, pairs, result, summary, out, gen, settings, model, batch_size,
                              precision or {}, log)
     return {"n_pairs": len(pairs), "notes": list(result.notes)}
+
+
+def _load_for_patching(model: Mapping[str, Any], engine: str, components, device: str, log):
+    from .activations import load_engine
+
+    loaded, info = load_engine(model["source"], engine=engine, components=list(components), dtype=model["dtype"],
+                               device=device, compatibility_mode=model["compatibility_mode"],
+                               revision=model.get("revision"), log=log)
+    log(f"patching model: engine {info.get('engine', 'bridge')}")
+    return loaded, info
 
 
 def _generation_patching(bridge, pairs, result, ld_summary, out, gen: Mapping[str, Any],
@@ -298,7 +311,7 @@ def _generation_patching(bridge, pairs, result, ld_summary, out, gen: Mapping[st
     t0 = time.perf_counter()
     layers = gen["layers"] if gen["layers"] != "all" else range(int(bridge.cfg.n_layers))
     rows = G.generation_sweep(
-        G.BridgeStepper(bridge), bridge.tokenizer, pairs,
+        G.stepper_for(bridge), bridge.tokenizer, pairs,
         components=gen["components"] or settings["components"], layers=layers, positions=gen["positions"], ranges=gen["ranges"], max_new_tokens=gen["max_new_tokens"],
         answer_regex=gen["answer_regex"], prepend_bos=model["bos"], batch_size=batch_size, log=log)
     summary = G.summarize_generation(rows, precision)

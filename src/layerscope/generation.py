@@ -144,6 +144,48 @@ class BridgeStepper:
         return logits[:, -1, :], past
 
 
+class NativeStepper:
+    """The native engine (:mod:`layerscope.engine`) as a :class:`Stepper`: the model's own attention
+    and KV cache (no hand-over needed), hooks at the same TransformerLens names."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    @property
+    def hook_names(self) -> set[str]:
+        return set(self.engine.hook_dict)
+
+    @property
+    def device(self):
+        return self.engine.device
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.engine.cfg.n_layers)
+
+    def hooks(self, fwd_hooks):
+        return self.engine.hooks(fwd_hooks=list(fwd_hooks))
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator["NativeStepper"]:
+        yield self
+
+    def step(self, input_ids, past, start: int):
+        import torch
+
+        B, n = input_ids.shape
+        mask = torch.ones((B, start + n), dtype=torch.long, device=input_ids.device)
+        pos = torch.arange(start, start + n, device=input_ids.device).expand(B, n)
+        out = self.engine(input_ids, attention_mask=mask, position_ids=pos, past_key_values=past,
+                          use_cache=True, return_type="output")
+        return out.logits[:, -1, :], out.past_key_values
+
+
+def stepper_for(model) -> "BridgeStepper | NativeStepper":
+    """The stepper of a model from :func:`layerscope.activations.load_engine` (bridge or native)."""
+    return BridgeStepper(model) if hasattr(model, "original_model") else NativeStepper(model)
+
+
 # --------------------------------------------------------------------------------------------
 # the loop
 

@@ -285,8 +285,11 @@ def _component_hook(component: str, layer: int) -> str:
     return hook_name(component, layer)
 
 
-def _device(bridge):
-    return next(iter(bridge.original_model.parameters())).device
+def _device(model):
+    """Device of a TransformerBridge or of the native engine (both run these sweeps)."""
+    if hasattr(model, "original_model"):
+        return next(iter(model.original_model.parameters())).device
+    return model.device
 
 
 def _forward_logits_last(bridge, input_ids, fwd_hooks=()):

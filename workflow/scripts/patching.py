@@ -5,7 +5,7 @@ from layerscope.scripting import job_logging, log_visible_gpus
 
 with job_logging(snakemake.log[0]) as log:
     log_visible_gpus(log)
-    # batch_size and device are read here, not passed as params, so that changing them does not rerun.
+    # batch_size, device and engine are read here, not passed as params, so that changing them does not rerun.
     runtime = snakemake.config["models"][snakemake.wildcards.model]
     info = patching_experiment(
         snakemake.input.pairs,
@@ -17,6 +17,7 @@ with job_logging(snakemake.log[0]) as log:
         model_name=snakemake.wildcards.model,
         device=runtime["device"],
         batch_size=max(runtime["batch_size"], 64),
+        engine=runtime.get("engine", "auto"),
         threads=snakemake.threads,
         log=log.info,
     )
