@@ -1,4 +1,4 @@
-# layerscope: labelled prompts -> per-layer activation caches -> probes, geometry, patching, figures.
+# layerscope: labelled prompts -> per-layer activation caches -> probes, geometry, patching, steering, figures.
 from snakemake.utils import min_version
 
 from layerscope.config import check_yaml_syntax

@@ -60,6 +60,7 @@ __all__ = [
     "build_prompt_table",
     "write_prompt_table",
     "read_prompt_table",
+    "read_records",
     "parse_bool",
     "normalise_labels",
 ]
@@ -1438,3 +1439,22 @@ def read_prompt_table(path: str | os.PathLike) -> pd.DataFrame:
         else:
             data[col] = pd.Series(values, dtype=str)
     return pd.DataFrame(data, columns=columns)
+
+
+def read_records(path: str | os.PathLike) -> tuple[list[str], list[Any], str]:
+    """``(columns, records, shown)`` of a CSV, TSV or JSONL file, each record with its 1-based ``line``
+    and its raw ``values`` (the one reader of the side inputs: patching pairs, steering prompts).
+    Errors are :class:`InputError` naming the file and line."""
+    shown = os.fspath(path)
+    fmt = _format_of(shown, shown)
+    text, _ = _read_text(Path(path), shown)
+    if fmt == "jsonl":
+        columns, records = _parse_jsonl(text, shown)
+    else:
+        columns, records = _parse_delimited(text, shown, "\t" if fmt == "tsv" else ",")
+    return columns, records, shown
+
+
+def scalar_str(value: Any) -> str | None:
+    """A JSON/CSV scalar as the string it was written as (None for null; TypeError for lists/objects)."""
+    return _scalar_str(value)

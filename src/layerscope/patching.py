@@ -111,15 +111,10 @@ def load_pairs(path: str | os.PathLike) -> pd.DataFrame:
     :class:`InputError` naming file, line and field for a missing column or key, an empty value,
     a repeated ``pair_id``, or a pair whose two prompts or two answers are identical.
     """
-    from .datasets import _format_of, _parse_delimited, _parse_jsonl, _read_text, _scalar_str
+    from .datasets import read_records
+    from .datasets import scalar_str as _scalar_str
 
-    shown = os.fspath(path)
-    fmt = _format_of(shown, shown)
-    text, _ = _read_text(Path(path), shown)
-    if fmt == "jsonl":
-        columns, records = _parse_jsonl(text, shown)
-    else:
-        columns, records = _parse_delimited(text, shown, "\t" if fmt == "tsv" else ",")
+    columns, records, shown = read_records(path)
     for col in PAIR_COLUMNS:
         if col not in columns:
             raise InputError(f"required column is missing; columns found: {', '.join(map(repr, columns))}",
@@ -217,7 +212,7 @@ def _where(pairs: pd.DataFrame, i: int) -> dict[str, Any]:
     return where
 
 
-def _answer_ids(tokenizer, prompt_ids: list[int], prompt: str, answer: str, prepend_bos: bool) -> tuple[list[int], str]:
+def answer_ids(tokenizer, prompt_ids: list[int], prompt: str, answer: str, prepend_bos: bool) -> tuple[list[int], str]:
     full = tokenize_prompts(tokenizer, [prompt + answer], prepend_bos=prepend_bos)[0]
     if len(full) > len(prompt_ids) and full[: len(prompt_ids)] == prompt_ids:
         return full[len(prompt_ids):], "in_context"
@@ -237,8 +232,8 @@ def prepare_pairs(tokenizer, pairs: pd.DataFrame, *, prepend_bos: bool) -> list[
         clean_p, corr_p = str(rec["clean"]), str(rec["corrupted"])
         clean_a, corr_a = str(rec["clean_answer"]), str(rec["corrupted_answer"])
         cp, kp = tokenize_prompts(tokenizer, [clean_p, corr_p], prepend_bos=prepend_bos)
-        ca, how_c = _answer_ids(tokenizer, cp, clean_p, clean_a, prepend_bos)
-        ka, how_k = _answer_ids(tokenizer, kp, corr_p, corr_a, prepend_bos)
+        ca, how_c = answer_ids(tokenizer, cp, clean_p, clean_a, prepend_bos)
+        ka, how_k = answer_ids(tokenizer, kp, corr_p, corr_a, prepend_bos)
         k = next((j for j, (a, b) in enumerate(zip(ca, ka)) if a != b), None)
         if k is None:
             raise InputError(
@@ -538,13 +533,13 @@ class PatchingResult:
             ids = self.pairs.loc[self.pairs["n_tokens"] == n, "pair_id"].tolist()
             labels = []
             for p in range(int(n)):
-                labels.append(_merge_labels([self.tokens[i][p] for i in ids],
+                labels.append(merge_token_labels([self.tokens[i][p] for i in ids],
                                             any(self.tokens[i][p] != self.corrupted_tokens[i][p] for i in ids)))
             groups[int(n)] = labels
         return groups if n_tokens is None else groups[int(n_tokens)]
 
 
-def _merge_labels(tokens: Sequence[str], differs: bool) -> str:
+def merge_token_labels(tokens: Sequence[str], differs: bool) -> str:
     counts: dict[str, int] = {}
     for t in tokens:
         counts[t] = counts.get(t, 0) + 1
@@ -778,7 +773,7 @@ def summarize(df: pd.DataFrame | PatchingResult, n_boot: int = 1000, seed: int =
         cells["ci_high"] = hi
         cells["n_pairs"] = cnt
         tok = g.drop_duplicates(["pair_id", "position"]).groupby("position")["token"].agg(
-            lambda s: _merge_labels(list(s), False))
+            lambda s: merge_token_labels(list(s), False))
         cells["token"] = cells["position"].map(tok)
         parts.append(cells)
     out = pd.concat(parts, ignore_index=True)

@@ -26,6 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .errors import LayerscopeError
+from .patching import merge_token_labels
 
 HEAD_COMPONENT = "z"
 COMPONENT_ORDER = ("resid_pre", "attn_out", "mlp_out", "resid_post", "resid_mid")
@@ -74,23 +75,9 @@ def read_position_labels(h5_path: str | os.PathLike) -> tuple[dict[int, list[str
         diffs.append(" ".join(str(p) for p in range(n) if clean[i, p] != corr[i, p]))
     for n in sorted(set(n_tok.tolist())):
         rows = np.flatnonzero(n_tok == n)
-        groups[int(n)] = [_merge(list(clean[rows, p]), bool((clean[rows, p] != corr[rows, p]).any()))
+        groups[int(n)] = [merge_token_labels(list(clean[rows, p]), bool((clean[rows, p] != corr[rows, p]).any()))
                           for p in range(n)]
     return groups, pd.DataFrame({"pair_id": pids, "n_tokens": n_tok, "diff_positions": diffs})
-
-
-def _merge(tokens: Sequence[str], differs: bool) -> str:
-    counts: dict[str, int] = {}
-    for t in tokens:
-        counts[t] = counts.get(t, 0) + 1
-    order = sorted(counts, key=lambda t: (-counts[t], list(counts).index(t)))
-    if len(order) == 1:
-        lab = order[0]
-    elif all(t.lstrip("␣").isdigit() for t in order):
-        lab = "#"
-    else:
-        lab = "/".join(order[:3]) + ("…" if len(order) > 3 else "")
-    return lab + ("*" if differs else "")
 
 
 def _corrupted_where(pairs: pd.DataFrame | None, n_tok: int) -> str:

@@ -230,7 +230,7 @@ def _finish(fig: Figure, out, formats, dpi) -> list[str]:
 # ------------------------------------------------------------------------------------------
 
 
-def _new_figure(width: float, height: float, layout: str | None = "constrained") -> Figure:
+def new_figure(width: float, height: float, layout: str | None = "constrained") -> Figure:
     fig = Figure(figsize=(width, height), layout=layout)
     FigureCanvasAgg(fig)
     return fig
@@ -487,7 +487,7 @@ def _draw_metric_vs_layer(summary: pd.DataFrame, *, metric: str = "auroc", model
     keys = [k for k in ("component", "pooling") if k in df.columns]
     groups = list(df.groupby(keys, sort=True)) if keys else [((), df)]
     with style():
-        fig = _new_figure(6.4 if len(groups) <= 4 else 7.8, 4.2)
+        fig = new_figure(6.4 if len(groups) <= 4 else 7.8, 4.2)
         ax = fig.add_subplot()
         colors = palette(len(groups))
         handles = []
@@ -597,7 +597,7 @@ def _draw_embedding_grid(stack_X, layers, labels, *, method: str, model=None, da
     point_colors = np.array([to_rgb(colors[c]) for c in codes])
     legend_w = 1.3 + 0.9 * (_legend_cols(len(classes)) - 1)
     with style():
-        fig = _new_figure(2.7 * ncols + legend_w, 2.55 * nrows + 0.9)
+        fig = new_figure(2.7 * ncols + legend_w, 2.55 * nrows + 0.9)
         axes = fig.subplots(nrows, ncols, squeeze=False)
         for j, ax in enumerate(axes.flat):
             if j >= n_pan:
@@ -693,7 +693,7 @@ def _draw_cosine_heatmap(X, labels, *, prompt_ids=None, model=None, dataset=None
         id_margin = 0.2 + max(len(s) for s in ids) * (TICK_SIZE - 1) * 0.6 / 72.0
     with style(), rc_context({"axes.grid": False}):
         xrot = _x_rotation(names, centres, side, n)
-        fig = _new_figure(side + margin + id_margin + 1.3, side + (margin if xrot else 0.3) + 1.1)
+        fig = new_figure(side + margin + id_margin + 1.3, side + (margin if xrot else 0.3) + 1.1)
         ax = fig.add_subplot()
         im = ax.imshow(S, cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -1.0, 1.0),
                        interpolation="nearest" if n <= 600 else "antialiased", aspect="equal")
@@ -762,7 +762,7 @@ def _draw_label_mean_matrix(X, labels, *, model=None, dataset=None, layer=None, 
     annotate = k <= 30
     with style(), rc_context({"axes.grid": False}):
         xrot = _x_rotation(xnames, list(range(k)), side, k)
-        fig = _new_figure(side + margin_y + 1.4, side + (margin_x if xrot else 0.3) + 1.2)
+        fig = new_figure(side + margin_y + 1.4, side + (margin_x if xrot else 0.3) + 1.2)
         ax = fig.add_subplot()
         cmap, norm = colormaps["RdBu_r"], TwoSlopeNorm(0.0, -1.0, 1.0)
         im = ax.imshow(M, cmap=cmap, norm=norm, aspect="equal")
@@ -808,7 +808,7 @@ def _draw_mean_difference(X, labels, *, model=None, dataset=None, layer=None, co
     pooled = math.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2) if min(a.size, b.size) > 1 else float("nan")
     d_prime = (b.mean() - a.mean()) / pooled if pooled and np.isfinite(pooled) else float("nan")
     with style():
-        fig = _new_figure(6.4, 3.8)
+        fig = new_figure(6.4, 3.8)
         ax = fig.add_subplot()
         bins = np.histogram_bin_edges(proj, bins=min(30, max(8, proj.size // 3)))
         for vals, name, color in ((a, classes[0], palette(2)[0]), (b, classes[1], palette(2)[1])):
@@ -877,7 +877,7 @@ def _draw_norm_heatmap(norms, layers, labels, *, prompt_ids=None, model=None, da
         id_margin = 0.2 + max(len(s) for s in ids) * (TICK_SIZE - 1) * 0.6 / 72.0
     colors = palette(len(classes))
     with style(), rc_context({"axes.grid": False}):
-        fig = _new_figure(width + margin + id_margin + 1.6, height + 1.5)
+        fig = new_figure(width + margin + id_margin + 1.6, height + 1.5)
         gs = fig.add_gridspec(1, 2, width_ratios=[0.25, width], wspace=0.01)
         band = fig.add_subplot(gs[0, 0])
         ax = fig.add_subplot(gs[0, 1], sharey=band)
@@ -936,7 +936,7 @@ def _draw_norm_curves(norms, layers, labels, *, spread: str = "std", model=None,
     colors = palette(len(classes))
     x = np.asarray(layers, dtype=float)
     with style():
-        fig = _new_figure(6.4 if len(classes) <= 8 else 7.8, 4.2)
+        fig = new_figure(6.4 if len(classes) <= 8 else 7.8, 4.2)
         ax = fig.add_subplot()
         handles = []
         for k, cls in enumerate(classes):
@@ -1004,7 +1004,7 @@ def _draw_generalization_matrix(matrix: pd.DataFrame, *, metric: str = "auroc", 
     vals = M[np.isfinite(M)]
     bounded = metric in _BOUNDED
     with style(), rc_context({"axes.grid": False}):
-        fig = _new_figure(w + margin_y + 1.5, h + margin_x + 1.2)
+        fig = new_figure(w + margin_y + 1.5, h + margin_x + 1.2)
         ax = fig.add_subplot()
         if chance is not None:
             if bounded and 0.0 < chance < 1.0:
@@ -1093,7 +1093,7 @@ def _draw_best_layer_vs_depth(df: pd.DataFrame, *, metric: str = "auroc", datase
         chance = _constant_or_none(df["chance"])
     lines_mode = df.groupby("model")["layer"].nunique().max() > 1
     with style():
-        fig = _new_figure(6.6 if len(models) <= 6 else 8.0, 4.2)
+        fig = new_figure(6.6 if len(models) <= 6 else 8.0, 4.2)
         ax = fig.add_subplot()
         handles = []
         for i, m in enumerate(models):
@@ -1183,7 +1183,7 @@ def _draw_steering_dose_response(effects: pd.DataFrame, *, model=None, experimen
     metrics = [m for m in _STEER_METRICS if m in set(main["metric"])]
     layers = sorted(int(L) for L in main["layer"].unique())
     source = str(main["source"].iloc[0])
-    fig = _new_figure(2.3 * len(layers) + 1.2, 2.0 * len(metrics) + 1.2)
+    fig = new_figure(2.3 * len(layers) + 1.2, 2.0 * len(metrics) + 1.2)
     axes = fig.subplots(len(metrics), len(layers), squeeze=False, sharex=True, sharey="row")
     with style():
         for i, m in enumerate(metrics):

@@ -170,14 +170,14 @@ def prepare_prompts(tokenizer, prompts: pd.DataFrame, neutral: Sequence[str], *,
     Answers are tokenized in context as in :mod:`layerscope.patching`: the metric compares the first
     answer tokens where the positive and negative answers differ, the shared prefix appended.
     """
-    from .patching import _answer_ids
+    from .patching import answer_ids
 
     ids, pos, neg = [], [], []
     source = prompts.attrs.get("source", "prompts")
     for i, rec in enumerate(prompts.itertuples(index=False)):
         base = tokenize_prompts(tokenizer, [rec.prompt], prepend_bos=prepend_bos)[0]
-        a, _ = _answer_ids(tokenizer, base, rec.prompt, rec.positive, prepend_bos)
-        b, _ = _answer_ids(tokenizer, base, rec.prompt, rec.negative, prepend_bos)
+        a, _ = answer_ids(tokenizer, base, rec.prompt, rec.positive, prepend_bos)
+        b, _ = answer_ids(tokenizer, base, rec.prompt, rec.negative, prepend_bos)
         k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
         if k is None:
             raise SteeringError(f"{source}: row {i + 1} ({rec.prompt_id}): answers {rec.positive!r} and "

@@ -29,16 +29,9 @@ TARGET_COLUMNS = ("positive", "negative")
 
 
 def _records(path: PathLike) -> tuple[list[str], list[Any], str]:
-    from .datasets import _format_of, _parse_delimited, _parse_jsonl, _read_text
+    from .datasets import read_records
 
-    shown = os.fspath(path)
-    fmt = _format_of(shown, shown)
-    text, _ = _read_text(Path(path), shown)
-    if fmt == "jsonl":
-        columns, records = _parse_jsonl(text, shown)
-    else:
-        columns, records = _parse_delimited(text, shown, "\t" if fmt == "tsv" else ",")
-    return columns, records, shown
+    return read_records(path)
 
 
 def load_prompts(path: PathLike, targets: Mapping[str, str] | None = None) -> pd.DataFrame:
@@ -48,7 +41,7 @@ def load_prompts(path: PathLike, targets: Mapping[str, str] | None = None) -> pd
     prompt instead; then the file must not have those columns (one source of truth). Values are kept
     exactly as written (leading spaces matter for answers).
     """
-    from .datasets import _scalar_str
+    from .datasets import scalar_str as _scalar_str
 
     columns, records, shown = _records(path)
     need = list(PROMPT_COLUMNS) + ([] if targets else list(TARGET_COLUMNS))

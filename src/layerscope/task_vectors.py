@@ -650,9 +650,9 @@ def _save(fig, out, formats) -> list[Path]:
 
 def _figure(width: float, height: float):
     """A pyplot-free Agg figure (no global figure registry to leak into)."""
-    from .plots import _new_figure
+    from .plots import new_figure
 
-    return _new_figure(width, height, layout=None)
+    return new_figure(width, height, layout=None)
 
 
 def _title(what: str, model: str | None, dataset: str | None, component: str | None, layer: int | None = None) -> str:
