@@ -9,7 +9,7 @@ from conftest import copy_workflow, job_counts, run_snakemake
 pytestmark = pytest.mark.slow
 
 PLOT_RULES = {"plot_probes", "plot_geometry", "plot_tsne", "plot_task_vectors", "depth_comparison",
-              "plot_generalization"}
+              "plot_generalization", "plot_patching", "plot_steering"}
 
 
 def _edit(work, **figures):
@@ -36,15 +36,14 @@ def test_tsne_and_svg_after_a_complete_run(test_config_run, tmp_path):
 
     _edit(work, formats=["png", "svg"])
     counts = job_counts(run_snakemake(work, "-n", "--directory", ".test").stdout)
-    # The patching rule still draws its own heatmaps until they move to a plot rule (another change).
-    assert set(counts) - {"manifest", "all", "patching"} <= PLOT_RULES, counts
+    # Only figure jobs (patching draws in plot_patching), plus the manifest that records the config.
+    assert set(counts) - {"manifest", "all"} <= PLOT_RULES, counts
+    assert counts["plot_patching"] == 1
     assert counts["plot_geometry"] == 2 and counts["plot_probes"] == 2 and counts["plot_task_vectors"] == 1
     assert counts["plot_tsne"] == 2
     run_snakemake(work, "--directory", ".test")
     figures = work / ".test/results/figures/demo"
     for png in figures.rglob("*.png"):
-        if "patching" in png.name:
-            continue  # patching figures belong to the patching rules
         svg = png.with_suffix(".svg")
         assert svg.exists() and svg.read_text().lstrip().startswith("<?xml"), svg
     assert job_counts(run_snakemake(work, "-n", "--directory", ".test").stdout) == {}

@@ -62,6 +62,7 @@ def prepared(tmp_path_factory):
     cfg["activations"]["token_level_layers"] = list(range(6))
     cfg["probes"]["generalization"] = {}
     cfg["patching"]["experiments"] = {}
+    cfg["steering"]["experiments"] = {}
     (work / "config/config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     run_snakemake(work, f"results/datasets/{DS}/prompts.csv", timeout=300)
     return work

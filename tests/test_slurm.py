@@ -9,11 +9,15 @@ cannot be started (not root, SLURM not installed); .ci/run installs it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 import time
 
 import pytest
@@ -48,7 +52,12 @@ def test_slurm_run_matches_local_run(test_config_run, tmp_path):
         pytest.skip(reason)
     (tmp_path / "work").mkdir()
     work = copy_workflow(tmp_path / "work")
-    with Cluster(tmp_path / "cluster") as cluster:
+    # The daemons' Unix sockets live under the cluster folder, and a socket path may not exceed 108
+    # bytes: pytest-xdist's tmp_path (…/popen-gwN/test_slurm_run_matches_local_r0/…) is too long.
+    short = Path(tempfile.mkdtemp(prefix="lsslurm-", dir="/tmp"))
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, short, ignore_errors=True)
+        cluster = stack.enter_context(Cluster(short))
         start = time.monotonic()
         rc, out = _run_with_timeout(
             [sys.executable, "-m", "snakemake", "--profile", "profiles/slurm", "--directory", ".test",

@@ -58,6 +58,7 @@ def _small_config(work, **model_overrides):
     cfg["task_vectors"].update(n_boot=200, layer=3)
     cfg["patching"].update(components=["resid_post"], positions=2, heads=False)
     cfg["patching"]["generation"]["enabled"] = False  # covered by test_patching_workflow.py
+    cfg["steering"]["experiments"] = {}  # covered by test_steering.py (its demo experiments need other datasets)
     return cfg
 
 
