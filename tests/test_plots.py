@@ -322,3 +322,12 @@ def test_best_layer_vs_depth_modes():
     assert fig.axes[0].get_xlabel() == "relative depth (layer / n_layers)"
     assert "chance (0.50)" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     np.testing.assert_allclose(plots.relative_depth([2, 4], 8), [0.25, 0.5])
+
+
+def test_best_layer_vs_depth_says_how_classes_are_averaged():
+    df = _depth_df()
+    df["n_per_class"] = '{"a": 5, "b": 5, "c": 5}'
+    fig = plots._draw_best_layer_vs_depth(df, metric="auroc", dataset="d")
+    assert fig.axes[0].get_ylabel() == "AUROC (one-vs-rest, macro mean over 3 classes)"
+    df["n_per_class"] = '{"a": 5, "b": 5}'
+    assert plots._draw_best_layer_vs_depth(df, metric="auroc", dataset="d").axes[0].get_ylabel() == "AUROC"

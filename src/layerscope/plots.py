@@ -1133,7 +1133,8 @@ def _draw_best_layer_vs_depth(df: pd.DataFrame, *, metric: str = "auroc", datase
                 handles.append(Line2D([], [], color="#888888", marker="|", markersize=10, linestyle="none",
                                       label="95% CI"))
         ax.set_xlabel("relative depth (layer / n_layers)")
-        ax.set_ylabel(metric_name(metric) if lines_mode else f"best-layer {metric_name(metric)}")
+        label = metric_axis_label(metric, _n_classes(df))  # says how classes are averaged (> 2)
+        ax.set_ylabel(label if lines_mode else f"best-layer {label}")
         ax.set_xlim(-0.03, 1.03)
         if len(handles) <= 8:
             ax.legend(handles=handles, loc="best")
