@@ -61,6 +61,7 @@ import pandas as pd
 
 from .activations import HOOKS, hook_name, resolve_bos, tokenize_prompts
 from .errors import InputError, LayerscopeError
+from .patching import TokenPair
 
 #: Default answer rule: the first number (sign and decimals allowed) or word in the generated text.
 DEFAULT_ANSWER_REGEX = r"[-+]?\d+(?:\.\d+)?|\w+"
@@ -392,22 +393,11 @@ def decode_generated(tokenizer, ids: Sequence[int]) -> str:
 
 
 @dataclass
-class GenPair:
+class GenPair(TokenPair):
     """One pair tokenized for generation (raw prompts; the model generates the answer)."""
 
-    pair_id: str
-    clean_ids: list[int]
-    corrupted_ids: list[int]
     clean_answer: str  # normalized by the answer rule
     corrupted_answer: str
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.clean_ids)
-
-    @property
-    def diff_positions(self) -> list[int]:
-        return [i for i, (a, b) in enumerate(zip(self.clean_ids, self.corrupted_ids)) if a != b]
 
 
 def tokenize_pairs(tokenizer, pairs: pd.DataFrame, *, prepend_bos: bool, answer_regex: str) -> list[GenPair]:

@@ -164,18 +164,12 @@ def load_pairs(path: str | os.PathLike) -> pd.DataFrame:
 
 
 @dataclass
-class PreparedPair:
-    """One pair, tokenized: the model inputs and the two answer tokens of the metric."""
+class TokenPair:
+    """A clean/corrupted pair as token ids of equal length (the base of every tokenized pair)."""
 
     pair_id: str
-    clean_ids: list[int]  # prompt (+ BOS) + shared answer prefix
+    clean_ids: list[int]
     corrupted_ids: list[int]
-    clean_answer_id: int  # the first answer token where clean and corrupted differ
-    corrupted_answer_id: int
-    answer_prefix_ids: list[int]  # shared answer tokens appended to both prompts
-    answer_tokenization: str  # "in_context" or "separate"
-    clean_tokens: list[str] = field(default_factory=list)  # display strings per position
-    corrupted_tokens: list[str] = field(default_factory=list)
 
     @property
     def n_tokens(self) -> int:
@@ -184,6 +178,19 @@ class PreparedPair:
     @property
     def diff_positions(self) -> list[int]:
         return [i for i, (a, b) in enumerate(zip(self.clean_ids, self.corrupted_ids)) if a != b]
+
+
+@dataclass
+class PreparedPair(TokenPair):
+    """One pair, tokenized: the model inputs (clean_ids: prompt (+ BOS) + shared answer prefix) and
+    the two answer tokens of the metric."""
+
+    clean_answer_id: int  # the first answer token where clean and corrupted differ
+    corrupted_answer_id: int
+    answer_prefix_ids: list[int]  # shared answer tokens appended to both prompts
+    answer_tokenization: str  # "in_context" or "separate"
+    clean_tokens: list[str] = field(default_factory=list)  # display strings per position
+    corrupted_tokens: list[str] = field(default_factory=list)
 
 
 def token_label(tokenizer, token_id: int) -> str:
