@@ -6,7 +6,7 @@ memory (RSS high-water mark) is separable:
 
   (a) seed   - ``bridge.run_with_cache(prompt)`` one prompt at a time, all hooks, mean of
                ``blocks.L.hook_resid_post`` over all tokens for L in 3, 6, 9, 11;
-  (b) store  - ``layerscope.activations.cache_store`` (resid_post, mean, every layer: what the
+  (b) store  - ``layerscope.engine.activations.cache_store`` (resid_post, mean, every layer: what the
                workflow rule runs), then ``extract_layer`` for layers 3, 6, 9, 11 (timed apart);
   (c) plain  - ``transformers.GPT2Model`` (no LM head), length-sorted batches, right padding with
                an attention mask, ``output_hidden_states``, masked mean by hand (BOS left out, as in b).
@@ -28,6 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# devkit/ (tiny test models, the demo model and data) sits at the repository root, outside the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 LAYERS = [3, 6, 9, 11]
 BATCH = 32
 
@@ -37,8 +40,33 @@ BATCH = 32
 
 
 def _words(rng: random.Random, n: int) -> list[str]:
-    syll = ["ka", "lo", "mi", "ten", "ra", "sun", "vel", "or", "pa", "qui", "ze", "bo", "an", "ist", "ul",
-            "dra", "fe", "gon", "hy", "jas", "wer", "tho", "cla", "pre", "nox"]
+    syll = [
+        "ka",
+        "lo",
+        "mi",
+        "ten",
+        "ra",
+        "sun",
+        "vel",
+        "or",
+        "pa",
+        "qui",
+        "ze",
+        "bo",
+        "an",
+        "ist",
+        "ul",
+        "dra",
+        "fe",
+        "gon",
+        "hy",
+        "jas",
+        "wer",
+        "tho",
+        "cla",
+        "pre",
+        "nox",
+    ]
     out = []
     for _ in range(n):
         w = "".join(rng.choice(syll) for _ in range(rng.randint(1, 4)))
@@ -54,15 +82,22 @@ def build_model(model_dir: Path, vocab_size: int, seed: int = 0) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from layerscope.vocab import build_bpe_tokenizer
+    from devkit.vocab import build_bpe_tokenizer
 
     rng = random.Random(seed)
     corpus = [" ".join(_words(rng, 40)) for _ in range(20000)]
     tok = build_bpe_tokenizer(corpus, vocab_size=vocab_size)
     bos = tok.convert_tokens_to_ids(tok.bos_token)
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=len(tok), n_embd=768, n_layer=12, n_head=12, n_positions=1024,
-                     bos_token_id=bos, eos_token_id=bos)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=768,
+        n_layer=12,
+        n_head=12,
+        n_positions=1024,
+        bos_token_id=bos,
+        eos_token_id=bos,
+    )
     model = GPT2LMHeadModel(cfg).eval()
     model_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(model_dir)
@@ -98,7 +133,9 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def worker(method: str, model_dir: Path, n: int, out_dir: Path, threads: int | None, repeats: int = 1) -> dict:
+def worker(
+    method: str, model_dir: Path, n: int, out_dir: Path, threads: int | None, repeats: int = 1
+) -> dict:
     import numpy as np
     import torch
 
@@ -108,7 +145,13 @@ def worker(method: str, model_dir: Path, n: int, out_dir: Path, threads: int | N
     res: dict = {"method": method, "n_prompts": n, "threads": torch.get_num_threads()}
 
     if method in ("seed", "store"):
-        from layerscope.activations import cache_store, extract_layer, load_engine, load_model, tokenize_prompts
+        from layerscope.engine.activations import (
+            cache_store,
+            extract_layer,
+            load_engine,
+            load_model,
+            tokenize_prompts,
+        )
 
         # the seed loop is TransformerLens's run_with_cache; the store takes the workflow's default engine
         if method == "seed":
@@ -139,8 +182,19 @@ def worker(method: str, model_dir: Path, n: int, out_dir: Path, threads: int | N
             pids = [f"p{i:05d}" for i in range(n)]
             for _ in range(repeats):
                 c0, t0 = time.process_time(), time.perf_counter()
-                cache_store(bridge, pids, texts, ["x"] * n, store, components=["resid_post"], poolings=["mean"],
-                            batch_size=BATCH, model_info=info, log=lambda m: None, self_check=0)
+                cache_store(
+                    bridge,
+                    pids,
+                    texts,
+                    ["x"] * n,
+                    store,
+                    components=["resid_post"],
+                    poolings=["mean"],
+                    batch_size=BATCH,
+                    model_info=info,
+                    log=lambda m: None,
+                    self_check=0,
+                )
                 _record(res, time.perf_counter() - t0, time.process_time() - c0)
             t1 = time.perf_counter()
             for L in LAYERS:
@@ -153,7 +207,7 @@ def worker(method: str, model_dir: Path, n: int, out_dir: Path, threads: int | N
     elif method == "plain":
         from transformers import AutoTokenizer, GPT2Model
 
-        from layerscope.activations import tokenize_prompts
+        from layerscope.engine.activations import tokenize_prompts
 
         tok = AutoTokenizer.from_pretrained(model_dir)
         model = GPT2Model.from_pretrained(model_dir).eval()
@@ -187,7 +241,7 @@ def _record(res: dict, wall: float, cpu: float) -> None:
 def _plain_pass(model, ids, lengths, out) -> None:
     import torch
 
-    from layerscope.activations import make_batches
+    from layerscope.engine.activations import make_batches
 
     with torch.inference_mode():
         for batch in make_batches(lengths, BATCH):
@@ -211,12 +265,28 @@ def _plain_pass(model, ids, lengths, out) -> None:
                     ((hs[L + 1] * w).sum(1) / w.sum(1)).numpy()
 
 
-def run_worker(method: str, model_dir: Path, n: int, out_dir: Path, threads: int | None, repeats: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", method, "--model-dir", str(model_dir), "--n-prompts", str(n),
-           "--out-dir", str(out_dir), "--repeats", str(repeats)]
+def run_worker(
+    method: str, model_dir: Path, n: int, out_dir: Path, threads: int | None, repeats: int
+) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        method,
+        "--model-dir",
+        str(model_dir),
+        "--n-prompts",
+        str(n),
+        "--out-dir",
+        str(out_dir),
+        "--repeats",
+        str(repeats),
+    ]
     if threads:
         cmd += ["--threads", str(threads)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"worker {method} n={n} failed:\n{proc.stdout}\n{proc.stderr}")
@@ -227,20 +297,46 @@ def run_worker(method: str, model_dir: Path, n: int, out_dir: Path, threads: int
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n-prompts", type=int, nargs="+", default=None,
-                    help="prompt counts to run (default: 256 1024; --quick: 64)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--n-prompts",
+        type=int,
+        nargs="+",
+        default=None,
+        help="prompt counts to run (default: 256 1024; --quick: 64)",
+    )
     ap.add_argument("--quick", action="store_true", help="64 prompts only, for a smoke run")
     ap.add_argument("--vocab-size", type=int, default=8000)
-    ap.add_argument("--model-dir", type=Path, default=None,
-                    help="where the benchmark model is built/reused (default: a folder under the temp dir)")
-    ap.add_argument("--methods", nargs="+", default=["seed", "store", "plain"], choices=["seed", "store", "plain"])
-    ap.add_argument("--seed-max-prompts", type=int, default=None,
-                    help="skip the slow seed loop above this many prompts (default: run it everywhere)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
-    ap.add_argument("--repeats", type=int, default=None,
-                    help="timed repeats per measurement, fastest reported (default: 3 for store/plain, 1 for seed; "
-                         "--quick: 1)")
+    ap.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="where the benchmark model is built/reused (default: a folder under the temp dir)",
+    )
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=["seed", "store", "plain"],
+        choices=["seed", "store", "plain"],
+    )
+    ap.add_argument(
+        "--seed-max-prompts",
+        type=int,
+        default=None,
+        help="skip the slow seed loop above this many prompts (default: run it everywhere)",
+    )
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads per worker (default: torch's)"
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed repeats per measurement, fastest reported (default: 3 for store/plain, 1 for seed; "
+        "--quick: 1)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out-dir", type=Path, default=None, help=argparse.SUPPRESS)
@@ -248,14 +344,23 @@ def main() -> None:
 
     if args.worker:
         n = args.n_prompts[0]
-        print(json.dumps(worker(args.worker, args.model_dir, n, args.out_dir, args.threads, args.repeats)))
+        print(
+            json.dumps(
+                worker(args.worker, args.model_dir, n, args.out_dir, args.threads, args.repeats)
+            )
+        )
         return
 
     sizes = args.n_prompts or ([64] if args.quick else [256, 1024])
-    model_dir = args.model_dir or Path(tempfile.gettempdir()) / f"layerscope-bench/gpt2-small-v{args.vocab_size}"
+    model_dir = (
+        args.model_dir
+        or Path(tempfile.gettempdir()) / f"layerscope-bench/gpt2-small-v{args.vocab_size}"
+    )
     t = time.perf_counter()
     build_model(model_dir, args.vocab_size)
-    print(f"model: {model_dir} (ready in {time.perf_counter() - t:.1f} s); cpu cores: {os.cpu_count()}")
+    print(
+        f"model: {model_dir} (ready in {time.perf_counter() - t:.1f} s); cpu cores: {os.cpu_count()}"
+    )
 
     import numpy as np
 
@@ -269,16 +374,25 @@ def main() -> None:
                 reps = args.repeats or (1 if args.quick or method == "seed" else 3)
                 r = run_worker(method, model_dir, n, out_dir, args.threads, reps)
                 results.append(r)
-                extra = f", extract 4 layers {r['extract_seconds']:.2f} s" if "extract_seconds" in r else ""
-                print(f"  n={n:5d} {method:5s}: {r['seconds']:7.2f} s wall ({r['cpu_seconds']:.1f} s cpu), "
-                      f"{r['tokens_per_s']:7.0f} tokens/s, peak RSS {r['peak_rss_mb']:.0f} MiB{extra}; "
-                      f"all repeats {r['all_seconds']}", flush=True)
+                extra = (
+                    f", extract 4 layers {r['extract_seconds']:.2f} s"
+                    if "extract_seconds" in r
+                    else ""
+                )
+                print(
+                    f"  n={n:5d} {method:5s}: {r['seconds']:7.2f} s wall ({r['cpu_seconds']:.1f} s cpu), "
+                    f"{r['tokens_per_s']:7.0f} tokens/s, peak RSS {r['peak_rss_mb']:.0f} MiB{extra}; "
+                    f"all repeats {r['all_seconds']}",
+                    flush=True,
+                )
             if {"store", "plain"} <= set(args.methods):
                 b = np.load(out_dir / f"store_{n}.npy")
                 c = np.load(out_dir / f"plain_{n}.npy")
                 # layer 11 of (c) is after GPT-2's final LayerNorm; compare the other three exactly
                 diff = float(np.abs(b[:3] - c[:3]).max())
-                results.append({"method": "check", "n_prompts": n, "max_abs_diff_store_vs_plain_L3_6_9": diff})
+                results.append(
+                    {"method": "check", "n_prompts": n, "max_abs_diff_store_vs_plain_L3_6_9": diff}
+                )
                 print(f"  n={n:5d} store vs plain, layers 3/6/9: max |diff| = {diff:.2e}")
 
     by = {(r["n_prompts"], r["method"]): r for r in results}
@@ -287,7 +401,9 @@ def main() -> None:
     for r in results:
         if r["method"] == "check":
             continue
-        print(f"| {r['n_prompts']} | {r['method']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} |")
+        print(
+            f"| {r['n_prompts']} | {r['method']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} |"
+        )
     print()
     for n in sizes:
         a, b, c = by.get((n, "seed")), by.get((n, "store")), by.get((n, "plain"))
@@ -300,8 +416,10 @@ def main() -> None:
     for m in args.methods:
         lo, hi = by.get((min(sizes), m)), by.get((max(sizes), m))
         if lo and hi and lo is not hi:
-            print(f"peak RSS {m}: {hi['peak_rss_mb']:.0f} / {lo['peak_rss_mb']:.0f} MiB = "
-                  f"{hi['peak_rss_mb'] / lo['peak_rss_mb']:.2f}x ({max(sizes)} vs {min(sizes)} prompts; target <= 1.2)")
+            print(
+                f"peak RSS {m}: {hi['peak_rss_mb']:.0f} / {lo['peak_rss_mb']:.0f} MiB = "
+                f"{hi['peak_rss_mb'] / lo['peak_rss_mb']:.2f}x ({max(sizes)} vs {min(sizes)} prompts; target <= 1.2)"
+            )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -1,7 +1,7 @@
 """Benchmark: generation patching, batched (many (pair, cell) variants per forward pass, KV cache)
 vs one variant at a time (batch size 1, the seed's loop), on the bundled demo model.
 
-Both arms run :func:`layerscope.generation.generation_sweep` on the same pairs and cells and must
+Both arms run :func:`layerscope.interventions.generation.generation_sweep` on the same pairs and cells and must
 produce identical tables (checked). Arms are interleaved (A B A B ...) so that load from other
 processes hits both alike; the reported ratio is median(one at a time) / median(batched).
 Model loading is excluded; one warm-up generation runs first.
@@ -32,9 +32,9 @@ def main() -> None:
     import pandas as pd
     import torch
 
-    from layerscope import generation as G
-    from layerscope.activations import load_model
-    from layerscope.patching import load_pairs
+    from layerscope.engine.activations import load_model
+    from layerscope.interventions import generation as G
+    from layerscope.interventions.patching import load_pairs
 
     torch.set_num_threads(args.threads)
     bridge, _ = load_model(str(ROOT / "demo/model"), device="cpu")
@@ -43,9 +43,17 @@ def main() -> None:
 
     def run(batch_size: int):
         t = time.perf_counter()
-        df = G.generation_sweep(stepper, bridge.tokenizer, pairs, components=G.COMPONENTS, layers=range(6),
-                                positions=["diff", "gen1"], ranges=[], max_new_tokens=args.max_new_tokens,
-                                batch_size=batch_size)
+        df = G.generation_sweep(
+            stepper,
+            bridge.tokenizer,
+            pairs,
+            components=G.COMPONENTS,
+            layers=range(6),
+            positions=["diff", "gen1"],
+            ranges=[],
+            max_new_tokens=args.max_new_tokens,
+            batch_size=batch_size,
+        )
         return time.perf_counter() - t, df
 
     run(args.batch_size)  # warm-up
@@ -60,8 +68,10 @@ def main() -> None:
     n = int(tables["batched"].attrs["n_patched_generations"]) + 2 * len(pairs)
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in times.items():
-        print(f"{k:14s} runs {['%.2f' % x for x in v]} s, median {med[k]:.2f} s, "
-              f"{n * args.max_new_tokens / med[k]:.0f} generated tokens/s ({n} generations)")
+        print(
+            f"{k:14s} runs {['%.2f' % x for x in v]} s, median {med[k]:.2f} s, "
+            f"{n * args.max_new_tokens / med[k]:.0f} generated tokens/s ({n} generations)"
+        )
     ratio = med["one_at_a_time"] / med["batched"]
     print(f"speed-up batched vs one at a time: {ratio:.1f}x (identical tables)")
 

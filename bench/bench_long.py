@@ -9,7 +9,7 @@ Cases (6-layer, d_model 256 models with random weights, a byte-level BPE vocabul
 
 Methods, each (case, method) in its own subprocess so that its peak RSS is its own:
 
-  store  ``layerscope.activations.cache_store`` with the workflow's default engine (``auto``: the
+  store  ``layerscope.engine.activations.cache_store`` with the workflow's default engine (``auto``: the
          native engine), resid_post, mean and last, every layer; self-check off for the timed runs,
          then one run with the default self-check (4 prompts) reported apart.
   plain  ``AutoModel`` (base model, SDPA), the same length-sorted right-padded batches with an attention
@@ -41,6 +41,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# devkit/ (tiny test models, the demo model and data) sits at the repository root, outside the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 #: case -> (arch, n_prompts, min tokens, max tokens, batch_size)
 CASES = {
     "short-llama": ("llama", 256, 10, 40, 32),
@@ -53,7 +56,23 @@ GPU_CASES = {
     "gpu-short": ("qwen2-1.5b", 256, 10, 40, 32),
     "gpu-long": ("qwen2-1.5b", 16, 1000, 1200, 4),
 }
-SYLL = ["ka", "lo", "mi", "ten", "ra", "sun", "vel", "or", "pa", "qui", "ze", "bo", "an", "ist", "ul"]
+SYLL = [
+    "ka",
+    "lo",
+    "mi",
+    "ten",
+    "ra",
+    "sun",
+    "vel",
+    "or",
+    "pa",
+    "qui",
+    "ze",
+    "bo",
+    "an",
+    "ist",
+    "ul",
+]
 
 
 def _words(rng: random.Random, n: int) -> str:
@@ -67,7 +86,7 @@ def build_model(root: Path, arch: str) -> Path:
     import torch
     import transformers
 
-    from layerscope.vocab import build_bpe_tokenizer
+    from devkit.vocab import build_bpe_tokenizer
 
     rng = random.Random(0)
     tok = build_bpe_tokenizer([_words(rng, 40) for _ in range(5000)], vocab_size=2000)
@@ -75,16 +94,37 @@ def build_model(root: Path, arch: str) -> Path:
     common = dict(bos_token_id=special, eos_token_id=special, tie_word_embeddings=False)
     torch.manual_seed(0)
     if arch == "gpt2":
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=len(tok), n_embd=256, n_layer=6, n_head=8, n_positions=2048, **common))
+        model = transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(
+                vocab_size=len(tok), n_embd=256, n_layer=6, n_head=8, n_positions=2048, **common
+            )
+        )
     elif arch == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=len(tok), hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
-            num_key_value_heads=4, max_position_embeddings=2048, **common))
+        model = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(
+                vocab_size=len(tok),
+                hidden_size=256,
+                intermediate_size=1024,
+                num_hidden_layers=6,
+                num_attention_heads=8,
+                num_key_value_heads=4,
+                max_position_embeddings=2048,
+                **common,
+            )
+        )
     else:  # DeepSeek-R1-Distill-Qwen-1.5B shape
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-            vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-            num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096, **common))
+        model = transformers.Qwen2ForCausalLM(
+            transformers.Qwen2Config(
+                vocab_size=151936,
+                hidden_size=1536,
+                intermediate_size=8960,
+                num_hidden_layers=28,
+                num_attention_heads=12,
+                num_key_value_heads=2,
+                max_position_embeddings=4096,
+                **common,
+            )
+        )
         model = model.to(torch.bfloat16)
     model.eval().save_pretrained(out)
     tok.save_pretrained(out)
@@ -122,7 +162,9 @@ def _time(fn, repeats: int) -> list[float]:
     return out
 
 
-def worker(method: str, case: str, model_dir: Path, out_dir: Path, repeats: int, device: str) -> dict:
+def worker(
+    method: str, case: str, model_dir: Path, out_dir: Path, repeats: int, device: str
+) -> dict:
     import numpy as np
     import torch
 
@@ -131,7 +173,7 @@ def worker(method: str, case: str, model_dir: Path, out_dir: Path, repeats: int,
     texts = make_prompts(model_dir, n, lo, hi)
     res: dict = {"case": case, "method": method, "n_prompts": n, "threads": torch.get_num_threads()}
     if method in ("store", "bridge"):
-        from layerscope.activations import cache_store, load_engine
+        from layerscope.engine.activations import cache_store, load_engine
 
         engine = "bridge" if method == "bridge" else "auto"
         model, info = load_engine(str(model_dir), engine=engine, device=device, dtype=dtype)
@@ -139,8 +181,20 @@ def worker(method: str, case: str, model_dir: Path, out_dir: Path, repeats: int,
         pids = [f"p{i}" for i in range(n)]
 
         def run(check=0):
-            cache_store(model, pids, texts, ["x"] * n, out_dir / f"{case}_{method}.h5", components=["resid_post"],
-                        poolings=["mean", "last"], batch_size=batch, model_info=info, log=None, self_check=check)
+            cache_store(
+                model,
+                pids,
+                texts,
+                ["x"] * n,
+                out_dir / f"{case}_{method}.h5",
+                components=["resid_post"],
+                poolings=["mean", "last"],
+                batch_size=batch,
+                model_info=info,
+                log=None,
+                self_check=check,
+            )
+
         run()  # warm-up
         res["all_seconds"] = _time(run, repeats)
         res["seconds_with_self_check"] = _time(lambda: run(4), 1)[0]
@@ -151,10 +205,12 @@ def worker(method: str, case: str, model_dir: Path, out_dir: Path, repeats: int,
     elif method == "plain":
         from transformers import AutoModel, AutoTokenizer
 
-        from layerscope.activations import make_batches, tokenize_prompts, torch_dtype
+        from layerscope.engine.activations import make_batches, tokenize_prompts, torch_dtype
 
         tok = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModel.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch_dtype(dtype))
+        model = AutoModel.from_pretrained(
+            model_dir, attn_implementation="sdpa", dtype=torch_dtype(dtype)
+        )
         model = model.to(device).eval()
         ids = tokenize_prompts(tok, texts, prepend_bos=True)
         lengths = [len(x) for x in ids]
@@ -171,7 +227,9 @@ def worker(method: str, case: str, model_dir: Path, out_dir: Path, repeats: int,
                         x[r, : lengths[i]] = torch.tensor(ids[i])
                         m[r, : lengths[i]] = 1
                     x, m = x.to(device), m.to(device)
-                    hs = model(input_ids=x, attention_mask=m, output_hidden_states=True).hidden_states
+                    hs = model(
+                        input_ids=x, attention_mask=m, output_hidden_states=True
+                    ).hidden_states
                     w = m.clone()
                     w[:, 0] = 0
                     w = w.unsqueeze(-1).float()
@@ -180,11 +238,12 @@ def worker(method: str, case: str, model_dir: Path, out_dir: Path, repeats: int,
                         h = hs[L + 1].float()
                         out[L, b] = ((h * w).sum(1) / w.sum(1)).cpu().numpy()
                         h[torch.arange(len(b), device=device), last].cpu()
+
         run()
         res["all_seconds"] = _time(run, repeats)
         out = out[:-1]  # the last hidden state has the final norm applied
     elif method == "seed":
-        from layerscope.activations import load_model
+        from layerscope.engine.activations import load_model
 
         bridge, _ = load_model(str(model_dir), device=device, dtype=dtype)
         bridge.run_with_cache(texts[0])
@@ -195,8 +254,11 @@ def worker(method: str, case: str, model_dir: Path, out_dir: Path, repeats: int,
             for i, text in enumerate(texts):
                 _, cache = bridge.run_with_cache(text)
                 for L in range(n_layers):
-                    out[L, i] = cache[f"blocks.{L}.hook_resid_post"][0, 1:].float().mean(0).cpu().numpy()
+                    out[L, i] = (
+                        cache[f"blocks.{L}.hook_resid_post"][0, 1:].float().mean(0).cpu().numpy()
+                    )
                 del cache
+
         res["all_seconds"] = _time(run, 1)
         out = out[:-1]
     else:
@@ -210,32 +272,59 @@ def worker(method: str, case: str, model_dir: Path, out_dir: Path, repeats: int,
 
 
 def run_worker(method, case, model_dir, out_dir, repeats, device) -> dict:
-    cmd = [sys.executable, __file__, "--worker", method, "--case", case, "--model-dir", str(model_dir),
-           "--out-dir", str(out_dir), "--repeats", str(repeats), "--device", device]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        method,
+        "--case",
+        case,
+        "--model-dir",
+        str(model_dir),
+        "--out-dir",
+        str(out_dir),
+        "--repeats",
+        str(repeats),
+        "--device",
+        device,
+    ]
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise SystemExit(f"worker {method} {case} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise SystemExit(
+            f"worker {method} {case} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def report(results: list[dict], cases: list[str], gpu: bool) -> None:
-    import numpy as np
 
     by = {(r["case"], r["method"]): r for r in results}
     mem = "peak_gpu_mb" if gpu else "peak_rss_mb"
-    print(f"\n| case | method | wall s (fastest) | all repeats | {'peak GPU MiB' if gpu else 'peak RSS MiB'} |")
+    print(
+        f"\n| case | method | wall s (fastest) | all repeats | {'peak GPU MiB' if gpu else 'peak RSS MiB'} |"
+    )
     print("|---|---|---:|---|---:|")
     for r in results:
-        extra = f" (with self-check {r['seconds_with_self_check']:.2f})" if "seconds_with_self_check" in r else ""
-        print(f"| {r['case']} | {r['method']} | {r['seconds']:.2f}{extra} | {r['all_seconds']} | {r[mem]:.0f} |")
+        extra = (
+            f" (with self-check {r['seconds_with_self_check']:.2f})"
+            if "seconds_with_self_check" in r
+            else ""
+        )
+        print(
+            f"| {r['case']} | {r['method']} | {r['seconds']:.2f}{extra} | {r['all_seconds']} | {r[mem]:.0f} |"
+        )
     print()
     for c in cases:
         s, p, seed = by.get((c, "store")), by.get((c, "plain")), by.get((c, "seed"))
         line = [f"{c}:"]
         if s and p:
-            line.append(f"store/plain time {s['seconds'] / p['seconds']:.2f} (target <= 1.15), "
-                        f"memory {s[mem] / p[mem]:.2f} (target <= 1.3)")
+            line.append(
+                f"store/plain time {s['seconds'] / p['seconds']:.2f} (target <= 1.15), "
+                f"memory {s[mem] / p[mem]:.2f} (target <= 1.3)"
+            )
         if s and seed:
             line.append(f"seed/store {seed['seconds'] / s['seconds']:.1f}")
         if s and by.get((c, "bridge")):
@@ -246,15 +335,29 @@ def report(results: list[dict], cases: list[str], gpu: bool) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", nargs="+", default=None, help=f"some of {list(CASES)} (default: all)")
-    ap.add_argument("--methods", nargs="+", default=["store", "plain", "seed"],
-                    choices=["store", "plain", "seed", "bridge"],
-                    help="bridge = cache_store with engine: bridge (the pre-native path), for comparison")
-    ap.add_argument("--gpu", action="store_true", help="the 1.5B Qwen2-shaped model in bfloat16 on CUDA")
-    ap.add_argument("--quick", action="store_true", help="one repeat, long-gpt2 and short-llama only")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--cases", nargs="+", default=None, help=f"some of {list(CASES)} (default: all)"
+    )
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=["store", "plain", "seed"],
+        choices=["store", "plain", "seed", "bridge"],
+        help="bridge = cache_store with engine: bridge (the pre-native path), for comparison",
+    )
+    ap.add_argument(
+        "--gpu", action="store_true", help="the 1.5B Qwen2-shaped model in bfloat16 on CUDA"
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="one repeat, long-gpt2 and short-llama only"
+    )
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--model-root", type=Path, default=Path(tempfile.gettempdir()) / "layerscope-bench-long")
+    ap.add_argument(
+        "--model-root", type=Path, default=Path(tempfile.gettempdir()) / "layerscope-bench-long"
+    )
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)
@@ -263,7 +366,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.case, args.model_dir, args.out_dir, args.repeats, args.device)))
+        print(
+            json.dumps(
+                worker(
+                    args.worker, args.case, args.model_dir, args.out_dir, args.repeats, args.device
+                )
+            )
+        )
         return
     import numpy as np
 
@@ -277,7 +386,10 @@ def main() -> None:
         table, device, methods = CASES, "cpu", args.methods
     cases = args.cases or (["short-llama", "long-gpt2"] if args.quick else list(table))
     repeats = 1 if args.quick else args.repeats
-    print(f"cpu cores {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}, device {device}", flush=True)
+    print(
+        f"cpu cores {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}, device {device}",
+        flush=True,
+    )
     results = []
     with tempfile.TemporaryDirectory(prefix="layerscope-bench-long-") as tmp:
         for case in cases:
@@ -295,11 +407,15 @@ def main() -> None:
                 r["all_seconds"] = [x["seconds"] for x in runs[method]]
                 r["peak_rss_mb"] = max(x["peak_rss_mb"] for x in runs[method])
                 results.append(r)
-                print(f"  {case:12s} {method:6s} {r['seconds']:7.2f} s  rounds {r['all_seconds']}", flush=True)
+                print(
+                    f"  {case:12s} {method:6s} {r['seconds']:7.2f} s  rounds {r['all_seconds']}",
+                    flush=True,
+                )
             if {"store", "plain"} <= set(methods):
                 a, b = (np.load(Path(tmp) / f"{case}_{m}.npy") for m in ("store", "plain"))
-                next(r for r in results if r["case"] == case and r["method"] == "store")["diff"] = float(
-                    np.abs(a - b).max())
+                next(r for r in results if r["case"] == case and r["method"] == "store")["diff"] = (
+                    float(np.abs(a - b).max())
+                )
     report(results, cases, args.gpu)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     if args.json:

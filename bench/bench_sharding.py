@@ -24,10 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
+# devkit/ (tiny test models, the demo model and data) sits at the repository root, outside the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 PER_SHARD = 2500
 WORKER = r"""
 import sys
-from layerscope.activations import cache_from_table, gather_store
+from layerscope.engine.activations import cache_from_table, gather_store
 mode, out = sys.argv[1], sys.argv[2]
 if mode == "gather":
     gather_store(sys.argv[3:], out, log=None)
@@ -40,14 +43,18 @@ else:
 
 def write_table(path: Path, n: int, seed: int = 0) -> None:
     rng = random.Random(seed)
-    words = "the quick brown fox jumps over a lazy dog which is larger than or answer sum of".split()
+    words = (
+        "the quick brown fox jumps over a lazy dog which is larger than or answer sum of".split()
+    )
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["prompt_id", "text", "label"])
         for i in range(n):
             a, b = rng.randint(1, 999), rng.randint(1, 999)
             filler = " ".join(rng.choice(words) for _ in range(rng.randint(2, 12)))
-            w.writerow([f"p{i:06d}", f"{filler}: which is larger, {a} or {b}?", "yes" if a > b else "no"])
+            w.writerow(
+                [f"p{i:06d}", f"{filler}: which is larger, {a} or {b}?", "yes" if a > b else "no"]
+            )
 
 
 def run_job(args: list[str]) -> tuple[float, float]:
@@ -69,10 +76,12 @@ def main() -> None:
     import h5py
     import numpy as np
 
-    from layerscope.testing import build_tiny_model
+    from devkit.tiny_models import build_tiny_model
 
     root = Path(tempfile.mkdtemp(prefix="bench_sharding_"))
-    model = build_tiny_model(root / "model", "gpt2", n_layers=4, d_model=64, n_heads=4, n_positions=128)
+    model = build_tiny_model(
+        root / "model", "gpt2", n_layers=4, d_model=64, n_heads=4, n_positions=128
+    )
     rows = []
     for total in totals:
         table = root / f"table_{total}.csv"
@@ -82,15 +91,26 @@ def main() -> None:
         rows.append((total, "unsharded cache_activations", 1, s, rss))
         n = total // per_shard
         shards = [root / f"{i}-of-{n}_{total}.h5" for i in range(n)]
-        results = [run_job([f"{i}/{n}", str(p), str(table), str(model)]) for i, p in enumerate(shards)]
-        rows.append((total, f"cache_shard ({per_shard} prompts each)", n, max(r[0] for r in results),
-                     max(r[1] for r in results)))
+        results = [
+            run_job([f"{i}/{n}", str(p), str(table), str(model)]) for i, p in enumerate(shards)
+        ]
+        rows.append(
+            (
+                total,
+                f"cache_shard ({per_shard} prompts each)",
+                n,
+                max(r[0] for r in results),
+                max(r[1] for r in results),
+            )
+        )
         gathered = root / f"gathered_{total}.h5"
         s, rss = run_job(["gather", str(gathered), *map(str, shards)])
         rows.append((total, "gather_activations", 1, s, rss))
         with h5py.File(plain) as a, h5py.File(gathered) as b:
             for name in ("resid_post/mean", "resid_post/last"):
-                assert np.array_equal(a[name][()], b[name][()]) and a[name].dtype == b[name].dtype, name
+                assert (
+                    np.array_equal(a[name][()], b[name][()]) and a[name].dtype == b[name].dtype
+                ), name
     print(f"\n{'prompts':>8}  {'job':<34} {'jobs':>4}  {'s (max)':>8}  {'peak RSS MiB (max)':>18}")
     for total, job, n, s, rss in rows:
         print(f"{total:>8}  {job:<34} {n:>4}  {s:>8.1f}  {rss:>18.0f}")

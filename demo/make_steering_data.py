@@ -48,8 +48,10 @@ def facts_rows(facts_csv: Path) -> list[list[str]]:
         rows = [r for r in csv.DictReader(f) if r["relation"] == "located_in"]
     true = {r["subject"]: r["object"] for r in rows if r["is_true"] == "True"}
     false = {r["subject"]: r["object"] for r in rows if r["is_true"] == "False"}
-    return [[f"loc_{i + 1:02d}", f"{s} is located in", f" {true[s]}", f" {false[s]}"]
-            for i, s in enumerate(true)]
+    return [
+        [f"loc_{i + 1:02d}", f"{s} is located in", f" {true[s]}", f" {false[s]}"]
+        for i, s in enumerate(true)
+    ]
 
 
 def number_rows(phase2: Path, per_class: int = 12) -> list[list[str]]:
@@ -72,7 +74,9 @@ def number_rows(phase2: Path, per_class: int = 12) -> list[list[str]]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", default=str(DATA / "steering"))
     out = Path(ap.parse_args(argv).out)
     out.mkdir(parents=True, exist_ok=True)

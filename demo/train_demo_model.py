@@ -4,7 +4,7 @@
     python demo/train_demo_model.py [--out demo/model]   # (re)train and save
     python demo/train_demo_model.py --check             # retrain into a temp dir, compare to shipped weights
 
-The logic lives in ``layerscope.demo_model``; see ``demo/model/TRAINING.md``.
+The logic lives in ``devkit.demo_model``; see ``demo/model/TRAINING.md``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+# devkit/ (tiny test models, the demo model and data) sits at the repository root, outside the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -24,13 +27,21 @@ def _print_acc(acc: dict) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(HERE / "model"), help="output directory (default: demo/model)")
-    ap.add_argument("--check", action="store_true", help="retrain into a temp dir and compare every tensor to OUT")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--out", default=str(HERE / "model"), help="output directory (default: demo/model)"
+    )
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="retrain into a temp dir and compare every tensor to OUT",
+    )
     ap.add_argument("--tol", type=float, default=1e-6, help="max abs diff allowed by --check")
     args = ap.parse_args(argv)
 
-    from layerscope import demo_model as dm
+    from devkit import demo_model as dm
 
     tok = dm.build_demo_tokenizer()
     model, info = dm.train(tok, log=lambda m: print(m, flush=True))
@@ -60,7 +71,9 @@ def main(argv=None) -> int:
                 print(f"shape mismatch for {k}: {tuple(new[k].shape)} vs {tuple(old[k].shape)}")
                 return 1
             max_diff = max(max_diff, float((new[k].double() - old[k].double()).abs().max()))
-        tok_same = (Path(tmp) / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
+        tok_same = (Path(tmp) / "tokenizer.json").read_bytes() == (
+            out / "tokenizer.json"
+        ).read_bytes()
     print(f"max abs diff vs {out / 'model.safetensors'}: {max_diff:.3e} (tolerance {args.tol:g})")
     print(f"tokenizer.json identical: {tok_same}")
     ok = max_diff <= args.tol and tok_same

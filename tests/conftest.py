@@ -26,11 +26,15 @@ def copy_workflow(dest: Path) -> Path:
     return dest
 
 
-def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_snakemake(
+    workdir: Path, *args: str, check: bool = True, timeout: int = 600
+) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "snakemake", "--cores", "2", *args]
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -75,8 +79,15 @@ def result_differences(a: Path, b: Path) -> list[str]:
                 continue
             for name in names_a:
                 x, y = fa[name][()], fb[name][()]
-                same = (x.dtype == y.dtype and x.shape == y.shape
-                        and (x.tolist() == y.tolist() if x.dtype.kind == "O" else x.tobytes() == y.tobytes()))
+                same = (
+                    x.dtype == y.dtype
+                    and x.shape == y.shape
+                    and (
+                        x.tolist() == y.tolist()
+                        if x.dtype.kind == "O"
+                        else x.tobytes() == y.tobytes()
+                    )
+                )
                 if not same:
                     diffs.append(f"values differ: {rel}:{name}")
     return diffs

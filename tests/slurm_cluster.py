@@ -33,7 +33,9 @@ def unavailable_reason() -> str | None:
         return f"{MUNGE_KEY} is missing (the munge package creates it)"
     for path in (SLURM_CONF, GRES_CONF):
         if path.exists() and "layerscope-test-cluster" not in path.read_text(errors="replace"):
-            return f"{path} exists and is not ours: refusing to replace a real cluster's configuration"
+            return (
+                f"{path} exists and is not ours: refusing to replace a real cluster's configuration"
+            )
     return None
 
 
@@ -98,12 +100,24 @@ class Cluster:
             "# layerscope-test-cluster\n"
             f"NodeName=localhost Name=gpu Type=fake File={tmp}/fakegpu[0-1]\n"
         )
-        self._spawn(["munged", "-F", "--force", f"--socket={tmp}/munge.socket", f"--key-file={MUNGE_KEY}",
-                     f"--pid-file={tmp}/munged.pid", f"--log-file={tmp}/munged.log", f"--seed-file={tmp}/munge.seed"],
-                    "munged")
+        self._spawn(
+            [
+                "munged",
+                "-F",
+                "--force",
+                f"--socket={tmp}/munge.socket",
+                f"--key-file={MUNGE_KEY}",
+                f"--pid-file={tmp}/munged.pid",
+                f"--log-file={tmp}/munged.log",
+                f"--seed-file={tmp}/munge.seed",
+            ],
+            "munged",
+        )
         self._wait(lambda: (tmp / "munge.socket").exists(), timeout, "munged socket")
         self._spawn(["slurmctld", "-D", "-i"], "slurmctld")
-        self._wait(lambda: self._run(["scontrol", "ping"]).stdout.find("UP") >= 0, timeout, "slurmctld")
+        self._wait(
+            lambda: self._run(["scontrol", "ping"]).stdout.find("UP") >= 0, timeout, "slurmctld"
+        )
         self._spawn(["slurmd", "-D"], "slurmd")
         self._wait(self._node_ready, timeout, "node localhost to become idle")
 
@@ -139,8 +153,16 @@ class Cluster:
     # -- helpers -----------------------------------------------------------------------------
     def _spawn(self, cmd: list[str], name: str) -> None:
         log = open(self.tmp / f"{name}.stdout", "wb")
-        self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                           env=self.env, start_new_session=True))
+        self.procs.append(
+            subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                start_new_session=True,
+            )
+        )
 
     def _run(self, cmd: list[str], timeout: float = 20) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=self.env)
@@ -154,8 +176,10 @@ class Cluster:
         while time.monotonic() < deadline:
             for proc in self.procs:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{proc.args[0]} exited ({proc.returncode}) while waiting for {what}: "
-                                       + self.logs())
+                    raise RuntimeError(
+                        f"{proc.args[0]} exited ({proc.returncode}) while waiting for {what}: "
+                        + self.logs()
+                    )
             with contextlib.suppress(Exception):
                 if cond():
                     return
@@ -164,7 +188,13 @@ class Cluster:
 
     def logs(self) -> str:
         parts = []
-        for name in ("munged.stdout", "slurmctld.log", "slurmd.log", "slurmctld.stdout", "slurmd.stdout"):
+        for name in (
+            "munged.stdout",
+            "slurmctld.log",
+            "slurmd.log",
+            "slurmctld.stdout",
+            "slurmd.stdout",
+        ):
             path = self.tmp / name
             if path.exists():
                 parts.append(f"--- {name} ---\n" + path.read_text(errors="replace")[-3000:])

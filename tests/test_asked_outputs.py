@@ -3,13 +3,20 @@ t-SNE or adding a figure format schedules exactly the figure jobs, and the files
 
 import pytest
 import yaml
-
 from conftest import copy_workflow, job_counts, run_snakemake
 
 pytestmark = pytest.mark.slow
 
-PLOT_RULES = {"plot_probes", "plot_geometry", "plot_tsne", "plot_task_vectors", "depth_comparison",
-              "plot_generalization", "plot_patching", "plot_steering"}
+PLOT_RULES = {
+    "plot_probes",
+    "plot_geometry",
+    "plot_tsne",
+    "plot_task_vectors",
+    "depth_comparison",
+    "plot_generalization",
+    "plot_patching",
+    "plot_steering",
+}
 
 
 def _edit(work, **figures):
@@ -23,7 +30,9 @@ def test_tsne_and_svg_after_a_complete_run(test_config_run, tmp_path):
     import shutil
 
     work = copy_workflow(tmp_path)
-    shutil.copytree(test_config_run, work / ".test", dirs_exist_ok=True)  # the completed run, as the user has it
+    shutil.copytree(
+        test_config_run, work / ".test", dirs_exist_ok=True
+    )  # the completed run, as the user has it
     assert job_counts(run_snakemake(work, "-n", "--directory", ".test").stdout) == {}
 
     _edit(work, tsne=True)
@@ -39,7 +48,11 @@ def test_tsne_and_svg_after_a_complete_run(test_config_run, tmp_path):
     # Only figure jobs (patching draws in plot_patching), plus the manifest that records the config.
     assert set(counts) - {"manifest", "all"} <= PLOT_RULES, counts
     assert counts["plot_patching"] == 1
-    assert counts["plot_geometry"] == 2 and counts["plot_probes"] == 2 and counts["plot_task_vectors"] == 1
+    assert (
+        counts["plot_geometry"] == 2
+        and counts["plot_probes"] == 2
+        and counts["plot_task_vectors"] == 1
+    )
     assert counts["plot_tsne"] == 2
     run_snakemake(work, "--directory", ".test")
     figures = work / ".test/results/figures/demo"

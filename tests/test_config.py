@@ -10,14 +10,19 @@ import yaml
 from layerscope.config import check_config, model_files, resolve_layers
 from layerscope.errors import ConfigError
 
-SCHEMA = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml").read_text())
+SCHEMA = yaml.safe_load(
+    (Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml").read_text()
+)
 
 
 def validate(cfg):
     jsonschema.Draft202012Validator(SCHEMA).validate(cfg)
 
 
-@pytest.mark.parametrize("name", ["config/config.yaml", "config/examples/gpt2.yaml", "config/examples/deepseek_phase2.yaml"])
+@pytest.mark.parametrize(
+    "name",
+    ["config/config.yaml", "config/examples/gpt2.yaml", "config/examples/deepseek_phase2.yaml"],
+)
 def test_shipped_configs_match_schema(repo, name):
     validate(yaml.safe_load((repo / name).read_text()))
 
@@ -46,7 +51,9 @@ def _model_dir(tmp_path, n_layer=4, tokenizer=True):
     root = tmp_path / "m"
     root.mkdir()
     (root / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": n_layer}))
-    (root / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")  # a valid, empty safetensors file
+    (root / "model.safetensors").write_bytes(
+        (2).to_bytes(8, "little") + b"{}"
+    )  # a valid, empty safetensors file
     if tokenizer:
         (root / "tokenizer.json").write_text("{}")
     return root
@@ -93,7 +100,11 @@ def test_model_dir_without_tokenizer_or_config(tmp_path):
 def test_missing_dataset_file_names_key(tmp_path):
     _model_dir(tmp_path)
     cfg = _cfg()
-    cfg["datasets"]["facts"] = {"kind": "facts", "path": "nope.csv", "templates": {"r": "{subject}"}}
+    cfg["datasets"]["facts"] = {
+        "kind": "facts",
+        "path": "nope.csv",
+        "templates": {"r": "{subject}"},
+    }
     with pytest.raises(ConfigError, match=r"datasets\.facts\.path.*nope\.csv"):
         check_config(cfg, tmp_path)
 
@@ -108,7 +119,11 @@ def test_token_level_layer_must_be_cached(tmp_path):
 
 def test_model_files_lists_weights_and_tokenizer(tmp_path):
     _model_dir(tmp_path)
-    assert model_files("m", tmp_path) == ["m/config.json", "m/model.safetensors", "m/tokenizer.json"]
+    assert model_files("m", tmp_path) == [
+        "m/config.json",
+        "m/model.safetensors",
+        "m/tokenizer.json",
+    ]
     assert model_files("gpt2", tmp_path) == []
 
 

@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 import yaml
-
 from conftest import REPO, copy_workflow, run_snakemake
+
 from layerscope.config import check_duplicate_keys, validate_config
 from layerscope.errors import ConfigError
 
@@ -61,8 +61,10 @@ def test_demo_config_passes_and_gets_defaults():
 def test_defaults_match_snakemake_validate():
     from snakemake.utils import validate
 
-    minimal = {"models": {"demo": {"source": "demo/model"}},
-               "datasets": {"t": {"kind": "task_grid", "tasks": ["a", "b"], "pairs": [[1, 2]]}}}
+    minimal = {
+        "models": {"demo": {"source": "demo/model"}},
+        "datasets": {"t": {"kind": "task_grid", "tasks": ["a", "b"], "pairs": [[1, 2]]}},
+    }
     ours, theirs = copy.deepcopy(minimal), copy.deepcopy(minimal)
     validate_config(ours, SCHEMA, base_dir=REPO)
     validate(theirs, str(SCHEMA), set_default=True)
@@ -77,13 +79,24 @@ def test_defaults_match_snakemake_validate():
 @pytest.mark.parametrize(
     "path, typo, expected",
     [
-        ("activations.poolings", "polings", "'activations.polings': unknown key; did you mean 'poolings'?"),
+        (
+            "activations.poolings",
+            "polings",
+            "'activations.polings': unknown key; did you mean 'poolings'?",
+        ),
         ("models.demo.layers", "layer", "'models.demo.layer': unknown key; did you mean 'layers'?"),
         ("datasets", "dataset", "'dataset': unknown key; did you mean 'datasets'?"),
-        ("datasets.facts_located_in.templates", "template",
-         "'datasets.facts_located_in.template': unknown key; did you mean 'templates'?"),
+        (
+            "datasets.facts_located_in.templates",
+            "template",
+            "'datasets.facts_located_in.template': unknown key; did you mean 'templates'?",
+        ),
         ("probes.n_splits", "n_split", "'probes.n_split': unknown key; did you mean 'n_splits'?"),
-        ("patching.experiments.numbers.pairs", "pair", "'patching.experiments.numbers.pair': unknown key"),
+        (
+            "patching.experiments.numbers.pairs",
+            "pair",
+            "'patching.experiments.numbers.pair': unknown key",
+        ),
     ],
 )
 def test_unknown_key_names_path_and_suggests(path, typo, expected):
@@ -107,15 +120,27 @@ def test_dataset_without_kind_says_kind_is_missing():
 @pytest.mark.parametrize(
     "path, value, expected",
     [
-        ("models.demo.batch_size", "big", ["'models.demo.batch_size'", "expected an integer", "'big'"]),
+        (
+            "models.demo.batch_size",
+            "big",
+            ["'models.demo.batch_size'", "expected an integer", "'big'"],
+        ),
         ("models.demo.batch_size", 0, ["'models.demo.batch_size'", "minimum of 1"]),
         ("figures.tsne", "yes", ["'figures.tsne'", "expected true/false", "'yes'"]),
         ("probes.Cs", 0.1, ["'probes.Cs'", "expected a list", "0.1"]),
         ("models.demo.dtype", "float61", ["'models.demo.dtype'", "did you mean 'float16'?"]),
         ("models.demo.layers", "al", ["'models.demo.layers'", "'all'", "list", "'al'"]),
         ("models.demo.layers", [0, -1], ["'models.demo.layers[1]'", "-1", "minimum of 0"]),
-        ("datasets.numbers_phase2.max_per_class", {"faithful": 0}, ["'datasets.numbers_phase2.max_per_class.faithful'"]),
-        ("datasets.facts_located_in.kind", "fact", ["'datasets.facts_located_in.kind'", "did you mean 'facts'?"]),
+        (
+            "datasets.numbers_phase2.max_per_class",
+            {"faithful": 0},
+            ["'datasets.numbers_phase2.max_per_class.faithful'"],
+        ),
+        (
+            "datasets.facts_located_in.kind",
+            "fact",
+            ["'datasets.facts_located_in.kind'", "did you mean 'facts'?"],
+        ),
     ],
 )
 def test_wrong_type_or_value_names_path_and_reason(path, value, expected):
@@ -130,12 +155,20 @@ def test_wrong_type_or_value_names_path_and_reason(path, value, expected):
 
 def test_layer_out_of_range_names_model_and_layer_count():
     msg = _error(_set(_demo(), "models.demo.layers", [0, 99]))
-    assert "'models.demo.layers'" in msg and "[99]" in msg and "demo/model" in msg and "6 layers" in msg
+    assert (
+        "'models.demo.layers'" in msg
+        and "[99]" in msg
+        and "demo/model" in msg
+        and "6 layers" in msg
+    )
 
 
 @pytest.mark.parametrize(
     "path, value, key",
-    [("task_vectors.layer", 9, "task_vectors.layer"), ("activations.token_level_layers", [7], "activations.token_level_layers")],
+    [
+        ("task_vectors.layer", 9, "task_vectors.layer"),
+        ("activations.token_level_layers", [7], "activations.token_level_layers"),
+    ],
 )
 def test_other_layer_settings_must_be_cached_layers(path, value, key):
     cfg = _set(_demo(), "models.demo.layers", [1, 3])
@@ -149,14 +182,30 @@ def test_other_layer_settings_must_be_cached_layers(path, value, key):
 @pytest.mark.parametrize(
     "path, value, expected",
     [
-        ("activations.components", ["resid_postt"], ["'activations.components[0]'", "did you mean 'resid_post'?"]),
-        ("activations.poolings", ["mean", "median"], ["'activations.poolings[1]'", "'median'", "'mean', 'last', 'max'"]),
+        (
+            "activations.components",
+            ["resid_postt"],
+            ["'activations.components[0]'", "did you mean 'resid_post'?"],
+        ),
+        (
+            "activations.poolings",
+            ["mean", "median"],
+            ["'activations.poolings[1]'", "'median'", "'mean', 'last', 'max'"],
+        ),
         ("patching.components", ["resid_mid"], ["'patching.components[0]'", "'resid_mid'"]),
         ("figures.component", "mlp_outt", ["'figures.component'", "did you mean 'mlp_out'?"]),
-        ("figures.component", "mlp_out", ["'figures.component'", "not cached", "activations.components"]),
+        (
+            "figures.component",
+            "mlp_out",
+            ["'figures.component'", "not cached", "activations.components"],
+        ),
         ("figures.pooling", "max", ["'figures.pooling'", "not cached", "activations.poolings"]),
         ("task_vectors.pooling", "max", ["'task_vectors.pooling'", "activations.poolings"]),
-        ("task_vectors.component", "attn_out", ["'task_vectors.component'", "activations.components"]),
+        (
+            "task_vectors.component",
+            "attn_out",
+            ["'task_vectors.component'", "activations.components"],
+        ),
     ],
 )
 def test_unknown_or_uncached_component_and_pooling(path, value, expected):
@@ -210,7 +259,9 @@ def test_misspelt_local_model_dir_is_not_taken_for_a_hub_id():
 
 
 @pytest.mark.parametrize("name", ["my/data", "../x", "a b", ".hidden", "", "x" * 81])
-@pytest.mark.parametrize("where", ["models", "datasets", "probes.generalization", "patching.experiments"])
+@pytest.mark.parametrize(
+    "where", ["models", "datasets", "probes.generalization", "patching.experiments"]
+)
 def test_unsafe_name_is_rejected(where, name):
     cfg = _demo()
     node = cfg
@@ -280,7 +331,9 @@ def test_validate_config_checks_duplicates_in_its_config_files(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(DUPLICATE_DATASET)
     with pytest.raises(ConfigError, match="datasets.tasks"):
-        validate_config(yaml.safe_load(DUPLICATE_DATASET), SCHEMA, configfiles=[path], base_dir=REPO)
+        validate_config(
+            yaml.safe_load(DUPLICATE_DATASET), SCHEMA, configfiles=[path], base_dir=REPO
+        )
 
 
 # --- the user's view: snakemake -n ----------------------------------------------------------------
@@ -297,8 +350,11 @@ SNAKEMAKE_CASES = {
         "config key 'activations.polings': unknown key; did you mean 'poolings'?",
     ),
     "duplicate_dataset": (
-        lambda t: _edit(t, "\nactivations:", "  tasks:\n    kind: task_grid\n    tasks: [a, b]\n"
-                                               "    pairs: [[1, 2]]\n\nactivations:"),
+        lambda t: _edit(
+            t,
+            "\nactivations:",
+            "  tasks:\n    kind: task_grid\n    tasks: [a, b]\n    pairs: [[1, 2]]\n\nactivations:",
+        ),
         "config key 'datasets.tasks': defined twice in config/config.yaml",
     ),
     "bad_layer": (
@@ -327,5 +383,7 @@ def test_snakemake_dry_run_stops_with_one_clear_line(tmp_path, case):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
     assert any(line.strip().startswith(expected) for line in out.splitlines()), out
-    assert "Traceback" not in out and "ValidationError" not in out and len(out.splitlines()) < 8, out
+    assert "Traceback" not in out and "ValidationError" not in out and len(out.splitlines()) < 8, (
+        out
+    )
     assert not (work / "results").exists()

@@ -9,28 +9,52 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from layerscope import analysis, h5cache
-from layerscope.consistency import TableMismatchError, check_against_table, check_files_against_table
+from layerscope.data import h5cache
+from layerscope.data.consistency import (
+    TableMismatchError,
+    check_against_table,
+    check_files_against_table,
+)
 from layerscope.errors import LayerscopeError
-from layerscope.probe_runs import train_layer_probes
+from layerscope.jobs import stages as analysis
+from layerscope.jobs.probe_runs import train_layer_probes
 
 REPO = Path(__file__).resolve().parents[1]
 N, D = 8, 4
 PIDS = [f"p{i}" for i in range(N)]
 LABELS = ["true" if i % 2 else "false" for i in range(N)]
 GROUPS = [f"g{i // 2}" for i in range(N)]
-FAST = {"n_splits": 2, "n_repeats": 1, "n_permutations": 0, "n_random_directions": 0, "seed": 0, "Cs": [1.0]}
+FAST = {
+    "n_splits": 2,
+    "n_repeats": 1,
+    "n_permutations": 0,
+    "n_random_directions": 0,
+    "seed": 0,
+    "Cs": [1.0],
+}
 
 
 def write_layer(path: Path, pids=PIDS, labels=LABELS, groups=GROUPS, layer=3) -> Path:
-    """A tiny complete per-layer file in the layout of layerscope.h5cache."""
+    """A tiny complete per-layer file in the layout of layerscope.data.h5cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
     n = len(pids)
     attrs = {
-        "kind": "layer", "format_version": h5cache.FORMAT_VERSION, "model": "tiny", "model_revision": "local",
-        "n_layers": 6, "d_model": D, "n_prompts": n, "hook_names": ["blocks.{L}.hook_resid_post"], "dtype": "float32",
-        "prepend_bos": True, "exclude_bos_from_pooling": True, "compatibility_mode": False,
-        "components": ["resid_post"], "poolings": ["mean"], "token_level_layers": [], "layer": layer,
+        "kind": "layer",
+        "format_version": h5cache.FORMAT_VERSION,
+        "model": "tiny",
+        "model_revision": "local",
+        "n_layers": 6,
+        "d_model": D,
+        "n_prompts": n,
+        "hook_names": ["blocks.{L}.hook_resid_post"],
+        "dtype": "float32",
+        "prepend_bos": True,
+        "exclude_bos_from_pooling": True,
+        "compatibility_mode": False,
+        "components": ["resid_post"],
+        "poolings": ["mean"],
+        "token_level_layers": [],
+        "layer": layer,
     }
     rng = np.random.default_rng(layer)
     with h5cache.open_for_write(path) as f:
@@ -51,15 +75,25 @@ def write_layer(path: Path, pids=PIDS, labels=LABELS, groups=GROUPS, layer=3) ->
 
 def write_table(path: Path, pids=PIDS, labels=LABELS, groups=GROUPS) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    df = pd.DataFrame({"prompt_id": pids, "text": [f"text of {p}" for p in pids], "label": labels, "group": groups,
-                       "provenance": "test"})
+    df = pd.DataFrame(
+        {
+            "prompt_id": pids,
+            "text": [f"text of {p}" for p in pids],
+            "label": labels,
+            "group": groups,
+            "provenance": "test",
+        }
+    )
     df.to_csv(path, index=False, lineterminator="\n")
     return path
 
 
 @pytest.fixture
 def files(tmp_path):
-    layers = [write_layer(tmp_path / "results/activations/tiny/x" / f"layer_{L}.h5", layer=L) for L in (3, 4)]
+    layers = [
+        write_layer(tmp_path / "results/activations/tiny/x" / f"layer_{L}.h5", layer=L)
+        for L in (3, 4)
+    ]
     return tmp_path, layers
 
 
@@ -71,12 +105,16 @@ def _changed_label(t):
 
 def _dropped_row(t):
     keep = [i for i in range(N) if i != 2]
-    return write_table(t, [PIDS[i] for i in keep], [LABELS[i] for i in keep], [GROUPS[i] for i in keep])
+    return write_table(
+        t, [PIDS[i] for i in keep], [LABELS[i] for i in keep], [GROUPS[i] for i in keep]
+    )
 
 
 def _reordered(t):
     order = [1, 0] + list(range(2, N))
-    return write_table(t, [PIDS[i] for i in order], [LABELS[i] for i in order], [GROUPS[i] for i in order])
+    return write_table(
+        t, [PIDS[i] for i in order], [LABELS[i] for i in order], [GROUPS[i] for i in order]
+    )
 
 
 def _changed_group(t):
@@ -86,11 +124,24 @@ def _changed_group(t):
 
 
 CASES = {
-    "changed_label": (_changed_label, [r"8 prompts vs 8", r"1 label\(s\) differ", r"'p5' \(row 6\): label 'true' in the "
-                                       r"activations, 'false' in the table"]),
+    "changed_label": (
+        _changed_label,
+        [
+            r"8 prompts vs 8",
+            r"1 label\(s\) differ",
+            r"'p5' \(row 6\): label 'true' in the "
+            r"activations, 'false' in the table",
+        ],
+    ),
     "dropped_row": (_dropped_row, [r"8 prompts vs 7", r"'p2' is not in the table"]),
-    "reordered": (_reordered, [r"8 prompts vs 8", r"same prompts in a different order",
-                               r"row 1: 'p0' in the activations, 'p1' in the table"]),
+    "reordered": (
+        _reordered,
+        [
+            r"8 prompts vs 8",
+            r"same prompts in a different order",
+            r"row 1: 'p0' in the activations, 'p1' in the table",
+        ],
+    ),
     "changed_group": (_changed_group, [r"1 group\(s\) differ", r"'p7' \(row 8\): group 'g3'"]),
 }
 
@@ -99,7 +150,9 @@ def test_matching_table_passes(files):
     root, layers = files
     table = write_table(root / "results/datasets/x/prompts.csv")
     assert check_files_against_table(layers, table) == N
-    check_against_table(PIDS, LABELS, None, layers[0], table)  # files without groups: groups not compared
+    check_against_table(
+        PIDS, LABELS, None, layers[0], table
+    )  # files without groups: groups not compared
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -120,12 +173,17 @@ def test_mismatch_names_both_files_counts_and_prompts(files, case):
 def test_a_table_row_added_and_ids_renamed(files):
     root, layers = files
     table = write_table(root / "t.csv", PIDS + ["p8"], LABELS + ["true"], GROUPS + ["g4"])
-    with pytest.raises(TableMismatchError, match=r"8 prompts vs 9 .*'p8' is not in the activations"):
+    with pytest.raises(
+        TableMismatchError, match=r"8 prompts vs 9 .*'p8' is not in the activations"
+    ):
         check_files_against_table(layers, table)
     renamed = ["q0"] + PIDS[1:]
     table = write_table(root / "u.csv", renamed)
-    with pytest.raises(TableMismatchError, match=r"\(different prompt ids\).*'p0' is not in the table; "
-                                                 r"'q0' is not in the activations"):
+    with pytest.raises(
+        TableMismatchError,
+        match=r"\(different prompt ids\).*'p0' is not in the table; "
+        r"'q0' is not in the activations",
+    ):
         check_files_against_table(layers, table)
 
 
@@ -153,30 +211,73 @@ def _stats(layers, table, out):
 
 
 def _probes(layers, table, out):
-    return train_layer_probes(layers[0], out / "probe.json", model="tiny", dataset="x", settings=FAST,
-                              positive="true", log=lambda m: None, table=table)
+    return train_layer_probes(
+        layers[0],
+        out / "probe.json",
+        model="tiny",
+        dataset="x",
+        settings=FAST,
+        positive="true",
+        log=lambda m: None,
+        table=table,
+    )
 
 
 def _geometry(layers, table, out):
-    return analysis.geometry_figures(layers, out / "no_summary.csv", {"pca": out / "pca.png"}, component="resid_post",
-                                     pooling="mean", metric="auroc", model="tiny", dataset="x", formats=["png"],
-                                     table=table)
+    return analysis.geometry_figures(
+        layers,
+        out / "no_summary.csv",
+        {"pca": out / "pca.png"},
+        component="resid_post",
+        pooling="mean",
+        metric="auroc",
+        model="tiny",
+        dataset="x",
+        formats=["png"],
+        table=table,
+    )
 
 
 def _task_vectors(layers, table, out):
-    return analysis.task_vector_analysis(layers, {"scores": out / "scores.csv"}, component="resid_post",
-                                         pooling="mean", n_boot=10, seed=0, layer=None, model="tiny", dataset="x",
-                                         formats=["png"], table=table)
+    return analysis.task_vector_analysis(
+        layers,
+        {"scores": out / "scores.csv"},
+        component="resid_post",
+        pooling="mean",
+        n_boot=10,
+        seed=0,
+        layer=None,
+        model="tiny",
+        dataset="x",
+        formats=["png"],
+        table=table,
+    )
 
 
 def _generalization(layers, table, out):
-    return analysis.generalization({"x": layers}, out / "gen.csv", out / "gen.png", component="resid_post",
-                                   pooling="mean", metric="auroc", model="tiny", group="g", positive="true",
-                                   settings=FAST, formats=["png"], tables={"x": table})
+    return analysis.generalization(
+        {"x": layers},
+        out / "gen.csv",
+        out / "gen.png",
+        component="resid_post",
+        pooling="mean",
+        metric="auroc",
+        model="tiny",
+        group="g",
+        positive="true",
+        settings=FAST,
+        formats=["png"],
+        tables={"x": table},
+    )
 
 
-READERS = {"activation_stats": _stats, "train_probe": _probes, "plot_geometry": _geometry,
-           "task_vectors": _task_vectors, "generalization": _generalization}
+READERS = {
+    "activation_stats": _stats,
+    "train_probe": _probes,
+    "plot_geometry": _geometry,
+    "task_vectors": _task_vectors,
+    "generalization": _generalization,
+}
 
 
 @pytest.mark.parametrize("reader", sorted(READERS))
@@ -217,6 +318,14 @@ def test_every_rule_reading_layer_files_takes_the_prompt_table():
                 continue
             if name in PENDING and "prompts.csv" not in inputs:
                 continue
-            assert "results/datasets/{dataset}/prompts.csv" in inputs, f"{smk.name}: rule {name} lacks the table"
+            assert "results/datasets/{dataset}/prompts.csv" in inputs, (
+                f"{smk.name}: rule {name} lacks the table"
+            )
             checked.append(name)
-    assert {"train_probe", "activation_stats", "generalization", "plot_geometry", "task_vectors"} <= set(checked)
+    assert {
+        "train_probe",
+        "activation_stats",
+        "generalization",
+        "plot_geometry",
+        "task_vectors",
+    } <= set(checked)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from layerscope import demo_data as dd
-from layerscope import demo_model as dm
+from devkit import demo_data as dd
+from devkit import demo_model as dm
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "demo" / "model"
@@ -39,7 +39,13 @@ def model():
 
 
 def test_shipped_files_present_and_small():
-    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "TRAINING.md"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "TRAINING.md",
+    ):
         assert (MODEL_DIR / name).is_file(), name
     assert (MODEL_DIR / "model.safetensors").stat().st_size < 10 * 1024 * 1024
 
@@ -48,7 +54,13 @@ def test_loads_with_transformers(model, tokenizer):
     cfg = model.config
     assert cfg.model_type == "gpt2"
     sid = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    assert cfg.bos_token_id == cfg.eos_token_id == sid == tokenizer.bos_token_id == tokenizer.eos_token_id
+    assert (
+        cfg.bos_token_id
+        == cfg.eos_token_id
+        == sid
+        == tokenizer.bos_token_id
+        == tokenizer.eos_token_id
+    )
     assert len(tokenizer) == cfg.vocab_size
     # Digits are split one per token.
     toks = tokenizer.tokenize("Which is larger: 847 or 839?")
@@ -70,7 +82,9 @@ def test_loads_with_transformer_bridge(tokenizer):
 
 def test_number_comparison_beats_chance(model, tokenizer):
     pairs = dm.eval_comparison_pairs(200, seed=12345)
-    gens = dm.greedy_continuations(model, tokenizer, [dm.comparison_prompt(a, b) for a, b in pairs], 5)
+    gens = dm.greedy_continuations(
+        model, tokenizer, [dm.comparison_prompt(a, b) for a, b in pairs], 5
+    )
     acc = sum(g.strip() == str(max(a, b)) for g, (a, b) in zip(gens, pairs)) / len(pairs)
     assert acc >= MIN_COMPARISON_ACC, acc
 
@@ -129,7 +143,9 @@ def test_training_is_deterministic(tokenizer):
 
 
 def test_demo_data_files_match_generator(tmp_path):
-    written = dd.write_demo_data(tmp_path)  # runs the demo model once (phase2 labels), a few seconds
+    written = dd.write_demo_data(
+        tmp_path
+    )  # runs the demo model once (phase2 labels), a few seconds
     assert len(written) == 4
     for path in written:
         rel = path.relative_to(tmp_path)
@@ -142,7 +158,10 @@ def test_faithfulness_files_consistent():
     assert {r["is_faithful"] for r in rows} == {"True", "False"}
     n_faithful = sum(r["is_faithful"] == "True" for r in rows)
     assert (len(rows), n_faithful) == (dd.N_FAITHFUL + dd.N_UNFAITHFUL, dd.N_FAITHFUL)
-    responses = [json.loads(line) for line in (DATA_DIR / "phase2" / "responses.jsonl").read_text().splitlines()]
+    responses = [
+        json.loads(line)
+        for line in (DATA_DIR / "phase2" / "responses.jsonl").read_text().splitlines()
+    ]
     by_key = {(r["pair_id"], r["variant"]): r for r in responses}
     assert len(by_key) == len(responses) == 2 * len(rows)
     for r in responses:
@@ -173,7 +192,10 @@ def test_faithfulness_labels_are_the_models_answers(model, tokenizer):
     for r in rows:
         for v in ("q1", "q2"):
             prompt = questions[(r["pair_id"], v)] + " Answer:"
-            assert dm.greedy_continuations(model, tokenizer, [prompt], 5)[0].split()[0] == r[f"{v}_answer"], r
+            assert (
+                dm.greedy_continuations(model, tokenizer, [prompt], 5)[0].split()[0]
+                == r[f"{v}_answer"]
+            ), r
 
 
 def test_facts_file_covers_training_facts():

@@ -8,8 +8,8 @@ from collections import namedtuple
 
 import pytest
 
-from layerscope import diskspace
-from layerscope.diskspace import (
+from layerscope.engine import diskspace
+from layerscope.engine.diskspace import (
     MARGIN_BYTES,
     OVERHEAD_BYTES,
     PER_PROMPT_BYTES,
@@ -36,15 +36,19 @@ def fake_usage(monkeypatch, free, calls=None):
 def test_estimate_counts_pooled_token_and_metadata_bytes():
     pooled = estimate_store_bytes(28, 1000, 1536, 2, 3, itemsize=4)
     assert pooled == 2 * 3 * 28 * 1000 * 1536 * 4 + OVERHEAD_BYTES + PER_PROMPT_BYTES * 1000
-    with_tokens = estimate_store_bytes(28, 1000, 1536, 2, 3, n_token_rows=50_000, n_token_layers=2, itemsize=2)
+    with_tokens = estimate_store_bytes(
+        28, 1000, 1536, 2, 3, n_token_rows=50_000, n_token_layers=2, itemsize=2
+    )
     half = estimate_store_bytes(28, 1000, 1536, 2, 3, itemsize=2)
     tokens = 2 * (2 * 50_000 * 1536 * 2 + 1001 * 8) + 50_000 * 8
     assert with_tokens == half + tokens
     # token rows without token-level layers store nothing
     assert estimate_store_bytes(28, 1000, 1536, 2, 3, 50_000, 0, 2) == half
     # positional order of the signature
-    assert estimate_store_bytes(2, 10, 8, 1, 1, 40, 1, 4) == 2 * 10 * 8 * 4 + (40 * 8 * 4 + 11 * 8) + 40 * 8 + \
-        OVERHEAD_BYTES + PER_PROMPT_BYTES * 10
+    assert (
+        estimate_store_bytes(2, 10, 8, 1, 1, 40, 1, 4)
+        == 2 * 10 * 8 * 4 + (40 * 8 * 4 + 11 * 8) + 40 * 8 + OVERHEAD_BYTES + PER_PROMPT_BYTES * 10
+    )
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, "3", True])
@@ -72,7 +76,9 @@ def test_not_enough_space_names_dir_what_and_both_sizes(monkeypatch, tmp_path):
     with pytest.raises(LayerscopeError) as info:
         check_free_space(tmp_path, 2 * GiB, "the activation store of demo/tasks")
     msg = str(info.value)
-    assert msg.startswith(f"not enough free space in {tmp_path} for the activation store of demo/tasks: ")
+    assert msg.startswith(
+        f"not enough free space in {tmp_path} for the activation store of demo/tasks: "
+    )
     needed = human_bytes(2 * GiB * 1.05 + MARGIN_BYTES)
     assert f"needs ~{needed} (estimated), 1.5 GiB free" in msg
     assert needed == "2.1 GiB"  # 2 GiB plus 5% (and 1 MiB of slack)
@@ -98,7 +104,10 @@ def test_missing_directory_asks_its_nearest_existing_ancestor(monkeypatch, tmp_p
     assert [str(p) for p in calls] == [str(tmp_path)]
     assert not (tmp_path / "results").exists()  # nothing created
     fake_usage(monkeypatch, free=GiB)
-    with pytest.raises(LayerscopeError, match=re.escape(f"in {target} for store") + r".* free on " + re.escape(str(tmp_path))):
+    with pytest.raises(
+        LayerscopeError,
+        match=re.escape(f"in {target} for store") + r".* free on " + re.escape(str(tmp_path)),
+    ):
         check_free_space(target, 5 * GiB, "store")
 
 

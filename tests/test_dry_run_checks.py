@@ -3,14 +3,17 @@ job and before results/ exists (issue 13, item 6)."""
 
 import pytest
 import yaml
-
 from conftest import copy_workflow, run_snakemake
 
 pytestmark = pytest.mark.slow
 
 MODEL = {"demo": {"source": "demo/model", "layers": [1]}}
-FACTS = {"kind": "facts", "path": "demo/data/facts.csv", "filters": {"relation": "located_in"},
-         "templates": {"located_in": "{subject} is located in {object}"}}
+FACTS = {
+    "kind": "facts",
+    "path": "demo/data/facts.csv",
+    "filters": {"relation": "located_in"},
+    "templates": {"located_in": "{subject} is located in {object}"},
+}
 
 
 def _labelled(work, rows):
@@ -36,13 +39,16 @@ def _case(work, case):
         return cfg, ["mine.csv", "field 'label'", "1 class"]
     if case == "prompt_too_long":
         long_text = " ".join(["seven"] * 300)
-        cfg["datasets"]["d"] = _labelled(work, [("short a", "x"), ("short b", "x"), (long_text, "y"), ("c", "y")])
+        cfg["datasets"]["d"] = _labelled(
+            work, [("short a", "x"), ("short b", "x"), (long_text, "y"), ("c", "y")]
+        )
         return cfg, ["datasets.d", "row_0002", "128-token context", "model 'demo'"]
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["missing_model", "corrupt_model", "template_typo", "single_class",
-                                  "prompt_too_long"])
+@pytest.mark.parametrize(
+    "case", ["missing_model", "corrupt_model", "template_typo", "single_class", "prompt_too_long"]
+)
 def test_dry_run_stops_before_any_job(tmp_path, case):
     work = copy_workflow(tmp_path)
     cfg, words = _case(work, case)

@@ -32,7 +32,7 @@ import re
 import sys
 import tomllib
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -129,17 +129,25 @@ def parse_rules(text: str, file: Path) -> list[Rule]:
     rules = {}
     for m in _RULE_START.finditer(text):
         block = _block(text, m.end())
-        rules[m.group(1)] = Rule(m.group(1), file, _directive(block, "conda"), _directive(block, "script"))
+        rules[m.group(1)] = Rule(
+            m.group(1), file, _directive(block, "conda"), _directive(block, "script")
+        )
     for m in _USE_RULE.finditer(text):
         base, name = m.group(1), m.group(2)
-        assert base in rules, f"{file}: use rule {base} as {name}: {base} is not defined in the same file"
+        assert base in rules, (
+            f"{file}: use rule {base} as {name}: {base} is not defined in the same file"
+        )
         block = _block(text, m.end())
-        rules[name] = Rule(name, file, _directive(block, "conda") or rules[base].conda,
-                           _directive(block, "script") or rules[base].script)
+        rules[name] = Rule(
+            name,
+            file,
+            _directive(block, "conda") or rules[base].conda,
+            _directive(block, "script") or rules[base].script,
+        )
     return list(rules.values())
 
 
-@lru_cache(maxsize=None)
+@cache
 def workflow_rules() -> tuple[Rule, ...]:
     return tuple(r for f in RULE_FILES for r in parse_rules(f.read_text(), f))
 
@@ -161,7 +169,11 @@ class Env:
 
     def pinned_dists(self) -> dict[str, str]:
         """Canonical PyPI distribution -> pinned version, from both sections."""
-        out = {canonicalize_name(CONDA_TO_DIST.get(n, n)): v for n, v in self.conda.items() if n not in CONDA_TOOLING}
+        out = {
+            canonicalize_name(CONDA_TO_DIST.get(n, n)): v
+            for n, v in self.conda.items()
+            if n not in CONDA_TOOLING
+        }
         out.update(self.pip)
         return out
 
@@ -197,7 +209,7 @@ def parse_env(spec: dict, path: Path) -> Env:
     return env
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_env(path: Path) -> Env:
     return parse_env(yaml.safe_load(path.read_text()), path)
 
@@ -205,7 +217,7 @@ def load_env(path: Path) -> Env:
 # --------------------------------------------------------------------------- pyproject
 
 
-@lru_cache(maxsize=None)
+@cache
 def pyproject() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
@@ -229,7 +241,10 @@ def project_requirements(extras: frozenset[str] = frozenset()) -> list[Requireme
 
 def declared_dists() -> set[str]:
     proj = pyproject()
-    reqs = [*proj["dependencies"], *(r for rs in proj.get("optional-dependencies", {}).values() for r in rs)]
+    reqs = [
+        *proj["dependencies"],
+        *(r for rs in proj.get("optional-dependencies", {}).values() for r in rs),
+    ]
     return {canonicalize_name(Requirement(r).name) for r in reqs}
 
 
@@ -242,7 +257,7 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-@lru_cache(maxsize=None)
+@cache
 def package_modules() -> dict[str, Path]:
     return {_module_name(p): p for p in sorted(SRC.rglob("*.py"))}
 
@@ -264,7 +279,9 @@ class _Scan(ast.NodeVisitor):
         self.optional: set[str] = set()  # imported inside `try: ... except ImportError:`
         self._guarded = 0
         self.loads: set[str] = set()  # package modules whose import this code triggers
-        self.bindings: dict[str, tuple[str, str | None]] = {}  # local name -> (module, attr or None)
+        self.bindings: dict[
+            str, tuple[str, str | None]
+        ] = {}  # local name -> (module, attr or None)
         self.chains: set[tuple[str, ...]] = set()
 
     # imports
@@ -280,7 +297,13 @@ class _Scan(ast.NodeVisitor):
             (self.optional if self._guarded else self.third_party).add(top)
 
     def visit_Try(self, node: ast.Try) -> None:
-        caught = {n.id for h in node.handlers if h.type is not None for n in ast.walk(h.type) if isinstance(n, ast.Name)}
+        caught = {
+            n.id
+            for h in node.handlers
+            if h.type is not None
+            for n in ast.walk(h.type)
+            if isinstance(n, ast.Name)
+        }
         guarded = bool(caught & {"ImportError", "ModuleNotFoundError"})
         self._guarded += guarded
         for stmt in node.body:
@@ -344,7 +367,12 @@ class _Scan(ast.NodeVisitor):
                 self.visit(child)
 
     def _visit_def(self, node) -> None:
-        for child in [*node.decorator_list, *node.args.defaults, *node.args.kw_defaults, *node.body]:
+        for child in [
+            *node.decorator_list,
+            *node.args.defaults,
+            *node.args.kw_defaults,
+            *node.body,
+        ]:
             if child is not None:
                 self.visit(child)
 
@@ -376,9 +404,15 @@ def _parse_module(name: str, path: Path) -> _Module:
             # Decorators, defaults, base classes and class-level statements run at import.
             on_load += stmt.decorator_list
             if isinstance(stmt, ast.ClassDef):
-                on_load += stmt.bases + [s for s in stmt.body if not isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef))]
+                on_load += stmt.bases + [
+                    s
+                    for s in stmt.body
+                    if not isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef))
+                ]
             else:
-                on_load += [d for d in (*stmt.args.defaults, *stmt.args.kw_defaults) if d is not None]
+                on_load += [
+                    d for d in (*stmt.args.defaults, *stmt.args.kw_defaults) if d is not None
+                ]
         else:
             on_load.append(stmt)
             for target in _targets(stmt):
@@ -386,7 +420,7 @@ def _parse_module(name: str, path: Path) -> _Module:
     return _Module(name, defs, on_load, path.name == "__init__.py")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _module(name: str) -> _Module:
     return _parse_module(name, package_modules()[name])
 
@@ -425,7 +459,11 @@ def reachable_imports(script: Path) -> dict[str, set[str]]:
         elif name is None:
             # Importing a.b.c imports a, a.b and a.b.c first.
             parts = mod.split(".")
-            todo += [(".".join(parts[:i]), None) for i in range(1, len(parts)) if ".".join(parts[:i]) in package_modules()]
+            todo += [
+                (".".join(parts[:i]), None)
+                for i in range(1, len(parts))
+                if ".".join(parts[:i]) in package_modules()
+            ]
             scan = module_scan(mod)
             where, bindings, local_defs = mod, scan.bindings, set(_module(mod).defs)
         else:
@@ -440,7 +478,9 @@ def reachable_imports(script: Path) -> dict[str, set[str]]:
                     module_scan(mod)
                 target = module_bindings[mod].get(name)
                 if target is None:
-                    raise AssertionError(f"{mod} has no definition of {name!r} (used by {script.name})")
+                    raise AssertionError(
+                        f"{mod} has no definition of {name!r} (used by {script.name})"
+                    )
                 todo.append(target)
                 continue
             scan = _scan(m.defs[name], mod, m.is_package)
@@ -478,9 +518,13 @@ def missing_dists(imports: dict[str, set[str]], env: Env) -> list[str]:
     for top, where in sorted(imports.items()):
         dist = IMPORT_TO_DIST.get(top)
         if dist is None:
-            problems.append(f"import {top!r} (in {', '.join(sorted(where))}) is not in IMPORT_TO_DIST")
+            problems.append(
+                f"import {top!r} (in {', '.join(sorted(where))}) is not in IMPORT_TO_DIST"
+            )
         elif canonicalize_name(dist) not in pinned:
-            problems.append(f"{dist} (import {top} in {', '.join(sorted(where))}) is not pinned in {env.path.name}")
+            problems.append(
+                f"{dist} (import {top} in {', '.join(sorted(where))}) is not pinned in {env.path.name}"
+            )
     return problems
 
 
@@ -517,10 +561,16 @@ def test_rule_env_pins_everything_its_script_imports(rule):
 
 def test_core_rules_do_not_reach_the_model_stack():
     """The split is the point of two envs: CPU rules must not need torch, and core.yaml must not ship it."""
-    model = {canonicalize_name(Requirement(r).name) for r in pyproject()["optional-dependencies"][MODEL_EXTRA]}
+    model = {
+        canonicalize_name(Requirement(r).name)
+        for r in pyproject()["optional-dependencies"][MODEL_EXTRA]
+    }
     for rule in script_rules():
         if rule.env_path == ENVS / "core.yaml":
-            reached = {canonicalize_name(IMPORT_TO_DIST.get(t, t)) for t in reachable_imports(rule.script_path)}
+            reached = {
+                canonicalize_name(IMPORT_TO_DIST.get(t, t))
+                for t in reachable_imports(rule.script_path)
+            }
             assert not reached & model, f"core rule {rule.name} reaches {sorted(reached & model)}"
     assert not set(load_env(ENVS / "core.yaml").pinned_dists()) & model
 
@@ -535,13 +585,16 @@ def test_checker_catches_missing_package():
     problems = missing_dists(imports, parse_env(spec, ENVS / "synthetic.yaml"))
     assert len(problems) == 1 and problems[0].startswith("h5py "), problems
     # A package that only the project's own pyproject would pull in (via `pip: -e`) does not count.
-    spec["dependencies"] = [d for d in spec["dependencies"] if not isinstance(d, dict)] + [{"pip": ["-e ../..", "h5py"]}]
+    spec["dependencies"] = [d for d in spec["dependencies"] if not isinstance(d, dict)] + [
+        {"pip": ["-e ../..", "h5py"]}
+    ]
     env = parse_env(spec, ENVS / "synthetic.yaml")
     assert env.problems == ["pip entry 'h5py' is not pinned with =="]
     assert any(p.startswith("h5py ") for p in missing_dists(imports, env))
     # An import nobody mapped to a distribution is reported, not skipped.
     assert missing_dists({"somethingnew": {"x.py"}}, env) == [
-        "import 'somethingnew' (in x.py) is not in IMPORT_TO_DIST"]
+        "import 'somethingnew' (in x.py) is not in IMPORT_TO_DIST"
+    ]
 
 
 def test_reachability_follows_function_level_imports(tmp_path):
@@ -549,7 +602,9 @@ def test_reachability_follows_function_level_imports(tmp_path):
     rule = next(r for r in script_rules() if r.name == "patching")
     assert {"torch", "transformer_lens", "matplotlib"} <= set(reachable_imports(rule.script_path))
     uses_patching = tmp_path / "s.py"
-    uses_patching.write_text("from layerscope.analysis import patching_experiment\npatching_experiment()\n")
+    uses_patching.write_text(
+        "from layerscope.jobs.stages import patching_experiment\npatching_experiment()\n"
+    )
     assert "torch" in reachable_imports(uses_patching)
     no_torch = tmp_path / "t.py"
     no_torch.write_text("import json\nfrom layerscope import analysis\nanalysis.best_layer(None)\n")
@@ -571,13 +626,22 @@ def test_env_pins_are_exact_and_agree_with_pyproject(path):
     pinned = env.pinned_dists()
     for req in project_requirements(extras):
         name = canonicalize_name(req.name)
-        assert name in pinned, f"{path.name}: {req} (from pyproject) is not pinned, pip would pick any version"
-        assert Version(pinned[name]) in req.specifier, f"{path.name}: {name}=={pinned[name]} violates {req}"
+        assert name in pinned, (
+            f"{path.name}: {req} (from pyproject) is not pinned, pip would pick any version"
+        )
+        assert Version(pinned[name]) in req.specifier, (
+            f"{path.name}: {name}=={pinned[name]} violates {req}"
+        )
     # And nothing pinned is outside a range pyproject declares anywhere.
-    all_reqs = {canonicalize_name(r.name): r for r in project_requirements(frozenset(pyproject()["optional-dependencies"]))}
+    all_reqs = {
+        canonicalize_name(r.name): r
+        for r in project_requirements(frozenset(pyproject()["optional-dependencies"]))
+    }
     for name, version in pinned.items():
         if name in all_reqs:
-            assert Version(version) in all_reqs[name].specifier, f"{path.name}: {name}={version} violates {all_reqs[name]}"
+            assert Version(version) in all_reqs[name].specifier, (
+                f"{path.name}: {name}={version} violates {all_reqs[name]}"
+            )
 
 
 @pytest.mark.parametrize("path", sorted(ENVS.glob("*.yaml")), ids=lambda p: p.name)
@@ -586,7 +650,9 @@ def test_env_installs_this_checkout(path):
     is its copy in .snakemake/conda/, not envs/."""
     target, extras = _editable_extras(load_env(path).editables[0])
     resolved = (SNAKEMAKE_ENV_COPY_DIR / target).resolve()
-    assert resolved == ROOT, f"{path.name}: -e {target} resolves to {resolved} from {SNAKEMAKE_ENV_COPY_DIR}"
+    assert resolved == ROOT, (
+        f"{path.name}: -e {target} resolves to {resolved} from {SNAKEMAKE_ENV_COPY_DIR}"
+    )
     assert extras <= set(pyproject().get("optional-dependencies", {})), extras
 
 
@@ -607,7 +673,9 @@ def test_every_package_import_is_declared_in_pyproject():
         for top in sorted(scan.third_party):
             dist = IMPORT_TO_DIST.get(top)
             if dist is None or canonicalize_name(dist) not in declared:
-                problems.append(f"{mod} imports {top} ({dist or 'unmapped'}), not declared in pyproject")
+                problems.append(
+                    f"{mod} imports {top} ({dist or 'unmapped'}), not declared in pyproject"
+                )
     assert not problems, "\n".join(problems)
 
 
@@ -618,12 +686,17 @@ def test_model_extra_is_optional_and_in_test_extra():
     model = {canonicalize_name(Requirement(r).name) for r in opt[MODEL_EXTRA]}
     core = {canonicalize_name(Requirement(r).name) for r in pyproject()["dependencies"]}
     assert not model & core
-    model_reqs = {canonicalize_name(Requirement(r).name): Requirement(r).specifier for r in opt[MODEL_EXTRA]}
-    test_reqs = {canonicalize_name(r.name): r.specifier for r in project_requirements(frozenset({"test"}))}
-    assert {n: test_reqs.get(n) for n in model_reqs} == model_reqs, "the test extra must include the model extra"
+    model_reqs = {
+        canonicalize_name(Requirement(r).name): Requirement(r).specifier for r in opt[MODEL_EXTRA]
+    }
+    test_reqs = {
+        canonicalize_name(r.name): r.specifier for r in project_requirements(frozenset({"test"}))
+    }
+    assert {n: test_reqs.get(n) for n in model_reqs} == model_reqs, (
+        "the test extra must include the model extra"
+    )
     for mod in package_modules():
         m = _module(mod)
         top = _scan(m.on_load, mod, m.is_package).third_party
         reached = {canonicalize_name(IMPORT_TO_DIST.get(t, t)) for t in top}
         assert not reached & model, f"{mod} imports {sorted(reached & model)} at import time"
-

@@ -20,11 +20,11 @@ import pandas as pd
 import psutil
 import pytest
 import yaml
-
 from conftest import copy_workflow, job_counts, run_snakemake
-from layerscope import h5cache
-from layerscope.activations import extract_layer
+
 from layerscope.atomic import atomic_path, remove_stale_temps, temp_pattern
+from layerscope.data import h5cache
+from layerscope.engine.activations import extract_layer
 from layerscope.errors import LayerscopeError
 
 DS = "big"
@@ -55,7 +55,9 @@ def prepared(tmp_path_factory):
         w.writerow(["text", "label"])
         for i in range(N_PROMPTS):
             parity = "even" if i % 2 == 0 else "odd"
-            w.writerow([f"Prompt {i}: the number {i * 7919 % 10007} is said to be {parity} here", parity])
+            w.writerow(
+                [f"Prompt {i}: the number {i * 7919 % 10007} is said to be {parity} here", parity]
+            )
     cfg = yaml.safe_load((work / "config/config.yaml").read_text())
     cfg["datasets"] = {DS: {"kind": "labelled", "path": "big.csv"}}
     cfg["models"]["demo"].update(batch_size=1, device="cpu", layers="all")
@@ -80,22 +82,33 @@ def reference(prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "store.h5"
     # The workflow caches from prompt ids and texts alone (labels join at layer extraction).
     texts = out.parent / "texts.csv"
-    table = pd.read_csv(prepared / f"results/datasets/{DS}/prompts.csv", dtype=str, keep_default_na=False)
+    table = pd.read_csv(
+        prepared / f"results/datasets/{DS}/prompts.csv", dtype=str, keep_default_na=False
+    )
     table[["prompt_id", "text"]].to_csv(texts, index=False, lineterminator="\n")
     kwargs = {
         "table": str(texts),
         "store_path": str(out),
-        "model": {"source": str(prepared / m["source"]), "revision": m.get("revision"), "dtype": m["dtype"],
-                  "compatibility_mode": m["compatibility_mode"], "bos": m["bos"]},
+        "model": {
+            "source": str(prepared / m["source"]),
+            "revision": m.get("revision"),
+            "dtype": m["dtype"],
+            "compatibility_mode": m["compatibility_mode"],
+            "bos": m["bos"],
+        },
         "activations": cfg["activations"],
         "batch_size": 1,
         "device": "cpu",
         "threads": 1,  # as the job gets (ONE_THREAD)
         "log": None,
     }
-    code = "import json, sys\nfrom layerscope.activations import cache_from_table\ncache_from_table(**json.loads(sys.argv[1]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(kwargs)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    code = "import json, sys\nfrom layerscope.engine.activations import cache_from_table\ncache_from_table(**json.loads(sys.argv[1]))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps(kwargs)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
     def wait() -> Path:
         try:
@@ -115,7 +128,9 @@ def reference(prepared, tmp_path_factory):
 @pytest.fixture
 def work(prepared, tmp_path):
     dest = tmp_path / "w"
-    shutil.copytree(prepared, dest, symlinks=True)  # copy2 keeps mtimes: prompts.csv stays up to date
+    shutil.copytree(
+        prepared, dest, symlinks=True
+    )  # copy2 keeps mtimes: prompts.csv stays up to date
     return dest
 
 
@@ -128,7 +143,10 @@ def _launch(work: Path, target: str) -> subprocess.Popen:
     try:
         return subprocess.Popen(
             [sys.executable, "-m", "snakemake", "--cores", "1", *ONE_THREAD, target],
-            cwd=work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=work,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     finally:
         log.close()
@@ -146,7 +164,9 @@ def _wait_for_partial(work: Path, proc: subprocess.Popen, timeout: float = 120) 
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"snakemake exited ({proc.returncode}) before the kill:\n{_out(work)}")
-        assert not (work / STORE).exists(), "the job finished before it could be killed; raise N_PROMPTS"
+        assert not (work / STORE).exists(), (
+            "the job finished before it could be killed; raise N_PROMPTS"
+        )
         for tmp in _temps(work):
             with contextlib.suppress(FileNotFoundError):
                 if tmp.stat().st_size > PARTIAL_BYTES:
@@ -161,7 +181,9 @@ def _job_processes(proc: subprocess.Popen) -> list[psutil.Process]:
     for child in psutil.Process(proc.pid).children(recursive=True):
         with contextlib.suppress(psutil.Error):
             cmd = child.cmdline()
-            if "python" in os.path.basename(cmd[0]) and any(a.endswith("cache_activations.py") for a in cmd):
+            if "python" in os.path.basename(cmd[0]) and any(
+                a.endswith("cache_activations.py") for a in cmd
+            ):
                 found.append(child)
     return found
 
@@ -221,12 +243,21 @@ def _assert_equal_stores(path: Path, ref: Path) -> None:
         attrs = h5cache.check_file(f, path, kind="store")
         assert attrs["complete"] is True
         names = []
-        r.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        r.visititems(
+            lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None
+        )
         assert "resid_post/mean" in names and "resid_post/none/values" in names
         for name in names:
             assert np.array_equal(f[name][()], r[name][()]), name
         ref_attrs = h5cache.read_attrs(r)
-        for key in ("n_prompts", "n_layers", "d_model", "components", "poolings", "token_level_layers"):
+        for key in (
+            "n_prompts",
+            "n_layers",
+            "d_model",
+            "components",
+            "poolings",
+            "token_level_layers",
+        ):
             assert attrs[key] == ref_attrs[key], key
 
 
@@ -235,7 +266,9 @@ def _assert_equal_stores(path: Path, ref: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sigkilled_caching_job_leaves_nothing_accepted_and_rerun_redoes_it(work, reference, tmp_path):
+def test_sigkilled_caching_job_leaves_nothing_accepted_and_rerun_redoes_it(
+    work, reference, tmp_path
+):
     proc = _launch(work, LAYER)
     try:
         tmp = _wait_for_partial(work, proc)

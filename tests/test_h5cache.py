@@ -9,9 +9,15 @@ import h5py
 import numpy as np
 import pytest
 
-from layerscope import h5cache
+from layerscope.data import h5cache
+from layerscope.data.h5cache import (
+    LayerData,
+    read_layer,
+    read_layers,
+    read_store_layer,
+    read_tokens,
+)
 from layerscope.errors import LayerscopeError
-from layerscope.h5cache import LayerData, read_layer, read_layers, read_store_layer, read_tokens
 
 N_LAYERS, N, D = 4, 5, 6
 PIDS = [f"id-{i}" for i in range(N)]
@@ -23,12 +29,26 @@ LENGTHS = [3, 1, 4, 2, 5]  # pooled tokens per prompt
 
 def _attrs(**over):
     attrs = {
-        "kind": "store", "format_version": h5cache.FORMAT_VERSION, "model": "tiny/model", "model_revision": "local",
-        "architecture": "GPT2LMHeadModel", "transformer_lens_version": "4.3.0", "layerscope_version": "0.1.0",
-        "n_layers": N_LAYERS, "d_model": D, "n_prompts": N,
-        "hook_names": ["blocks.{L}.hook_resid_post", "blocks.{L}.hook_mlp_out"], "dtype": "float32",
-        "out_dtype": "float32", "bos": "auto", "prepend_bos": True, "exclude_bos_from_pooling": True,
-        "compatibility_mode": False, "components": COMPONENTS, "poolings": POOLINGS, "token_level_layers": [2],
+        "kind": "store",
+        "format_version": h5cache.FORMAT_VERSION,
+        "model": "tiny/model",
+        "model_revision": "local",
+        "architecture": "GPT2LMHeadModel",
+        "transformer_lens_version": "4.3.0",
+        "layerscope_version": "0.1.0",
+        "n_layers": N_LAYERS,
+        "d_model": D,
+        "n_prompts": N,
+        "hook_names": ["blocks.{L}.hook_resid_post", "blocks.{L}.hook_mlp_out"],
+        "dtype": "float32",
+        "out_dtype": "float32",
+        "bos": "auto",
+        "prepend_bos": True,
+        "exclude_bos_from_pooling": True,
+        "compatibility_mode": False,
+        "components": COMPONENTS,
+        "poolings": POOLINGS,
+        "token_level_layers": [2],
     }
     attrs.update(over)
     return attrs
@@ -43,7 +63,7 @@ def _values(comp, pooling):
 
 def _tokens(comp):
     total = sum(LENGTHS)
-    return (np.arange(total * D, dtype=np.float32).reshape(total, D) + 7 * COMPONENTS.index(comp))
+    return np.arange(total * D, dtype=np.float32).reshape(total, D) + 7 * COMPONENTS.index(comp)
 
 
 def write_store(path, *, complete=True, compression=None, **over):
@@ -58,7 +78,9 @@ def write_store(path, *, complete=True, compression=None, **over):
             for p in POOLINGS:
                 ds = h5cache.create_float(f, f"{c}/{p}", (N_LAYERS, N, D), "float32", compression)
                 ds[...] = _values(c, p)
-            ds = h5cache.create_float(f, f"{c}/none/values", (1, sum(LENGTHS), D), "float32", compression)
+            ds = h5cache.create_float(
+                f, f"{c}/none/values", (1, sum(LENGTHS), D), "float32", compression
+            )
             ds[0] = _tokens(c)
             f.create_dataset(f"{c}/none/offsets", data=offsets)
         if complete:
@@ -72,7 +94,7 @@ def store(tmp_path):
 
 
 def _extract(store, layer, dest):
-    from layerscope.activations import extract_layer
+    from layerscope.engine.activations import extract_layer
 
     return extract_layer(store, layer, dest)
 
@@ -99,13 +121,17 @@ def test_extract_and_read_roundtrip(store, tmp_path):
     # the layer file layout asked for by downstream code
     with h5py.File(tmp_path / "layer_2.h5") as f:
         assert [x.decode() for x in f["prompt_id"][:]] == PIDS
-        assert f["resid_post/mean"].shape == (N, D) and f["resid_post/none/offsets"].shape == (N + 1,)
+        assert f["resid_post/mean"].shape == (N, D) and f["resid_post/none/offsets"].shape == (
+            N + 1,
+        )
         assert f.attrs["layer"] == 2
 
 
 def test_read_store_layer_equals_extracted(store, tmp_path):
     p = _extract(store, 3, tmp_path / "layer_3.h5")
-    np.testing.assert_array_equal(read_store_layer(store, 3, "mlp_out", "last").X, read_layer(p, "mlp_out", "last").X)
+    np.testing.assert_array_equal(
+        read_store_layer(store, 3, "mlp_out", "last").X, read_layer(p, "mlp_out", "last").X
+    )
 
 
 def test_read_layers_dict_and_stack(store, tmp_path):
@@ -168,7 +194,9 @@ def test_shape_and_attribute_checks(tmp_path):
         read_store_layer(p, 0)
     # files from different runs are not mixed
     a = _extract(write_store(tmp_path / "a.h5"), 0, tmp_path / "a" / "layer_0.h5")
-    b = _extract(write_store(tmp_path / "b.h5", compatibility_mode=True), 1, tmp_path / "b" / "layer_1.h5")
+    b = _extract(
+        write_store(tmp_path / "b.h5", compatibility_mode=True), 1, tmp_path / "b" / "layer_1.h5"
+    )
     with pytest.raises(LayerscopeError, match="compatibility_mode"):
         read_layers([a, b])
 

@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from layerscope.datasets import build_prompt_table, read_prompt_table, write_prompt_table
+from layerscope.data.datasets import build_prompt_table, read_prompt_table, write_prompt_table
 from layerscope.errors import ConfigError, InputError
 
 CORE = ["prompt_id", "text", "label", "group"]
@@ -75,17 +75,102 @@ RESP = ("pair_id", "variant", "question", "response")
 TARGETS = {
     t.name: t
     for t in [
-        Target("labelled_csv", "labelled", "csv", "data.csv", LAB, "id", "text", "label", LAB[:3], ("text", "label", "id")),
-        Target("labelled_tsv", "labelled", "tsv", "data.tsv", LAB, "id", "text", "label", LAB[:3], ("text", "label", "id")),
-        Target("labelled_jsonl", "labelled", "jsonl", "data.jsonl", LAB, "id", "text", "label", LAB[:3], ()),
-        Target("facts_csv", "facts", "csv", "facts.csv", FACTS, "subject", "object", "is_true", FACTS, FACTS),
-        Target("facts_jsonl", "facts", "jsonl", "facts.jsonl", FACTS, "subject", "object", "is_true", FACTS, ()),
-        Target("phase2_scores_csv", "phase2", "csv", "scores.csv", SCORES, "pair_id", "model", "is_faithful",
-               SCORES[:2], SCORES[:2]),
-        Target("phase2_scores_jsonl", "phase2", "jsonl", "scores.jsonl", SCORES, "pair_id", "model", "is_faithful",
-               SCORES[:2], ()),
-        Target("phase2_responses", "phase2", "jsonl", "responses.jsonl", RESP, "pair_id", "question", None,
-               RESP[:3], ()),
+        Target(
+            "labelled_csv",
+            "labelled",
+            "csv",
+            "data.csv",
+            LAB,
+            "id",
+            "text",
+            "label",
+            LAB[:3],
+            ("text", "label", "id"),
+        ),
+        Target(
+            "labelled_tsv",
+            "labelled",
+            "tsv",
+            "data.tsv",
+            LAB,
+            "id",
+            "text",
+            "label",
+            LAB[:3],
+            ("text", "label", "id"),
+        ),
+        Target(
+            "labelled_jsonl",
+            "labelled",
+            "jsonl",
+            "data.jsonl",
+            LAB,
+            "id",
+            "text",
+            "label",
+            LAB[:3],
+            (),
+        ),
+        Target(
+            "facts_csv",
+            "facts",
+            "csv",
+            "facts.csv",
+            FACTS,
+            "subject",
+            "object",
+            "is_true",
+            FACTS,
+            FACTS,
+        ),
+        Target(
+            "facts_jsonl",
+            "facts",
+            "jsonl",
+            "facts.jsonl",
+            FACTS,
+            "subject",
+            "object",
+            "is_true",
+            FACTS,
+            (),
+        ),
+        Target(
+            "phase2_scores_csv",
+            "phase2",
+            "csv",
+            "scores.csv",
+            SCORES,
+            "pair_id",
+            "model",
+            "is_faithful",
+            SCORES[:2],
+            SCORES[:2],
+        ),
+        Target(
+            "phase2_scores_jsonl",
+            "phase2",
+            "jsonl",
+            "scores.jsonl",
+            SCORES,
+            "pair_id",
+            "model",
+            "is_faithful",
+            SCORES[:2],
+            (),
+        ),
+        Target(
+            "phase2_responses",
+            "phase2",
+            "jsonl",
+            "responses.jsonl",
+            RESP,
+            "pair_id",
+            "question",
+            None,
+            RESP[:3],
+            (),
+        ),
     ]
 }
 CSV_TARGETS = [n for n, t in TARGETS.items() if t.fmt in ("csv", "tsv")]
@@ -98,8 +183,13 @@ def spec_for(t: Target) -> dict:
     if t.kind == "facts":
         return {"kind": "facts", "path": t.fname, "templates": dict(TEMPLATES), "min_per_class": 0}
     scores = t.fname if t.scores_target else "scores.csv"
-    return {"kind": "phase2", "scores": scores, "responses": "responses.jsonl", "min_per_class": 0,
-            "max_per_class": None}
+    return {
+        "kind": "phase2",
+        "scores": scores,
+        "responses": "responses.jsonl",
+        "min_per_class": 0,
+        "max_per_class": None,
+    }
 
 
 def as_bool(v) -> bool | None:
@@ -164,22 +254,78 @@ class Case:
 
 SAFE = st.text(alphabet=string.ascii_letters + string.digits + " .-_", max_size=8)
 WEIRD = st.sampled_from(
-    ["\U0001f600", "\U0001f469\u200d\U0001f469\u200d\U0001f467", "\u202e", "\u200f", "\u05e9\u05dc\u05d5\u05dd",
-     "\u0645\u0631\u062d\u0628\u0627", "e\u0301", "\u0300", "\x00", "\n", "\r\n", "\r", "\u2028", "\u2029",
-     "\ufeff", "\u200b", "\t", '"', ",", "\\", "{", "}", "'", "\U0001d518", "\x85", "\x1c", " ", "\u00a0"]
+    [
+        "\U0001f600",
+        "\U0001f469\u200d\U0001f469\u200d\U0001f467",
+        "\u202e",
+        "\u200f",
+        "\u05e9\u05dc\u05d5\u05dd",
+        "\u0645\u0631\u062d\u0628\u0627",
+        "e\u0301",
+        "\u0300",
+        "\x00",
+        "\n",
+        "\r\n",
+        "\r",
+        "\u2028",
+        "\u2029",
+        "\ufeff",
+        "\u200b",
+        "\t",
+        '"',
+        ",",
+        "\\",
+        "{",
+        "}",
+        "'",
+        "\U0001d518",
+        "\x85",
+        "\x1c",
+        " ",
+        "\u00a0",
+    ]
 )
-UNICODE = st.lists(st.one_of(WEIRD, st.characters(blacklist_categories=("Cs",))), min_size=1, max_size=6).map("".join)
+UNICODE = st.lists(
+    st.one_of(WEIRD, st.characters(blacklist_categories=("Cs",))), min_size=1, max_size=6
+).map("".join)
 
 CSV_LABELS = [  # value, as a labelled label (None: must fail), as a truth value
-    ("", None, None), (" ", None, None), ("\u00a0", None, None), ("nan", "nan", None), ("NaN", "NaN", None),
-    ("None", "None", None), ("null", "null", None), ("NA", "NA", None), ("N/A", "N/A", None), ("yes", "yes", None),
-    ("2", "2", None), ("tRuE", "tRuE", None), (" true ", " true ", True), ("1.0", "1.0", True), ("0", "0", False),
+    ("", None, None),
+    (" ", None, None),
+    ("\u00a0", None, None),
+    ("nan", "nan", None),
+    ("NaN", "NaN", None),
+    ("None", "None", None),
+    ("null", "null", None),
+    ("NA", "NA", None),
+    ("N/A", "N/A", None),
+    ("yes", "yes", None),
+    ("2", "2", None),
+    ("tRuE", "tRuE", None),
+    (" true ", " true ", True),
+    ("1.0", "1.0", True),
+    ("0", "0", False),
 ]
 JSON_LABELS = [  # raw JSON token, as a labelled label, as a truth value
-    ("null", None, None), ("NaN", None, None), ('""', None, None), ('"  "', None, None), ('"nan"', "nan", None),
-    ('"None"', "None", None), ('"NA"', "NA", None), ("Infinity", "inf", None), ("-Infinity", "-inf", None),
-    ("1.5", "1.5", None), ("2", "2", None), ("true", "true", True), ("false", "false", False), ("1", "1", True),
-    ("0", "0", False), ("0.0", "0.0", False), ('"True"', "True", True), ("[]", None, None), ('{"v": 1}', None, None),
+    ("null", None, None),
+    ("NaN", None, None),
+    ('""', None, None),
+    ('"  "', None, None),
+    ('"nan"', "nan", None),
+    ('"None"', "None", None),
+    ('"NA"', "NA", None),
+    ("Infinity", "inf", None),
+    ("-Infinity", "-inf", None),
+    ("1.5", "1.5", None),
+    ("2", "2", None),
+    ("true", "true", True),
+    ("false", "false", False),
+    ("1", "1", True),
+    ("0", "0", False),
+    ("0.0", "0.0", False),
+    ('"True"', "True", True),
+    ("[]", None, None),
+    ('{"v": 1}', None, None),
     ('["pos"]', None, None),
 ]
 
@@ -192,19 +338,36 @@ def base(draw, t: Target) -> tuple[list[dict], list[bool]]:
         truth = draw(st.booleans())
         truths.append(truth)
         if t.fmt == "jsonl":
-            tv = draw(st.sampled_from([True, 1, "true", "True", "1"] if truth else [False, 0, "false", "FALSE", "0"]))
+            tv = draw(
+                st.sampled_from(
+                    [True, 1, "true", "True", "1"] if truth else [False, 0, "false", "FALSE", "0"]
+                )
+            )
         else:
             tv = draw(st.sampled_from(TRUE_STR if truth else FALSE_STR))
         if t.kind == "labelled":
-            r = {"id": f"r{i}", "text": "T" + draw(SAFE), "label": draw(st.sampled_from(["pos", "neg", "NA", "0", "1"])),
-                 "note": "n" + draw(SAFE)}
+            r = {
+                "id": f"r{i}",
+                "text": "T" + draw(SAFE),
+                "label": draw(st.sampled_from(["pos", "neg", "NA", "0", "1"])),
+                "note": "n" + draw(SAFE),
+            }
         elif t.kind == "facts":
-            r = {"subject": "S" + draw(SAFE), "relation": draw(st.sampled_from(["r1", "r2"])),
-                 "object": "O" + draw(SAFE), "is_true": tv}
+            r = {
+                "subject": "S" + draw(SAFE),
+                "relation": draw(st.sampled_from(["r1", "r2"])),
+                "object": "O" + draw(SAFE),
+                "is_true": tv,
+            }
         elif t.scores_target:
             r = {"pair_id": f"p{i}", "is_faithful": tv, "model": "m" + draw(SAFE)}
         else:
-            r = {"pair_id": f"p{i}", "variant": "q1", "question": "Q" + draw(SAFE), "response": "A" + draw(SAFE)}
+            r = {
+                "pair_id": f"p{i}",
+                "variant": "q1",
+                "question": "Q" + draw(SAFE),
+                "response": "A" + draw(SAFE),
+            }
         recs.append(r)
     return recs, truths
 
@@ -221,7 +384,11 @@ def oracle_labels(values: list) -> list[str] | None:
             typed.append(("n", float(v)))
         elif v.strip().lower() in ("true", "false"):
             typed.append(("b", v.strip().lower() == "true"))
-        elif v.strip() and set(v.strip()) <= set("0123456789+-.eE") and _float_or_none(v.strip()) is not None:
+        elif (
+            v.strip()
+            and set(v.strip()) <= set("0123456789+-.eE")
+            and _float_or_none(v.strip()) is not None
+        ):
             typed.append(("n", float(v.strip())))
         else:
             typed.append(("t", v.strip()))
@@ -229,8 +396,14 @@ def oracle_labels(values: list) -> list[str] | None:
     if "b" in kinds and ("t" in kinds or any(k == "n" and x not in (0.0, 1.0) for k, x in typed)):
         return None
     as_bool = "b" in kinds
-    return [("true" if x else "false") if k == "b" or (as_bool and k == "n")
-            else (str(int(x)) if x.is_integer() else repr(x)) if k == "n" else x for k, x in typed]
+    return [
+        ("true" if x else "false")
+        if k == "b" or (as_bool and k == "n")
+        else (str(int(x)) if x.is_integer() else repr(x))
+        if k == "n"
+        else x
+        for k, x in typed
+    ]
 
 
 def _float_or_none(s: str) -> float | None:
@@ -258,13 +431,26 @@ def bad_label_outcome(t: Target, as_label, as_truth):
 
 
 CSV_FAULTS = [
-    "unterminated_quote", "text_after_closing_quote", "stray_quote_in_unquoted_value", "too_few_fields",
-    "too_many_fields", "missing_header", "duplicate_header", "bom", "latin1_byte", "utf16_bom", "utf16_no_bom",
-    "empty_file", "whitespace_only_file", "huge_field", "bad_label", "unicode_ids_and_texts",
+    "unterminated_quote",
+    "text_after_closing_quote",
+    "stray_quote_in_unquoted_value",
+    "too_few_fields",
+    "too_many_fields",
+    "missing_header",
+    "duplicate_header",
+    "bom",
+    "latin1_byte",
+    "utf16_bom",
+    "utf16_no_bom",
+    "empty_file",
+    "whitespace_only_file",
+    "huge_field",
+    "bad_label",
+    "unicode_ids_and_texts",
 ]
 
 
-def whole_file_fault(draw, fault: str, content, done, recs, truths, blanks) -> "Case | None":
+def whole_file_fault(draw, fault: str, content, done, recs, truths, blanks) -> Case | None:
     """The faults of the file as a whole, alike for CSV and JSONL: wide encodings, empty files.
     ``content`` is what ``done`` renders (rows or lines); None for any other fault."""
     if fault == "utf16_bom":
@@ -313,11 +499,15 @@ def csv_case(draw, t: Target, fault: str) -> Case:
         return done(rows, line=row_line, field=cols[k], words=(f"expected {len(cols)} fields",))
     if fault == "too_many_fields":
         rows[i + 1] += draw(st.lists(SAFE, min_size=1, max_size=3))
-        return done(rows, line=row_line, words=(f"expected {len(cols)} fields", f"column {len(cols) + 1}"))
+        return done(
+            rows, line=row_line, words=(f"expected {len(cols)} fields", f"column {len(cols) + 1}")
+        )
     if fault == "missing_header":
         return done(rows[1:], line=1, field=t.required[0], words=("missing", "columns found"))
     if fault == "duplicate_header":
-        a, b = sorted(draw(st.lists(st.integers(0, len(cols) - 1), min_size=2, max_size=2, unique=True)))
+        a, b = sorted(
+            draw(st.lists(st.integers(0, len(cols) - 1), min_size=2, max_size=2, unique=True))
+        )
         rows[0][b] = rows[0][a]
         return done(rows, line=1, field=cols[a], words=("duplicate",))
     if fault == "bom":
@@ -325,8 +515,13 @@ def csv_case(draw, t: Target, fault: str) -> Case:
     if fault == "latin1_byte":
         byte = bytes([draw(st.integers(0x80, 0xFF))])
         rows[i + 1][j] = rows[i + 1][j] + "\ue000x"
-        return done(rows, line=row_line, field=cols[j], words=("UTF-8",),
-                    enc=lambda s: s.encode("utf-8").replace("\ue000".encode("utf-8"), byte))
+        return done(
+            rows,
+            line=row_line,
+            field=cols[j],
+            words=("UTF-8",),
+            enc=lambda s: s.encode("utf-8").replace("\ue000".encode("utf-8"), byte),
+        )
     whole = whole_file_fault(draw, fault, rows, done, recs, truths, [" ", "\t", "\n", "\r\n", "\r"])
     if whole is not None:
         return whole
@@ -343,12 +538,16 @@ def csv_case(draw, t: Target, fault: str) -> Case:
         if fails:
             return done(csv_rows(t, recs), line=row_line, field=t.label_col)
         if t.kind == "labelled":
-            return labelled_case(t, recs, [r[t.label_col] for r in recs], done, csv_rows(t, recs), row_line)
+            return labelled_case(
+                t, recs, [r[t.label_col] for r in recs], done, csv_rows(t, recs), row_line
+            )
         return done(csv_rows(t, recs), "exact")
     if fault == "unicode_ids_and_texts":
         recs[i][t.id_col] = recs[i][t.id_col] + ":" + draw(UNICODE)
         recs[i][t.text_col] = recs[i][t.text_col] + draw(UNICODE)
-        if draw(st.booleans()):  # a second row, so that line numbers after a multi-line cell are checked
+        if draw(
+            st.booleans()
+        ):  # a second row, so that line numbers after a multi-line cell are checked
             k = draw(st.integers(0, n - 1))
             recs[k][t.text_col] = recs[k][t.text_col] + draw(UNICODE)
         return done(csv_rows(t, recs), "exact")
@@ -356,16 +555,34 @@ def csv_case(draw, t: Target, fault: str) -> Case:
 
 
 JSONL_FAULTS = [
-    "truncated_object", "non_object_line", "array_line", "nested_value", "trailing_garbage", "latin1_byte",
-    "utf16_bom", "utf16_no_bom", "empty_file", "whitespace_only_file", "huge_string", "huge_number",
-    "deep_nesting", "bad_label", "unicode_ids_and_texts", "raw_control_char", "lone_surrogate", "duplicate_key",
+    "truncated_object",
+    "non_object_line",
+    "array_line",
+    "nested_value",
+    "trailing_garbage",
+    "latin1_byte",
+    "utf16_bom",
+    "utf16_no_bom",
+    "empty_file",
+    "whitespace_only_file",
+    "huge_string",
+    "huge_number",
+    "deep_nesting",
+    "bad_label",
+    "unicode_ids_and_texts",
+    "raw_control_char",
+    "lone_surrogate",
+    "duplicate_key",
 ]
-JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.text(max_size=4))
+JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-(10**6), 10**6), st.text(max_size=4))
 NESTED = st.one_of(
     st.lists(JSON_LEAF, max_size=3),
     st.dictionaries(st.text(max_size=3), JSON_LEAF, max_size=3),
-    st.recursive(st.lists(JSON_LEAF, max_size=2), lambda ch: st.lists(ch, max_size=2)
-                 | st.dictionaries(st.text(max_size=2), ch, max_size=2), max_leaves=6),
+    st.recursive(
+        st.lists(JSON_LEAF, max_size=2),
+        lambda ch: st.lists(ch, max_size=2) | st.dictionaries(st.text(max_size=2), ch, max_size=2),
+        max_leaves=6,
+    ),
 )
 
 
@@ -383,20 +600,32 @@ def jsonl_case(draw, t: Target, fault: str) -> Case:
     def done(lines, outcome="error", line=line, field=None, words=(), enc=None):
         text = jsonl_render(lines)
         data = enc(text) if enc else text.encode("utf-8")
-        return Case(recs, data, outcome, line if outcome == "error" else None, field, words,
-                    lines=list(range(1, n + 1)), truths=truths)
+        return Case(
+            recs,
+            data,
+            outcome,
+            line if outcome == "error" else None,
+            field,
+            words,
+            lines=list(range(1, n + 1)),
+            truths=truths,
+        )
 
     def with_token(c: str, token: str, ensure_ascii: bool = True) -> str:
         r = dict(recs[i])
         r[c] = "\ue0ff"
-        return json.dumps(r, ensure_ascii=ensure_ascii).replace(json.dumps("\ue0ff", ensure_ascii=ensure_ascii), token)
+        return json.dumps(r, ensure_ascii=ensure_ascii).replace(
+            json.dumps("\ue0ff", ensure_ascii=ensure_ascii), token
+        )
 
     if fault == "truncated_object":
         cut = draw(st.integers(1, len(lines[i]) - 1))
         lines[i] = lines[i][:cut]
         return done(lines, words=("JSON",))
     if fault == "non_object_line":
-        lines[i] = draw(st.sampled_from(["null", "true", "1", "-2.5", '"a string"', '"{\\"id\\": 1}"']))
+        lines[i] = draw(
+            st.sampled_from(["null", "true", "1", "-2.5", '"a string"', '"{\\"id\\": 1}"'])
+        )
         return done(lines, words=("JSON object",))
     if fault == "array_line":
         lines[i] = json.dumps(list(recs[i].values()) if draw(st.booleans()) else [recs[i]])
@@ -406,14 +635,20 @@ def jsonl_case(draw, t: Target, fault: str) -> Case:
         lines[i] = with_token(c, json.dumps(draw(NESTED)))
         return done(lines, field=c)
     if fault == "trailing_garbage":
-        junk = draw(st.sampled_from(["x", "}", "]", ",", "{}", "[]", "1", '"a"', "//c", "#", ', "k": 1}']))
+        junk = draw(
+            st.sampled_from(["x", "}", "]", ",", "{}", "[]", "1", '"a"', "//c", "#", ', "k": 1}'])
+        )
         lines[i] = lines[i] + draw(st.sampled_from(["", " "])) + junk
         return done(lines, words=("column",))
     if fault == "latin1_byte":
         byte = bytes([draw(st.integers(0x80, 0xFF))])
         lines[i] = with_token(scol, '"T\ue000x"', ensure_ascii=False)
-        return done(lines, field=scol, words=("UTF-8",),
-                    enc=lambda s: s.encode("utf-8").replace("\ue000".encode("utf-8"), byte))
+        return done(
+            lines,
+            field=scol,
+            words=("UTF-8",),
+            enc=lambda s: s.encode("utf-8").replace("\ue000".encode("utf-8"), byte),
+        )
     whole = whole_file_fault(draw, fault, lines, done, recs, truths, [" ", "\t", "\n", "\r\n"])
     if whole is not None:
         return whole
@@ -422,7 +657,9 @@ def jsonl_case(draw, t: Target, fault: str) -> Case:
         recs[i][c] = recs[i][c] + "y" * HUGE
         return done([json.dumps(r) for r in recs], "exact")
     if fault == "huge_number":
-        lines[i] = with_token(col, draw(st.sampled_from(["", "-"])) + "7" * draw(st.integers(4400, 20000)))
+        lines[i] = with_token(
+            col, draw(st.sampled_from(["", "-"])) + "7" * draw(st.integers(4400, 20000))
+        )
         return done(lines, field=col, words=("number",))
     if fault == "deep_nesting":
         depth = draw(st.sampled_from([5000, 100000]))
@@ -465,12 +702,24 @@ def jsonl_case(draw, t: Target, fault: str) -> Case:
 
 def companion_files(t: Target, case: Case) -> dict[str, bytes]:
     if t.scores_target:
-        ids = [r["pair_id"] if isinstance(r["pair_id"], str) else f"p{k}" for k, r in enumerate(case.recs)]
-        return {"responses.jsonl": jsonl_render(
-            [json.dumps({"pair_id": p, "variant": "q1", "question": f"Q{k}"}) for k, p in enumerate(ids)]).encode()}
+        ids = [
+            r["pair_id"] if isinstance(r["pair_id"], str) else f"p{k}"
+            for k, r in enumerate(case.recs)
+        ]
+        return {
+            "responses.jsonl": jsonl_render(
+                [
+                    json.dumps({"pair_id": p, "variant": "q1", "question": f"Q{k}"})
+                    for k, p in enumerate(ids)
+                ]
+            ).encode()
+        }
     if t.name == "phase2_responses":
         rows = [["pair_id", "is_faithful"]] + [
-            [csv_cell(r["pair_id"] if isinstance(r["pair_id"], str) else f"p{k}", ","), str(case.truths[k])]
+            [
+                csv_cell(r["pair_id"] if isinstance(r["pair_id"], str) else f"p{k}", ","),
+                str(case.truths[k]),
+            ]
             for k, r in enumerate(case.recs)
         ]
         return {"scores.csv": csv_render(rows, ",")[0].encode()}
@@ -510,9 +759,13 @@ def check_error(err: Exception, t: Target, case: Case, paths: dict[str, Path]) -
     if case.outcome == "error":
         assert err.file == str(paths[t.fname]), msg
         if case.line is not None:
-            assert err.line == case.line and f"line {case.line}" in msg, f"expected line {case.line}: {msg}"
+            assert err.line == case.line and f"line {case.line}" in msg, (
+                f"expected line {case.line}: {msg}"
+            )
         if case.field is not None:
-            assert err.field == case.field and f"field '{case.field}'" in msg, f"expected field {case.field!r}: {msg}"
+            assert err.field == case.field and f"field '{case.field}'" in msg, (
+                f"expected field {case.field!r}: {msg}"
+            )
         for w in case.words:
             assert w.lower() in msg.lower(), f"{w!r} not in {msg}"
 
@@ -559,18 +812,34 @@ def run_case(t: Target, case: Case) -> None:
             check_error(err, t, case, paths)
             assert sorted(os.listdir(tmp)) == sorted(files), "a failed ingest left files behind"
             return
-        assert case.outcome != "error", f"bad input accepted (expected an error on line {case.line}, field {case.field})"
+        assert case.outcome != "error", (
+            f"bad input accepted (expected an error on line {case.line}, field {case.field})"
+        )
         check_table(df, summary, t, case, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 # fewer examples where there is little to vary or each example is big
-EXAMPLES = {"empty_file": 3, "huge_field": 4, "huge_string": 4, "huge_number": 6, "deep_nesting": 6, "utf16_bom": 6,
-            "utf16_no_bom": 6}
+EXAMPLES = {
+    "empty_file": 3,
+    "huge_field": 4,
+    "huge_string": 4,
+    "huge_number": 6,
+    "deep_nesting": 6,
+    "utf16_bom": 6,
+    "utf16_no_bom": 6,
+}
 DEFAULT_EXAMPLES = 12
-FUZZ = settings(deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
+FUZZ = settings(
+    deadline=None,
+    database=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.large_base_example,
+    ],
+)
 
 
 @pytest.mark.parametrize("fault", CSV_FAULTS)
@@ -589,7 +858,12 @@ def test_fuzz_csv(target, fault):
 @pytest.mark.parametrize(
     "target,fault",
     # the labels of a phase2 dataset live in its scores file, not in the responses
-    [(t, f) for t in JSONL_TARGETS for f in JSONL_FAULTS if not (f == "bad_label" and TARGETS[t].label_col is None)],
+    [
+        (t, f)
+        for t in JSONL_TARGETS
+        for f in JSONL_FAULTS
+        if not (f == "bad_label" and TARGETS[t].label_col is None)
+    ],
 )
 def test_fuzz_jsonl(target, fault):
     t = TARGETS[target]
@@ -603,11 +877,19 @@ def test_fuzz_jsonl(target, fault):
 
 
 TG_ANY = st.one_of(
-    st.none(), st.booleans(), st.integers(-3, 10**20), st.floats(), st.text(max_size=4),
-    st.lists(st.integers(0, 5), max_size=3), st.dictionaries(st.text(max_size=2), st.integers(-1, 3), max_size=2),
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 10**20),
+    st.floats(),
+    st.text(max_size=4),
+    st.lists(st.integers(0, 5), max_size=3),
+    st.dictionaries(st.text(max_size=2), st.integers(-1, 3), max_size=2),
 )
 TG_NAME = st.one_of(st.sampled_from(["sum", "product", "diff"]), UNICODE, TG_ANY)
-TG_PAIR = st.one_of(st.lists(st.one_of(st.integers(-5, 99), st.text(max_size=3), TG_ANY), min_size=2, max_size=2), TG_ANY)
+TG_PAIR = st.one_of(
+    st.lists(st.one_of(st.integers(-5, 99), st.text(max_size=3), TG_ANY), min_size=2, max_size=2),
+    TG_ANY,
+)
 
 
 @settings(FUZZ, max_examples=80)
@@ -616,8 +898,11 @@ TG_PAIR = st.one_of(st.lists(st.one_of(st.integers(-5, 99), st.text(max_size=3),
     pairs=st.one_of(st.lists(TG_PAIR, min_size=1, max_size=4), TG_ANY),
     extra=st.dictionaries(
         st.sampled_from(["template", "max_per_class", "min_per_class", "seed", "filters", "bogus"]),
-        st.one_of(TG_ANY, st.sampled_from(["{task}: {a}+{b}", "{a} {c}", "{a", "{}", "{a!z}"]),
-                  st.dictionaries(st.sampled_from(["task", "a", "sum", "label"]), TG_ANY, max_size=2)),
+        st.one_of(
+            TG_ANY,
+            st.sampled_from(["{task}: {a}+{b}", "{a} {c}", "{a", "{}", "{a!z}"]),
+            st.dictionaries(st.sampled_from(["task", "a", "sum", "label"]), TG_ANY, max_size=2),
+        ),
         max_size=3,
     ),
 )
@@ -674,8 +959,15 @@ def test_csv_unterminated_quote(tmp_path):
 
 
 def test_csv_text_after_closing_quote(tmp_path):
-    expect(tmp_path, "facts.csv", 'subject,relation,object,is_true\nA,r1,"Paris"x,True\n', 2, "object", "quote",
-           **FACTS_SPEC)
+    expect(
+        tmp_path,
+        "facts.csv",
+        'subject,relation,object,is_true\nA,r1,"Paris"x,True\n',
+        2,
+        "object",
+        "quote",
+        **FACTS_SPEC,
+    )
 
 
 def test_csv_too_few_fields(tmp_path):
@@ -683,11 +975,29 @@ def test_csv_too_few_fields(tmp_path):
 
 
 def test_csv_too_many_fields(tmp_path):
-    expect(tmp_path, "data.csv", LAB_CSV + "b,bye,neg,extra\n", 3, None, "expected 3 fields", "found 4", "column 4")
+    expect(
+        tmp_path,
+        "data.csv",
+        LAB_CSV + "b,bye,neg,extra\n",
+        3,
+        None,
+        "expected 3 fields",
+        "found 4",
+        "column 4",
+    )
 
 
 def test_csv_missing_header(tmp_path):
-    expect(tmp_path, "data.csv", "a,hello,pos\nb,bye,neg\n", 1, "text", "missing", "columns found", "'hello'")
+    expect(
+        tmp_path,
+        "data.csv",
+        "a,hello,pos\nb,bye,neg\n",
+        1,
+        "text",
+        "missing",
+        "columns found",
+        "'hello'",
+    )
 
 
 def test_csv_duplicate_header(tmp_path):
@@ -695,17 +1005,41 @@ def test_csv_duplicate_header(tmp_path):
 
 
 def test_csv_bom_header(tmp_path):
-    df, _ = build(tmp_path, "data.csv", b"\xef\xbb\xbf" + (LAB_CSV + "b,bye,neg\n").encode(), kind="labelled",
-                  path="data.csv", id_field="id", min_per_class=0)
+    df, _ = build(
+        tmp_path,
+        "data.csv",
+        b"\xef\xbb\xbf" + (LAB_CSV + "b,bye,neg\n").encode(),
+        kind="labelled",
+        path="data.csv",
+        id_field="id",
+        min_per_class=0,
+    )
     assert df["prompt_id"].tolist() == ["a", "b"]
 
 
 def test_csv_latin1_byte(tmp_path):
-    (tmp_path / "responses.jsonl").write_text("".join(
-        json.dumps({"pair_id": p, "variant": "q1", "question": "q"}) + "\n" for p in ("p1", "p2", "p3")))
-    content = "pair_id,is_faithful,model\np1,True,m\np2,False,m\np3,True,caf\u00e9\n".encode("latin-1")
-    expect(tmp_path, "scores.csv", content, 4, "model", "UTF-8", "0xe9", kind="phase2", scores="scores.csv",
-           responses="responses.jsonl", min_per_class=0)
+    (tmp_path / "responses.jsonl").write_text(
+        "".join(
+            json.dumps({"pair_id": p, "variant": "q1", "question": "q"}) + "\n"
+            for p in ("p1", "p2", "p3")
+        )
+    )
+    content = "pair_id,is_faithful,model\np1,True,m\np2,False,m\np3,True,caf\u00e9\n".encode(
+        "latin-1"
+    )
+    expect(
+        tmp_path,
+        "scores.csv",
+        content,
+        4,
+        "model",
+        "UTF-8",
+        "0xe9",
+        kind="phase2",
+        scores="scores.csv",
+        responses="responses.jsonl",
+        min_per_class=0,
+    )
 
 
 def test_csv_utf16_with_bom(tmp_path):
@@ -730,13 +1064,28 @@ def test_csv_huge_field(tmp_path):
 
 
 def test_csv_nan_truth_value(tmp_path):
-    expect(tmp_path, "facts.csv", "subject,relation,object,is_true\nA,r1,B,True\nA,r1,C,nan\n", 3, "is_true",
-           "'nan'", "not a boolean", **FACTS_SPEC)
+    expect(
+        tmp_path,
+        "facts.csv",
+        "subject,relation,object,is_true\nA,r1,B,True\nA,r1,C,nan\n",
+        3,
+        "is_true",
+        "'nan'",
+        "not a boolean",
+        **FACTS_SPEC,
+    )
 
 
 def test_csv_huge_bad_value_is_clipped_in_message(tmp_path):
-    expect(tmp_path, "facts.csv", f"subject,relation,object,is_true\nA,r1,B,{'z' * HUGE}\n", 2, "is_true",
-           "not a boolean", **FACTS_SPEC)
+    expect(
+        tmp_path,
+        "facts.csv",
+        f"subject,relation,object,is_true\nA,r1,B,{'z' * HUGE}\n",
+        2,
+        "is_true",
+        "not a boolean",
+        **FACTS_SPEC,
+    )
 
 
 def test_csv_none_nan_na_are_plain_labels(tmp_path):
@@ -752,38 +1101,87 @@ def test_csv_unicode_ids_and_multiline_texts(tmp_path):
     ids = ["\U0001f600", "\u05e9\u05dc\u05d5\u05dd\u202e", "e\u0301", "nul\x00id"]
     texts = ['two\nlines, "quoted"', "cr\ronly", "\u2028sep\x85", "z\x00"]
     body = "".join(f"{csv_cell(i, ',')},{csv_cell(t, ',')},pos\n" for i, t in zip(ids, texts))
-    df, _ = build(tmp_path, "data.csv", "id,text,label\n" + body, kind="labelled", path="data.csv", id_field="id",
-                  min_per_class=0)
+    df, _ = build(
+        tmp_path,
+        "data.csv",
+        "id,text,label\n" + body,
+        kind="labelled",
+        path="data.csv",
+        id_field="id",
+        min_per_class=0,
+    )
     assert df["prompt_id"].tolist() == ids and df["text"].tolist() == texts
     assert df["source_line"].tolist() == [2, 4, 6, 7]
 
 
 def test_jsonl_truncated_object(tmp_path):
-    expect(tmp_path, "data.jsonl", '{"text": "a", "label": "x"}\n{"text": "bye\n', 2, "text", "invalid JSON")
+    expect(
+        tmp_path,
+        "data.jsonl",
+        '{"text": "a", "label": "x"}\n{"text": "bye\n',
+        2,
+        "text",
+        "invalid JSON",
+    )
 
 
 def test_jsonl_array_line(tmp_path):
-    expect(tmp_path, "data.jsonl", '{"text": "a", "label": "x"}\n["b", "x"]\n', 2, None, "JSON object", "array")
+    expect(
+        tmp_path,
+        "data.jsonl",
+        '{"text": "a", "label": "x"}\n["b", "x"]\n',
+        2,
+        None,
+        "JSON object",
+        "array",
+    )
 
 
 def test_jsonl_scalar_line(tmp_path):
-    expect(tmp_path, "data.jsonl", '{"text": "a", "label": "x"}\nnull\n', 2, None, "JSON object", "null")
+    expect(
+        tmp_path,
+        "data.jsonl",
+        '{"text": "a", "label": "x"}\nnull\n',
+        2,
+        None,
+        "JSON object",
+        "null",
+    )
 
 
 def test_jsonl_nested_question(tmp_path):
     (tmp_path / "scores.csv").write_text("pair_id,is_faithful\np1,True\np2,False\n")
-    content = "".join(json.dumps(r) + "\n" for r in [
-        {"pair_id": "p1", "variant": "q1", "question": "q"},
-        {"pair_id": "p1", "variant": "q2", "question": "q"},
-        {"pair_id": "p2", "variant": "q1", "question": {"text": "q"}},
-    ])
-    expect(tmp_path, "responses.jsonl", content, 3, "question", "object", kind="phase2", scores="scores.csv",
-           responses="responses.jsonl", min_per_class=0)
+    content = "".join(
+        json.dumps(r) + "\n"
+        for r in [
+            {"pair_id": "p1", "variant": "q1", "question": "q"},
+            {"pair_id": "p1", "variant": "q2", "question": "q"},
+            {"pair_id": "p2", "variant": "q1", "question": {"text": "q"}},
+        ]
+    )
+    expect(
+        tmp_path,
+        "responses.jsonl",
+        content,
+        3,
+        "question",
+        "object",
+        kind="phase2",
+        scores="scores.csv",
+        responses="responses.jsonl",
+        min_per_class=0,
+    )
 
 
 def test_jsonl_trailing_garbage(tmp_path):
-    expect(tmp_path, "data.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": "x"} x\n', 2, None,
-           "column 29")
+    expect(
+        tmp_path,
+        "data.jsonl",
+        '{"text": "a", "label": "x"}\n{"text": "b", "label": "x"} x\n',
+        2,
+        None,
+        "column 29",
+    )
 
 
 def test_jsonl_latin1_byte(tmp_path):
@@ -792,7 +1190,9 @@ def test_jsonl_latin1_byte(tmp_path):
 
 
 def test_jsonl_utf16(tmp_path):
-    expect(tmp_path, "data.jsonl", '{"text": "a", "label": "x"}\n'.encode("utf-16"), 1, None, "UTF-16")
+    expect(
+        tmp_path, "data.jsonl", '{"text": "a", "label": "x"}\n'.encode("utf-16"), 1, None, "UTF-16"
+    )
 
 
 @pytest.mark.parametrize("content", ["", "\n \n\t\n"], ids=["empty", "whitespace_only"])
@@ -802,57 +1202,127 @@ def test_jsonl_empty(tmp_path, content):
 
 def test_jsonl_huge_line(tmp_path):
     big = "\u00e9" * HUGE
-    df, _ = build(tmp_path, "data.jsonl", '{"text": "a", "label": "x"}\n' + json.dumps({"text": big, "label": "x"}))
+    df, _ = build(
+        tmp_path,
+        "data.jsonl",
+        '{"text": "a", "label": "x"}\n' + json.dumps({"text": big, "label": "x"}),
+    )
     assert df["text"].tolist() == ["a", big]
 
 
 def test_jsonl_huge_integer(tmp_path):
-    expect(tmp_path, "data.jsonl", '{"text": "a", "label": "x"}\n{"text": ' + "9" * 5000 + ', "label": "x"}\n',
-           2, "text", "number")
+    expect(
+        tmp_path,
+        "data.jsonl",
+        '{"text": "a", "label": "x"}\n{"text": ' + "9" * 5000 + ', "label": "x"}\n',
+        2,
+        "text",
+        "number",
+    )
 
 
 def test_jsonl_deep_nesting(tmp_path):
     deep = "[" * 100000 + "]" * 100000
-    expect(tmp_path, "data.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": "x", "note": ' + deep + "}\n",
-           2, "note", "nested")
+    expect(
+        tmp_path,
+        "data.jsonl",
+        '{"text": "a", "label": "x"}\n{"text": "b", "label": "x", "note": ' + deep + "}\n",
+        2,
+        "note",
+        "nested",
+    )
 
 
 def test_jsonl_nan_label(tmp_path):
-    expect(tmp_path, "data.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n'
-           '{"text": "c", "label": NaN}\n', 3, "label")
+    expect(
+        tmp_path,
+        "data.jsonl",
+        '{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n{"text": "c", "label": NaN}\n',
+        3,
+        "label",
+    )
 
 
 def test_jsonl_lone_surrogate(tmp_path):
-    expect(tmp_path, "data.jsonl", '{"text": "a", "label": "x"}\n{"text": "b\\ud800", "label": "x"}\n', 2, "text",
-           "surrogate")
+    expect(
+        tmp_path,
+        "data.jsonl",
+        '{"text": "a", "label": "x"}\n{"text": "b\\ud800", "label": "x"}\n',
+        2,
+        "text",
+        "surrogate",
+    )
 
 
 def test_jsonl_raw_nul_in_string(tmp_path):
-    expect(tmp_path, "data.jsonl", '{"text": "a", "label": "x"}\n{"text": "b\x00", "label": "x"}\n', 2, "text",
-           "control character")
+    expect(
+        tmp_path,
+        "data.jsonl",
+        '{"text": "a", "label": "x"}\n{"text": "b\x00", "label": "x"}\n',
+        2,
+        "text",
+        "control character",
+    )
 
 
 def test_jsonl_duplicate_key(tmp_path):
-    expect(tmp_path, "data.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": "x", "label": "y"}\n', 2,
-           "label", "duplicate")
+    expect(
+        tmp_path,
+        "data.jsonl",
+        '{"text": "a", "label": "x"}\n{"text": "b", "label": "x", "label": "y"}\n',
+        2,
+        "label",
+        "duplicate",
+    )
 
 
 def test_jsonl_unicode_ids_and_texts(tmp_path):
-    recs = [{"id": i, "text": t, "label": "x"} for i, t in
-            [("\U0001f600", "a\u2028b"), ("\u202eabc", "nul\x00"), ("e\u0301", "two\nlines"), ("\ufeffx", "\u0645\r")]]
+    recs = [
+        {"id": i, "text": t, "label": "x"}
+        for i, t in [
+            ("\U0001f600", "a\u2028b"),
+            ("\u202eabc", "nul\x00"),
+            ("e\u0301", "two\nlines"),
+            ("\ufeffx", "\u0645\r"),
+        ]
+    ]
     content = "".join(json.dumps(r, ensure_ascii=k % 2 == 0) + "\n" for k, r in enumerate(recs))
-    df, _ = build(tmp_path, "data.jsonl", content, kind="labelled", path="data.jsonl", id_field="id", min_per_class=0)
+    df, _ = build(
+        tmp_path,
+        "data.jsonl",
+        content,
+        kind="labelled",
+        path="data.jsonl",
+        id_field="id",
+        min_per_class=0,
+    )
     assert df["prompt_id"].tolist() == [r["id"] for r in recs]
     assert df["text"].tolist() == [r["text"] for r in recs]
     assert df["source_line"].tolist() == [1, 2, 3, 4]
 
 
 def test_phase2_scores_jsonl_nested_truth_value(tmp_path):
-    (tmp_path / "responses.jsonl").write_text("".join(
-        json.dumps({"pair_id": p, "variant": "q1", "question": "q"}) + "\n" for p in ("p1", "p2")))
-    content = '{"pair_id": "p1", "is_faithful": true}\n{"pair_id": "p2", "is_faithful": {"v": true}}\n'
-    expect(tmp_path, "scores.jsonl", content, 2, "is_faithful", "not a boolean", kind="phase2",
-           scores="scores.jsonl", responses="responses.jsonl", min_per_class=0)
+    (tmp_path / "responses.jsonl").write_text(
+        "".join(
+            json.dumps({"pair_id": p, "variant": "q1", "question": "q"}) + "\n"
+            for p in ("p1", "p2")
+        )
+    )
+    content = (
+        '{"pair_id": "p1", "is_faithful": true}\n{"pair_id": "p2", "is_faithful": {"v": true}}\n'
+    )
+    expect(
+        tmp_path,
+        "scores.jsonl",
+        content,
+        2,
+        "is_faithful",
+        "not a boolean",
+        kind="phase2",
+        scores="scores.jsonl",
+        responses="responses.jsonl",
+        min_per_class=0,
+    )
 
 
 def test_failed_ingest_writes_nothing(tmp_path):

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from layerscope import __version__, manifest
+from layerscope import __version__
 from layerscope.errors import LayerscopeError
-from layerscope.manifest import (
+from layerscope.jobs import manifest
+from layerscope.jobs.manifest import (
     NOT_INSTALLED,
     PACKAGES,
     canonical_json,
@@ -37,7 +38,12 @@ def make_model(root: Path) -> Path:
 def make_config(**over):
     cfg = {
         "models": {
-            "local": {"source": "models/tiny", "layers": "all", "dtype": "float32", "revision": None},
+            "local": {
+                "source": "models/tiny",
+                "layers": "all",
+                "dtype": "float32",
+                "revision": None,
+            },
             "hub": {"source": "someone/some-model", "layers": [1, 2], "revision": "v1.0"},
         },
         "datasets": {"a": {"kind": "facts", "seed": 7}, "b": {"kind": "task_grid"}},
@@ -71,16 +77,30 @@ def test_contents(workdir):
     assert doc["platform"]["system"] and doc["platform"]["machine"]
     assert doc["config_sha256"] == hashlib.sha256(canonical_json(cfg).encode()).hexdigest()
     assert doc["config"] == cfg
-    assert doc["seeds"] == {"datasets.a.seed": 7, "extra[0].seed": 11, "patching.seed": 2, "probes.seed": 0,
-                            "task_vectors.seed": 1}
+    assert doc["seeds"] == {
+        "datasets.a.seed": 7,
+        "extra[0].seed": 11,
+        "patching.seed": 2,
+        "probes.seed": 0,
+        "task_vectors.seed": 1,
+    }
     local = doc["models"]["local"]
-    assert local["kind"] == "local" and local["source"] == "models/tiny" and local["revision"] is None
+    assert (
+        local["kind"] == "local" and local["source"] == "models/tiny" and local["revision"] is None
+    )
     assert set(local["files"]) == {"config.json", "model.safetensors", "tokenizer.json"}
     weights = (workdir / "models/tiny/model.safetensors").read_bytes()
-    assert local["files"]["model.safetensors"] == {"bytes": len(weights), "sha256": hashlib.sha256(weights).hexdigest()}
+    assert local["files"]["model.safetensors"] == {
+        "bytes": len(weights),
+        "sha256": hashlib.sha256(weights).hexdigest(),
+    }
     assert re.fullmatch(r"[0-9a-f]{64}", local["sha256"])
-    assert doc["models"]["hub"] == {"kind": "hub", "source": "someone/some-model", "revision": "v1.0",
-                                    "cached_commit": None}
+    assert doc["models"]["hub"] == {
+        "kind": "hub",
+        "source": "someone/some-model",
+        "revision": "v1.0",
+        "cached_commit": None,
+    }
     # no wall-clock time anywhere
     assert not re.search(r"created|timestamp|date|\d{4}-\d\d-\d\dT", out.read_text())
 
@@ -91,7 +111,9 @@ def test_two_runs_write_identical_bytes_and_key_order_does_not_matter(workdir):
     write_manifest(a, cfg, base_dir=workdir)
     reordered = json.loads(json.dumps(cfg))
     reordered = {k: reordered[k] for k in reversed(list(reordered))}
-    reordered["models"] = {k: dict(reversed(list(v.items()))) for k, v in reversed(list(reordered["models"].items()))}
+    reordered["models"] = {
+        k: dict(reversed(list(v.items()))) for k, v in reversed(list(reordered["models"].items()))
+    }
     write_manifest(b, reordered, base_dir=workdir)
     assert a.read_bytes() == b.read_bytes()
     write_manifest(a, cfg, base_dir=workdir)
@@ -117,14 +139,22 @@ def test_model_hash_follows_the_weight_files(workdir):
     weights.write_bytes(bytes(data))
     second = write_manifest(workdir / "m.json", cfg, base_dir=workdir)["models"]["local"]
     assert second["sha256"] != first["sha256"]
-    assert second["files"]["model.safetensors"]["sha256"] != first["files"]["model.safetensors"]["sha256"]
+    assert (
+        second["files"]["model.safetensors"]["sha256"]
+        != first["files"]["model.safetensors"]["sha256"]
+    )
     assert second["files"]["config.json"] == first["files"]["config.json"]
     # a new shard of weights counts too; a file the activations do not depend on does not
     (workdir / "models/tiny/generation_config.json").write_text('{"temperature": 0.5}')
-    assert write_manifest(workdir / "m.json", cfg, base_dir=workdir)["models"]["local"]["sha256"] == second["sha256"]
+    assert (
+        write_manifest(workdir / "m.json", cfg, base_dir=workdir)["models"]["local"]["sha256"]
+        == second["sha256"]
+    )
     (workdir / "models/tiny/model-00002-of-00002.safetensors").write_bytes(b"more")
     third = write_manifest(workdir / "m.json", cfg, base_dir=workdir)["models"]["local"]
-    assert third["sha256"] != second["sha256"] and "model-00002-of-00002.safetensors" in third["files"]
+    assert (
+        third["sha256"] != second["sha256"] and "model-00002-of-00002.safetensors" in third["files"]
+    )
 
 
 def test_hub_revision_resolved_from_the_local_cache(workdir):
@@ -135,7 +165,12 @@ def test_hub_revision_resolved_from_the_local_cache(workdir):
     assert doc["models"]["hub"]["cached_commit"] == "a" * 40
     pinned = make_config()
     pinned["models"]["hub"]["revision"] = "B" * 40
-    assert write_manifest(workdir / "m.json", pinned, base_dir=workdir)["models"]["hub"]["cached_commit"] == "b" * 40
+    assert (
+        write_manifest(workdir / "m.json", pinned, base_dir=workdir)["models"]["hub"][
+            "cached_commit"
+        ]
+        == "b" * 40
+    )
 
 
 def test_missing_local_model_is_an_error(workdir):
@@ -148,8 +183,13 @@ def test_missing_local_model_is_an_error(workdir):
 
 def test_helpers(tmp_path):
     assert package_versions(["surely-not-an-installed-distribution"]) == {
-        "python": package_versions([])["python"], "surely-not-an-installed-distribution": NOT_INSTALLED}
-    assert find_seeds({"seed": 1, "a": {"b": [{"seed": 2}], "seeds": [3]}}) == {"seed": 1, "a.b[0].seed": 2}
+        "python": package_versions([])["python"],
+        "surely-not-an-installed-distribution": NOT_INSTALLED,
+    }
+    assert find_seeds({"seed": 1, "a": {"b": [{"seed": 2}], "seeds": [3]}}) == {
+        "seed": 1,
+        "a.b[0].seed": 2,
+    }
     assert git_info(tmp_path) == {"commit": None, "dirty": None}
     assert canonical_json({"b": 1, "a": [1, "é"]}) == '{"a":[1,"é"],"b":1}'
 

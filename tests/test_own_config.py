@@ -2,7 +2,6 @@
 
 import pytest
 import yaml
-
 from conftest import copy_workflow, job_counts, run_snakemake
 
 pytestmark = pytest.mark.slow
@@ -18,7 +17,6 @@ ONE_MODEL_ONE_DATASET = {
         }
     },
 }
-
 
 
 def test_own_config_schedules_only_its_model_and_dataset(tmp_path):
@@ -43,7 +41,10 @@ def test_target_before_configfile_is_the_working_form(tmp_path):
     work = copy_workflow(tmp_path)
     (work / "mine.yaml").write_text(yaml.safe_dump(ONE_MODEL_ONE_DATASET))
     target = "results/datasets/my_facts/prompts.csv"
-    for args in ((target, "--configfile", "mine.yaml"), ("--configfile", "mine.yaml", "--", target)):
+    for args in (
+        (target, "--configfile", "mine.yaml"),
+        ("--configfile", "mine.yaml", "--", target),
+    ):
         assert job_counts(run_snakemake(work, "-n", *args).stdout) == {"prepare_dataset": 1}
 
 

@@ -6,7 +6,14 @@ import math
 import numpy as np
 import pytest
 
-from layerscope.probes import PERMUTATION_ALPHA, PERMUTATION_BATCH, PERMUTATION_Z, fit_probe, permutation_p, summary_rows
+from layerscope.analysis.probes import (
+    PERMUTATION_ALPHA,
+    PERMUTATION_BATCH,
+    PERMUTATION_Z,
+    fit_probe,
+    permutation_p,
+    summary_rows,
+)
 
 FAST = dict(n_splits=3, n_repeats=1, inner_splits=2, Cs=(1.0,), n_random_directions=0)
 
@@ -63,4 +70,7 @@ def test_summary_rows_carry_the_monte_carlo_error():
     X, y = _data(1.0)
     result = fit_probe(X, y, None, n_permutations=100, **FAST)
     primary = next(r for r in summary_rows(result, (0.55, 0.65)) if r["primary"])
-    assert primary["p_permutation_se"] == pytest.approx(result.permutation["mc_se"]) and primary["p_permutation_se"] > 0
+    assert (
+        primary["p_permutation_se"] == pytest.approx(result.permutation["mc_se"])
+        and primary["p_permutation_se"] > 0
+    )

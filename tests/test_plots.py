@@ -13,12 +13,15 @@ import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 
-from layerscope import plots  # noqa: E402
+from layerscope.plotting import plots  # noqa: E402
 
 RNG = np.random.default_rng(0)
 N_LAYERS, N, D = 3, 24, 10
 LABELS = np.array(["negative", "positive"] * (N // 2))
-STACK = RNG.normal(size=(N_LAYERS, N, D)) + (LABELS == "positive")[None, :, None] * np.arange(N_LAYERS)[:, None, None]
+STACK = (
+    RNG.normal(size=(N_LAYERS, N, D))
+    + (LABELS == "positive")[None, :, None] * np.arange(N_LAYERS)[:, None, None]
+)
 LAYERS = [0, 4, 8]
 NORMS = np.linalg.norm(STACK, axis=2).T  # [n_prompts, n_layers]
 
@@ -28,10 +31,36 @@ def _summary():
     for comp, pool in [("resid_post", "mean"), ("resid_post", "last")]:
         for L in LAYERS:
             m = 0.55 + 0.04 * L + (0.02 if pool == "mean" else 0)
-            rows.append(dict(model="m", dataset="d", layer=L, component=comp, pooling=pool, metric="auroc",
-                             mean=m, ci_low=m - 0.05, ci_high=m + 0.05, chance=0.5, baseline=0.5))
-            rows.append(dict(model="m", dataset="d", layer=L, component=comp, pooling=pool, metric="accuracy",
-                             mean=m, ci_low=m - 0.05, ci_high=m + 0.05, chance=0.5, baseline=0.6))
+            rows.append(
+                dict(
+                    model="m",
+                    dataset="d",
+                    layer=L,
+                    component=comp,
+                    pooling=pool,
+                    metric="auroc",
+                    mean=m,
+                    ci_low=m - 0.05,
+                    ci_high=m + 0.05,
+                    chance=0.5,
+                    baseline=0.5,
+                )
+            )
+            rows.append(
+                dict(
+                    model="m",
+                    dataset="d",
+                    layer=L,
+                    component=comp,
+                    pooling=pool,
+                    metric="accuracy",
+                    mean=m,
+                    ci_low=m - 0.05,
+                    ci_high=m + 0.05,
+                    chance=0.5,
+                    baseline=0.6,
+                )
+            )
     return pd.DataFrame(rows)
 
 
@@ -40,30 +69,70 @@ def _depth_df():
     for model, nl in [("small", 4), ("large", 8)]:
         for L in range(nl):
             v = 0.6 + 0.3 * np.sin(np.pi * L / nl)
-            rows.append(dict(model=model, n_layers=nl, layer=L, mean=v, ci_low=v - 0.03, ci_high=v + 0.03))
+            rows.append(
+                dict(model=model, n_layers=nl, layer=L, mean=v, ci_low=v - 0.03, ci_high=v + 0.03)
+            )
     return pd.DataFrame(rows)
 
 
-GEN = pd.DataFrame([[0.9, 0.7], [0.6, 0.85]], index=pd.Index(["a", "b"], name="train"),
-                   columns=pd.Index(["a", "b"], name="test"))
+GEN = pd.DataFrame(
+    [[0.9, 0.7], [0.6, 0.85]],
+    index=pd.Index(["a", "b"], name="train"),
+    columns=pd.Index(["a", "b"], name="test"),
+)
 
 CALLS = {
-    "metric_vs_layer": lambda out, **kw: plots.metric_vs_layer(_summary(), out, metric="auroc", model="m",
-                                                               dataset="d", n_layers=12, **kw),
-    "pca_grid": lambda out, **kw: plots.pca_grid(STACK, LAYERS, LABELS, out, model="m", dataset="d",
-                                                 component="resid_post", pooling="mean", **kw),
-    "tsne_grid": lambda out, **kw: plots.tsne_grid(STACK[:2], LAYERS[:2], LABELS, out, model="m", dataset="d",
-                                                   component="resid_post", pooling="mean", **kw),
-    "cosine_heatmap": lambda out, **kw: plots.cosine_heatmap(STACK[2], LABELS, out, model="m", dataset="d", layer=8,
-                                                             component="resid_post", pooling="mean", **kw),
-    "label_mean_matrix": lambda out, **kw: plots.label_mean_matrix(STACK[2], np.arange(N) % 3, out, model="m",
-                                                                   dataset="d", layer=8, **kw),
-    "norm_heatmap": lambda out, **kw: plots.norm_heatmap(NORMS, LAYERS, LABELS, out, model="m", dataset="d", **kw),
-    "norm_curves": lambda out, **kw: plots.norm_curves(NORMS, LAYERS, LABELS, out, model="m", dataset="d", **kw),
-    "generalization_matrix": lambda out, **kw: plots.generalization_matrix(GEN, out, metric="auroc", layer=8,
-                                                                           model="m", **kw),
-    "best_layer_vs_depth": lambda out, **kw: plots.best_layer_vs_depth(_depth_df(), out, metric="auroc",
-                                                                       dataset="d", **kw),
+    "metric_vs_layer": lambda out, **kw: plots.metric_vs_layer(
+        _summary(), out, metric="auroc", model="m", dataset="d", n_layers=12, **kw
+    ),
+    "pca_grid": lambda out, **kw: plots.pca_grid(
+        STACK,
+        LAYERS,
+        LABELS,
+        out,
+        model="m",
+        dataset="d",
+        component="resid_post",
+        pooling="mean",
+        **kw,
+    ),
+    "tsne_grid": lambda out, **kw: plots.tsne_grid(
+        STACK[:2],
+        LAYERS[:2],
+        LABELS,
+        out,
+        model="m",
+        dataset="d",
+        component="resid_post",
+        pooling="mean",
+        **kw,
+    ),
+    "cosine_heatmap": lambda out, **kw: plots.cosine_heatmap(
+        STACK[2],
+        LABELS,
+        out,
+        model="m",
+        dataset="d",
+        layer=8,
+        component="resid_post",
+        pooling="mean",
+        **kw,
+    ),
+    "label_mean_matrix": lambda out, **kw: plots.label_mean_matrix(
+        STACK[2], np.arange(N) % 3, out, model="m", dataset="d", layer=8, **kw
+    ),
+    "norm_heatmap": lambda out, **kw: plots.norm_heatmap(
+        NORMS, LAYERS, LABELS, out, model="m", dataset="d", **kw
+    ),
+    "norm_curves": lambda out, **kw: plots.norm_curves(
+        NORMS, LAYERS, LABELS, out, model="m", dataset="d", **kw
+    ),
+    "generalization_matrix": lambda out, **kw: plots.generalization_matrix(
+        GEN, out, metric="auroc", layer=8, model="m", **kw
+    ),
+    "best_layer_vs_depth": lambda out, **kw: plots.best_layer_vs_depth(
+        _depth_df(), out, metric="auroc", dataset="d", **kw
+    ),
 }
 
 
@@ -108,7 +177,9 @@ def test_output_is_deterministic(tmp_path):
 
 def test_target_paths():
     assert plots._targets("x/fig", ("png",)) == [plots.Path("x/fig.png")]
-    assert plots._targets("fig.pdf", ("png", "svg")) == [plots.Path(p) for p in ("fig.pdf", "fig.png", "fig.svg")]
+    assert plots._targets("fig.pdf", ("png", "svg")) == [
+        plots.Path(p) for p in ("fig.pdf", "fig.png", "fig.svg")
+    ]
     with pytest.raises(ValueError):
         plots._targets("fig.docx", ("png",))
     with pytest.raises(ValueError):
@@ -138,7 +209,9 @@ def _assert_no_overlap(fig, axis):
     labels = _visible_ticklabels(axis)
     boxes = [t.get_window_extent(renderer) for t in labels]
     for (i, a), (j, b) in itertools.combinations(enumerate(boxes), 2):
-        assert not a.overlaps(b), f"tick labels {labels[i].get_text()!r} and {labels[j].get_text()!r} overlap"
+        assert not a.overlaps(b), (
+            f"tick labels {labels[i].get_text()!r} and {labels[j].get_text()!r} overlap"
+        )
     return labels
 
 
@@ -147,7 +220,9 @@ def _assert_inside(fig, texts):
     W, H = fig.canvas.get_width_height()
     for t in texts:
         bb = t.get_window_extent(renderer)
-        assert bb.x0 >= -1 and bb.y0 >= -1 and bb.x1 <= W + 1 and bb.y1 <= H + 1, f"{t.get_text()!r} clipped"
+        assert bb.x0 >= -1 and bb.y0 >= -1 and bb.x1 <= W + 1 and bb.y1 <= H + 1, (
+            f"{t.get_text()!r} clipped"
+        )
 
 
 def _secondary(ax):
@@ -175,7 +250,9 @@ def test_cosine_heatmap_25_long_labels_do_not_overlap():
 
 def test_norm_heatmap_25_long_labels_do_not_overlap():
     N = np.abs(np.random.default_rng(2).normal(size=(25, 6))) + 1
-    fig = plots._draw_norm_heatmap(N, list(range(6)), LONG25[::-1], prompt_ids=IDS25, model="m", dataset="d")
+    fig = plots._draw_norm_heatmap(
+        N, list(range(6)), LONG25[::-1], prompt_ids=IDS25, model="m", dataset="d"
+    )
     fig.canvas.draw()
     band = fig.axes[0]
     ys = _assert_no_overlap(fig, band.yaxis)
@@ -192,7 +269,9 @@ def test_many_rows_are_thinned_not_overlapping():
     fig.canvas.draw()
     ys = _assert_no_overlap(fig, fig.axes[0].yaxis)
     assert 10 < len(ys) < 150
-    assert all(len(t.get_text()) <= plots.MAX_LABEL_CHARS and t.get_text().endswith("\u2026") for t in ys)
+    assert all(
+        len(t.get_text()) <= plots.MAX_LABEL_CHARS and t.get_text().endswith("\u2026") for t in ys
+    )
     _assert_no_overlap(fig, fig.axes[0].xaxis)
     assert fig.get_figheight() <= plots._HEATMAP_MAX_SIDE + 6
 
@@ -215,7 +294,9 @@ def test_palette():
 
 
 def test_pca_axis_labels_match_sklearn():
-    fig = plots._draw_pca_grid(STACK, LAYERS, LABELS, model="m", dataset="d", component="c", pooling="p")
+    fig = plots._draw_pca_grid(
+        STACK, LAYERS, LABELS, model="m", dataset="d", component="c", pooling="p"
+    )
     panels = [ax for ax in fig.axes if ax.get_visible() and ax.get_xlabel()]
     assert len(panels) == N_LAYERS
     for k, ax in enumerate(panels):
@@ -280,7 +361,9 @@ def test_label_mean_cosine_matches_numpy():
 
 
 def test_metric_vs_layer_content():
-    fig = plots._draw_metric_vs_layer(_summary(), metric="accuracy", model="m", dataset="d", n_layers=12)
+    fig = plots._draw_metric_vs_layer(
+        _summary(), metric="accuracy", model="m", dataset="d", n_layers=12
+    )
     ax = fig.axes[0]
     legend = fig.legends[0]  # below the axes, off the interval bands (issue 13)
     texts = [t.get_text() for t in legend.get_texts()]
@@ -330,4 +413,7 @@ def test_best_layer_vs_depth_says_how_classes_are_averaged():
     fig = plots._draw_best_layer_vs_depth(df, metric="auroc", dataset="d")
     assert fig.axes[0].get_ylabel() == "AUROC (one-vs-rest, macro mean over 3 classes)"
     df["n_per_class"] = '{"a": 5, "b": 5}'
-    assert plots._draw_best_layer_vs_depth(df, metric="auroc", dataset="d").axes[0].get_ylabel() == "AUROC"
+    assert (
+        plots._draw_best_layer_vs_depth(df, metric="auroc", dataset="d").axes[0].get_ylabel()
+        == "AUROC"
+    )

@@ -6,7 +6,7 @@ import pytest
 
 from layerscope.atomic import atomic_path, write_json
 from layerscope.errors import ConfigError, InputError
-from layerscope.scripting import job_logging
+from layerscope.jobs.scripting import job_logging
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
@@ -27,8 +27,12 @@ def test_atomic_path_replaces_on_success(tmp_path):
 
 
 def test_input_error_names_file_line_and_field():
-    err = InputError("value 'maybe' is not a boolean", file="data/scores.csv", line=4, field="is_faithful")
-    assert str(err) == "data/scores.csv, line 4: field 'is_faithful': value 'maybe' is not a boolean"
+    err = InputError(
+        "value 'maybe' is not a boolean", file="data/scores.csv", line=4, field="is_faithful"
+    )
+    assert (
+        str(err) == "data/scores.csv, line 4: field 'is_faithful': value 'maybe' is not a boolean"
+    )
     assert str(InputError("empty file", file="a.jsonl")) == "a.jsonl: empty file"
     assert str(ConfigError("models.x.layers", "bad")) == "config key 'models.x.layers': bad"
 

@@ -1,4 +1,4 @@
-"""layerscope.power: intervals and sample sizes, checked against independent computations."""
+"""layerscope.analysis.power: intervals and sample sizes, checked against independent computations."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from layerscope import power as P
+from layerscope.analysis import power as P
 from layerscope.errors import LayerscopeError
 
 
@@ -31,8 +31,11 @@ def test_n_for_rate_half_width_is_the_smallest_n_that_reaches_it():
 def test_binomial_power_equals_a_brute_force_sum():
     n, p0, p1, alpha = 20, 0.1, 0.4, 0.05
     # reject H0 for counts whose upper tail under p0 is at most alpha/2
-    reject = [k for k in range(n + 1) if sum(math.comb(n, j) * p0**j * (1 - p0) ** (n - j)
-                                            for j in range(k, n + 1)) <= alpha / 2]
+    reject = [
+        k
+        for k in range(n + 1)
+        if sum(math.comb(n, j) * p0**j * (1 - p0) ** (n - j) for j in range(k, n + 1)) <= alpha / 2
+    ]
     brute = sum(math.comb(n, k) * p1**k * (1 - p1) ** (n - k) for k in reject)
     assert P.binomial_power(n, p0, p1, alpha) == pytest.approx(brute, rel=1e-10)
 
@@ -60,7 +63,9 @@ def test_mean_precision_interval_equals_scipy_t_interval():
     out = P.mean_precision(vals, half_width=0.1, effect=0.5)
     x = np.array(vals[:-1])
     lo, hi = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
-    assert out["n"] == 5 and out["ci_low"] == pytest.approx(lo) and out["ci_high"] == pytest.approx(hi)
+    assert (
+        out["n"] == 5 and out["ci_low"] == pytest.approx(lo) and out["ci_high"] == pytest.approx(hi)
+    )
     assert P.t_half_width(x.std(ddof=1), out["n_for_half_width"]) <= 0.1
 
 

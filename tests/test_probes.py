@@ -1,4 +1,4 @@
-"""Tests for layerscope.probes (small n, few permutations: the whole file runs in seconds)."""
+"""Tests for layerscope.analysis.probes (small n, few permutations: the whole file runs in seconds)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, r
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from layerscope.probes import (
+from layerscope.analysis.probes import (
     METRICS,
     ProbeInputError,
     cross_dataset_matrix,
@@ -53,9 +53,22 @@ def _by_hand(X, codes, train, test, C, max_iter=1000):
 def test_metrics_equal_sklearn_on_the_same_folds():
     X, y, groups = _planted_binary(0)
     labels = np.where(y == 1, "yes", "no")  # sorted: ['no', 'yes'] -> 'yes' is positive
-    res = fit_probe(X, labels, groups, n_splits=4, n_repeats=2, Cs=SMALL_CS, n_permutations=0,
-                    n_random_directions=0, seed=3)
-    assert res.classes == ["no", "yes"] and res.positive_class == "yes" and res.primary_metric == "auroc"
+    res = fit_probe(
+        X,
+        labels,
+        groups,
+        n_splits=4,
+        n_repeats=2,
+        Cs=SMALL_CS,
+        n_permutations=0,
+        n_random_directions=0,
+        seed=3,
+    )
+    assert (
+        res.classes == ["no", "yes"]
+        and res.positive_class == "yes"
+        and res.primary_metric == "auroc"
+    )
     folds = make_folds(labels, groups, n_splits=4, n_repeats=2, seed=3)
     assert folds.tolist() == res.fold_ids
     assert len(res.fold_C) == 8 and set(res.fold_C) <= set(SMALL_CS)
@@ -81,7 +94,9 @@ def test_metrics_equal_sklearn_on_the_same_folds():
         assert s["mean"] == pytest.approx(vals.mean(), abs=1e-12)
         assert s["std"] == pytest.approx(vals.std(ddof=1), abs=1e-12)
         # corrected repeated k-fold t-interval, by hand
-        ratios = [np.mean(folds[r] == f) / np.mean(folds[r] != f) for r in range(2) for f in range(4)]
+        ratios = [
+            np.mean(folds[r] == f) / np.mean(folds[r] != f) for r in range(2) for f in range(4)
+        ]
         half = stats.t.ppf(0.975, 7) * math.sqrt(vals.var(ddof=1) * (1 / 8 + np.mean(ratios)))
         assert s["ci_low"] == pytest.approx(max(0.0, vals.mean() - half), abs=1e-12)
         assert s["ci_high"] == pytest.approx(min(1.0, vals.mean() + half), abs=1e-12)
@@ -91,8 +106,17 @@ def test_metrics_equal_sklearn_on_the_same_folds():
 def test_positive_class_first_in_sorted_order():
     X, y, groups = _planted_binary(1)
     labels = np.where(y == 1, "b", "a")
-    res = fit_probe(X, labels, groups, n_splits=3, n_repeats=1, Cs=(1.0,), n_permutations=0,
-                    n_random_directions=0, positive_class="a")
+    res = fit_probe(
+        X,
+        labels,
+        groups,
+        n_splits=3,
+        n_repeats=1,
+        Cs=(1.0,),
+        n_permutations=0,
+        n_random_directions=0,
+        positive_class="a",
+    )
     assert res.classes == ["b", "a"] and res.positive_class == "a"
     # metrics are computed for 'a' as the positive class ...
     folds = np.asarray(res.fold_ids[0])
@@ -102,7 +126,9 @@ def test_positive_class_first_in_sorted_order():
         col = list(np.unique(labels)).index("a")
         want = roc_auc_score(labels[test] == "a", proba[:, col])
         assert res.fold_scores["auroc"][f] == pytest.approx(want, abs=1e-12)
-        assert res.fold_scores["f1"][f] == pytest.approx(f1_score(labels[test], pred, pos_label="a"), abs=1e-12)
+        assert res.fold_scores["f1"][f] == pytest.approx(
+            f1_score(labels[test], pred, pos_label="a"), abs=1e-12
+        )
     # ... and the saved direction points toward 'a' (feature 0 is lower for 'a')
     assert np.asarray(res.coef)[0, 0] < 0
 
@@ -119,7 +145,9 @@ def test_fold_metrics_equal_sklearn(k, n, seed, ties):
     y = rng.integers(0, k, size=n)
     proba = rng.dirichlet(np.ones(k), size=n)
     if ties:
-        proba = proba[rng.integers(0, min(3, n), size=n)]  # rows drawn from 3 distinct ones: many tied scores
+        proba = proba[
+            rng.integers(0, min(3, n), size=n)
+        ]  # rows drawn from 3 distinct ones: many tied scores
     got = fold_metrics(y, proba, k)
     pred = np.argmax(proba, axis=1)
     assert got["accuracy"] == pytest.approx(accuracy_score(y, pred), abs=1e-12)
@@ -127,9 +155,13 @@ def test_fold_metrics_equal_sklearn(k, n, seed, ties):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert got["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred), abs=1e-12)
+        assert got["balanced_accuracy"] == pytest.approx(
+            balanced_accuracy_score(y, pred), abs=1e-12
+        )
         if k == 2:
-            assert got["f1"] == pytest.approx(f1_score(y, pred, pos_label=1, zero_division=0), abs=1e-12)
+            assert got["f1"] == pytest.approx(
+                f1_score(y, pred, pos_label=1, zero_division=0), abs=1e-12
+            )
         else:
             f1 = f1_score(y, pred, labels=list(range(k)), average="macro", zero_division=0)
             assert got["f1"] == pytest.approx(f1, abs=1e-12)
@@ -164,8 +196,12 @@ def group_structures(draw):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(structure=group_structures(), n_splits=st.integers(2, 6), n_repeats=st.integers(1, 3),
-       seed=st.integers(0, 10_000))
+@given(
+    structure=group_structures(),
+    n_splits=st.integers(2, 6),
+    n_repeats=st.integers(1, 3),
+    seed=st.integers(0, 10_000),
+)
 def test_grouped_folds_never_split_a_group(structure, n_splits, n_repeats, seed):
     y, groups = structure
     gpc = [len(np.unique(groups[y == c])) for c in np.unique(y)]
@@ -197,7 +233,9 @@ def test_n_splits_lowered_and_errors():
     y = np.repeat([0, 0, 0, 1, 1, 1, 1, 1, 1], 2)  # class 0 has 3 groups
     groups = np.repeat(np.arange(9), 2)
     X = rng.normal(size=(len(y), 3))
-    res = fit_probe(X, y, groups, n_splits=5, n_repeats=1, Cs=(1.0,), n_permutations=0, n_random_directions=0)
+    res = fit_probe(
+        X, y, groups, n_splits=5, n_repeats=1, Cs=(1.0,), n_permutations=0, n_random_directions=0
+    )
     assert res.n_splits_requested == 5 and res.n_splits == 3
     assert any("lowered" in note for note in res.notes)
     with pytest.raises(ProbeInputError, match="at least 2 groups"):
@@ -223,8 +261,16 @@ def test_pure_noise_is_not_called_a_signal():
         rng = np.random.default_rng(1000 + seed)
         X = rng.normal(size=(40, 20))
         y = rng.permutation(np.repeat([0, 1], 20))
-        res = fit_probe(X, y, n_splits=4, n_repeats=2, Cs=SMALL_CS, n_permutations=19,
-                        n_random_directions=0, seed=seed)
+        res = fit_probe(
+            X,
+            y,
+            n_splits=4,
+            n_repeats=2,
+            Cs=SMALL_CS,
+            n_permutations=19,
+            n_random_directions=0,
+            seed=seed,
+        )
         s = res.metrics["auroc"]
         aurocs.append(s["mean"])
         p_small += res.permutation["p_value"] <= 0.05
@@ -237,8 +283,17 @@ def test_pure_noise_is_not_called_a_signal():
 
 def test_planted_direction_is_found():
     X, y, groups = _planted_binary(7, n_pairs=(10, 10), d=5, shift=3.0)
-    res = fit_probe(X, y, groups, n_splits=4, n_repeats=1, Cs=SMALL_CS, n_permutations=100,
-                    n_random_directions=5, seed=0)
+    res = fit_probe(
+        X,
+        y,
+        groups,
+        n_splits=4,
+        n_repeats=1,
+        Cs=SMALL_CS,
+        n_permutations=100,
+        n_random_directions=5,
+        seed=0,
+    )
     auroc = res.metrics["auroc"]
     assert auroc["mean"] > 0.95
     assert res.permutation["metric"] == "auroc" and res.permutation["scheme"] == "groups"
@@ -258,9 +313,21 @@ def test_multiclass_planted():
     groups = np.repeat(np.arange(k * per_class // 2), 2)  # pairs inside a class
     X = rng.normal(size=(len(y), d))
     X[np.arange(len(y)), y] += 3.0
-    res = fit_probe(X, y, groups, n_splits=3, n_repeats=1, Cs=SMALL_CS, n_permutations=9,
-                    n_random_directions=2, seed=1)
-    assert res.primary_metric == "balanced_accuracy" and res.permutation["metric"] == "balanced_accuracy"
+    res = fit_probe(
+        X,
+        y,
+        groups,
+        n_splits=3,
+        n_repeats=1,
+        Cs=SMALL_CS,
+        n_permutations=9,
+        n_random_directions=2,
+        seed=1,
+    )
+    assert (
+        res.primary_metric == "balanced_accuracy"
+        and res.permutation["metric"] == "balanced_accuracy"
+    )
     assert res.positive_class is None and res.classes == list(range(k))
     ba = res.metrics["balanced_accuracy"]
     assert ba["mean"] > 0.6 and ba["ci_low"] > 0.2
@@ -273,8 +340,12 @@ def test_multiclass_planted():
         test = folds == f
         proba, pred = _by_hand(X, y, ~test, test, res.fold_C[f])
         got = {m: res.fold_scores[m][f] for m in METRICS}
-        assert got["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y[test], pred), abs=1e-12)
-        assert got["auroc"] == pytest.approx(roc_auc_score(y[test], proba, multi_class="ovr"), abs=1e-12)
+        assert got["balanced_accuracy"] == pytest.approx(
+            balanced_accuracy_score(y[test], pred), abs=1e-12
+        )
+        assert got["auroc"] == pytest.approx(
+            roc_auc_score(y[test], proba, multi_class="ovr"), abs=1e-12
+        )
         assert got["f1"] == pytest.approx(f1_score(y[test], pred, average="macro"), abs=1e-12)
     rows = summary_rows(res, layer=2)
     assert [r["primary"] for r in rows] == [m == "balanced_accuracy" for m in METRICS]
@@ -287,7 +358,9 @@ def test_multiclass_planted():
 
 def test_deterministic_json():
     X, y, groups = _planted_binary(5, d=4)
-    kw = dict(n_splits=3, n_repeats=2, Cs=SMALL_CS, n_permutations=5, n_random_directions=3, seed=11)
+    kw = dict(
+        n_splits=3, n_repeats=2, Cs=SMALL_CS, n_permutations=5, n_random_directions=3, seed=11
+    )
     a = fit_probe(X, y, groups, **kw).to_json(sort_keys=True)
     b = fit_probe(X, y, groups, **kw).to_json(sort_keys=True)
     assert a == b
@@ -298,8 +371,12 @@ def test_deterministic_json():
 def test_saved_direction_reproduces_decision_function():
     X, y, groups = _planted_binary(2, d=5)
     X = 3.0 * X + 7.0  # non-trivial scaler mean and scale
-    res = fit_probe(X, y, groups, n_splits=3, n_repeats=1, Cs=SMALL_CS, n_permutations=0, n_random_directions=0)
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=res.C, max_iter=res.max_iter)).fit(X, y)
+    res = fit_probe(
+        X, y, groups, n_splits=3, n_repeats=1, Cs=SMALL_CS, n_permutations=0, n_random_directions=0
+    )
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=res.C, max_iter=res.max_iter)).fit(
+        X, y
+    )
     want = model.decision_function(X)
     w, b = np.asarray(res.coef), np.asarray(res.intercept)
     np.testing.assert_allclose(X @ w.T + b, want[:, None], rtol=1e-9, atol=1e-9)
@@ -309,9 +386,15 @@ def test_saved_direction_reproduces_decision_function():
     y3 = np.repeat([0, 1, 2], 10)
     X3 = rng.normal(size=(30, 4)) * 2 - 1
     X3[np.arange(30), y3] += 2
-    r3 = fit_probe(X3, y3, n_splits=3, n_repeats=1, Cs=(1.0,), n_permutations=0, n_random_directions=0)
-    m3 = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=r3.max_iter)).fit(X3, y3)
-    np.testing.assert_allclose(r3.decision_function(X3), m3.decision_function(X3), rtol=1e-9, atol=1e-9)
+    r3 = fit_probe(
+        X3, y3, n_splits=3, n_repeats=1, Cs=(1.0,), n_permutations=0, n_random_directions=0
+    )
+    m3 = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=r3.max_iter)).fit(
+        X3, y3
+    )
+    np.testing.assert_allclose(
+        r3.decision_function(X3), m3.decision_function(X3), rtol=1e-9, atol=1e-9
+    )
 
 
 def test_to_dict_is_strict_json_and_summary_rows():
@@ -319,16 +402,33 @@ def test_to_dict_is_strict_json_and_summary_rows():
     y = np.repeat([0, 1], 12)
     groups = np.r_[np.repeat(np.arange(6), 2), np.repeat(np.arange(6), 2)]  # mixed-label groups
     X = rng.normal(size=(24, 3))
-    res = fit_probe(X, y, groups, n_splits=3, n_repeats=1, Cs=(1.0,), n_permutations=4, n_random_directions=2)
+    res = fit_probe(
+        X, y, groups, n_splits=3, n_repeats=1, Cs=(1.0,), n_permutations=4, n_random_directions=2
+    )
     assert res.permutation["scheme"] == "rows"
     text = json.dumps(res.to_dict(), allow_nan=False)
     assert json.loads(text)["classes"] == [0, 1]
     rows = summary_rows(res, model="m", dataset="d", layer=3, component="resid", pooling="last")
     assert [r["metric"] for r in rows] == list(METRICS)
     for r in rows:
-        assert (r["model"], r["dataset"], r["layer"], r["component"], r["pooling"]) == ("m", "d", 3, "resid", "last")
+        assert (r["model"], r["dataset"], r["layer"], r["component"], r["pooling"]) == (
+            "m",
+            "d",
+            3,
+            "resid",
+            "last",
+        )
         assert json.loads(r["n_per_class"]) == {"0": 12, "1": 12}
-        for col in ("mean", "std", "ci_low", "ci_high", "n", "chance", "p_permutation", "interpretation"):
+        for col in (
+            "mean",
+            "std",
+            "ci_low",
+            "ci_high",
+            "n",
+            "chance",
+            "p_permutation",
+            "interpretation",
+        ):
             assert col in r
         if r["metric"] == "auroc":
             assert r["primary"] and r["p_permutation"] == res.permutation["p_value"]
@@ -362,10 +462,16 @@ def test_interpret_rules():
 
 def test_majority_and_chance_baselines():
     X, y, groups = _planted_binary(6, n_pairs=(15, 10), d=3)  # 30 positive vs 20 negative rows
-    res = fit_probe(X, y, groups, n_splits=3, n_repeats=1, Cs=(1.0,), n_permutations=0, n_random_directions=0)
+    res = fit_probe(
+        X, y, groups, n_splits=3, n_repeats=1, Cs=(1.0,), n_permutations=0, n_random_directions=0
+    )
     assert res.n_per_class == {"0": 20, "1": 30}
-    assert res.majority == pytest.approx({"accuracy": 0.6, "balanced_accuracy": 0.5, "auroc": 0.5, "f1": 0.75})
-    assert res.chance == pytest.approx({"accuracy": 0.52, "balanced_accuracy": 0.5, "auroc": 0.5, "f1": 0.6})
+    assert res.majority == pytest.approx(
+        {"accuracy": 0.6, "balanced_accuracy": 0.5, "auroc": 0.5, "f1": 0.75}
+    )
+    assert res.chance == pytest.approx(
+        {"accuracy": 0.52, "balanced_accuracy": 0.5, "auroc": 0.5, "f1": 0.6}
+    )
 
 
 def test_cross_dataset_matrix():
@@ -381,7 +487,9 @@ def test_cross_dataset_matrix():
     mat = cross_dataset_matrix(data, metric="auroc", n_splits=3, n_repeats=1, Cs=SMALL_CS, seed=0)
     assert list(mat.index) == ["a", "b", "c"] and list(mat.columns) == ["a", "b", "c"]
     assert mat.index.name == "train" and mat.columns.name == "test"
-    diag = fit_probe(*data["a"], n_splits=3, n_repeats=1, Cs=SMALL_CS, n_permutations=0, n_random_directions=0)
+    diag = fit_probe(
+        *data["a"], n_splits=3, n_repeats=1, Cs=SMALL_CS, n_permutations=0, n_random_directions=0
+    )
     assert mat.loc["a", "a"] == pytest.approx(diag.metrics["auroc"]["mean"])
     assert mat.loc["a", "b"] > 0.9 and mat.loc["b", "a"] > 0.9  # shared direction transfers
     assert mat.loc["a", "c"] < 0.8  # a different direction does not
@@ -393,7 +501,7 @@ def test_cross_dataset_matrix():
 
 
 def test_fast_fold_ids_equal_sklearn_stratified_group_kfold():
-    from layerscope import probes as P
+    from layerscope.analysis import probes as P
 
     rng = np.random.default_rng(123)
     checked = 0
@@ -426,7 +534,7 @@ def test_batched_newton_solver_matches_sklearn(n, d, k):
     primal feature paths, binary and multinomial, weak and strong regularisation)."""
     import warnings
 
-    from layerscope import probes as P
+    from layerscope.analysis import probes as P
 
     rng = np.random.default_rng(n * d + k)
     X = rng.normal(size=(n, d)) * rng.uniform(0.5, 3.0, size=d) + 2.0
@@ -440,15 +548,19 @@ def test_batched_newton_solver_matches_sklearn(n, d, k):
     dec, conv = P._decision_batch(X, train, np.tile(y, (len(Cs), 1)), Cs, k)
     assert conv.all()
     for b, C in enumerate(Cs):
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=C, tol=1e-12, max_iter=100_000))
+        model = make_pipeline(
+            StandardScaler(), LogisticRegression(C=C, tol=1e-12, max_iter=100_000)
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model.fit(X[train[b]], y[train[b]])
-        np.testing.assert_allclose(P._proba_from_decision(dec[b]), model.predict_proba(X), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(
+            P._proba_from_decision(dec[b]), model.predict_proba(X), atol=1e-4, rtol=0
+        )
 
 
 def test_sklearn_fallback_gives_the_same_result(monkeypatch):
-    from layerscope import probes as P
+    from layerscope.analysis import probes as P
 
     X, y, groups = _planted_binary(9, d=5)
     kw = dict(n_splits=3, n_repeats=1, Cs=SMALL_CS, n_permutations=5, n_random_directions=2, seed=2)
@@ -458,4 +570,6 @@ def test_sklearn_fallback_gives_the_same_result(monkeypatch):
     assert slow.n_fits == fast.n_fits
     assert slow.fold_C == fast.fold_C and slow.C == fast.C
     np.testing.assert_allclose(slow.permutation["scores"], fast.permutation["scores"], atol=1e-9)
-    np.testing.assert_allclose(slow.random_directions["scores"], fast.random_directions["scores"], atol=1e-9)
+    np.testing.assert_allclose(
+        slow.random_directions["scores"], fast.random_directions["scores"], atol=1e-9
+    )

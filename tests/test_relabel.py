@@ -6,9 +6,9 @@ import h5py
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import copy_workflow, job_counts, run_snakemake
-from layerscope.consistency import TableMismatchError, check_store_texts
+
+from layerscope.data.consistency import TableMismatchError, check_store_texts
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,9 @@ GPU_RULES = {"cache_activations", "cache_shard", "patching"}
 
 
 def _write_csv(work, labels, texts=None):
-    texts = texts or [f"The number {i} is {'big' if i % 2 else 'small'}" for i in range(len(labels))]
+    texts = texts or [
+        f"The number {i} is {'big' if i % 2 else 'small'}" for i in range(len(labels))
+    ]
     pd.DataFrame({"text": texts, "label": labels}).to_csv(work / "mine.csv", index=False)
     return texts
 
@@ -44,11 +46,17 @@ def test_relabel_schedules_no_caching_job(tmp_path):
     _write_csv(work, relabelled, texts)
     counts = job_counts(run_snakemake(work, "-n", "--configfile", "mine.yaml").stdout)
     assert not GPU_RULES & set(counts), counts
-    assert counts["prepare_dataset"] == 1 and counts["train_probe"] == 2 and counts["extract_layer"] == 2
+    assert (
+        counts["prepare_dataset"] == 1
+        and counts["train_probe"] == 2
+        and counts["extract_layer"] == 2
+    )
     run_snakemake(work, "--configfile", "mine.yaml")
     assert store.stat().st_mtime_ns == cached_at  # the forward pass was not rerun
     with h5py.File(work / "results/activations/demo/mine/layer_1.h5") as f:
-        assert [s.decode() for s in f["label"][:]] == relabelled  # labels come from the current table
+        assert [
+            s.decode() for s in f["label"][:]
+        ] == relabelled  # labels come from the current table
     assert job_counts(run_snakemake(work, "-n", "--configfile", "mine.yaml").stdout) == {}
 
     # A store cached from other texts is refused by the readers (texts, not labels, are the key).

@@ -1,7 +1,6 @@
 """Two clean runs of the .test config give the same bytes: probe summaries, tables, figures, arrays."""
 
 import pytest
-
 from conftest import copy_workflow, result_differences, run_snakemake
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 from layerscope.atomic import write_json
 from layerscope.config import safetensors_problem, validate_config
 from layerscope.errors import ConfigError, environment_error
-from layerscope.scripting import job_logging
+from layerscope.jobs.scripting import job_logging
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
@@ -25,8 +25,12 @@ def _model_copy(tmp_path) -> Path:
 
 
 def _config(source):
-    return {"models": {"m": {"source": source}},
-            "datasets": {"t": {"kind": "task_grid", "tasks": ["sum", "product"], "pairs": [[1, 2], [3, 4]]}}}
+    return {
+        "models": {"m": {"source": source}},
+        "datasets": {
+            "t": {"kind": "task_grid", "tasks": ["sum", "product"], "pairs": [[1, 2], [3, 4]]}
+        },
+    }
 
 
 def _truncate(path: Path, keep: float = 0.5) -> None:
@@ -68,8 +72,10 @@ def test_corrupt_model_directories_name_the_file(tmp_path, damage):
 @pytest.fixture
 def fake_job(monkeypatch, tmp_path):
     """A Snakemake script's view: the job's ``snakemake`` object in ``__main__``."""
-    job = types.SimpleNamespace(input=[str(tmp_path / "model/model.safetensors")],
-                                output=[str(tmp_path / "probes/layer_3.json")])
+    job = types.SimpleNamespace(
+        input=[str(tmp_path / "model/model.safetensors")],
+        output=[str(tmp_path / "probes/layer_3.json")],
+    )
     monkeypatch.setattr(sys.modules["__main__"], "snakemake", job, raising=False)
     return job
 
@@ -85,7 +91,9 @@ def test_safetensors_error_at_run_time_names_the_file(tmp_path, fake_job, capsys
             load_file(model / "model.safetensors")
     assert exit_.value.code == 1
     text = log.read_text()
-    assert "model/model.safetensors" in text and "truncated or corrupt" in text and "download" in text
+    assert (
+        "model/model.safetensors" in text and "truncated or corrupt" in text and "download" in text
+    )
     assert "a bug in layerscope" not in text and "Traceback" not in text
 
 
@@ -109,7 +117,9 @@ def test_full_disk_while_writing_probe_results(tmp_path, fake_job, monkeypatch):
 
 
 def test_h5py_style_disk_full_and_other_errors():
-    h5_style = OSError("Can't write data (file write failed: errno = 28, error message = 'No space left on device')")
+    h5_style = OSError(
+        "Can't write data (file write failed: errno = 28, error message = 'No space left on device')"
+    )
     assert "no space left" in str(environment_error(h5_style, outputs=["a.h5"]))
     assert environment_error(ValueError("x")) is None
     assert environment_error(OSError(errno.EACCES, "denied")) is None

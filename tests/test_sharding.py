@@ -7,13 +7,17 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from layerscope.activations import cache_store, gather_store, make_batches, shard_batches  # noqa: E402
+from devkit.tiny_models import build_tiny_model  # noqa: E402
+from layerscope.engine.activations import cache_store, gather_store, make_batches, shard_batches  # noqa: E402
 from layerscope.errors import LayerscopeError  # noqa: E402
-from layerscope.testing import build_tiny_model  # noqa: E402
 
-WORDS = "the quick brown fox jumps over a lazy dog while 12 or 71 is larger than 9 and Paris".split()
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while 12 or 71 is larger than 9 and Paris".split()
+)
 # 23 prompts of varied length: not divisible by 2 or 3, and several batches per shard.
-TEXTS = [" ".join(WORDS[(3 * i) % len(WORDS):][: 1 + (7 * i) % 13] or WORDS[:2]) for i in range(23)]
+TEXTS = [
+    " ".join(WORDS[(3 * i) % len(WORDS) :][: 1 + (7 * i) % 13] or WORDS[:2]) for i in range(23)
+]
 PIDS = [f"p{i:02d}" for i in range(len(TEXTS))]
 LABELS = ["yes" if i % 3 else "no" for i in range(len(TEXTS))]
 GROUPS = [f"g{i % 4}" for i in range(len(TEXTS))]
@@ -21,25 +25,47 @@ GROUPS = [f"g{i % 4}" for i in range(len(TEXTS))]
 
 @pytest.fixture(scope="module")
 def bridge(tmp_path_factory):
-    from layerscope.activations import load_model
+    from layerscope.engine.activations import load_model
 
-    root = build_tiny_model(tmp_path_factory.mktemp("model") / "gpt2", "gpt2", n_layers=3, d_model=32, n_heads=4,
-                            n_positions=128)
+    root = build_tiny_model(
+        tmp_path_factory.mktemp("model") / "gpt2",
+        "gpt2",
+        n_layers=3,
+        d_model=32,
+        n_heads=4,
+        n_positions=128,
+    )
     return load_model(str(root), device="cpu")
 
 
 def _cache(bridge, path, shard=None):
     model, info = bridge
-    return cache_store(model, PIDS, TEXTS, LABELS, path, components=["resid_post", "attn_out"],
-                       poolings=["mean", "last", "max"], token_level_layers=[0, 2], batch_size=4,
-                       model_info=info, groups=GROUPS, log=None, shard=shard)
+    return cache_store(
+        model,
+        PIDS,
+        TEXTS,
+        LABELS,
+        path,
+        components=["resid_post", "attn_out"],
+        poolings=["mean", "last", "max"],
+        token_level_layers=[0, 2],
+        batch_size=4,
+        model_info=info,
+        groups=GROUPS,
+        log=None,
+        shard=shard,
+    )
 
 
 def _contents(path):
     """Every dataset's array (with its dtype) and every attribute of an HDF5 file."""
     arrays = {}
     with h5py.File(path) as f:
-        f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+        f.visititems(
+            lambda name, obj: (
+                arrays.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None
+            )
+        )
         attrs = dict(f.attrs)
     return arrays, attrs
 

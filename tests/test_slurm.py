@@ -17,11 +17,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 import time
+from pathlib import Path
 
 import pytest
-
 from conftest import copy_workflow, result_differences
 from slurm_cluster import Cluster, unavailable_reason
 
@@ -33,8 +32,14 @@ TIMEOUT_S = 1200
 
 def _run_with_timeout(cmd, cwd, timeout):
     """Run in its own session; on timeout kill the whole group (the plugin may ignore SIGTERM)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -60,10 +65,21 @@ def test_slurm_run_matches_local_run(test_config_run, tmp_path):
         cluster = stack.enter_context(Cluster(short))
         start = time.monotonic()
         rc, out = _run_with_timeout(
-            [sys.executable, "-m", "snakemake", "--profile", "profiles/slurm", "--directory", ".test",
-             # cluster-side speed-up only: the first status check after 1 s instead of 40 s
-             "--slurm-init-seconds-before-status-checks", "1", "--verbose"],
-            work, TIMEOUT_S,
+            [
+                sys.executable,
+                "-m",
+                "snakemake",
+                "--profile",
+                "profiles/slurm",
+                "--directory",
+                ".test",
+                # cluster-side speed-up only: the first status check after 1 s instead of 40 s
+                "--slurm-init-seconds-before-status-checks",
+                "1",
+                "--verbose",
+            ],
+            work,
+            TIMEOUT_S,
         )
         wall = time.monotonic() - start
         jobs = cluster.jobs()
@@ -87,7 +103,9 @@ def test_slurm_run_matches_local_run(test_config_run, tmp_path):
         assert calls and all("--gpus=1" in c and " -p gpu " in c for c in calls), calls
     assert len(by_rule["cache_shard"]) == 2  # .test shards numbers_phase2 in two
     # GPU jobs saw the GPU SLURM gave them.
-    gpu_logs = list((work / ".test/logs/cache_shard").rglob("*.log")) + list((work / ".test/logs/patching").rglob("*.log"))
+    gpu_logs = list((work / ".test/logs/cache_shard").rglob("*.log")) + list(
+        (work / ".test/logs/patching").rglob("*.log")
+    )
     assert len(gpu_logs) == 3
     for log in gpu_logs:
         assert re.search(r"CUDA_VISIBLE_DEVICES=[01]\b", log.read_text()), log.read_text()
@@ -97,10 +115,15 @@ def test_slurm_run_matches_local_run(test_config_run, tmp_path):
     for local in ("prepare_dataset", "layer_index", "all"):
         assert local not in by_rule
     n_jobs = len(re.findall(r"^\s*(?:local)?rule \w+:", out, re.MULTILINE))
-    print(f"\nSLURM run: {wall:.0f} s wall, {len(records)} SLURM jobs for {n_jobs} Snakemake jobs; "
-          f"per rule: { {k: len(v) for k, v in sorted(by_rule.items())} }")
+    print(
+        f"\nSLURM run: {wall:.0f} s wall, {len(records)} SLURM jobs for {n_jobs} Snakemake jobs; "
+        f"per rule: { {k: len(v) for k, v in sorted(by_rule.items())} }"
+    )
     # The scheduler-facing part of a GPU job's sbatch line (the wrapped snakemake command is long).
-    print("sbatch line of a GPU rule:", next(c for c in sbatch if "--comment rule_cache_shard_" in c).split(" --wrap=")[0])
+    print(
+        "sbatch line of a GPU rule:",
+        next(c for c in sbatch if "--comment rule_cache_shard_" in c).split(" --wrap=")[0],
+    )
 
     # Same numbers as a local run of the same config.
     assert result_differences(test_config_run / "results", work / ".test/results") == []

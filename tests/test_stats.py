@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from layerscope.h5cache import LayerData, LayerStack
-from layerscope.stats import COLUMNS, StatsInputError, activation_stats, prompt_norms
+from layerscope.analysis.stats import COLUMNS, StatsInputError, activation_stats, prompt_norms
+from layerscope.data.h5cache import LayerData, LayerStack
 
 
 @pytest.fixture
@@ -19,7 +19,10 @@ def data():
 def _expected(x):
     x = np.asarray(x, dtype=np.float64)
     return {
-        "mean": x.mean(), "std": x.std(), "min": x.min(), "max": x.max(),
+        "mean": x.mean(),
+        "std": x.std(),
+        "min": x.min(),
+        "max": x.max(),
         "mean_l2_norm": np.mean(np.sqrt((x**2).sum(axis=1))),
         "frac_near_zero": np.mean(np.abs(x) < 1e-3),
     }
@@ -27,7 +30,9 @@ def _expected(x):
 
 def test_label_rows_match_numpy(data):
     X, layers, labels = data
-    df = activation_stats({L: X[k] for k, L in enumerate(layers)}, labels, component="resid_post", pooling="mean")
+    df = activation_stats(
+        {L: X[k] for k, L in enumerate(layers)}, labels, component="resid_post", pooling="mean"
+    )
     assert list(df.columns) == COLUMNS
     assert sorted(df["layer"].unique()) == layers
     y = np.array(labels)
@@ -38,18 +43,29 @@ def test_label_rows_match_numpy(data):
             for col, v in exp.items():
                 assert row[col] == pytest.approx(v, rel=1e-9, abs=1e-12), col
             assert row["n"] == int(np.sum(y == lab))
-            assert row["kind"] == "label" and row["component"] == "resid_post" and row["pooling"] == "mean"
+            assert (
+                row["kind"] == "label"
+                and row["component"] == "resid_post"
+                and row["pooling"] == "mean"
+            )
             assert np.isnan(row["mean_diff_l2"])
         row = df[(df.layer == L) & (df.label == "<all>")].iloc[0]
         assert row["n"] == 10
         assert row["mean"] == pytest.approx(X[k].astype(np.float64).mean())
-    assert df[(df.layer == 5) & (df.label == "<all>")]["frac_near_zero"].iloc[0] == pytest.approx(11 / 60)
+    assert df[(df.layer == 5) & (df.label == "<all>")]["frac_near_zero"].iloc[0] == pytest.approx(
+        11 / 60
+    )
 
 
 def test_binary_diff_row_is_positive_minus_negative(data):
     X, layers, labels = data
-    df = activation_stats(LayerStack(X=X, layers=layers, prompt_ids=[str(i) for i in range(10)], labels=labels,
-                                     attrs={}), component="c", pooling="p")
+    df = activation_stats(
+        LayerStack(
+            X=X, layers=layers, prompt_ids=[str(i) for i in range(10)], labels=labels, attrs={}
+        ),
+        component="c",
+        pooling="p",
+    )
     y = np.array(labels)
     for k, L in enumerate(layers):
         d = df[(df.layer == L) & (df.kind == "diff")]
@@ -60,7 +76,9 @@ def test_binary_diff_row_is_positive_minus_negative(data):
         for col in pos:
             assert d[col] == pytest.approx(pos[col] - neg[col], abs=1e-12), col
         Xk = X[k].astype(np.float64)
-        assert d["mean_diff_l2"] == pytest.approx(np.linalg.norm(Xk[y == "pos"].mean(0) - Xk[y == "neg"].mean(0)))
+        assert d["mean_diff_l2"] == pytest.approx(
+            np.linalg.norm(Xk[y == "pos"].mean(0) - Xk[y == "neg"].mean(0))
+        )
 
 
 def test_positive_class_flips_the_contrast(data):
@@ -87,15 +105,22 @@ def test_multiclass_one_vs_rest(data):
         row = d[d.label == f"<diff:{c}>"].iloc[0]
         inn, out = _expected(Xk[labels == c]), _expected(Xk[labels != c])
         assert row["std"] == pytest.approx(inn["std"] - out["std"])
-        assert row["mean_diff_l2"] == pytest.approx(np.linalg.norm(Xk[labels == c].mean(0) - Xk[labels != c].mean(0)))
+        assert row["mean_diff_l2"] == pytest.approx(
+            np.linalg.norm(Xk[labels == c].mean(0) - Xk[labels != c].mean(0))
+        )
     # labels are stored as strings so they can share the column with the special rows
     assert set(df[df.kind == "label"]["label"]) == {"0", "1", "2"}
 
 
 def test_containers_agree_and_layer_data_labels(data):
     X, layers, labels = data
-    as_dict = activation_stats({L: X[k] for k, L in enumerate(layers)}, labels, component="c", pooling="p")
-    lds = {L: LayerData(X=X[k], prompt_ids=[], labels=labels, attrs={"layer": L}) for k, L in enumerate(layers)}
+    as_dict = activation_stats(
+        {L: X[k] for k, L in enumerate(layers)}, labels, component="c", pooling="p"
+    )
+    lds = {
+        L: LayerData(X=X[k], prompt_ids=[], labels=labels, attrs={"layer": L})
+        for k, L in enumerate(layers)
+    }
     as_ld = activation_stats(lds, component="c", pooling="p")  # labels from the LayerData
     pd.testing.assert_frame_equal(as_dict, as_ld)
     as_arr = activation_stats(X, labels, component="c", pooling="p")
@@ -125,7 +150,9 @@ def test_bad_inputs(data):
 
 def test_prompt_norms(data):
     X, layers, _ = data
-    N = prompt_norms({L: X[k] for k, L in reversed(list(enumerate(layers)))})  # order of the dict is irrelevant
+    N = prompt_norms(
+        {L: X[k] for k, L in reversed(list(enumerate(layers)))}
+    )  # order of the dict is irrelevant
     assert N.shape == (10, 3) and N.dtype == np.float64
     np.testing.assert_allclose(N, np.sqrt((X.astype(np.float64) ** 2).sum(axis=2)).T)
     big = np.full((1, 2, 4), 300.0, dtype=np.float16)  # 300**2 overflows float16

@@ -1,4 +1,4 @@
-"""Tests for layerscope.task_vectors on planted data with a known answer."""
+"""Tests for layerscope.analysis.task_vectors on planted data with a known answer."""
 
 from __future__ import annotations
 
@@ -14,16 +14,24 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from layerscope import task_vectors as tv  # noqa: E402
-from layerscope.h5cache import LayerStack  # noqa: E402
+from layerscope.analysis import task_vectors as tv  # noqa: E402
+from layerscope.data.h5cache import LayerStack  # noqa: E402
 
 TASKS = ["minimum", "maximum", "sum", "difference", "product"]
 PAIRS = ["25_9", "3_7", "12_4", "8_15", "6_6", "30_2"]
 ONSET = 4
 
 
-def planted(n_layers=8, d=32, seed=1, onset=ONSET, task_strength=3.0, pair_strength=2.0, noise=1.0,
-            shuffle=False):
+def planted(
+    n_layers=8,
+    d=32,
+    seed=1,
+    onset=ONSET,
+    task_strength=3.0,
+    pair_strength=2.0,
+    noise=1.0,
+    shuffle=False,
+):
     """5 tasks x 6 pairs. Every layer: pair-dependent signal + noise (and a big common offset).
 
     From ``onset`` on, each task adds its own fixed direction (strength ``task_strength``).
@@ -118,7 +126,9 @@ def test_geometry_matches_numpy_and_orders_by_task():
     g = tv.task_geometry(X[5], tasks, pairs, task_order=TASKS)
     order = g["order"]
     assert [tasks[i] for i in order] == [t for t in TASKS for _ in PAIRS]
-    assert [pairs[i] for i in order][:6] == list(dict.fromkeys(pairs))  # pairs in first-appearance order
+    assert [pairs[i] for i in order][:6] == list(
+        dict.fromkeys(pairs)
+    )  # pairs in first-appearance order
     Xo = X[5][order]
     C = Xo - Xo.mean(axis=0)
     assert np.allclose(g["centred"], C)
@@ -135,7 +145,9 @@ def test_geometry_matches_numpy_and_orders_by_task():
     p = np.array([pairs[i] for i in order])
     S = U @ U.T
     within = [S[i, j] for i in range(30) for j in range(i + 1, 30) if t[i] == t[j] and p[i] != p[j]]
-    between = [S[i, j] for i in range(30) for j in range(i + 1, 30) if t[i] != t[j] and p[i] != p[j]]
+    between = [
+        S[i, j] for i in range(30) for j in range(i + 1, 30) if t[i] != t[j] and p[i] != p[j]
+    ]
     between_all = [S[i, j] for i in range(30) for j in range(i + 1, 30) if t[i] != t[j]]
     assert len(within) == 5 * 15 and len(between) == 10 * 30
     assert g["within"] == pytest.approx(np.mean(within))
@@ -153,8 +165,14 @@ def test_ratio_only_for_positive_between():
 
 def test_by_layer_matches_single_layer_and_layerstack():
     X, layers, tasks, pairs, ids = planted(shuffle=True)
-    stack = LayerStack(X=X, layers=layers, prompt_ids=ids, labels=tasks, attrs={L: {"model": "toy"} for L in layers},
-                       groups=pairs)
+    stack = LayerStack(
+        X=X,
+        layers=layers,
+        prompt_ids=ids,
+        labels=tasks,
+        attrs={L: {"model": "toy"} for L in layers},
+        groups=pairs,
+    )
     scores, arrays = tv.task_vectors_by_layer(stack, n_boot=50, seed=3)
     g = tv.task_geometry(X[2], tasks, pairs)
     assert np.allclose(arrays["prompt_cosine"][2], g["prompt_cosine"])
@@ -213,7 +231,12 @@ def test_bootstrap_duplicates_are_distinct_items_without_self_pairs():
     S = U @ U.T
     ti, pi, src = t[idx], p[idx], np.array(idx)
     m = len(idx)
-    w = [S[a, b] for a in range(m) for b in range(a + 1, m) if src[a] != src[b] and ti[a] == ti[b] and pi[a] != pi[b]]
+    w = [
+        S[a, b]
+        for a in range(m)
+        for b in range(a + 1, m)
+        if src[a] != src[b] and ti[a] == ti[b] and pi[a] != pi[b]
+    ]
     bt = [S[a, b] for a in range(m) for b in range(a + 1, m) if ti[a] != ti[b] and pi[a] != pi[b]]
     assert bm["within"][0] == pytest.approx(np.mean(w))
     assert bm["between"][0] == pytest.approx(np.mean(bt))
@@ -221,7 +244,12 @@ def test_bootstrap_duplicates_are_distinct_items_without_self_pairs():
     fixed = tv._boot_means(C, counts[p][None, :], tv._masks(t, p))
     U0 = C / np.linalg.norm(C, axis=1, keepdims=True)
     S0 = (U0 @ U0.T)[np.ix_(idx, idx)]
-    w0 = [S0[a, b] for a in range(m) for b in range(a + 1, m) if src[a] != src[b] and ti[a] == ti[b] and pi[a] != pi[b]]
+    w0 = [
+        S0[a, b]
+        for a in range(m)
+        for b in range(a + 1, m)
+        if src[a] != src[b] and ti[a] == ti[b] and pi[a] != pi[b]
+    ]
     assert fixed["within"][0] == pytest.approx(np.mean(w0))
 
 
@@ -230,7 +258,9 @@ def test_bootstrap_weights_resample_pairs():
     W = tv.bootstrap_weights(p, 20, seed=7)
     assert W.shape == (20, 30)
     assert np.allclose(W.reshape(20, 5, 6).sum(axis=2), 6)  # 6 pairs drawn per task
-    assert np.all(W.reshape(20, 5, 6) == W.reshape(20, 5, 6)[:, :1, :])  # a pair moves with all tasks
+    assert np.all(
+        W.reshape(20, 5, 6) == W.reshape(20, 5, 6)[:, :1, :]
+    )  # a pair moves with all tasks
     assert np.array_equal(W, tv.bootstrap_weights(p, 20, seed=7))
 
 
@@ -268,7 +298,9 @@ def test_input_errors():
     with pytest.raises(tv.TaskVectorError):
         tv.task_vectors_by_layer((bad, layers, tasks, pairs))
     with pytest.raises(tv.TaskVectorError):
-        tv.task_vectors_by_layer(LayerStack(X=X, layers=layers, prompt_ids=[""] * 30, labels=tasks, attrs={}))
+        tv.task_vectors_by_layer(
+            LayerStack(X=X, layers=layers, prompt_ids=[""] * 30, labels=tasks, attrs={})
+        )
 
 
 # ------------------------------------------------------------------------------------------
@@ -279,7 +311,9 @@ def test_write_round_trip(result, tmp_path):
     scores, arrays = result
     h5 = tmp_path / "out" / "task_vectors.h5"
     csv = tmp_path / "out" / "task_vectors.csv"
-    tv.write_task_vectors(result, h5, csv, attrs={"model": "toy", "dataset": "task_grid", "component": "resid_post"})
+    tv.write_task_vectors(
+        result, h5, csv, attrs={"model": "toy", "dataset": "task_grid", "component": "resid_post"}
+    )
     back = tv.read_task_vectors(h5)
     assert back["tasks"] == TASKS
     assert back["prompt_ids"] == arrays["prompt_ids"]
@@ -289,7 +323,10 @@ def test_write_round_trip(result, tmp_path):
     assert back["attrs"]["model"] == "toy" and back["attrs"]["n_boot"] == 400
     table = pd.read_csv(csv)
     pd.testing.assert_frame_equal(table, scores, check_dtype=False)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["task_vectors.csv", "task_vectors.h5"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "task_vectors.csv",
+        "task_vectors.h5",
+    ]
 
 
 def test_write_is_atomic(result, tmp_path, monkeypatch):
@@ -328,10 +365,22 @@ def test_plots_write_png_and_close(result, tmp_path):
     written += tv.plot_norms(scores, tmp_path / "norms", **meta, formats=("png", "svg"))
     best = tv.best_layer(scores)
     la = tv.layer_arrays(arrays, best)
-    written += tv.plot_prompt_cosine(la["prompt_cosine"], la["prompt_tasks"], la["prompt_pairs"],
-                                     tmp_path / "cos.png", layer=best, **meta)
-    written += tv.plot_task_pca(la["centred"], la["prompt_tasks"], tmp_path / "pca.png", layer=best,
-                                pairs=la["prompt_pairs"], **meta)
+    written += tv.plot_prompt_cosine(
+        la["prompt_cosine"],
+        la["prompt_tasks"],
+        la["prompt_pairs"],
+        tmp_path / "cos.png",
+        layer=best,
+        **meta,
+    )
+    written += tv.plot_task_pca(
+        la["centred"],
+        la["prompt_tasks"],
+        tmp_path / "pca.png",
+        layer=best,
+        pairs=la["prompt_pairs"],
+        **meta,
+    )
     names = sorted(p.name for p in written)
     assert names == ["cos.png", "norms.png", "norms.svg", "pca.png", "sep.png"]
     for p in written:

@@ -8,7 +8,6 @@ import h5py
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import copy_workflow, job_counts, run_snakemake
 
 pytestmark = pytest.mark.slow
@@ -16,7 +15,11 @@ pytestmark = pytest.mark.slow
 
 def test_lint_is_clean(repo):
     proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--lint"], cwd=repo, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "snakemake", "--lint"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
@@ -58,7 +61,9 @@ def _small_config(work, **model_overrides):
     cfg["task_vectors"].update(n_boot=200, layer=3)
     cfg["patching"].update(components=["resid_post"], positions=2, heads=False)
     cfg["patching"]["generation"]["enabled"] = False  # covered by test_patching_workflow.py
-    cfg["steering"]["experiments"] = {}  # covered by test_steering.py (its demo experiments need other datasets)
+    cfg["steering"][
+        "experiments"
+    ] = {}  # covered by test_steering.py (its demo experiments need other datasets)
     return cfg
 
 
@@ -73,7 +78,9 @@ def test_demo_run_and_rerun_only_changed_layers(tmp_path):
     run_snakemake(work)
 
     for ds in ("numbers_phase2", "tasks"):
-        table = pd.read_csv(work / f"results/datasets/{ds}/prompts.csv", dtype=str, keep_default_na=False)
+        table = pd.read_csv(
+            work / f"results/datasets/{ds}/prompts.csv", dtype=str, keep_default_na=False
+        )
         assert list(table.columns[:4]) == ["prompt_id", "text", "label", "group"]
         for layer in (1, 3, 5):
             with h5py.File(work / f"results/activations/demo/{ds}/layer_{layer}.h5") as f:
@@ -82,7 +89,14 @@ def test_demo_run_and_rerun_only_changed_layers(tmp_path):
                 assert [p.decode() for p in f["prompt_id"][:]] == table["prompt_id"].tolist()
 
     assert job_counts(run_snakemake(work, "-n").stdout) == {}
-    for fig in ("probe_metric_vs_layer", "pca", "cosine", "label_means", "norm_heatmap", "norm_curves"):
+    for fig in (
+        "probe_metric_vs_layer",
+        "pca",
+        "cosine",
+        "label_means",
+        "norm_heatmap",
+        "norm_curves",
+    ):
         assert (work / f"results/figures/demo/numbers_phase2/{fig}.png").stat().st_size > 10_000
     summary = pd.read_csv(work / "results/probes/demo/numbers_phase2/summary.csv")
     assert sorted(summary.layer.unique()) == [1, 3, 5]
@@ -95,8 +109,17 @@ def test_demo_run_and_rerun_only_changed_layers(tmp_path):
 
     # Adding a layer: no forward pass; that layer's file and probes, and the cross-layer aggregates.
     # (Every config edit also rewrites the run manifest, which records the config.)
-    per_layer_aggregates = {"layer_index": 2, "probe_summary": 2, "activation_stats": 2, "plot_probes": 2,
-                            "plot_geometry": 2, "task_vectors": 1, "plot_task_vectors": 1, "manifest": 1, "all": 1}
+    per_layer_aggregates = {
+        "layer_index": 2,
+        "probe_summary": 2,
+        "activation_stats": 2,
+        "plot_probes": 2,
+        "plot_geometry": 2,
+        "task_vectors": 1,
+        "plot_task_vectors": 1,
+        "manifest": 1,
+        "all": 1,
+    }
     cfg["models"]["demo"]["layers"] = [1, 2, 3, 5]
     _write(work, cfg)
     counts = job_counts(run_snakemake(work, "-n").stdout)
@@ -119,5 +142,11 @@ def test_demo_run_and_rerun_only_changed_layers(tmp_path):
     cfg["models"]["demo"]["dtype"] = "bfloat16"
     _write(work, cfg)
     counts = job_counts(run_snakemake(work, "-n").stdout)
-    assert counts == {**per_layer_aggregates, "cache_activations": 2, "extract_layer": 6, "train_probe": 6,
-                      "patching": 1, "plot_patching": 1}
+    assert counts == {
+        **per_layer_aggregates,
+        "cache_activations": 2,
+        "extract_layer": 6,
+        "train_probe": 6,
+        "patching": 1,
+        "plot_patching": 1,
+    }

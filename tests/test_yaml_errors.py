@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import copy_workflow, run_snakemake
+
 from layerscope.config import check_yaml_syntax
 from layerscope.errors import InputError
 
@@ -30,7 +30,9 @@ def test_yaml_error_names_file_and_line(tmp_path, name):
 def test_check_command_for_a_configfile(tmp_path):
     path = tmp_path / "my.yaml"
     path.write_text(BAD["misindented"][0])
-    proc = subprocess.run([sys.executable, "-m", "layerscope.config", str(path)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "layerscope.config", str(path)], capture_output=True, text=True
+    )
     assert proc.returncode == 1 and f"{path}, line 4: invalid YAML" in proc.stderr
 
 

@@ -8,8 +8,8 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 #: mkstemp's random part: 8 characters from lowercase letters, digits and "_".
 _TEMP_PART = r"[a-z0-9_]{8}"
@@ -74,7 +74,10 @@ def remove_stale_temps(target: str | os.PathLike, older_than: float | None = Non
         if not pattern.fullmatch(entry.name):
             continue
         try:
-            if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+            if (
+                entry.is_file(follow_symlinks=False)
+                and entry.stat(follow_symlinks=False).st_mtime < cutoff
+            ):
                 os.unlink(entry.path)
                 removed.append(Path(entry.path))
         except OSError:

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, InputError, LayerscopeError
+from layerscope.errors import ConfigError, InputError, LayerscopeError
 
 DATASET_FILE_KEYS = {
     "phase2": ("scores", "responses"),
@@ -27,11 +27,22 @@ DATASET_FILE_KEYS = {
     "task_grid": (),
 }
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                    "tokenizer.model", "special_tokens_map.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "special_tokens_map.json",
+)
 # Names of models, datasets, generalization groups and experiments become parts of output paths.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,79}")
-NAMED_SECTIONS = (("models",), ("datasets",), ("probes", "generalization"), ("patching", "experiments"))
+NAMED_SECTIONS = (
+    ("models",),
+    ("datasets",),
+    ("probes", "generalization"),
+    ("patching", "experiments"),
+)
 _UNSAFE_NAME = "not safe as a path part: use letters, digits, '_', '.', '-', starting with a letter or digit (at most 80)"
 
 
@@ -54,8 +65,10 @@ def check_duplicate_keys(paths: Iterable[str | os.PathLike]) -> None:
 
     for path in paths:
         try:
-            root = yaml.compose(Path(path).read_text(encoding="utf-8"),
-                                Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+            root = yaml.compose(
+                Path(path).read_text(encoding="utf-8"),
+                Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader),
+            )
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
             continue  # Snakemake has already loaded it or said what is wrong with it
         _duplicate_keys(root, [], os.fspath(path), set())
@@ -73,11 +86,17 @@ def _duplicate_keys(node: Any, parts: list[Any], file: str, seen: set[int]) -> N
             if not isinstance(key, yaml.ScalarNode):
                 _duplicate_keys(value, [*parts, "?"], file, seen)
                 continue
-            if key.tag != "tag:yaml.org,2002:merge":  # '<<: *anchor' then explicit keys is an override
+            if (
+                key.tag != "tag:yaml.org,2002:merge"
+            ):  # '<<: *anchor' then explicit keys is an override
                 line = key.start_mark.line + 1
                 ident = (key.tag, key.value)
                 if ident in first_line:
-                    lines = f"line {line}" if first_line[ident] == line else f"lines {first_line[ident]} and {line}"
+                    lines = (
+                        f"line {line}"
+                        if first_line[ident] == line
+                        else f"lines {first_line[ident]} and {line}"
+                    )
                     raise ConfigError(
                         key_path([*parts, key.value]),
                         f"defined twice in {file} ({lines}); YAML would silently keep only the last",
@@ -108,10 +127,15 @@ def check_yaml_syntax(path: str | os.PathLike) -> None:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         column = f" (column {mark.column + 1})" if mark is not None else ""
-        what = " ".join(str(p) for p in (getattr(exc, "context", None), getattr(exc, "problem", None)) if p)
-        raise InputError(f"invalid YAML{column}: {what or exc}; check the indentation (spaces only, no tabs) "
-                         "of this line and the one before", file=path,
-                         line=mark.line + 1 if mark is not None else None) from None
+        what = " ".join(
+            str(p) for p in (getattr(exc, "context", None), getattr(exc, "problem", None)) if p
+        )
+        raise InputError(
+            f"invalid YAML{column}: {what or exc}; check the indentation (spaces only, no tabs) "
+            "of this line and the one before",
+            file=path,
+            line=mark.line + 1 if mark is not None else None,
+        ) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -171,7 +195,9 @@ def _load_schema(path: str, mtime_ns: int) -> dict[str, Any]:
     """The schema file, parsed once per version (never modified: defaults are copied out of it)."""
     import yaml
 
-    return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    return yaml.load(
+        Path(path).read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    )
 
 
 def _defaulting_validator(cls: Any) -> Any:
@@ -179,7 +205,9 @@ def _defaulting_validator(cls: Any) -> Any:
 
     check_properties = cls.VALIDATORS["properties"]
 
-    def properties(validator: Any, props: dict[str, Any], instance: Any, schema: dict[str, Any]) -> Any:
+    def properties(
+        validator: Any, props: dict[str, Any], instance: Any, schema: dict[str, Any]
+    ) -> Any:
         if isinstance(instance, dict):
             for key, sub in props.items():
                 if isinstance(sub, dict) and "default" in sub and key not in instance:
@@ -195,11 +223,29 @@ def _relevance(error: Any) -> Any:
     return by_relevance(strong=frozenset({"additionalProperties"}))(error)
 
 
-_TYPE_NAMES = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true/false",
-               "array": "a list", "object": "a mapping", "null": "null"}
-_PLURALS = {"integer": "integers", "number": "numbers", "string": "strings", "boolean": "booleans",
-            "array": "lists", "object": "mappings", "null": "nulls"}
-_MISFITS = {"type", "const", "enum"}  # a oneOf branch failing on these at its top is the wrong branch
+_TYPE_NAMES = {
+    "integer": "an integer",
+    "number": "a number",
+    "string": "a string",
+    "boolean": "true/false",
+    "array": "a list",
+    "object": "a mapping",
+    "null": "null",
+}
+_PLURALS = {
+    "integer": "integers",
+    "number": "numbers",
+    "string": "strings",
+    "boolean": "booleans",
+    "array": "lists",
+    "object": "mappings",
+    "null": "nulls",
+}
+_MISFITS = {
+    "type",
+    "const",
+    "enum",
+}  # a oneOf branch failing on these at its top is the wrong branch
 
 
 def _show(value: Any) -> str:
@@ -214,8 +260,15 @@ def _show(value: Any) -> str:
 
 
 def _kind_of(value: Any) -> str:
-    for name, kind in ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"),
-                       (list, "list"), (dict, "mapping"), (type(None), "null")):
+    for name, kind in (
+        (bool, "boolean"),
+        (int, "integer"),
+        (float, "number"),
+        (str, "string"),
+        (list, "list"),
+        (dict, "mapping"),
+        (type(None), "null"),
+    ):
         if isinstance(value, name):
             return kind
     return type(value).__name__
@@ -237,7 +290,9 @@ def _describe(schema: Any) -> str:
         word = _TYPE_NAMES.get(name, name)
         if name == "array" and isinstance(schema.get("items"), dict) and "type" in schema["items"]:
             items = schema["items"]["type"]
-            word = "a list of " + "/".join(_PLURALS.get(i, i) for i in ([items] if isinstance(items, str) else items))
+            word = "a list of " + "/".join(
+                _PLURALS.get(i, i) for i in ([items] if isinstance(items, str) else items)
+            )
             if "minimum" in schema["items"]:
                 word += f" >= {schema['items']['minimum']}"
         elif name in ("integer", "number") and "minimum" in schema:
@@ -253,7 +308,9 @@ def _or(words: Sequence[str]) -> str:
 def _suggest(word: Any, choices: Iterable[Any]) -> str:
     if not isinstance(word, str):
         return ""
-    close = difflib.get_close_matches(word, [c for c in choices if isinstance(c, str)], n=1, cutoff=0.6)
+    close = difflib.get_close_matches(
+        word, [c for c in choices if isinstance(c, str)], n=1, cutoff=0.6
+    )
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
@@ -266,8 +323,11 @@ def _config_error(error: Any) -> ConfigError:
         branches: dict[Any, list[Any]] = {}
         for sub in error.context or ():
             branches.setdefault(sub.relative_schema_path[0], []).append(sub)
-        fitting = [errs for errs in branches.values()
-                   if not any(not e.relative_path and e.validator in _MISFITS for e in errs)]
+        fitting = [
+            errs
+            for errs in branches.values()
+            if not any(not e.relative_path and e.validator in _MISFITS for e in errs)
+        ]
         if len(fitting) == 1:
             return _config_error(max(fitting[0], key=_relevance))
         expected = _or([_describe(branch) for branch in error.validator_value])
@@ -275,7 +335,9 @@ def _config_error(error: Any) -> ConfigError:
     if rule == "additionalProperties" and isinstance(value, dict):
         known = schema.get("properties", {})
         patterns = list(schema.get("patternProperties", {}))
-        extra = [k for k in value if k not in known and not any(re.search(p, str(k)) for p in patterns)]
+        extra = [
+            k for k in value if k not in known and not any(re.search(p, str(k)) for p in patterns)
+        ]
         if extra:
             hint = _suggest(extra[0], known) or f"; valid keys: {', '.join(sorted(known))}"
             more = f" (also unknown: {', '.join(map(str, extra[1:]))})" if extra[1:] else ""
@@ -291,12 +353,20 @@ def _config_error(error: Any) -> ConfigError:
         bound = "at least" if rule.startswith("min") else "at most"
         what = "entry" if isinstance(value, dict) else "item"
         n = error.validator_value
-        return ConfigError(key_path(parts), f"expected {bound} {n} {what}{'s' if n != 1 else ''}, got {_show(value)}")
+        return ConfigError(
+            key_path(parts),
+            f"expected {bound} {n} {what}{'s' if n != 1 else ''}, got {_show(value)}",
+        )
     if rule == "enum":
         choices = ", ".join(_show(v) for v in error.validator_value)
-        return ConfigError(key_path(parts), f"{_show(value)} is not one of {choices}{_suggest(value, error.validator_value)}")
+        return ConfigError(
+            key_path(parts),
+            f"{_show(value)} is not one of {choices}{_suggest(value, error.validator_value)}",
+        )
     if rule == "const":
-        return ConfigError(key_path(parts), f"expected {_show(error.validator_value)}, got {_show(value)}")
+        return ConfigError(
+            key_path(parts), f"expected {_show(error.validator_value)}, got {_show(value)}"
+        )
     return ConfigError(key_path(parts), error.message)
 
 
@@ -372,7 +442,9 @@ def resolve_layers(name: str, model: dict[str, Any], base_dir: str | Path = ".")
     return layers
 
 
-_MAX_HEADER = 100 << 20  # a safetensors header is JSON of tensor names and offsets: megabytes at most
+_MAX_HEADER = (
+    100 << 20
+)  # a safetensors header is JSON of tensor names and offsets: megabytes at most
 
 
 def safetensors_problem(path: str | os.PathLike) -> str | None:
@@ -388,7 +460,10 @@ def safetensors_problem(path: str | os.PathLike) -> str | None:
             return f"its header claims {n} bytes but the file has {size}: truncated or not a safetensors file"
         try:
             header = json.loads(f.read(n))
-            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+            end = max(
+                (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                default=0,
+            )
         except (ValueError, TypeError, KeyError, IndexError, AttributeError):
             return "its header is not valid safetensors JSON: the file is corrupt"
     if 8 + n + end != size:
@@ -401,15 +476,23 @@ def check_model_dir(root: Path, key: str) -> None:
     try:
         json.loads((root / "config.json").read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ConfigError(key, f"{root / 'config.json'} is not valid JSON ({exc}): save the model again") from None
+        raise ConfigError(
+            key, f"{root / 'config.json'} is not valid JSON ({exc}): save the model again"
+        ) from None
     weights = [p for pattern in _WEIGHT_GLOBS for p in sorted(root.glob(pattern))]
     if not weights:
-        raise ConfigError(key, f"{root} has no weights (*.safetensors or *.bin): save the model with save_pretrained")
+        raise ConfigError(
+            key,
+            f"{root} has no weights (*.safetensors or *.bin): save the model with save_pretrained",
+        )
     for path in weights:
         problem = safetensors_problem(path) if path.suffix == ".safetensors" else None
         if problem:
-            raise ConfigError(key, f"{path}: {problem}; download the model again (or save it again with "
-                                   "save_pretrained) and rerun")
+            raise ConfigError(
+                key,
+                f"{path}: {problem}; download the model again (or save it again with "
+                "save_pretrained) and rerun",
+            )
 
 
 def context_length(source: str, base_dir: str | Path = ".") -> int | None:
@@ -438,8 +521,9 @@ def fast_tokenizer_file(source: str, base_dir: str | Path = ".") -> str | None:
     return str(path)
 
 
-def check_prompt_lengths(dataset: str, longest: dict[str, list], models: dict[str, Any],
-                         base_dir: str | Path = ".") -> None:
+def check_prompt_lengths(
+    dataset: str, longest: dict[str, list], models: dict[str, Any], base_dir: str | Path = "."
+) -> None:
     """ConfigError when a dataset's longest prompt (plus BOS) exceeds a local model's context."""
     for name, (n_tokens, prompt_id) in sorted(longest.items()):
         limit = context_length(models[name]["source"], base_dir)
@@ -478,9 +562,18 @@ def check_config(config: dict[str, Any], base_dir: str | Path = ".") -> dict[str
             if not root.is_dir():
                 raise ConfigError(f"models.{name}.source", f"model directory not found: {source}")
             if not (root / "config.json").is_file():
-                raise ConfigError(f"models.{name}.source", f"{source} has no config.json (not a save_pretrained directory)")
-            if not any((root / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-                raise ConfigError(f"models.{name}.source", f"{source} has no tokenizer files (tokenizer.json/tokenizer_config.json)")
+                raise ConfigError(
+                    f"models.{name}.source",
+                    f"{source} has no config.json (not a save_pretrained directory)",
+                )
+            if not any(
+                (root / f).is_file()
+                for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+            ):
+                raise ConfigError(
+                    f"models.{name}.source",
+                    f"{source} has no tokenizer files (tokenizer.json/tokenizer_config.json)",
+                )
             check_model_dir(root, f"models.{name}.source")
         elif "/" in source and (base / source.split("/")[0]).is_dir():
             raise ConfigError(
@@ -496,21 +589,35 @@ def check_config(config: dict[str, Any], base_dir: str | Path = ".") -> dict[str
                 )
     for name, exp in config.get("patching", {}).get("experiments", {}).items():
         if not (base / exp["pairs"]).is_file():
-            raise ConfigError(f"patching.experiments.{name}.pairs", f"file not found: {exp['pairs']}")
+            raise ConfigError(
+                f"patching.experiments.{name}.pairs", f"file not found: {exp['pairs']}"
+            )
     act = config.get("activations", {})
     components = act.get("components", ["resid_post"])
     poolings = act.get("poolings", ["mean", "last"])
     figures = config.get("figures", {})
     if figures.get("component") and figures["component"] not in components:
-        raise ConfigError("figures.component", f"'{figures['component']}' is not cached: add it to activations.components {components}")
+        raise ConfigError(
+            "figures.component",
+            f"'{figures['component']}' is not cached: add it to activations.components {components}",
+        )
     if figures.get("pooling") and figures["pooling"] not in poolings:
-        raise ConfigError("figures.pooling", f"'{figures['pooling']}' is not cached: add it to activations.poolings {poolings}")
+        raise ConfigError(
+            "figures.pooling",
+            f"'{figures['pooling']}' is not cached: add it to activations.poolings {poolings}",
+        )
     has_grid = any(spec["kind"] == "task_grid" for spec in config["datasets"].values())
     tv = config.get("task_vectors", {})
     if has_grid and tv.get("pooling", "last") not in poolings:
-        raise ConfigError("task_vectors.pooling", f"'{tv.get('pooling', 'last')}' is not cached: add it to activations.poolings")
+        raise ConfigError(
+            "task_vectors.pooling",
+            f"'{tv.get('pooling', 'last')}' is not cached: add it to activations.poolings",
+        )
     if has_grid and tv.get("component") and tv["component"] not in components:
-        raise ConfigError("task_vectors.component", f"'{tv['component']}' is not cached: add it to activations.components")
+        raise ConfigError(
+            "task_vectors.component",
+            f"'{tv['component']}' is not cached: add it to activations.components",
+        )
     if has_grid and tv.get("layer") is not None:
         for name, model_layers in layers.items():
             if tv["layer"] not in model_layers:

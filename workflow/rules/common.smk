@@ -11,7 +11,7 @@ from layerscope.config import (
     read_n_layers,
     validate_config,
 )
-from layerscope.datasets import dry_run_check
+from layerscope.data.datasets import dry_run_check
 from layerscope.errors import ConfigError, LayerscopeError
 
 # Every mistake in the config (unknown key, wrong type, duplicate name, missing file, bad layer, ...)

@@ -1,6 +1,6 @@
 # Stage 6: steering along found directions (probe, mass-mean, task vector or a user file), with a
 # random-direction null band and a damage guard; one GPU job per (model, experiment), one plot job.
-from layerscope.steering_run import experiment_inputs, resolve_experiment
+from layerscope.jobs.steering_run import experiment_inputs, resolve_experiment
 
 STEER_EXPERIMENTS = sorted(config["steering"]["experiments"])
 try:

@@ -1,6 +1,6 @@
-from layerscope.analysis import activation_stats_table
-from layerscope.probe_runs import positive_class
-from layerscope.scripting import job_logging
+from layerscope.jobs.probe_runs import positive_class
+from layerscope.jobs.scripting import job_logging
+from layerscope.jobs.stages import activation_stats_table
 
 with job_logging(snakemake.log[0]) as log:
     table = activation_stats_table(

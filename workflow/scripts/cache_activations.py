@@ -1,7 +1,7 @@
 import json
 
-from layerscope.activations import cache_from_table
-from layerscope.scripting import job_logging, log_visible_gpus
+from layerscope.engine.activations import cache_from_table
+from layerscope.jobs.scripting import job_logging, log_visible_gpus
 
 with job_logging(snakemake.log[0]) as log:
     log_visible_gpus(log)

@@ -1,7 +1,7 @@
 import json
 
-from layerscope.analysis import depth_comparison
-from layerscope.scripting import job_logging
+from layerscope.jobs.scripting import job_logging
+from layerscope.jobs.stages import depth_comparison
 
 with job_logging(snakemake.log[0]):
     view = json.loads(snakemake.params.view)

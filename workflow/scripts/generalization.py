@@ -1,14 +1,17 @@
 import json
 from pathlib import Path
 
-from layerscope.analysis import generalization
-from layerscope.probe_runs import positive_class
-from layerscope.scripting import job_logging
+from layerscope.jobs.probe_runs import positive_class
+from layerscope.jobs.scripting import job_logging
+from layerscope.jobs.stages import generalization
 
 with job_logging(snakemake.log[0]) as log:
     view = json.loads(snakemake.params.view)
     # Layer files live under results/activations/{model}/{dataset}/; group them by dataset.
-    paths = {ds: [p for p in snakemake.input.layers if Path(p).parent.name == ds] for ds in snakemake.params.datasets}
+    paths = {
+        ds: [p for p in snakemake.input.layers if Path(p).parent.name == ds]
+        for ds in snakemake.params.datasets
+    }
     # ...their prompt tables under results/datasets/{dataset}/, their probe summaries under results/probes/.
     tables = {Path(t).parent.name: t for t in snakemake.input.tables}
     summaries = {Path(t).parent.name: t for t in snakemake.input.probes}

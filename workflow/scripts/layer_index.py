@@ -1,6 +1,6 @@
-from layerscope.consistency import check_files_against_table
-from layerscope.layer_index import write_layer_index
-from layerscope.scripting import job_logging
+from layerscope.analysis.layer_index import write_layer_index
+from layerscope.data.consistency import check_files_against_table
+from layerscope.jobs.scripting import job_logging
 
 with job_logging(snakemake.log[0]) as log:
     layers = list(snakemake.input.layers)

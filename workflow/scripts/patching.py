@@ -1,7 +1,7 @@
 import json
 
-from layerscope.analysis import patching_experiment
-from layerscope.scripting import job_logging, log_visible_gpus
+from layerscope.jobs.scripting import job_logging, log_visible_gpus
+from layerscope.jobs.stages import patching_experiment
 
 with job_logging(snakemake.log[0]) as log:
     log_visible_gpus(log)

@@ -1,7 +1,7 @@
 import json
 
-from layerscope.analysis import geometry_figures
-from layerscope.scripting import job_logging
+from layerscope.jobs.scripting import job_logging
+from layerscope.jobs.stages import geometry_figures
 
 with job_logging(snakemake.log[0]) as log:
     view = json.loads(snakemake.params.view)

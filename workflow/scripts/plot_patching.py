@@ -1,15 +1,16 @@
 import pandas as pd
 
-from layerscope import patching_plots as pp
-from layerscope.plots import save_figure
-from layerscope.scripting import job_logging
+from layerscope.jobs.scripting import job_logging
+from layerscope.plotting import patching as pp
+from layerscope.plotting.plots import save_figure
 
 with job_logging(snakemake.log[0]) as log:
     formats = snakemake.params.formats
     names = {"model": snakemake.wildcards.model, "experiment": snakemake.wildcards.experiment}
     labels, pairs = pp.read_position_labels(snakemake.input.arrays)
-    summary = pd.read_csv(snakemake.input.summary, keep_default_na=False, na_values=[""],
-                          dtype={"token": str})
+    summary = pd.read_csv(
+        snakemake.input.summary, keep_default_na=False, na_values=[""], dtype={"token": str}
+    )
     figures = {"heatmaps": pp.draw_patching_heatmaps(summary, labels, pairs=pairs, **names)}
     if "heads" in snakemake.output.keys():
         figures["heads"] = pp.draw_head_heatmap(summary, **names)

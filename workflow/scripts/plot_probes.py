@@ -1,5 +1,5 @@
-from layerscope.analysis import probe_figure
-from layerscope.scripting import job_logging
+from layerscope.jobs.scripting import job_logging
+from layerscope.jobs.stages import probe_figure
 
 with job_logging(snakemake.log[0]):
     probe_figure(

@@ -1,7 +1,7 @@
 import pandas as pd
 
-from layerscope import plots
-from layerscope.scripting import job_logging
+from layerscope.jobs.scripting import job_logging
+from layerscope.plotting import plots
 
 with job_logging(snakemake.log[0]) as log:
     effects = pd.read_csv(snakemake.input.effects)

@@ -1,5 +1,5 @@
-from layerscope.analysis import task_vector_figures
-from layerscope.scripting import job_logging
+from layerscope.jobs.scripting import job_logging
+from layerscope.jobs.stages import task_vector_figures
 
 with job_logging(snakemake.log[0]) as log:
     figures = {k: v for k, v in snakemake.output.items() if k != "extra"}
@@ -12,4 +12,8 @@ with job_logging(snakemake.log[0]) as log:
         dataset=snakemake.wildcards.dataset,
         formats=snakemake.params.formats,
     )
-    log.info("best separation at layer %d (heatmap also at layer %d)", info["best_layer"], info["chosen_layer"])
+    log.info(
+        "best separation at layer %d (heatmap also at layer %d)",
+        info["best_layer"],
+        info["chosen_layer"],
+    )

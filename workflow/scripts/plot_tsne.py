@@ -1,7 +1,7 @@
 import json
 
-from layerscope.analysis import tsne_figure
-from layerscope.scripting import job_logging
+from layerscope.jobs.scripting import job_logging
+from layerscope.jobs.stages import tsne_figure
 
 with job_logging(snakemake.log[0]):
     tsne_figure(

@@ -1,5 +1,5 @@
-from layerscope.probe_runs import summarize_probes
-from layerscope.scripting import job_logging
+from layerscope.jobs.probe_runs import summarize_probes
+from layerscope.jobs.scripting import job_logging
 
 with job_logging(snakemake.log[0]) as log:
     table = summarize_probes(snakemake.input, snakemake.output[0])

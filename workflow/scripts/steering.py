@@ -1,7 +1,7 @@
 import json
 
-from layerscope.scripting import job_logging, log_visible_gpus
-from layerscope.steering_run import by_layer, steering_experiment
+from layerscope.jobs.scripting import job_logging, log_visible_gpus
+from layerscope.jobs.steering_run import by_layer, steering_experiment
 
 with job_logging(snakemake.log[0]) as log:
     log_visible_gpus(log)
@@ -27,5 +27,17 @@ with job_logging(snakemake.log[0]) as log:
     for h in summary["headline"]:
         log.info(
             "strongest %s: layer %d alpha %g -> %.3f [%.3f, %.3f] (n=%d), beyond the random band: %s",
-            *(h[k] for k in ("metric", "layer", "alpha", "value", "ci_low", "ci_high", "n", "beyond_random")),
+            *(
+                h[k]
+                for k in (
+                    "metric",
+                    "layer",
+                    "alpha",
+                    "value",
+                    "ci_low",
+                    "ci_high",
+                    "n",
+                    "beyond_random",
+                )
+            ),
         )

@@ -1,7 +1,7 @@
 import json
 
-from layerscope.analysis import task_vector_scores
-from layerscope.scripting import job_logging
+from layerscope.jobs.scripting import job_logging
+from layerscope.jobs.stages import task_vector_scores
 
 with job_logging(snakemake.log[0]) as log:
     settings = json.loads(snakemake.params.settings)

@@ -1,7 +1,7 @@
 import json
 
-from layerscope.probe_runs import positive_class, train_layer_probes
-from layerscope.scripting import job_logging
+from layerscope.jobs.probe_runs import positive_class, train_layer_probes
+from layerscope.jobs.scripting import job_logging
 
 with job_logging(snakemake.log[0]) as log:
     train_layer_probes(

@@ -1,0 +1,1177 @@
+"""Cache pooled per-layer activations with one batched forward pass per (model, dataset).
+
+``cache_store`` runs every prompt through a TransformerLens ``TransformerBridge`` once and writes
+the pooled vectors of EVERY layer (for the configured components and poolings) to a *store*;
+``extract_layer`` then cuts one layer out of it into ``layer_{L}.h5``. Layout: see
+:mod:`layerscope.data.h5cache`.
+
+How prompts go through the model (all decided here, not left to the bridge):
+
+* Tokenization is ours: ``add_special_tokens=False`` and, by policy, the tokenizer's BOS id
+  prepended explicitly (never twice).
+* Prompts are sorted by token length into batches and padded on the RIGHT; the model gets
+  ``input_ids`` and an explicit ``attention_mask`` (padding is never inferred from token ids:
+  GPT-2's pad id is its BOS id). With right padding every real token keeps positions
+  ``0..n-1`` and, the attention being causal, never sees a pad, so batched results equal
+  one-prompt-at-a-time results up to float rounding.
+* Pooling uses the attention mask (minus the BOS position when ``exclude_bos_from_pooling``).
+* Hooks sit only on the needed hook points; the hook on the last needed one raises
+  ``StopAtLayerException``, so the final norm and the full-vocabulary LM head never run.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from layerscope import __version__ as LAYERSCOPE_VERSION
+from layerscope.atomic import atomic_path
+from layerscope.data import h5cache
+from layerscope.engine import diskspace
+from layerscope.errors import InputError, LayerscopeError
+
+#: component -> TransformerLens hook name (legacy aliases kept by TransformerLens 4).
+HOOKS = {
+    "resid_pre": "blocks.{L}.hook_resid_pre",
+    "attn_out": "blocks.{L}.hook_attn_out",
+    "resid_mid": "blocks.{L}.hook_resid_mid",
+    "mlp_out": "blocks.{L}.hook_mlp_out",
+    "resid_post": "blocks.{L}.hook_resid_post",
+}
+#: order in which the hooks of one block fire (the last one needed is where we stop).
+_FIRE_ORDER = {"resid_pre": 0, "attn_out": 1, "resid_mid": 2, "mlp_out": 3, "resid_post": 4}
+_DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float64": "float64",
+}
+_OUT_DTYPES = ("float32", "float16", "float64")
+
+
+def _tl_version() -> str:
+    try:
+        return importlib.metadata.version("transformer-lens")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+        return "unknown"
+
+
+# --------------------------------------------------------------------------------------------
+# model loading
+
+
+def resolve_device(device: str | None = "auto") -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise LayerscopeError(
+            f"device {device!r} requested but CUDA is not available on this machine"
+        )
+    return str(device)
+
+
+def torch_dtype(dtype: str | Any):
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = _DTYPES.get(str(dtype).lower())
+    if name is None:
+        raise LayerscopeError(
+            f"unknown dtype {dtype!r}; expected one of float32, float16, bfloat16, float64"
+        )
+    return getattr(torch, name)
+
+
+def load_model(
+    source: str,
+    *,
+    dtype: str = "float32",
+    device: str = "auto",
+    compatibility_mode: bool = False,
+    revision: str | None = None,
+):
+    """Boot ``source`` (hub id or local ``save_pretrained`` directory) as a ``TransformerBridge``.
+
+    Returns ``(bridge, info)``; ``info`` describes what was loaded and is written into every cache
+    file (model, revision, n_layers, d_model, dtype, device, compatibility_mode, versions, ...).
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    dev = resolve_device(device)
+    tdtype = torch_dtype(dtype)
+    kwargs: dict[str, Any] = {"device": dev, "dtype": tdtype}
+    if revision:
+        kwargs["revision"] = revision
+    refusal = bridge_refusal(source, revision)
+    if refusal:
+        raise LayerscopeError(f"engine: bridge cannot run {source}: {refusal}")
+    try:
+        bridge = TransformerBridge.boot_transformers(os.fspath(source), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise LayerscopeError(f"could not load model {source!r}: {exc}") from exc
+    except Exception as exc:  # an adapter that cannot map this layout: name it, no raw traceback
+        raise LayerscopeError(
+            f"TransformerBridge {_tl_version()} cannot boot {source!r} "
+            f"({_arch_name(source, revision)}): {type(exc).__name__}: {exc}; "
+            "use engine: native"
+        ) from exc
+    if compatibility_mode:
+        bridge.enable_compatibility_mode(disable_warnings=True)
+    bridge.eval()
+    bridge.original_model.eval()
+    # The bridge rewrites the tokenizer (Qwen: BOS := EOS); BOS decisions use the model's own files.
+    bridge.layerscope_tokenizer = _own_tokenizer(source, revision, fallback=bridge.tokenizer)
+    info = describe_model(
+        bridge,
+        source=source,
+        revision=revision,
+        dtype=tdtype,
+        device=dev,
+        compatibility_mode=compatibility_mode,
+    )
+    info["engine"] = "bridge"
+    return bridge, info
+
+
+def _hf_config(source, revision):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(
+        os.fspath(source), **({"revision": revision} if revision else {})
+    )
+
+
+def _arch_name(source, revision) -> str:
+    try:
+        config = _hf_config(source, revision)
+    except (OSError, ValueError):
+        return "unknown architecture"
+    return (getattr(config, "architectures", None) or [config.model_type])[0]
+
+
+def bridge_refusal(source, revision=None) -> str | None:
+    """Layouts where the TransformerBridge (4.3) is known to be wrong or not to boot, found by the
+    architecture matrix (tests/test_architectures.py); None where it is fine or unknown."""
+    try:
+        config = _hf_config(source, revision)
+    except (OSError, ValueError):
+        return None  # let the boot itself report it
+    if config.model_type == "falcon" and config.new_decoder_architecture:
+        return (
+            "Falcon with new_decoder_architecture: the bridge's joint-QKV split does not fit its grouped "
+            "K/V heads and it cannot boot"
+        )
+    if config.model_type == "falcon" and config.alibi:
+        return (
+            "Falcon with ALiBi: the bridge's activations differ from transformers' (relative 0.04-0.17 "
+            "on a tiny random model)"
+        )
+    return None
+
+
+def _own_tokenizer(source, revision, fallback):
+    from transformers import AutoTokenizer
+
+    try:
+        kw = {"revision": revision} if revision else {}
+        return AutoTokenizer.from_pretrained(os.fspath(source), **kw)
+    except (OSError, ValueError):
+        return fallback
+
+
+ENGINES = ("auto", "native", "bridge")
+
+
+def load_engine(
+    source: str,
+    *,
+    engine: str = "auto",
+    components: Sequence[str] = (),
+    dtype: str = "float32",
+    device: str = "auto",
+    compatibility_mode: bool = False,
+    revision: str | None = None,
+    log: Callable[[str], Any] | None = None,
+):
+    """The model to cache with: the native engine (plain HF model, SDPA, hooks on its modules; see
+    :mod:`layerscope.engine.native`) or the TransformerBridge. ``engine: auto`` takes the native one unless
+    compatibility_mode is on (folded LayerNorm exists only in the bridge) or the layout has no native
+    tap point for a requested component; ``native`` refuses those cases by name. Returns ``(model, info)``.
+    """
+    from layerscope.engine import native
+
+    if engine not in ENGINES:
+        raise LayerscopeError(f"engine {engine!r} not understood; expected one of {list(ENGINES)}")
+    reason = (
+        _native_refusal(source, revision, components, compatibility_mode)
+        if engine != "bridge"
+        else None
+    )
+    if engine == "native" and reason:
+        raise LayerscopeError(f"engine: native cannot run {source}: {reason}")
+    if engine == "bridge" or reason:
+        if reason and log:
+            log(f"engine: bridge ({reason})")
+        return load_model(
+            source,
+            dtype=dtype,
+            device=device,
+            compatibility_mode=compatibility_mode,
+            revision=revision,
+        )
+    dev = resolve_device(device)
+    tdtype = torch_dtype(dtype)
+    model = native.load_native(source, dtype=tdtype, device=dev, revision=revision)
+    info = describe_model(
+        model, source=source, revision=revision, dtype=tdtype, device=dev, compatibility_mode=False
+    )
+    info.update(engine="native", attn_implementation=str(model.attn_implementation))
+    return model, info
+
+
+def _native_refusal(source, revision, components, compatibility_mode) -> str | None:
+    """Why the native engine cannot serve this request (None if it can)."""
+    from layerscope.engine import native
+
+    if compatibility_mode:
+        return "compatibility_mode (folded LayerNorm) exists only in the bridge"
+    try:
+        config = _hf_config(source, revision)
+        have = native.supported_components(config)
+    except (OSError, ValueError, LayerscopeError) as exc:
+        return str(exc)
+    missing = [c for c in components if c not in have]
+    return native.why_unsupported(config, missing[0]) if missing else None
+
+
+def describe_model(
+    bridge,
+    *,
+    source: str | None = None,
+    revision: str | None = None,
+    dtype=None,
+    device: str | None = None,
+    compatibility_mode: bool | None = None,
+) -> dict[str, Any]:
+    """The ``info`` dict of :func:`load_model` for an already booted bridge (or native engine)."""
+    hf = getattr(bridge, "original_model", None) or getattr(bridge, "model", None)
+    config = getattr(hf, "config", None)
+    name_or_path = getattr(config, "_name_or_path", None) or ""
+    source = source if source is not None else (name_or_path or "unknown")
+    if not revision:
+        revision = getattr(config, "_commit_hash", None)
+    if not revision:
+        revision = "local" if os.path.isdir(os.fspath(source)) else None
+    if dtype is None:
+        try:
+            dtype = next(hf.parameters()).dtype
+        except (StopIteration, AttributeError):
+            dtype = "unknown"
+    arch = getattr(bridge.cfg, "architecture", None)
+    if not arch and config is not None and getattr(config, "architectures", None):
+        arch = config.architectures[0]
+    if compatibility_mode is None:
+        compatibility_mode = bool(getattr(bridge, "compatibility_mode", False))
+    return {
+        "model": os.fspath(source),
+        "model_revision": revision,
+        "architecture": arch or "unknown",
+        "n_layers": int(bridge.cfg.n_layers),
+        "d_model": int(bridge.cfg.d_model),
+        "n_ctx": int(getattr(bridge.cfg, "n_ctx", 0) or 0),
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": str(device if device is not None else getattr(bridge.cfg, "device", "cpu")),
+        "compatibility_mode": bool(compatibility_mode),
+        "transformer_lens_version": _tl_version(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# tokenization
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the model's own tokenizer puts BOS first: it defines a BOS token and either adds it
+    when encoding (Llama, DeepSeek-R1-Distill-Qwen, Gemma, OPT) or, GPT-2 style, adds no special
+    token at all while its BOS is also its EOS document separator (GPT-2, Pythia, Phi: the
+    TransformerLens convention, kept). A tokenizer without a BOS token (Qwen2.5, Qwen3) -> False.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    try:
+        with_special = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+        plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    except (TypeError, KeyError, ValueError):  # a minimal tokenizer object: trust its BOS token
+        return True
+    if with_special and with_special[0] == bos:
+        return True
+    return bos == getattr(tokenizer, "eos_token_id", None) and with_special == plain
+
+
+def resolve_bos(tokenizer, policy: str | bool = "auto") -> bool:
+    """``bos: auto | true | false`` -> whether to prepend BOS. ``auto``: iff the model's own
+    tokenizer puts one first (:func:`tokenizer_adds_bos`)."""
+    if isinstance(policy, str):
+        p = policy.strip().lower()
+        if p == "auto":
+            return tokenizer_adds_bos(tokenizer)
+        if p in ("true", "yes", "1"):
+            policy = True
+        elif p in ("false", "no", "0"):
+            policy = False
+        else:
+            raise LayerscopeError(
+                f"bos policy {policy!r} not understood; expected auto, true or false"
+            )
+    if policy and getattr(tokenizer, "bos_token_id", None) is None:
+        raise LayerscopeError(
+            "bos: true, but the tokenizer has no BOS token; use bos: auto or false"
+        )
+    return bool(policy)
+
+
+def tokenize_prompts(tokenizer, texts: Sequence[str], *, prepend_bos: bool) -> list[list[int]]:
+    """Token ids of each text: ``add_special_tokens=False``, then BOS prepended if ``prepend_bos``.
+
+    Never doubles BOS: if the ids already start with the BOS id (a tokenizer that inserts it
+    anyway, or a text that starts with the BOS string) no second one is added. With
+    ``prepend_bos=False`` a BOS the tokenizer inserted on its own is removed.
+    """
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    bos_str = getattr(tokenizer, "bos_token", None)
+    if prepend_bos and bos_id is None:
+        raise LayerscopeError("prepend_bos=True but the tokenizer has no BOS token")
+    texts = list(texts)
+    if not texts:
+        return []
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    out: list[list[int]] = []
+    for text, ids in zip(texts, encoded):
+        ids = list(ids)
+        starts_with_bos = bool(ids) and bos_id is not None and ids[0] == bos_id
+        if prepend_bos:
+            if not starts_with_bos:
+                ids = [bos_id] + ids
+        elif starts_with_bos and not (bos_str and text.startswith(bos_str)):
+            ids = ids[1:]  # inserted by the tokenizer despite add_special_tokens=False
+        out.append(ids)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# batching
+
+
+def make_batches(
+    lengths: Sequence[int], batch_size: int, max_tokens_per_batch: int | None = None
+) -> list[list[int]]:
+    """Group prompt indices into batches of similar length (longest first).
+
+    A batch holds at most ``batch_size`` prompts and, if given, at most ``max_tokens_per_batch``
+    padded tokens (a single longer prompt still gets a batch of its own). Indices inside a
+    batch are ascending (prompt-table order), so results can be written with one selection.
+    """
+    if batch_size < 1:
+        raise LayerscopeError(f"batch_size must be >= 1, got {batch_size}")
+    if max_tokens_per_batch is not None and max_tokens_per_batch < 1:
+        raise LayerscopeError(f"max_tokens_per_batch must be >= 1, got {max_tokens_per_batch}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    cur_max = 0
+    for i in order:
+        new_max = max(cur_max, lengths[i])
+        too_many = len(cur) + 1 > batch_size
+        too_big = (
+            max_tokens_per_batch is not None and (len(cur) + 1) * new_max > max_tokens_per_batch
+        )
+        if cur and (too_many or too_big):
+            batches.append(sorted(cur))
+            cur, new_max = [], lengths[i]
+        cur.append(i)
+        cur_max = new_max
+    if cur:
+        batches.append(sorted(cur))
+    return batches
+
+
+def shard_batches(
+    batches: Sequence[Sequence[int]], lengths: Sequence[int], index: int, count: int
+) -> list[list[int]]:
+    """The batches that shard ``index`` of ``count`` runs: whole batches, balanced by padded tokens.
+
+    Sharding cuts the one global batch plan rather than the prompt table, so every prompt is
+    computed in exactly the batch (same neighbours, same padding) it would get unsharded: the
+    arrays are then identical for any shard count, not merely close.
+    """
+    if count < 1 or not 0 <= index < count:
+        raise LayerscopeError(
+            f"shard {index} of {count} does not exist; shards are numbered 0..{count - 1}"
+        )
+    cost = [len(b) * max(lengths[i] for i in b) for b in batches]
+    total = sum(cost)
+    out: list[list[int]] = []
+    done = 0
+    for batch, c in zip(batches, cost):
+        # A batch belongs to the shard its midpoint falls in (integer arithmetic: no float ties).
+        if min(count - 1, (2 * done + c) * count // (2 * total)) == index:
+            out.append(list(batch))
+        done += c
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# caching
+
+
+def _token_ids(
+    tokenizer,
+    texts: Sequence[str],
+    rows: Iterable[int],
+    prepend: bool,
+    *,
+    keep: bool,
+    chunk: int = 1024,
+) -> list[Any]:
+    """Token ids of ``texts[rows]`` as int64 arrays, tokenized ``chunk`` texts at a time (a fast
+    tokenizer's per-text encodings are large; holding all of them at once costs ~6 KB a prompt).
+    With ``keep=False`` only the lengths are kept (one-element placeholders of the right ``len``).
+    """
+    rows = list(rows)
+    out: list[Any] = []
+    for start in range(0, len(rows), chunk):
+        part = [texts[i] for i in rows[start : start + chunk]]
+        for x in tokenize_prompts(tokenizer, part, prepend_bos=prepend):
+            out.append(np.asarray(x, dtype=np.int64) if keep else range(len(x)))
+    return out
+
+
+def _stop_exception(model) -> type:
+    """The exception a hook raises to end a forward pass early, as the model catches it."""
+    exc = getattr(model, "stop_exception", None)
+    if exc is None:
+        from transformer_lens.model_bridge.exceptions import StopAtLayerException as exc
+    return exc
+
+
+def _model_device(model):
+    hf = getattr(model, "original_model", None) or getattr(model, "model", None)
+    return next(iter(hf.parameters())).device
+
+
+def hook_name(component: str, layer: int) -> str:
+    return HOOKS[component].format(L=layer)
+
+
+def _check_choices(values: Iterable[str], allowed: Sequence[str], what: str) -> list[str]:
+    values = list(values)
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        extra = (
+            " (token-level vectors come from token_level_layers)"
+            if what == "pooling" and "none" in bad
+            else ""
+        )
+        raise LayerscopeError(f"unknown {what}(s) {bad}; expected some of {list(allowed)}{extra}")
+    if len(set(values)) != len(values):
+        raise LayerscopeError(f"duplicate {what}s in {values}")
+    return values
+
+
+def _names(ids: Sequence[str], limit: int = 10) -> str:
+    ids = [str(i) for i in ids]
+    more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
+    return ", ".join(ids[:limit]) + more
+
+
+def cache_store(
+    bridge,
+    prompt_ids: Sequence[str],
+    texts: Sequence[str],
+    labels: Sequence[Any],
+    out_path: str | os.PathLike,
+    *,
+    components: Sequence[str] = ("resid_post",),
+    poolings: Sequence[str] = ("mean",),
+    prepend_bos: bool | str = "auto",
+    exclude_bos_from_pooling: bool = True,
+    token_level_layers: Sequence[int] = (),
+    batch_size: int = 32,
+    max_tokens_per_batch: int | None = None,
+    log: Callable[[str], Any] | None = print,
+    dtype_out: str = "float32",
+    compression: str | int | None = None,
+    model_info: Mapping[str, Any] | None = None,
+    groups: Sequence[Any] | None = None,
+    progress_every_s: float = 10.0,
+    stop_early: bool = True,
+    shard: tuple[int, int] | None = None,
+    self_check: int = 4,
+) -> dict[str, Any]:
+    """Run all prompts through ``bridge`` once; write pooled vectors of every layer to ``out_path``.
+
+    ``prompt_ids`` / ``texts`` / ``labels`` (and optional ``groups``) are parallel sequences in
+    prompt-table order; the store keeps that order. ``prepend_bos`` is the BOS policy
+    (``"auto"``, True or False, see :func:`resolve_bos`). Pooling ``mean`` / ``max`` / ``last``
+    run over the real tokens (the BOS position left out when ``exclude_bos_from_pooling``);
+    every pooled token of the layers in ``token_level_layers`` is also kept (pooling ``none``).
+    The file is written incrementally and renamed into place only when complete.
+    ``stop_early=False`` lets the forward pass run on through the final norm and LM head (same
+    numbers, slower; only there to measure what stopping saves).
+    ``shard=(i, n)`` computes only shard ``i`` of ``n`` (see :func:`shard_batches`) and writes a
+    *shard* file holding just its prompts; :func:`layerscope.data.h5cache.gather_shards` joins the
+    shards into a store equal, array for array, to the unsharded one.
+    ``self_check``: how many prompts (the longest, the shortest, ...) the parity self-check
+    recomputes with plain ``transformers`` before the file is renamed into place (0 = off; see
+    :mod:`layerscope.engine.parity`); the largest difference goes into the attributes and the log.
+    Returns a small summary dict (n_prompts, n_tokens, seconds, tokens_per_s, batches).
+    """
+    import torch
+
+    StopAtLayerException = _stop_exception(bridge)
+    log = log or (lambda msg: None)
+    components = _check_choices(components, h5cache.COMPONENTS, "component")
+    poolings = _check_choices(poolings, h5cache.POOLINGS, "pooling")
+    if not components:
+        raise LayerscopeError("no components to cache")
+    token_level_layers = sorted({int(x) for x in token_level_layers})
+    if not poolings and not token_level_layers:
+        raise LayerscopeError("nothing to cache: no poolings and no token_level_layers")
+    if dtype_out not in _OUT_DTYPES:
+        raise LayerscopeError(
+            f"dtype_out {dtype_out!r} not supported; expected one of {list(_OUT_DTYPES)}"
+        )
+    h5cache.compression_kwargs(compression)  # validate early
+
+    prompt_ids = [str(p) for p in prompt_ids]
+    texts = list(texts)
+    labels = ["" if v is None else str(v) for v in labels]
+    n = len(prompt_ids)
+    if n == 0:
+        raise LayerscopeError("no prompts to cache")
+    if len(texts) != n or len(labels) != n or (groups is not None and len(groups) != n):
+        raise LayerscopeError(
+            f"prompt_ids ({n}), texts ({len(texts)}), labels ({len(labels)})"
+            + (f", groups ({len(groups)})" if groups is not None else "")
+            + " must have the same length"
+        )
+    dupes = sorted(p for p, k in Counter(prompt_ids).items() if k > 1)
+    if dupes:
+        raise LayerscopeError(f"duplicate prompt_id(s): {_names(dupes)}")
+
+    info = dict(model_info) if model_info is not None else describe_model(bridge)
+    n_layers = int(bridge.cfg.n_layers)
+    d_model = int(bridge.cfg.d_model)
+    bad_layers = [L for L in token_level_layers if not 0 <= L < n_layers]
+    if bad_layers:
+        raise LayerscopeError(
+            f"token_level_layers {bad_layers} do not exist; the model has layers 0..{n_layers - 1}"
+        )
+
+    # --- hooks -------------------------------------------------------------------------------
+    hook_dict = bridge.hook_dict
+    for comp in components:
+        if hook_name(comp, 0) not in hook_dict:
+            raise LayerscopeError(
+                f"component '{comp}' is not available for architecture {info.get('architecture')} "
+                f"(no hook '{hook_name(comp, 0)}'"
+                + ("; parallel-attention blocks have no resid_mid" if comp == "resid_mid" else "")
+                + "); remove it from activations.components"
+            )
+
+    # --- tokens --------------------------------------------------------------------------------
+    tokenizer = getattr(bridge, "layerscope_tokenizer", None) or bridge.tokenizer
+    bos_policy = prepend_bos
+    prepend = resolve_bos(tokenizer, prepend_bos)
+    # A shard keeps only the lengths of other shards' prompts (for the global batch plan), so its
+    # memory does not grow with the dataset; the ids of its own prompts come in a second pass.
+    ids = _token_ids(tokenizer, texts, range(n), prepend, keep=shard is None)
+    skip = 1 if (prepend and exclude_bos_from_pooling) else 0
+    lengths = [len(x) for x in ids]
+    n_pooled = [max(0, L - skip) for L in lengths]
+    empty = [prompt_ids[i] for i in range(n) if n_pooled[i] == 0]
+    if empty:
+        raise LayerscopeError(
+            f"prompt(s) with no tokens left to pool{' after leaving out BOS' if skip else ''}: {_names(empty)}"
+        )
+    n_ctx = int(info.get("n_ctx") or getattr(bridge.cfg, "n_ctx", 0) or 0)
+    if n_ctx:
+        too_long = [
+            f"{prompt_ids[i]} ({lengths[i]} tokens)" for i in range(n) if lengths[i] > n_ctx
+        ]
+        if too_long:
+            raise LayerscopeError(
+                f"prompt(s) longer than the model context of {n_ctx} tokens: {_names(too_long)}"
+            )
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = (
+            getattr(tokenizer, "eos_token_id", None) or 0
+        )  # value irrelevant: masked, right of real tokens
+    batches = make_batches(lengths, batch_size, max_tokens_per_batch)
+    n_total = n
+    # The self-check sample is drawn from the whole table, so that shards check the same prompts
+    # as the unsharded job (each shard those it holds; gather_store keeps the largest difference).
+    from layerscope.engine import parity
+
+    check_rows = parity.sample_rows(lengths, int(self_check or 0))
+    check_pids = [prompt_ids[i] for i in check_rows]
+    if shard is not None:
+        # Keep only this shard's prompts (ascending table order) and renumber them; each batch
+        # keeps its members and their order, so its input tensor is the unsharded one.
+        batches = shard_batches(batches, lengths, int(shard[0]), int(shard[1]))
+        rows = sorted(i for b in batches for i in b)
+        local = {g: k for k, g in enumerate(rows)}
+        batches = [[local[i] for i in b] for b in batches]
+        prompt_ids, texts, labels, lengths, n_pooled = (
+            [seq[i] for i in rows] for seq in (prompt_ids, texts, labels, lengths, n_pooled)
+        )
+        ids = _token_ids(tokenizer, texts, range(len(rows)), prepend, keep=True)
+        check_rows = [local[i] for i in check_rows if i in local]
+        if groups is not None:
+            groups = [groups[i] for i in rows]
+        n = len(rows)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(n_pooled, out=offsets[1:])
+    n_tok_total = int(offsets[-1])
+
+    # --- hook functions --------------------------------------------------------------------
+    stop_comp = max(components, key=lambda c: _FIRE_ORDER[c])
+    stop_layer = n_layers - 1
+    tl_index = {L: k for k, L in enumerate(token_level_layers)}
+    state: dict[str, Any] = {}
+
+    def make_hook(comp: str, layer: int):
+        is_stop = stop_early and comp == stop_comp and layer == stop_layer
+        keep_tokens = layer in tl_index
+
+        def hook(tensor, hook=None):
+            x = tensor.detach().float()
+            pm = state["pool_mask"]  # [B, T] bool
+            out = {}
+            if "mean" in poolings:
+                w = pm.unsqueeze(-1).to(x.dtype)
+                out["mean"] = (x * w).sum(dim=1) / state["counts"]
+            if "max" in poolings:
+                out["max"] = x.masked_fill(~pm.unsqueeze(-1), -math.inf).amax(dim=1)
+            if "last" in poolings:
+                out["last"] = x[state["rows"], state["last"]]
+            if keep_tokens:
+                out["none"] = x[pm]  # row-major: prompt by prompt, positions in order
+            state["captured"][(comp, layer)] = {k: v.cpu() for k, v in out.items()}
+            if is_stop:
+                raise StopAtLayerException(tensor)
+            return None
+
+        return hook
+
+    fwd_hooks = [(hook_name(c, L), make_hook(c, L)) for L in range(n_layers) for c in components]
+    store_hooks = [HOOKS[c] for c in components]
+
+    attrs = {
+        "kind": "store",
+        "format_version": h5cache.FORMAT_VERSION,
+        "model": info.get("model", "unknown"),
+        "model_revision": info.get("model_revision"),
+        "architecture": info.get("architecture", "unknown"),
+        "transformer_lens_version": info.get("transformer_lens_version", _tl_version()),
+        "layerscope_version": LAYERSCOPE_VERSION,
+        "n_layers": n_layers,
+        "d_model": d_model,
+        "n_prompts": n,
+        "hook_names": store_hooks,
+        "dtype": info.get("dtype", "unknown"),
+        "out_dtype": dtype_out,
+        "bos": str(bos_policy).lower(),
+        "prepend_bos": bool(prepend),
+        "exclude_bos_from_pooling": bool(exclude_bos_from_pooling),
+        "compatibility_mode": bool(
+            info.get("compatibility_mode", getattr(bridge, "compatibility_mode", False))
+        ),
+        "components": components,
+        "poolings": poolings,
+        "token_level_layers": token_level_layers,
+        "pad_side": "right",
+        "engine": str(info.get("engine", "native" if hasattr(bridge, "layout") else "bridge")),
+    }
+    if shard is not None:
+        attrs.update(
+            kind="shard",
+            shard_index=int(shard[0]),
+            n_shards=int(shard[1]),
+            n_prompts_total=n_total,
+            batch_size=int(batch_size),
+            max_tokens_per_batch=int(max_tokens_per_batch or 0),
+        )
+
+    device = _model_device(bridge)
+    total_real = int(sum(lengths))
+    if shard is not None:
+        log(
+            f"cache_store: shard {shard[0]} of {shard[1]} (numbered from 0): {n} of {n_total} prompts"
+        )
+    log(
+        f"cache_store: {n} prompts, {total_real} tokens, {len(batches)} batches (batch_size {batch_size}"
+        f"{f', max_tokens_per_batch {max_tokens_per_batch}' if max_tokens_per_batch else ''}), "
+        f"{n_layers} layers x {components} x {poolings}"
+        f"{f' + tokens of layers {token_level_layers}' if token_level_layers else ''}; "
+        f"BOS {'prepended' if prepend else 'not prepended'} (policy {bos_policy!r})"
+        f"{', left out of pooling' if skip else ''}; device {device}"
+    )
+
+    # Half precision is where inf/NaN come from; say which knob to turn.
+    overflow_hint = ""
+    if attrs["dtype"] == "float16":
+        overflow_hint = (
+            "; the model ran in float16, whose largest value is 65504: "
+            "set the model's dtype to bfloat16 or float32"
+        )
+    elif dtype_out == "float16":
+        overflow_hint = (
+            "; activations overflowed out_dtype float16: set activations.out_dtype to float32"
+        )
+
+    # Refuse before the forward pass, not half way through writing it.
+    needed = diskspace.estimate_store_bytes(
+        n_layers,
+        n,
+        d_model,
+        len(components),
+        len(poolings),
+        n_tok_total if token_level_layers else 0,
+        len(token_level_layers),
+        np.dtype(dtype_out).itemsize,
+    )
+    diskspace.check_free_space(Path(out_path).parent, needed, f"the activation store {out_path}")
+
+    t0 = time.perf_counter()
+    last_log = t0
+    done_prompts = 0
+    done_tokens = 0
+    with atomic_path(out_path) as tmp:
+        with h5cache.open_for_write(tmp) as f:
+            h5cache.set_attrs(f, attrs)
+            if shard is not None:
+                f.create_dataset("shard_rows", data=np.asarray(rows, dtype=np.int64))
+            h5cache.write_strings(f, "prompt_id", prompt_ids)
+            h5cache.write_strings(f, "label", labels)
+            h5cache.write_strings(
+                f, "text_sha1", h5cache.text_hashes(texts)
+            )  # the cache's key (not labels)
+            if groups is not None:
+                h5cache.write_strings(f, "group", groups)
+            f.create_dataset("n_tokens", data=np.asarray(lengths, dtype=np.int32))
+            f.create_dataset("n_pooled", data=np.asarray(n_pooled, dtype=np.int32))
+            pooled_ds = {
+                (c, p): h5cache.create_float(
+                    f, f"{c}/{p}", (n_layers, n, d_model), dtype_out, compression
+                )
+                for c in components
+                for p in poolings
+            }
+            token_ds = {}
+            if token_level_layers:
+                f.create_dataset(
+                    "token_ids",
+                    data=np.concatenate([x[skip:] for x in ids] or [np.zeros(0, np.int64)]),
+                )
+                for c in components:
+                    token_ds[c] = h5cache.create_float(
+                        f,
+                        f"{c}/none/values",
+                        (len(token_level_layers), n_tok_total, d_model),
+                        dtype_out,
+                        compression,
+                    )
+                    f.create_dataset(f"{c}/none/offsets", data=offsets)
+
+            def forward(batch: list[int], T: int) -> dict:
+                """One padded forward pass of ``batch`` (width ``T``); the pooled vectors it captured."""
+                B = len(batch)
+                input_ids = torch.full((B, T), int(pad_id), dtype=torch.long)
+                mask = torch.zeros((B, T), dtype=torch.long)
+                for r, i in enumerate(batch):
+                    input_ids[r, : lengths[i]] = torch.from_numpy(ids[i])
+                    mask[r, : lengths[i]] = 1
+                input_ids = input_ids.to(device)
+                mask = mask.to(device)
+                pool_mask = mask.bool().clone()
+                pool_mask[:, :skip] = False
+                state["pool_mask"] = pool_mask
+                state["counts"] = pool_mask.sum(dim=1, keepdim=True).float()
+                state["rows"] = torch.arange(B, device=device)
+                state["last"] = torch.tensor([lengths[i] - 1 for i in batch], device=device)
+                state["captured"] = {}
+                bridge(input_ids, attention_mask=mask, return_type=None)
+                captured = state.pop("captured")
+                if len(captured) != len(fwd_hooks):
+                    keys = [(c, L) for L in range(n_layers) for c in components]
+                    missing = [h for (h, _), key in zip(fwd_hooks, keys) if key not in captured]
+                    raise LayerscopeError(f"hooks did not fire: {_names(missing)}")
+                return captured
+
+            def run(batch: list[int], T: int) -> None:
+                """Forward and write ``batch``; on CUDA out-of-memory, halve it and retry each half at the
+                same width ``T`` (each row then sees exactly the input it had in the whole batch)."""
+                try:
+                    captured = forward(batch, T)
+                except torch.cuda.OutOfMemoryError as exc:
+                    state.pop("captured", None)
+                    if len(batch) == 1:
+                        raise LayerscopeError(
+                            f"CUDA out of memory on prompt {prompt_ids[batch[0]]} ({lengths[batch[0]]} tokens) "
+                            "alone: use a smaller dtype, a bigger GPU or shorter prompts"
+                        ) from exc
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    half = len(batch) // 2
+                    log(
+                        f"cache_store: CUDA out of memory on a batch of {len(batch)} prompts x {T} tokens; "
+                        f"retrying it as {half} + {len(batch) - half} "
+                        "(lower max_tokens_per_batch to avoid this)"
+                    )
+                    run(batch[:half], T)
+                    run(batch[half:], T)
+                    return
+                _write_batch(
+                    batch,
+                    captured,
+                    components,
+                    poolings,
+                    n_layers,
+                    pooled_ds,
+                    token_ds,
+                    tl_index,
+                    offsets,
+                    dtype_out,
+                    prompt_ids,
+                    overflow_hint,
+                )
+                del captured  # one batch of activations at a time
+
+            with torch.inference_mode(), bridge.hooks(fwd_hooks=fwd_hooks):
+                for batch in batches:
+                    B = len(batch)
+                    run(batch, max(lengths[i] for i in batch))
+                    done_prompts += B
+                    done_tokens += sum(lengths[i] for i in batch)
+                    now = time.perf_counter()
+                    if now - last_log >= progress_every_s or done_prompts == n:
+                        el = max(now - t0, 1e-9)
+                        log(
+                            f"cache_store: {done_prompts}/{n} prompts, {done_tokens}/{total_real} tokens, "
+                            f"{done_tokens / el:.0f} tokens/s, {el:.1f} s"
+                        )
+                        last_log = now
+            if self_check:
+                h5cache.set_attrs(
+                    f,
+                    _self_check(
+                        bridge,
+                        f,
+                        ids,
+                        check_rows,
+                        check_pids,
+                        prompt_ids,
+                        int(self_check),
+                        skip,
+                        components,
+                        poolings,
+                        attrs,
+                        log,
+                    ),
+                )
+            h5cache.mark_complete(f)
+    seconds = time.perf_counter() - t0
+    return {
+        "n_prompts": n,
+        "n_tokens": total_real,
+        "n_batches": len(batches),
+        "seconds": seconds,
+        "tokens_per_s": total_real / max(seconds, 1e-9),
+        "prepend_bos": prepend,
+    }
+
+
+def _reference_model(model, info: Mapping[str, Any]):
+    """The plain HF model the self-check recomputes with: the native engine's own model (it is
+    not wrapped), or for the bridge a separately loaded copy (the bridge swaps the HF submodules)."""
+    if hasattr(model, "layout"):
+        return model.model
+    from transformers import AutoModelForCausalLM
+
+    rev = info.get("model_revision")
+    kw = {"revision": rev} if rev and rev != "local" else {}
+    dtype = torch_dtype(info.get("dtype", "float32"))
+    hf = AutoModelForCausalLM.from_pretrained(info["model"], dtype=dtype, **kw)
+    return hf.to(_model_device(model)).eval()
+
+
+def _self_check(
+    model, f, ids, rows, sample_pids, prompt_ids, k, skip, components, poolings, attrs, log
+) -> dict:
+    """Recompute the sampled prompts (local ``rows`` of the open store ``f``) with plain transformers
+    and compare; raise naming architecture, component and difference beyond the tolerance."""
+    from layerscope.engine import parity
+
+    arch = attrs["architecture"]
+    if attrs["compatibility_mode"]:
+        log(
+            "parity self-check skipped: compatibility_mode folds LayerNorm, "
+            "so values are not plain transformers'"
+        )
+        return {"self_check": "skipped (compatibility_mode)"}
+    tol = parity.tolerance(attrs["dtype"], attrs["out_dtype"])
+    common = {"self_check": k, "self_check_tolerance": tol, "self_check_prompts": sample_pids}
+    if not rows:
+        log(f"parity self-check: none of its sample ({_names(sample_pids)}) is in this shard")
+        return common
+    hf = _reference_model(model, attrs)
+    try:
+        ref = {r: parity.reference_pass(hf, [int(t) for t in ids[r]]) for r in rows}
+    except LayerscopeError:
+        raise
+    except Exception as exc:  # an architecture the reference cannot tap: say so, never a traceback
+        raise LayerscopeError(
+            f"parity self-check could not recompute architecture {arch}: "
+            f"{type(exc).__name__}: {exc}; set self_check: 0 to skip it"
+        ) from exc
+    missing = sorted({c for c in components for r in rows if (c, 0) not in ref[r]})
+    checked = [c for c in components if c not in missing]
+    cache: dict[tuple[str, str], np.ndarray] = {}
+
+    def stored(c, p, L, row):
+        if (c, p) not in cache:
+            cache[(c, p)] = f[f"{c}/{p}"][:, rows, :].astype(np.float64)
+        return cache[(c, p)][L, rows.index(row)]
+
+    worst = parity.compare(stored, ref, checked, poolings, attrs["n_layers"], skip)
+    biggest = max((v[0] for v in worst.values()), default=0.0)
+    log(
+        f"parity self-check on {len(rows)} prompt(s) ({_names([prompt_ids[r] for r in rows])}): "
+        f"largest relative difference from plain transformers {biggest:.3g} "
+        f"(tolerance {tol:g} for {attrs['dtype']}); "
+        + ", ".join(f"{c} {v[0]:.2g}" for c, v in worst.items())
+        + (f"; not checked (no plain-transformers tap point): {missing}" if missing else "")
+    )
+    for c, (d, L, r) in worst.items():
+        if d > tol:
+            raise LayerscopeError(
+                f"parity self-check failed: architecture {arch}, component {c}, layer {L}, "
+                f"prompt {prompt_ids[r]}: the {attrs.get('engine', 'model')} engine's values differ "
+                f"from plain transformers by {d:.3g} "
+                f"(relative; tolerance {tol:g} for {attrs['dtype']}). These activations are not trustworthy; "
+                "try the other engine (models.<name>.engine) or report the architecture"
+            )
+    return {**common, "self_check_max_diff": biggest}
+
+
+def _write_batch(
+    batch,
+    captured,
+    components,
+    poolings,
+    n_layers,
+    pooled_ds,
+    token_ds,
+    tl_index,
+    offsets,
+    dtype_out,
+    prompt_ids,
+    hint: str = "",
+) -> None:
+    for c in components:
+        for p in poolings:
+            arr = np.stack([captured[(c, L)][p].numpy() for L in range(n_layers)]).astype(
+                dtype_out, copy=False
+            )
+            _check_finite(arr, c, p, batch, prompt_ids, layers=list(range(n_layers)), hint=hint)
+            pooled_ds[(c, p)][:, batch, :] = arr
+        for L, k in tl_index.items():
+            vals = captured[(c, L)]["none"].numpy().astype(dtype_out, copy=False)
+            bad = ~np.isfinite(vals).all(axis=1)
+            pos = 0
+            for i in batch:
+                cnt = int(offsets[i + 1] - offsets[i])
+                if bad[pos : pos + cnt].any():
+                    raise LayerscopeError(
+                        f"non-finite activations (inf/NaN) in {c} layer {L} (token level) for prompt {prompt_ids[i]}"
+                        + hint
+                    )
+                pos += cnt
+            if pos != vals.shape[0]:  # pragma: no cover - internal consistency
+                raise LayerscopeError(
+                    f"token count mismatch in {c} layer {L}: {pos} vs {vals.shape[0]}"
+                )
+            start, stop = int(offsets[batch[0]]), int(offsets[batch[-1] + 1])
+            if stop - start == pos:  # contiguous prompts: one write
+                token_ds[c][k, start:stop, :] = vals
+            else:
+                pos = 0
+                for i in batch:
+                    cnt = int(offsets[i + 1] - offsets[i])
+                    token_ds[c][k, int(offsets[i]) : int(offsets[i + 1]), :] = vals[pos : pos + cnt]
+                    pos += cnt
+
+
+def _check_finite(
+    arr: np.ndarray,
+    component: str,
+    pooling: str,
+    batch: Sequence[int],
+    prompt_ids,
+    layers,
+    hint: str = "",
+) -> None:
+    finite = np.isfinite(arr).all(axis=2)  # [n_layers, B]
+    if finite.all():
+        return
+    bad_layers = [layers[k] for k in np.flatnonzero(~finite.all(axis=1))]
+    bad_prompts = [prompt_ids[batch[r]] for r in np.flatnonzero(~finite.all(axis=0))]
+    raise LayerscopeError(
+        f"non-finite activations (inf/NaN) in {component}/{pooling} at layer(s) {bad_layers} "
+        f"for prompt(s) {_names(bad_prompts)}{hint}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# per-layer files and the workflow entry point
+
+
+def extract_layer(
+    store_path: str | os.PathLike,
+    layer: int,
+    out_path: str | os.PathLike,
+    table: str | os.PathLike | None = None,
+) -> Path:
+    """Write ``layer`` of the store to ``out_path`` (``layer_{L}.h5`` layout), atomically; with
+    ``table``, labels and groups come from that prompt table (see :func:`h5cache.copy_layer`)."""
+    with atomic_path(out_path) as tmp:
+        h5cache.copy_layer(store_path, int(layer), out_path, tmp, table=table)
+    return Path(out_path)
+
+
+def cache_from_table(
+    table: str | os.PathLike,
+    store_path: str | os.PathLike,
+    *,
+    model: Mapping[str, Any],
+    activations: Mapping[str, Any] | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    threads: int | None = None,
+    log: Callable[[str], Any] | None = print,
+    max_tokens_per_batch: int | None = None,
+    shard: tuple[int, int] | None = None,
+    engine: str = "auto",
+    self_check: int = 4,
+) -> dict[str, Any]:
+    """Workflow entry point: prompt table CSV (prompt_id, text[, label, group]) -> store HDF5
+    (or, with ``shard=(i, n)``, shard ``i`` of ``n`` of it; see :func:`cache_store`).
+
+    ``model``: source, revision, dtype, compatibility_mode, bos. ``activations``: components,
+    poolings, exclude_bos_from_pooling, token_level_layers, compression, out_dtype. ``engine``
+    (auto | native | bridge, see :func:`load_engine`) and ``self_check`` (prompts the parity
+    self-check recomputes, 0 = off) change the numbers only by float noise.
+    """
+    import pandas as pd
+    import torch
+
+    log = log or (lambda msg: None)
+    act = dict(activations or {})
+    try:
+        df = pd.read_csv(table, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read prompt table: {exc}", file=table) from exc
+    # The workflow caches from prompt ids and texts alone (labels are the prompt table's, joined
+    # when layers are extracted), so a relabel does not rerun the forward pass.
+    missing = [c for c in ("prompt_id", "text") if c not in df.columns]
+    if missing:
+        raise InputError(f"missing column(s) {missing}", file=table)
+    if threads and device in ("cpu", "auto"):
+        torch.set_num_threads(int(threads))
+    t = time.perf_counter()
+    bridge, info = load_engine(
+        model["source"],
+        engine=engine or "auto",
+        components=act.get("components", ["resid_post"]),
+        dtype=model.get("dtype", "float32") or "float32",
+        device=device or "auto",
+        compatibility_mode=bool(model.get("compatibility_mode", False)),
+        revision=model.get("revision"),
+        log=log,
+    )
+    log(
+        f"loaded {info['model']} ({info['architecture']}, {info['n_layers']} layers, d_model {info['d_model']}, "
+        f"{info['dtype']}, {info['device']}, engine {info['engine']}"
+        f"{', attention ' + info['attn_implementation'] if 'attn_implementation' in info else ''}) "
+        f"in {time.perf_counter() - t:.1f} s"
+    )
+    bos = model.get("bos", "auto")
+    return cache_store(
+        bridge,
+        df["prompt_id"].tolist(),
+        df["text"].tolist(),
+        df["label"].tolist() if "label" in df.columns else [""] * len(df),
+        store_path,
+        components=act.get("components", ["resid_post"]),
+        poolings=act.get("poolings", ["mean", "last"]),
+        prepend_bos="auto" if bos is None else bos,
+        exclude_bos_from_pooling=bool(act.get("exclude_bos_from_pooling", True)),
+        token_level_layers=act.get("token_level_layers", []) or [],
+        batch_size=int(batch_size),
+        max_tokens_per_batch=max_tokens_per_batch,
+        log=log,
+        dtype_out=act.get("out_dtype", "float32") or "float32",
+        compression=act.get("compression"),
+        model_info=info,
+        groups=df["group"].tolist() if "group" in df.columns else None,
+        shard=shard,
+        self_check=int(self_check or 0),
+    )
+
+
+def _gather_self_check(shard_paths, store_tmp) -> None:
+    """The store's self-check difference is the largest of its shards' (each checked the prompts of
+    the one table-wide sample that it holds), so it equals the unsharded job's."""
+    import h5py
+
+    diffs = []
+    for path in shard_paths:
+        with h5py.File(path, "r") as f:
+            if "self_check_max_diff" in f.attrs:
+                diffs.append(float(f.attrs["self_check_max_diff"]))
+    if diffs:
+        with h5py.File(store_tmp, "r+") as f:
+            f.attrs["self_check_max_diff"] = max(diffs)
+
+
+def gather_store(
+    shard_paths: Sequence[str | os.PathLike],
+    store_path: str | os.PathLike,
+    log: Callable[[str], Any] | None = print,
+) -> Path:
+    """Join the shard files of one (model, dataset) into its store, atomically."""
+    with atomic_path(store_path) as tmp:
+        info = h5cache.gather_shards(shard_paths, tmp, out_path=store_path)
+        _gather_self_check(shard_paths, tmp)
+    if log:
+        log(f"gathered {len(shard_paths)} shard(s), {info['n_prompts']} prompts, into {store_path}")
+    return Path(store_path)

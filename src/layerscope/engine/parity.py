@@ -1,0 +1,178 @@
+"""The parity self-check of a caching job: recompute a few prompts with plain ``transformers`` and
+compare them with what the engine wrote.
+
+The reference runs each sampled prompt alone (no padding, no batching, no early stop) through the
+plain HF model: ``output_hidden_states`` gives resid_pre of every layer, a forward hook on each
+decoder layer gives resid_post. attn_out / resid_mid / mlp_out come from forward hooks on the HF
+modules of the native layout table, and are only trusted after the per-token identities
+``resid_pre + attn_out + mlp_out == resid_post`` (and ``resid_pre + attn_out == resid_mid`` where the
+block is sequential) hold on that same pass. So a wrong tap point, a padding or pooling bug, or a
+bridge that computes a layout differently all show up as a difference here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from layerscope.errors import LayerscopeError
+
+#: Largest allowed difference, relative to max(1, largest |value| of that component and layer).
+TOLERANCE = {"float64": 1e-8, "float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
+
+
+def tolerance(model_dtype: str, out_dtype: str = "float32") -> float:
+    tol = TOLERANCE.get(str(model_dtype).replace("torch.", ""), 1e-4)
+    return max(tol, 2e-3) if out_dtype == "float16" else tol  # float16 storage rounds to ~5e-4
+
+
+def sample_rows(lengths: Sequence[int], k: int = 4) -> list[int]:
+    """Up to ``k`` prompt rows: the longest, the shortest and evenly spaced lengths between them."""
+    if k <= 0 or not lengths:
+        return []
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    picks = [order[-1], order[0]] + [
+        order[round(j * (len(order) - 1) / (k - 1))] for j in range(1, k - 1)
+    ]
+    out: list[int] = []
+    for i in picks:
+        if i not in out:
+            out.append(i)
+    return sorted(out[:k])
+
+
+def reference_pass(hf_model, token_ids: Sequence[int]) -> dict[tuple[str, int], np.ndarray]:
+    """Per-token values ``{(component, layer): [T, d] float64}`` of one unpadded prompt."""
+    import torch
+
+    from layerscope.engine import native
+
+    try:
+        layout = native.layout_for(hf_model.config)
+        layers = native._get(hf_model, layout.layers)
+    except LayerscopeError:  # a layout the native table does not know: residuals only
+        layout = native.Layout("", attn=None, mlp=None, mid=None)
+        layers = find_layers(hf_model)
+    got: dict[tuple[str, int], Any] = {}
+    handles = []
+
+    def keep(comp, L, pre=False):
+        def hook(module, args, out=None):
+            x = (args[0] if args else None) if pre else native._first(out)
+            got[(comp, L)] = x.detach().reshape(-1, x.shape[-1]).double().cpu().numpy()
+
+        return hook
+
+    for L, layer in enumerate(layers):
+        handles.append(layer.register_forward_hook(keep("resid_post", L)))
+        if layout.attn:
+            handles.append(
+                native._get(layer, layout.attn).register_forward_hook(keep("attn_out", L))
+            )
+        if layout.mlp:
+            handles.append(native._get(layer, layout.mlp).register_forward_hook(keep("mlp_out", L)))
+        if layout.mid:
+            mid = native._get(layer, layout.mid)
+            handles.append(mid.register_forward_pre_hook(keep("resid_mid", L, pre=True)))
+    try:
+        with torch.inference_mode():
+            ids = torch.tensor([list(token_ids)], device=next(hf_model.parameters()).device)
+            base = getattr(
+                hf_model, hf_model.base_model_prefix, hf_model
+            )  # no LM head: not compared
+            out = base(input_ids=ids, output_hidden_states=True)
+    finally:
+        for h in handles:
+            h.remove()
+    for L in range(len(layers)):
+        got[("resid_pre", L)] = out.hidden_states[L][0].double().cpu().numpy()
+        if ("resid_mid", L) in got and (
+            "attn_out",
+            L,
+        ) not in got:  # BLOOM: derive from the residuals
+            got[("attn_out", L)] = got[("resid_mid", L)] - got[("resid_pre", L)]
+            got[("mlp_out", L)] = got[("resid_post", L)] - got[("resid_mid", L)]
+    _check_identities(got, len(layers), layout, hf_model.config)
+    return got
+
+
+def find_layers(hf_model):
+    """The decoder layer list of any causal LM: its ModuleList with one entry per hidden layer."""
+    import torch
+
+    config = hf_model.config
+    n = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    for module in hf_model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    arch = (getattr(config, "architectures", None) or [config.model_type])[0]
+    raise LayerscopeError(
+        f"parity self-check: cannot find the {n} decoder layers of architecture {arch}; "
+        "set the model's self_check: 0 to cache without it"
+    )
+
+
+def _check_identities(got, n_layers: int, layout, config) -> None:
+    """The tap points must add up to the residual stream on the reference pass itself."""
+    arch = (getattr(config, "architectures", None) or [config.model_type])[0]
+    for L in range(n_layers):
+        pre, post = got[("resid_pre", L)], got[("resid_post", L)]
+        scale = max(1.0, float(np.abs(post).max()))
+        checks = []
+        if ("attn_out", L) in got and ("mlp_out", L) in got:
+            checks.append(
+                (
+                    "resid_pre + attn_out + mlp_out vs resid_post",
+                    pre + got[("attn_out", L)] + got[("mlp_out", L)],
+                    post,
+                )
+            )
+        if ("resid_mid", L) in got and ("attn_out", L) in got:
+            checks.append(
+                (
+                    "resid_pre + attn_out vs resid_mid",
+                    pre + got[("attn_out", L)],
+                    got[("resid_mid", L)],
+                )
+            )
+        for what, a, b in checks:
+            diff = float(np.abs(a - b).max()) / scale
+            if diff > 1e-3:
+                raise LayerscopeError(
+                    f"parity self-check: on architecture {arch}, layer {L}, {what} differ by {diff:.3g}: "
+                    "the native tap points do not fit this layout; use engine: bridge"
+                )
+
+
+def pool(x: np.ndarray, pooling: str, skip: int) -> np.ndarray:
+    x = x[skip:]
+    if pooling == "mean":
+        return x.mean(axis=0)
+    if pooling == "max":
+        return x.max(axis=0)
+    return x[-1]
+
+
+def compare(
+    stored: Callable[[str, str, int, int], np.ndarray],
+    reference: dict[int, dict[tuple[str, int], np.ndarray]],
+    components: Sequence[str],
+    poolings: Sequence[str],
+    n_layers: int,
+    skip: int,
+) -> dict[str, tuple[float, int, int]]:
+    """Largest relative difference per component: ``{component: (diff, layer, row)}``.
+    ``stored(component, pooling, layer, row)`` reads the engine's value."""
+    worst: dict[str, tuple[float, int, int]] = {}
+    for row, ref in reference.items():
+        for c in components:
+            for L in range(n_layers):
+                tokens = ref[(c, L)]
+                scale = max(1.0, float(np.abs(tokens[skip:]).max()))
+                for p in poolings:
+                    d = float(np.abs(stored(c, p, L, row) - pool(tokens, p, skip)).max()) / scale
+                    if d >= worst.get(c, (-1.0, 0, 0))[0]:
+                        worst[c] = (d, L, row)
+    return worst
