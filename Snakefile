@@ -38,9 +38,9 @@ localrules:
 
 
 rule all:
+    default_target: True
     input:
         all_targets(),
-    default_target: True
 
 
 # The end of a run says where the results are and how to gather them into one report.

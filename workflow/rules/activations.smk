@@ -17,25 +17,25 @@ rule cache_activations:
         model=lambda wc: model_files(model_cfg(wc)["source"]),
     output:
         store="results/activations/{model}/{dataset}/store.h5",
+    log:
+        "logs/cache_activations/{model}/{dataset}.log",
+    benchmark:
+        "benchmarks/cache_activations/{model}/{dataset}.tsv"
     wildcard_constraints:
         dataset=names_regex(d for d in DATASETS if SHARDS[d] == 1),
+    conda:
+        "../../envs/torch.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=120,
     params:
         # Everything the cached numbers depend on, and nothing else: batch_size and device
         # change results only by float noise, so editing them must not rerun this job.
         model=lambda wc: stable(model_identity(wc.model)),
         activations=lambda wc: stable(CACHE_SETTINGS),
         texts=lambda wc: CHECKED[wc.dataset]["texts_sha256"],
-    resources:
-        gpu=1,
-        mem_mb=8000,
-        runtime=120,
-    threads: 2
-    log:
-        "logs/cache_activations/{model}/{dataset}.log",
-    benchmark:
-        "benchmarks/cache_activations/{model}/{dataset}.tsv"
-    conda:
-        "../../envs/torch.yaml"
     script:
         "../scripts/cache_activations.py"
 
@@ -44,46 +44,46 @@ rule cache_activations:
 use rule cache_activations as cache_shard with:
     output:
         temp("results/activations/{model}/{dataset}/shards/{shard}-of-{n_shards}.h5"),
-    wildcard_constraints:
-        dataset=names_regex(d for d in DATASETS if SHARDS[d] > 1),
-        shard=r"\d+",
-        n_shards=r"\d+",
     log:
         "logs/cache_shard/{model}/{dataset}/{shard}-of-{n_shards}.log",
     benchmark:
         "benchmarks/cache_shard/{model}/{dataset}/{shard}-of-{n_shards}.tsv"
+    wildcard_constraints:
+        dataset=names_regex(d for d in DATASETS if SHARDS[d] > 1),
+        shard=r"\d+",
+        n_shards=r"\d+",
 
 
 rule gather_activations:
     input:
         lambda wc: expand(
-            "results/activations/{model}/{dataset}/shards/{shard}-of-{n}.h5",
+            rules.cache_shard.output[0],
             model=wc.model,
             dataset=wc.dataset,
             shard=range(SHARDS[wc.dataset]),
-            n=SHARDS[wc.dataset],
+            n_shards=SHARDS[wc.dataset],
         ),
     output:
-        store="results/activations/{model}/{dataset}/store.h5",
-    wildcard_constraints:
-        dataset=names_regex(d for d in DATASETS if SHARDS[d] > 1),
-    resources:
-        mem_mb=2000,
-        runtime=60,
+        store=rules.cache_activations.output.store,
     log:
         "logs/gather_activations/{model}/{dataset}.log",
     benchmark:
         "benchmarks/gather_activations/{model}/{dataset}.tsv"
+    wildcard_constraints:
+        dataset=names_regex(d for d in DATASETS if SHARDS[d] > 1),
     conda:
         "../../envs/core.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=60,
     script:
         "../scripts/gather_activations.py"
 
 
 rule extract_layer:
     input:
-        store="results/activations/{model}/{dataset}/store.h5",
-        table="results/datasets/{dataset}/prompts.csv",  # labels and groups come from the table
+        store=rules.cache_activations.output.store,
+        table=rules.prepare_dataset.output.table,  # labels and groups come from the table
     output:
         "results/activations/{model}/{dataset}/layer_{layer}.h5",
     log:
@@ -96,15 +96,15 @@ rule extract_layer:
 
 rule layer_index:
     input:
-        layers=lambda wc: per_layer("results/activations/{model}/{dataset}/layer_{layer}.h5", wc.model, wc.dataset),
-        table="results/datasets/{dataset}/prompts.csv",
+        layers=lambda wc: per_layer(rules.extract_layer.output[0], wc.model, wc.dataset),
+        table=rules.prepare_dataset.output.table,
     output:
         "results/activations/{model}/{dataset}/layers.csv",
-    params:
-        layers=lambda wc: LAYERS[wc.model],
     log:
         "logs/layer_index/{model}/{dataset}.log",
     conda:
         "../../envs/core.yaml"
+    params:
+        layers=lambda wc: LAYERS[wc.model],
     script:
         "../scripts/layer_index.py"

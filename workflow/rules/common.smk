@@ -28,6 +28,8 @@ except ConfigError as exc:
 
 MODELS = sorted(config["models"])
 DATASETS = sorted(config["datasets"])
+
+
 # Every dataset is built here as prepare_dataset will build it (labels, classes, templates, input
 # files), so those mistakes stop even a dry run; remembered under .snakemake/ by input size and time.
 def texts_file(dataset):
@@ -38,7 +40,9 @@ def texts_file(dataset):
 
 
 # Prompts longer than a local model's context are caught here too (hub models: when caching starts).
-TOKENIZERS = {m: fast_tokenizer_file(config["models"][m]["source"]) for m in sorted(config["models"])}
+TOKENIZERS = {
+    m: fast_tokenizer_file(config["models"][m]["source"]) for m in sorted(config["models"])
+}
 try:
     CHECKED = {
         d: dry_run_check(
@@ -59,7 +63,10 @@ ACT = config["activations"]
 # What cached numbers depend on: not the shard count, which only splits the work.
 CACHE_SETTINGS = {k: v for k, v in ACT.items() if k != "shards"}
 SHARDS = {d: config["datasets"][d].get("shards") or ACT["shards"] for d in DATASETS}
-N_LAYERS = {m: read_n_layers(config["models"][m]["source"]) or config["models"][m]["n_layers"] for m in MODELS}
+N_LAYERS = {
+    m: read_n_layers(config["models"][m]["source"]) or config["models"][m]["n_layers"]
+    for m in MODELS
+}
 PROBE_SETTINGS = {k: v for k, v in config["probes"].items() if k != "generalization"}
 GENERALIZATION = config["probes"]["generalization"]
 FIGURES = config["figures"]
@@ -74,8 +81,10 @@ TASK_VECTOR_FIGURES = ["separation", "norms", "cosine_chosen", "cosine_best", "p
 EXPERIMENTS = sorted(config["patching"]["experiments"])
 GENERATION_PATCHING = config["patching"]["generation"]["enabled"]
 # Suffixes of the patching figures: heatmaps, per-head, generation recovery rate.
-PATCHING_FIGURES = [""] + (["_heads"] if config["patching"]["heads"] else []) + (
-    ["_generation"] if GENERATION_PATCHING else []
+PATCHING_FIGURES = (
+    [""]
+    + (["_heads"] if config["patching"]["heads"] else [])
+    + (["_generation"] if GENERATION_PATCHING else [])
 )
 # t-SNE is its own rule (plot_tsne), so turning it on runs that job alone.
 GEOMETRY_FIGURES = ["pca", "cosine", "label_means", "norm_heatmap", "norm_curves"]
@@ -143,56 +152,60 @@ def extra_formats(stem):
     return [f"{stem}.{ext}" for ext in FIGURES["formats"] if ext != "png"]
 
 
-def in_formats(stems):
-    """Every figure stem in every configured format (figures.formats)."""
-    return [f"{stem}.{ext}" for stem in stems for ext in FIGURES["formats"]]
+def outputs_of(rule, **wildcards):
+    """Every output of ``rule`` (a figure in every configured format) for each combination of
+    ``wildcards``: all of them are targets, so one that is asked for but missing (t-SNE turned on,
+    a format added) is made by its job alone."""
+    return expand(list(rule.output), **wildcards)
 
 
 def figure_targets():
-    """Every figure the config asks for, in every format: all of them are targets, so a figure that
-    is asked for but missing (t-SNE turned on, a format added) is drawn by its plot job alone."""
-    per_dataset = ["probe_metric_vs_layer", *GEOMETRY_FIGURES] + (["tsne"] if FIGURES["tsne"] else [])
-    stems = expand("results/figures/{model}/{dataset}/{name}", model=MODELS, dataset=DATASETS, name=per_dataset)
-    stems += expand(
-        "results/figures/{model}/{dataset}/task_{name}", model=MODELS, dataset=TASK_GRIDS, name=TASK_VECTOR_FIGURES
-    )
-    stems += expand("results/figures/{model}/generalization_{group}", model=MODELS, group=GENERALIZATION)
+    """Every figure the config asks for, in every format (rules are defined when this is called)."""
+    targets = []
+    for rule in (rules.plot_probes, rules.plot_geometry) + (
+        (rules.plot_tsne,) if FIGURES["tsne"] else ()
+    ):
+        targets += outputs_of(rule, model=MODELS, dataset=DATASETS)
+    targets += outputs_of(rules.plot_task_vectors, model=MODELS, dataset=TASK_GRIDS)
+    targets += outputs_of(rules.plot_generalization, model=MODELS, group=GENERALIZATION)
     if len(MODELS) > 1:
-        stems += expand("results/figures/models/{dataset}/best_layer_vs_depth", dataset=DATASETS)
-    return in_formats(stems)
+        targets += outputs_of(rules.depth_comparison, dataset=DATASETS)
+    targets += outputs_of(rules.plot_patching, model=MODELS, experiment=EXPERIMENTS)
+    targets += outputs_of(rules.plot_steering, model=MODELS, steer=STEER_EXPERIMENTS)
+    return targets
 
 
 def all_targets():
-    targets = expand("results/datasets/{dataset}/prompts.csv", dataset=DATASETS)
-    for pattern in (
-        "results/activations/{model}/{dataset}/layers.csv",
-        "results/probes/{model}/{dataset}/summary.csv",
-        "results/stats/{model}/{dataset}/activation_stats.csv",
+    """The tables of every stage, the run manifest and every figure."""
+    targets = expand(rules.prepare_dataset.output.table, dataset=DATASETS)
+    for output in (
+        rules.layer_index.output[0],
+        rules.probe_summary.output[0],
+        rules.activation_stats.output[0],
     ):
-        targets += expand(pattern, model=MODELS, dataset=DATASETS)
-    targets += expand("results/probes/{model}/generalization_{group}.csv", model=MODELS, group=GENERALIZATION)
-    targets += expand("results/task_vectors/{model}/{dataset}/scores.csv", model=MODELS, dataset=TASK_GRIDS)
-    targets += expand("results/patching/{model}/{experiment}/summary.csv", model=MODELS, experiment=EXPERIMENTS)
-    # Every patching figure in every format: a format added later is then a missing target of the plot job.
-    for name in PATCHING_FIGURES:
-        stem = f"results/figures/{{model}}/patching_{{experiment}}{name}"
-        targets += expand([f"{stem}.png"] + extra_formats(stem), model=MODELS, experiment=EXPERIMENTS)
-    steer = sorted(config["steering"]["experiments"])
-    targets += expand("results/steering/{model}/{steer}/effects.csv", model=MODELS, steer=steer)
-    targets += expand("results/figures/{model}/steering_{steer}.png", model=MODELS, steer=steer)
-    targets.append("results/manifest.json")
+        targets += expand(output, model=MODELS, dataset=DATASETS)
+    targets += expand(rules.generalization.output.table, model=MODELS, group=GENERALIZATION)
+    targets += expand(rules.task_vectors.output.scores, model=MODELS, dataset=TASK_GRIDS)
+    targets += expand(rules.patching.output.summary, model=MODELS, experiment=EXPERIMENTS)
+    targets += expand(rules.steering.output.effects, model=MODELS, steer=STEER_EXPERIMENTS)
+    targets.append(rules.manifest.output[0])
     return targets + figure_targets()
 
 
 def run_summary():
     """What the end of a successful run prints: where each kind of result is, and the report command."""
-    shown = [os.path.relpath(f) if not os.path.relpath(f).startswith("..") else f for f in workflow.overwrite_configfiles]
+    shown = [
+        os.path.relpath(f) if not os.path.relpath(f).startswith("..") else f
+        for f in workflow.overwrite_configfiles
+    ]
     configfiles = " ".join(f"--configfile {f}" for f in shown)
     lines = [
         "",
         "layerscope: results are in results/ (logs in logs/, timings in benchmarks/):",
         "  results/probes/{model}/{dataset}/summary.csv   probe metrics per layer",
-        "  results/figures/{model}/...                    figures (" + ", ".join(FIGURES["formats"]) + ")",
+        "  results/figures/{model}/...                    figures ("
+        + ", ".join(FIGURES["formats"])
+        + ")",
         "  results/manifest.json                          versions, config and model hashes of this run",
         "Build the report (every figure and table with captions) with:",
         f"  snakemake --report results/report.html {configfiles}".rstrip(),

@@ -17,11 +17,11 @@ rule prepare_dataset:
             labels={"dataset": "{dataset}", "table": "prompt table"},
         ),
         summary="results/datasets/{dataset}/summary.json",
-    params:
-        spec=lambda wc: stable(dataset_spec(wc)),
     log:
         "logs/prepare_dataset/{dataset}.log",
     conda:
         "../../envs/core.yaml"
+    params:
+        spec=lambda wc: stable(dataset_spec(wc)),
     script:
         "../scripts/prepare_dataset.py"

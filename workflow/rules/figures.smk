@@ -3,7 +3,7 @@
 
 rule plot_probes:
     input:
-        "results/probes/{model}/{dataset}/summary.csv",
+        rules.probe_summary.output[0],
     output:
         figure=report(
             "results/figures/{model}/{dataset}/probe_metric_vs_layer.png",
@@ -13,23 +13,23 @@ rule plot_probes:
             labels={"model": "{model}", "dataset": "{dataset}", "figure": "probe metric vs layer"},
         ),
         extra=extra_formats("results/figures/{model}/{dataset}/probe_metric_vs_layer"),
-    params:
-        metric=config["figures"]["metric"],
-        formats=config["figures"]["formats"],
-        n_layers=lambda wc: N_LAYERS[wc.model],
     log:
         "logs/plot_probes/{model}/{dataset}.log",
     conda:
         "../../envs/core.yaml"
+    params:
+        metric=config["figures"]["metric"],
+        formats=config["figures"]["formats"],
+        n_layers=lambda wc: N_LAYERS[wc.model],
     script:
         "../scripts/plot_probes.py"
 
 
 rule plot_geometry:
     input:
-        layers=lambda wc: per_layer("results/activations/{model}/{dataset}/layer_{layer}.h5", wc.model, wc.dataset),
-        table="results/datasets/{dataset}/prompts.csv",
-        summary="results/probes/{model}/{dataset}/summary.csv",
+        layers=lambda wc: per_layer(rules.extract_layer.output[0], wc.model, wc.dataset),
+        table=rules.prepare_dataset.output.table,
+        summary=rules.probe_summary.output[0],
     output:
         **{
             name: report(
@@ -37,7 +37,11 @@ rule plot_geometry:
                 category="Geometry",
                 subcategory="{model}",
                 caption=f"../report/{name}.rst",
-                labels={"model": "{model}", "dataset": "{dataset}", "figure": name.replace("_", " ")},
+                labels={
+                    "model": "{model}",
+                    "dataset": "{dataset}",
+                    "figure": name.replace("_", " "),
+                },
             )
             for name in GEOMETRY_FIGURES
         },
@@ -46,21 +50,21 @@ rule plot_geometry:
             for name in GEOMETRY_FIGURES
             for path in extra_formats(f"results/figures/{{model}}/{{dataset}}/{name}")
         ],
-    params:
-        view=stable(FIGURE_VIEW),
-        formats=config["figures"]["formats"],
     log:
         "logs/plot_geometry/{model}/{dataset}.log",
     conda:
         "../../envs/core.yaml"
+    params:
+        view=stable(FIGURE_VIEW),
+        formats=config["figures"]["formats"],
     script:
         "../scripts/plot_geometry.py"
 
 
 rule plot_tsne:
     input:
-        layers=lambda wc: per_layer("results/activations/{model}/{dataset}/layer_{layer}.h5", wc.model, wc.dataset),
-        table="results/datasets/{dataset}/prompts.csv",
+        layers=lambda wc: per_layer(rules.extract_layer.output[0], wc.model, wc.dataset),
+        table=rules.prepare_dataset.output.table,
     output:
         figure=report(
             "results/figures/{model}/{dataset}/tsne.png",
@@ -70,22 +74,22 @@ rule plot_tsne:
             labels={"model": "{model}", "dataset": "{dataset}", "figure": "tsne"},
         ),
         extra=extra_formats("results/figures/{model}/{dataset}/tsne"),
-    params:
-        view=stable({k: FIGURE_VIEW[k] for k in ("component", "pooling")}),
-        formats=config["figures"]["formats"],
     log:
         "logs/plot_tsne/{model}/{dataset}.log",
     benchmark:
         "benchmarks/plot_tsne/{model}/{dataset}.tsv"
     conda:
         "../../envs/core.yaml"
+    params:
+        view=stable({k: FIGURE_VIEW[k] for k in ("component", "pooling")}),
+        formats=config["figures"]["formats"],
     script:
         "../scripts/plot_tsne.py"
 
 
 rule plot_generalization:
     input:
-        "results/probes/{model}/generalization_{group}.csv",
+        rules.generalization.output.table,
     output:
         figure=report(
             "results/figures/{model}/generalization_{group}.png",
@@ -95,19 +99,19 @@ rule plot_generalization:
             labels={"model": "{model}", "figure": "generalization {group}"},
         ),
         extra=extra_formats("results/figures/{model}/generalization_{group}"),
-    params:
-        formats=config["figures"]["formats"],
     log:
         "logs/plot_generalization/{model}/{group}.log",
     conda:
         "../../envs/core.yaml"
+    params:
+        formats=config["figures"]["formats"],
     script:
         "../scripts/plot_generalization.py"
 
 
 rule depth_comparison:
     input:
-        expand("results/probes/{model}/{{dataset}}/summary.csv", model=MODELS),
+        expand(rules.probe_summary.output[0], model=MODELS, allow_missing=True),
     output:
         figure=report(
             "results/figures/models/{dataset}/best_layer_vs_depth.png",
@@ -117,14 +121,14 @@ rule depth_comparison:
             labels={"model": "all", "dataset": "{dataset}", "figure": "best layer vs depth"},
         ),
         extra=extra_formats("results/figures/models/{dataset}/best_layer_vs_depth"),
+    log:
+        "logs/depth_comparison/{dataset}.log",
+    conda:
+        "../../envs/core.yaml"
     params:
         models=MODELS,
         n_layers={m: N_LAYERS[m] for m in MODELS},
         view=stable(FIGURE_VIEW),
         formats=config["figures"]["formats"],
-    log:
-        "logs/depth_comparison/{dataset}.log",
-    conda:
-        "../../envs/core.yaml"
     script:
         "../scripts/depth_comparison.py"

@@ -15,12 +15,12 @@ rule manifest:
         models=sorted({path for m in MODELS for path in model_files(config["models"][m]["source"])}),
     output:
         "results/manifest.json",
-    params:
-        # A function, not a string: the config holds templates with {braces} that are not wildcards.
-        config_json=lambda wc: stable(config),
     log:
         "logs/manifest/manifest.log",
     conda:
         "../../envs/core.yaml"
+    params:
+        # A function, not a string: the config holds templates with {braces} that are not wildcards.
+        config_json=lambda wc: stable(config),
     script:
         "../scripts/write_manifest.py"

@@ -7,6 +7,24 @@ rule patching:
         pairs=lambda wc: config["patching"]["experiments"][wc.experiment]["pairs"],
         model=lambda wc: model_files(model_cfg(wc)["source"]),
     output:
+        **(
+            {
+                "generation": "results/patching/{model}/{experiment}/generation.csv",
+                "generation_summary": report(
+                    "results/patching/{model}/{experiment}/generation_summary.csv",
+                    category="Patching",
+                    subcategory="{model}",
+                    caption="../report/patching_generation_summary.rst",
+                    labels={
+                        "model": "{model}",
+                        "experiment": "{experiment}",
+                        "table": "generation patching",
+                    },
+                ),
+            }
+            if GENERATION_PATCHING
+            else {}
+        ),
         cells="results/patching/{model}/{experiment}/cells.csv",
         arrays="results/patching/{model}/{experiment}/arrays.h5",
         summary=report(
@@ -16,56 +34,35 @@ rule patching:
             caption="../report/patching_summary.rst",
             labels={"model": "{model}", "experiment": "{experiment}", "table": "patching summary"},
         ),
-        **(
-            {
-                "generation": "results/patching/{model}/{experiment}/generation.csv",
-                "generation_summary": report(
-                    "results/patching/{model}/{experiment}/generation_summary.csv",
-                    category="Patching",
-                    subcategory="{model}",
-                    caption="../report/patching_generation_summary.rst",
-                    labels={"model": "{model}", "experiment": "{experiment}", "table": "generation patching"},
-                ),
-            }
-            if GENERATION_PATCHING
-            else {}
-        ),
-    params:
-        model=lambda wc: stable(model_identity(wc.model)),
-        settings=lambda wc: stable(patching_settings(wc.model)),
-        precision=stable(config["precision"] if GENERATION_PATCHING else {}),
-    resources:
-        gpu=1,
-        mem_mb=8000,
-        runtime=120,
-    threads: 2
     log:
         "logs/patching/{model}/{experiment}.log",
     benchmark:
         "benchmarks/patching/{model}/{experiment}.tsv"
     conda:
         "../../envs/torch.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=120,
+    params:
+        model=lambda wc: stable(model_identity(wc.model)),
+        settings=lambda wc: stable(patching_settings(wc.model)),
+        precision=stable(config["precision"] if GENERATION_PATCHING else {}),
     script:
         "../scripts/patching.py"
 
 
 rule plot_patching:
     input:
-        summary="results/patching/{model}/{experiment}/summary.csv",
-        arrays="results/patching/{model}/{experiment}/arrays.h5",
         **(
-            {"generation_summary": "results/patching/{model}/{experiment}/generation_summary.csv"}
+            {"generation_summary": rules.patching.output.generation_summary}
             if GENERATION_PATCHING
             else {}
         ),
+        summary=rules.patching.output.summary,
+        arrays=rules.patching.output.arrays,
     output:
-        heatmaps=report(
-            "results/figures/{model}/patching_{experiment}.png",
-            category="Patching",
-            subcategory="{model}",
-            caption="../report/patching_heatmaps.rst",
-            labels={"model": "{model}", "experiment": "{experiment}", "figure": "patching heatmaps"},
-        ),
         **(
             {
                 "heads": report(
@@ -73,7 +70,11 @@ rule plot_patching:
                     category="Patching",
                     subcategory="{model}",
                     caption="../report/patching_heads.rst",
-                    labels={"model": "{model}", "experiment": "{experiment}", "figure": "patching heads"},
+                    labels={
+                        "model": "{model}",
+                        "experiment": "{experiment}",
+                        "figure": "patching heads",
+                    },
                 )
             }
             if config["patching"]["heads"]
@@ -86,22 +87,37 @@ rule plot_patching:
                     category="Patching",
                     subcategory="{model}",
                     caption="../report/patching_generation.rst",
-                    labels={"model": "{model}", "experiment": "{experiment}", "figure": "generation patching"},
+                    labels={
+                        "model": "{model}",
+                        "experiment": "{experiment}",
+                        "figure": "generation patching",
+                    },
                 )
             }
             if GENERATION_PATCHING
             else {}
+        ),
+        heatmaps=report(
+            "results/figures/{model}/patching_{experiment}.png",
+            category="Patching",
+            subcategory="{model}",
+            caption="../report/patching_heatmaps.rst",
+            labels={
+                "model": "{model}",
+                "experiment": "{experiment}",
+                "figure": "patching heatmaps",
+            },
         ),
         extra=[
             path
             for name in PATCHING_FIGURES
             for path in extra_formats(f"results/figures/{{model}}/patching_{{experiment}}{name}")
         ],
-    params:
-        formats=config["figures"]["formats"],
     log:
         "logs/plot_patching/{model}/{experiment}.log",
     conda:
         "../../envs/core.yaml"
+    params:
+        formats=config["figures"]["formats"],
     script:
         "../scripts/plot_patching.py"

@@ -8,27 +8,27 @@ localrules:
 
 rule train_probe:
     input:
-        layer="results/activations/{model}/{dataset}/layer_{layer}.h5",
-        table="results/datasets/{dataset}/prompts.csv",
-        summary="results/datasets/{dataset}/summary.json",
+        layer=rules.extract_layer.output[0],
+        table=rules.prepare_dataset.output.table,
+        summary=rules.prepare_dataset.output.summary,
     output:
         "results/probes/{model}/{dataset}/layer_{layer}.json",
-    params:
-        settings=stable(PROBE_SETTINGS),
-    threads: 1
     log:
         "logs/train_probe/{model}/{dataset}/layer_{layer}.log",
     benchmark:
         "benchmarks/train_probe/{model}/{dataset}/layer_{layer}.tsv"
     conda:
         "../../envs/core.yaml"
+    threads: 1
+    params:
+        settings=stable(PROBE_SETTINGS),
     script:
         "../scripts/train_probe.py"
 
 
 rule probe_summary:
     input:
-        lambda wc: per_layer("results/probes/{model}/{dataset}/layer_{layer}.json", wc.model, wc.dataset),
+        lambda wc: per_layer(rules.train_probe.output[0], wc.model, wc.dataset),
     output:
         report(
             "results/probes/{model}/{dataset}/summary.csv",
@@ -47,9 +47,9 @@ rule probe_summary:
 
 rule activation_stats:
     input:
-        layers=lambda wc: per_layer("results/activations/{model}/{dataset}/layer_{layer}.h5", wc.model, wc.dataset),
-        table="results/datasets/{dataset}/prompts.csv",
-        summary="results/datasets/{dataset}/summary.json",
+        layers=lambda wc: per_layer(rules.extract_layer.output[0], wc.model, wc.dataset),
+        table=rules.prepare_dataset.output.table,
+        summary=rules.prepare_dataset.output.summary,
     output:
         report(
             "results/stats/{model}/{dataset}/activation_stats.csv",
@@ -71,26 +71,30 @@ rule generalization:
         layers=lambda wc: [
             path
             for ds in GENERALIZATION[wc.group]
-            for path in per_layer("results/activations/{model}/{dataset}/layer_{layer}.h5", wc.model, ds)
+            for path in per_layer(rules.extract_layer.output[0], wc.model, ds)
         ],
-        tables=lambda wc: expand("results/datasets/{dataset}/prompts.csv", dataset=GENERALIZATION[wc.group]),
-        summary=lambda wc: expand("results/datasets/{dataset}/summary.json", dataset=GENERALIZATION[wc.group]),
+        tables=lambda wc: expand(
+            rules.prepare_dataset.output.table, dataset=GENERALIZATION[wc.group]
+        ),
+        summary=lambda wc: expand(
+            rules.prepare_dataset.output.summary, dataset=GENERALIZATION[wc.group]
+        ),
         # The diagonal is each dataset's probe summary, so the figure agrees with the probe curves.
         probes=lambda wc: expand(
-            "results/probes/{model}/{dataset}/summary.csv", model=wc.model, dataset=GENERALIZATION[wc.group]
+            rules.probe_summary.output[0], model=wc.model, dataset=GENERALIZATION[wc.group]
         ),
     output:
         table="results/probes/{model}/generalization_{group}.csv",
-    params:
-        datasets=lambda wc: GENERALIZATION[wc.group],
-        layers=lambda wc: LAYERS[wc.model],
-        settings=stable(PROBE_SETTINGS),
-        view=stable(FIGURE_VIEW),
     log:
         "logs/generalization/{model}/{group}.log",
     benchmark:
         "benchmarks/generalization/{model}/{group}.tsv"
     conda:
         "../../envs/core.yaml"
+    params:
+        datasets=lambda wc: GENERALIZATION[wc.group],
+        layers=lambda wc: LAYERS[wc.model],
+        settings=stable(PROBE_SETTINGS),
+        view=stable(FIGURE_VIEW),
     script:
         "../scripts/generalization.py"

@@ -6,7 +6,9 @@ STEER_EXPERIMENTS = sorted(config["steering"]["experiments"])
 try:
     # Every experiment resolved for every model at parse time: a bad layer, dataset or source stops here.
     STEER = {
-        (m, e): resolve_experiment(config, e, m, LAYERS, N_LAYERS) for m in MODELS for e in STEER_EXPERIMENTS
+        (m, e): resolve_experiment(config, e, m, LAYERS, N_LAYERS)
+        for m in MODELS
+        for e in STEER_EXPERIMENTS
     }
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
@@ -28,46 +30,50 @@ rule steering:
         norms="results/steering/{model}/{steer}/norms.csv",
         generations="results/steering/{model}/{steer}/generations.csv",
         summary="results/steering/{model}/{steer}/summary.json",
-    wildcard_constraints:
-        steer=names_regex(STEER_EXPERIMENTS),
-    params:
-        model=lambda wc: stable(model_identity(wc.model)),
-        experiment=lambda wc: stable(STEER[(wc.model, wc.steer)]),
-        precision=stable(config["precision"]),
-    resources:
-        gpu=1,
-        mem_mb=8000,
-        runtime=60,
-    threads: 1
     log:
         "logs/steering/{model}/{steer}.log",
     benchmark:
         "benchmarks/steering/{model}/{steer}.tsv"
+    wildcard_constraints:
+        steer=names_regex(STEER_EXPERIMENTS),
     conda:
         "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=60,
+    params:
+        model=lambda wc: stable(model_identity(wc.model)),
+        experiment=lambda wc: stable(STEER[(wc.model, wc.steer)]),
+        precision=stable(config["precision"]),
     script:
         "../scripts/steering.py"
 
 
 rule plot_steering:
     input:
-        effects="results/steering/{model}/{steer}/effects.csv",
+        effects=rules.steering.output.effects,
     output:
         figure=report(
             "results/figures/{model}/steering_{steer}.png",
             category="Steering",
             subcategory="{model}",
             caption="../report/steering_dose_response.rst",
-            labels={"model": "{model}", "experiment": "{steer}", "figure": "steering dose-response"},
+            labels={
+                "model": "{model}",
+                "experiment": "{steer}",
+                "figure": "steering dose-response",
+            },
         ),
         extra=extra_formats("results/figures/{model}/steering_{steer}"),
-    wildcard_constraints:
-        steer=names_regex(STEER_EXPERIMENTS),
-    params:
-        formats=config["figures"]["formats"],
     log:
         "logs/plot_steering/{model}/{steer}.log",
+    wildcard_constraints:
+        steer=names_regex(STEER_EXPERIMENTS),
     conda:
         "../../envs/core.yaml"
+    params:
+        formats=config["figures"]["formats"],
     script:
         "../scripts/plot_steering.py"

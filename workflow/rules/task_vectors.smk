@@ -5,8 +5,8 @@
 
 rule task_vectors:
     input:
-        layers=lambda wc: per_layer("results/activations/{model}/{dataset}/layer_{layer}.h5", wc.model, wc.dataset),
-        table="results/datasets/{dataset}/prompts.csv",
+        layers=lambda wc: per_layer(rules.extract_layer.output[0], wc.model, wc.dataset),
+        table=rules.prepare_dataset.output.table,
     output:
         scores=report(
             "results/task_vectors/{model}/{dataset}/scores.csv",
@@ -16,22 +16,22 @@ rule task_vectors:
             labels={"model": "{model}", "dataset": "{dataset}", "table": "task-vector scores"},
         ),
         matrices="results/task_vectors/{model}/{dataset}/matrices.h5",
-    params:
-        settings=lambda wc: stable(task_vector_compute_settings(wc.model)),
     log:
         "logs/task_vectors/{model}/{dataset}.log",
     benchmark:
         "benchmarks/task_vectors/{model}/{dataset}.tsv"
     conda:
         "../../envs/core.yaml"
+    params:
+        settings=lambda wc: stable(task_vector_compute_settings(wc.model)),
     script:
         "../scripts/task_vectors.py"
 
 
 rule plot_task_vectors:
     input:
-        scores="results/task_vectors/{model}/{dataset}/scores.csv",
-        matrices="results/task_vectors/{model}/{dataset}/matrices.h5",
+        scores=rules.task_vectors.output.scores,
+        matrices=rules.task_vectors.output.matrices,
     output:
         **{
             name: report(
@@ -39,7 +39,11 @@ rule plot_task_vectors:
                 category="Task vectors",
                 subcategory="{model}",
                 caption=f"../report/task_{name}.rst",
-                labels={"model": "{model}", "dataset": "{dataset}", "figure": f"task {name.replace('_', ' ')}"},
+                labels={
+                    "model": "{model}",
+                    "dataset": "{dataset}",
+                    "figure": f"task {name.replace('_', ' ')}",
+                },
             )
             for name in TASK_VECTOR_FIGURES
         },
@@ -48,12 +52,12 @@ rule plot_task_vectors:
             for name in TASK_VECTOR_FIGURES
             for path in extra_formats(f"results/figures/{{model}}/{{dataset}}/task_{name}")
         ],
-    params:
-        layer=config["task_vectors"]["layer"],
-        formats=config["figures"]["formats"],
     log:
         "logs/plot_task_vectors/{model}/{dataset}.log",
     conda:
         "../../envs/core.yaml"
+    params:
+        layer=config["task_vectors"]["layer"],
+        formats=config["figures"]["formats"],
     script:
         "../scripts/plot_task_vectors.py"

@@ -534,6 +534,8 @@ def _draw_metric_vs_layer(
     n_layers: int | None = None,
     title: str | None = None,
 ) -> Figure:
+    """One curve per (component, pooling) with its interval band and best layer starred, the
+    chance and majority-baseline lines, and a legend below the axes."""
     df = _filter_summary(summary, metric, model, dataset)
     keys = [k for k in ("component", "pooling") if k in df.columns]
     groups = list(df.groupby(keys, sort=True)) if keys else [((), df)]
@@ -541,107 +543,21 @@ def _draw_metric_vs_layer(
         fig = new_figure(6.4 if len(groups) <= 4 else 7.8, 4.2)
         ax = fig.add_subplot()
         colors = palette(len(groups))
-        handles = []
-        all_y = []
+        handles, all_y = [], []
         for i, (key, g) in enumerate(groups):
             key = key if isinstance(key, tuple) else (key,)
-            g = g.sort_values("layer")
-            x = g["layer"].to_numpy(dtype=float)
-            y = pd.to_numeric(g["mean"], errors="coerce").to_numpy(dtype=float)
             name = " / ".join(str(k) for k in key) if keys else metric_name(metric)
-            color, marker = colors[i], MARKERS[i % len(MARKERS)]
-            if {"ci_low", "ci_high"} <= set(g.columns):
-                lo = pd.to_numeric(g["ci_low"], errors="coerce").to_numpy(dtype=float)
-                hi = pd.to_numeric(g["ci_high"], errors="coerce").to_numpy(dtype=float)
-                ok = np.isfinite(lo) & np.isfinite(hi)
-                if ok.any():
-                    ax.fill_between(
-                        x,
-                        np.where(ok, lo, np.nan),
-                        np.where(ok, hi, np.nan),
-                        color=color,
-                        alpha=0.18,
-                        linewidth=0,
-                    )
-                    all_y += [lo[ok], hi[ok]]
-            ax.plot(x, y, color=color, marker=marker, markersize=4, zorder=3)
-            all_y.append(y[np.isfinite(y)])
-            if np.isfinite(y).any():
-                b = int(np.nanargmax(y))
-                ax.plot(
-                    [x[b]],
-                    [y[b]],
-                    marker="*",
-                    markersize=13,
-                    color=color,
-                    markeredgecolor="black",
-                    markeredgewidth=0.7,
-                    linestyle="none",
-                    zorder=4,
-                )
-                name += f"  (best: layer {int(x[b])}, {y[b]:.3f})"
             handles.append(
-                Line2D([], [], color=color, marker=marker, markersize=4, label=shorten(name, 60))
-            )
-        chance_col = (
-            "chance"
-            if "chance" in df.columns
-            else ("baseline" if "baseline" in df.columns else None)
-        )
-        chance = _constant_or_none(df[chance_col]) if chance_col else None
-        if chance is not None:
-            ax.axhline(chance, color="#555555", linestyle="--", linewidth=1.0, zorder=2)
-            handles.append(
-                Line2D(
-                    [],
-                    [],
-                    color="#555555",
-                    linestyle="--",
-                    linewidth=1.0,
-                    label=f"chance ({chance:.2f})",
+                _probe_curve(
+                    ax, g.sort_values("layer"), name, colors[i], MARKERS[i % len(MARKERS)], all_y
                 )
             )
-            all_y.append(np.array([chance]))
-            if chance_col == "chance" and "baseline" in df.columns:
-                base = _constant_or_none(df["baseline"])
-                if base is not None and abs(base - chance) > 1e-9:
-                    ax.axhline(base, color="#555555", linestyle=":", linewidth=1.0, zorder=2)
-                    handles.append(
-                        Line2D(
-                            [],
-                            [],
-                            color="#555555",
-                            linestyle=":",
-                            linewidth=1.0,
-                            label=f"majority baseline ({base:.2f})",
-                        )
-                    )
-                    all_y.append(np.array([base]))
-        handles.append(Patch(facecolor="#888888", alpha=0.3, label="95% CI"))
-        handles.append(
-            Line2D(
-                [],
-                [],
-                marker="*",
-                color="#888888",
-                markeredgecolor="black",
-                markersize=11,
-                linestyle="none",
-                label="best layer",
-            )
-        )
+        handles += _chance_lines(ax, df, all_y)
+        handles += _curve_legend_keys()
         ax.set_xlabel("layer")
         ax.set_ylabel(metric_axis_label(metric, _n_classes(df)))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ys = np.concatenate(all_y) if all_y else np.array([0.0, 1.0])
-        lo, hi = float(np.nanmin(ys)), float(np.nanmax(ys))
-        pad = max(0.02, 0.06 * (hi - lo))
-        if metric in _BOUNDED:
-            ax.set_ylim(max(0.0, lo - pad), min(1.0, hi + pad) + (0.01 if hi + pad >= 1 else 0))
-        else:
-            ax.set_ylim(lo - pad, hi + pad)
-        xs = df["layer"].to_numpy(dtype=float)
-        ax.set_xlim(xs.min() - 0.5, xs.max() + 0.5)
+        _metric_limits(ax, all_y, metric, df["layer"].to_numpy(dtype=float))
         if n_layers:
             sec = ax.secondary_xaxis(
                 "top", functions=(lambda L: L / float(n_layers), lambda r: r * float(n_layers))
@@ -659,6 +575,100 @@ def _draw_metric_vs_layer(
             or _title(f"Linear probe {metric_name(metric)} by layer", model=model, dataset=dataset)
         )
     return fig
+
+
+def _probe_curve(ax, g: pd.DataFrame, name: str, color, marker: str, all_y: list) -> Line2D:
+    """Draw one probe curve (interval band, line, star at its best layer); return its legend key.
+    The plotted y values are appended to ``all_y`` (for the axis limits)."""
+    x = g["layer"].to_numpy(dtype=float)
+    y = pd.to_numeric(g["mean"], errors="coerce").to_numpy(dtype=float)
+    if {"ci_low", "ci_high"} <= set(g.columns):
+        lo = pd.to_numeric(g["ci_low"], errors="coerce").to_numpy(dtype=float)
+        hi = pd.to_numeric(g["ci_high"], errors="coerce").to_numpy(dtype=float)
+        ok = np.isfinite(lo) & np.isfinite(hi)
+        if ok.any():
+            ax.fill_between(
+                x,
+                np.where(ok, lo, np.nan),
+                np.where(ok, hi, np.nan),
+                color=color,
+                alpha=0.18,
+                linewidth=0,
+            )
+            all_y += [lo[ok], hi[ok]]
+    ax.plot(x, y, color=color, marker=marker, markersize=4, zorder=3)
+    all_y.append(y[np.isfinite(y)])
+    if np.isfinite(y).any():
+        b = int(np.nanargmax(y))
+        ax.plot(
+            [x[b]],
+            [y[b]],
+            marker="*",
+            markersize=13,
+            color=color,
+            markeredgecolor="black",
+            markeredgewidth=0.7,
+            linestyle="none",
+            zorder=4,
+        )
+        name += f"  (best: layer {int(x[b])}, {y[b]:.3f})"
+    return Line2D([], [], color=color, marker=marker, markersize=4, label=shorten(name, 60))
+
+
+def _reference_line(
+    ax, value: float, linestyle: str, label: str, zorder: float | None = 2
+) -> Line2D:
+    """A horizontal reference line (chance, majority baseline) and its legend key."""
+    ax.axhline(value, color="#555555", linestyle=linestyle, linewidth=1.0, zorder=zorder)
+    return Line2D([], [], color="#555555", linestyle=linestyle, linewidth=1.0, label=label)
+
+
+def _chance_lines(ax, df: pd.DataFrame, all_y: list) -> list:
+    """The chance line, and the majority baseline where it differs from chance."""
+    chance_col = (
+        "chance" if "chance" in df.columns else ("baseline" if "baseline" in df.columns else None)
+    )
+    chance = _constant_or_none(df[chance_col]) if chance_col else None
+    if chance is None:
+        return []
+    handles = [_reference_line(ax, chance, "--", f"chance ({chance:.2f})")]
+    all_y.append(np.array([chance]))
+    if chance_col == "chance" and "baseline" in df.columns:
+        base = _constant_or_none(df["baseline"])
+        if base is not None and abs(base - chance) > 1e-9:
+            handles.append(_reference_line(ax, base, ":", f"majority baseline ({base:.2f})"))
+            all_y.append(np.array([base]))
+    return handles
+
+
+def _curve_legend_keys() -> list:
+    """Legend keys for the interval band and the best-layer star."""
+    return [
+        Patch(facecolor="#888888", alpha=0.3, label="95% CI"),
+        Line2D(
+            [],
+            [],
+            marker="*",
+            color="#888888",
+            markeredgecolor="black",
+            markersize=11,
+            linestyle="none",
+            label="best layer",
+        ),
+    ]
+
+
+def _metric_limits(ax, all_y: list, metric: str, layers: np.ndarray) -> None:
+    """y limits padded around every plotted value (clipped to [0, 1] for bounded metrics); x limits
+    half a layer beyond the first and last layer."""
+    ys = np.concatenate(all_y) if all_y else np.array([0.0, 1.0])
+    lo, hi = float(np.nanmin(ys)), float(np.nanmax(ys))
+    pad = max(0.02, 0.06 * (hi - lo))
+    if metric in _BOUNDED:
+        ax.set_ylim(max(0.0, lo - pad), min(1.0, hi + pad) + (0.01 if hi + pad >= 1 else 0))
+    else:
+        ax.set_ylim(lo - pad, hi + pad)
+    ax.set_xlim(layers.min() - 0.5, layers.max() + 0.5)
 
 
 def metric_vs_layer(
@@ -1594,16 +1604,9 @@ def _draw_best_layer_vs_depth(
     chance: float | None = None,
     title: str | None = None,
 ) -> Figure:
-    need = {"model", "n_layers", "layer", "mean"}
-    missing = need - set(df.columns)
-    if missing:
-        raise ValueError(f"best_layer_vs_depth: missing columns {sorted(missing)}")
-    if "metric" in df.columns:
-        df = df[df["metric"] == metric]
-    if dataset is not None and "dataset" in df.columns:
-        df = df[df["dataset"] == dataset]
-    if df.empty:
-        raise ValueError("best_layer_vs_depth: no rows to plot")
+    """Models on one relative-depth axis: whole curves when several layers per model are given,
+    else each model's best layer as a point with its interval."""
+    df = _depth_rows(df, metric, dataset)
     models = list(dict.fromkeys(df["model"]))
     colors = palette(len(models))
     has_ci = {"ci_low", "ci_high"} <= set(df.columns)
@@ -1613,108 +1616,21 @@ def _draw_best_layer_vs_depth(
     with style():
         fig = new_figure(6.6 if len(models) <= 6 else 8.0, 4.2)
         ax = fig.add_subplot()
-        handles = []
-        for i, m in enumerate(models):
-            g = df[df["model"] == m].sort_values("layer")
-            nl = int(g["n_layers"].iloc[0])
-            x = relative_depth(g["layer"].to_numpy(dtype=float), nl)
-            y = g["mean"].to_numpy(dtype=float)
-            color, marker = colors[i], MARKERS[i % len(MARKERS)]
-            b = int(np.nanargmax(y))
-            lo = g["ci_low"].to_numpy(dtype=float) if has_ci else None
-            hi = g["ci_high"].to_numpy(dtype=float) if has_ci else None
-            if lines_mode:
-                if has_ci:
-                    ax.fill_between(x, lo, hi, color=color, alpha=0.15, linewidth=0)
-                ax.plot(x, y, color=color, marker=marker, markersize=3)
-                ax.plot(
-                    [x[b]],
-                    [y[b]],
-                    marker="*",
-                    markersize=13,
-                    color=color,
-                    markeredgecolor="black",
-                    markeredgewidth=0.7,
-                    linestyle="none",
-                    zorder=4,
-                )
-            if has_ci and not lines_mode:
-                ax.errorbar(
-                    [x[b]],
-                    [y[b]],
-                    yerr=[[y[b] - lo[b]], [hi[b] - y[b]]],
-                    color=color,
-                    capsize=3,
-                    linewidth=1.2,
-                    marker=marker,
-                    markersize=7,
-                    markeredgecolor="black",
-                    markeredgewidth=0.6,
-                    linestyle="none",
-                    zorder=5,
-                )
-            elif not lines_mode:
-                ax.plot(
-                    [x[b]],
-                    [y[b]],
-                    marker=marker,
-                    markersize=7,
-                    color=color,
-                    markeredgecolor="black",
-                    markeredgewidth=0.6,
-                    linestyle="none",
-                )
-            lab = f"{shorten(m, 32)} (best: layer {int(g['layer'].iloc[b])}/{nl}, {y[b]:.3f})"
-            handles.append(
-                Line2D(
-                    [],
-                    [],
-                    color=color,
-                    marker=marker,
-                    markersize=5 if lines_mode else 7,
-                    linestyle="-" if lines_mode else "none",
-                    label=lab,
-                )
+        handles = [
+            _depth_model(
+                ax,
+                df[df["model"] == m].sort_values("layer"),
+                m,
+                colors[i],
+                MARKERS[i % len(MARKERS)],
+                has_ci,
+                lines_mode,
             )
+            for i, m in enumerate(models)
+        ]
         if chance is not None:
-            ax.axhline(chance, color="#555555", linestyle="--", linewidth=1.0)
-            handles.append(
-                Line2D(
-                    [],
-                    [],
-                    color="#555555",
-                    linestyle="--",
-                    linewidth=1.0,
-                    label=f"chance ({chance:.2f})",
-                )
-            )
-        if lines_mode:
-            handles.append(
-                Line2D(
-                    [],
-                    [],
-                    marker="*",
-                    color="#888888",
-                    markeredgecolor="black",
-                    markersize=11,
-                    linestyle="none",
-                    label="best layer",
-                )
-            )
-        if has_ci:
-            handles.append(
-                Patch(facecolor="#888888", alpha=0.3, label="95% CI")
-            ) if lines_mode else handles.append(
-                Line2D(
-                    [],
-                    [],
-                    color="#888888",
-                    marker="|",
-                    markersize=10,
-                    linestyle="none",
-                    label="95% CI",
-                )
-            )
+            handles.append(_reference_line(ax, chance, "--", f"chance ({chance:.2f})", zorder=None))
+        handles += _depth_legend_keys(has_ci, lines_mode)
         ax.set_xlabel("relative depth (layer / n_layers)")
         label = metric_axis_label(metric, _n_classes(df))  # says how classes are averaged (> 2)
         ax.set_ylabel(label if lines_mode else f"best-layer {label}")
@@ -1730,6 +1646,108 @@ def _draw_best_layer_vs_depth(
         )
         ax.set_title(title or _title(what, dataset=dataset))
     return fig
+
+
+def _depth_rows(df: pd.DataFrame, metric: str, dataset) -> pd.DataFrame:
+    """The rows of one metric (and dataset) to draw; a clear error when columns or rows are missing."""
+    need = {"model", "n_layers", "layer", "mean"}
+    missing = need - set(df.columns)
+    if missing:
+        raise ValueError(f"best_layer_vs_depth: missing columns {sorted(missing)}")
+    if "metric" in df.columns:
+        df = df[df["metric"] == metric]
+    if dataset is not None and "dataset" in df.columns:
+        df = df[df["dataset"] == dataset]
+    if df.empty:
+        raise ValueError("best_layer_vs_depth: no rows to plot")
+    return df
+
+
+def _depth_model(
+    ax, g: pd.DataFrame, model: str, color, marker: str, has_ci: bool, lines_mode: bool
+) -> Line2D:
+    """Draw one model (its curve with the best layer starred, or its best layer with an error bar);
+    return its legend key."""
+    nl = int(g["n_layers"].iloc[0])
+    x = relative_depth(g["layer"].to_numpy(dtype=float), nl)
+    y = g["mean"].to_numpy(dtype=float)
+    b = int(np.nanargmax(y))
+    lo = g["ci_low"].to_numpy(dtype=float) if has_ci else None
+    hi = g["ci_high"].to_numpy(dtype=float) if has_ci else None
+    if lines_mode:
+        if has_ci:
+            ax.fill_between(x, lo, hi, color=color, alpha=0.15, linewidth=0)
+        ax.plot(x, y, color=color, marker=marker, markersize=3)
+        ax.plot(
+            [x[b]],
+            [y[b]],
+            marker="*",
+            markersize=13,
+            color=color,
+            markeredgecolor="black",
+            markeredgewidth=0.7,
+            linestyle="none",
+            zorder=4,
+        )
+    elif has_ci:
+        ax.errorbar(
+            [x[b]],
+            [y[b]],
+            yerr=[[y[b] - lo[b]], [hi[b] - y[b]]],
+            color=color,
+            capsize=3,
+            linewidth=1.2,
+            marker=marker,
+            markersize=7,
+            markeredgecolor="black",
+            markeredgewidth=0.6,
+            linestyle="none",
+            zorder=5,
+        )
+    else:
+        ax.plot(
+            [x[b]],
+            [y[b]],
+            marker=marker,
+            markersize=7,
+            color=color,
+            markeredgecolor="black",
+            markeredgewidth=0.6,
+            linestyle="none",
+        )
+    label = f"{shorten(model, 32)} (best: layer {int(g['layer'].iloc[b])}/{nl}, {y[b]:.3f})"
+    return Line2D(
+        [],
+        [],
+        color=color,
+        marker=marker,
+        markersize=5 if lines_mode else 7,
+        linestyle="-" if lines_mode else "none",
+        label=label,
+    )
+
+
+def _depth_legend_keys(has_ci: bool, lines_mode: bool) -> list:
+    """Legend keys for the best-layer star (curves) and the interval (band or error bar)."""
+    keys = []
+    if lines_mode:
+        keys.append(_curve_legend_keys()[1])
+    if has_ci:
+        if lines_mode:
+            keys.append(Patch(facecolor="#888888", alpha=0.3, label="95% CI"))
+        else:
+            keys.append(
+                Line2D(
+                    [],
+                    [],
+                    color="#888888",
+                    marker="|",
+                    markersize=10,
+                    linestyle="none",
+                    label="95% CI",
+                )
+            )
+    return keys
 
 
 def best_layer_vs_depth(
