@@ -6,10 +6,12 @@ memory (RSS high-water mark) is separable:
 
   (a) seed   - ``bridge.run_with_cache(prompt)`` one prompt at a time, all hooks, mean of
                ``blocks.L.hook_resid_post`` over all tokens for L in 3, 6, 9, 11;
-  (b) store  - ``layerscope.engine.activations.cache_store`` (resid_post, mean, every layer: what the
+  (b) store  - ``layerscope.engine.activations.cache_store`` (resid_post, mean, every layer: what
+  the
                workflow rule runs), then ``extract_layer`` for layers 3, 6, 9, 11 (timed apart);
   (c) plain  - ``transformers.GPT2Model`` (no LM head), length-sorted batches, right padding with
-               an attention mask, ``output_hidden_states``, masked mean by hand (BOS left out, as in b).
+               an attention mask, ``output_hidden_states``, masked mean by hand (BOS left out, as in
+               b).
 
 Model loading is excluded; every method is warmed up (one forward pass) before timing.
 Run ``python bench/bench_caching.py`` (add ``--quick`` for a fast smoke run).
@@ -28,7 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-# devkit/ (tiny test models, the demo model and data) sits at the repository root, outside the package.
+# devkit/ (tiny test models, the demo model and data) sits at the repository root, outside the
+# package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 LAYERS = [3, 6, 9, 11]
@@ -153,7 +156,8 @@ def worker(
             tokenize_prompts,
         )
 
-        # the seed loop is TransformerLens's run_with_cache; the store takes the workflow's default engine
+        # the seed loop is TransformerLens's run_with_cache; the store takes the workflow's default
+        # engine
         if method == "seed":
             bridge, info = load_model(str(model_dir), device="cpu")
         else:
@@ -334,7 +338,8 @@ def main() -> None:
         "--repeats",
         type=int,
         default=None,
-        help="timed repeats per measurement, fastest reported (default: 3 for store/plain, 1 for seed; "
+        help="timed repeats per measurement, fastest reported "
+        "(default: 3 for store/plain, 1 for seed; "
         "--quick: 1)",
     )
     ap.add_argument("--json", type=Path, default=None, help="also write the raw results here")
@@ -359,7 +364,8 @@ def main() -> None:
     t = time.perf_counter()
     build_model(model_dir, args.vocab_size)
     print(
-        f"model: {model_dir} (ready in {time.perf_counter() - t:.1f} s); cpu cores: {os.cpu_count()}"
+        f"model: {model_dir} (ready in {time.perf_counter() - t:.1f} s); "
+        f"cpu cores: {os.cpu_count()}"
     )
 
     import numpy as np
@@ -380,8 +386,10 @@ def main() -> None:
                     else ""
                 )
                 print(
-                    f"  n={n:5d} {method:5s}: {r['seconds']:7.2f} s wall ({r['cpu_seconds']:.1f} s cpu), "
-                    f"{r['tokens_per_s']:7.0f} tokens/s, peak RSS {r['peak_rss_mb']:.0f} MiB{extra}; "
+                    f"  n={n:5d} {method:5s}: {r['seconds']:7.2f} s wall "
+                    f"({r['cpu_seconds']:.1f} s cpu), "
+                    f"{r['tokens_per_s']:7.0f} tokens/s, "
+                    f"peak RSS {r['peak_rss_mb']:.0f} MiB{extra}; "
                     f"all repeats {r['all_seconds']}",
                     flush=True,
                 )
@@ -402,7 +410,8 @@ def main() -> None:
         if r["method"] == "check":
             continue
         print(
-            f"| {r['n_prompts']} | {r['method']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} |"
+            f"| {r['n_prompts']} | {r['method']} | {r['seconds']:.2f} | "
+            f"{r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} |"
         )
     print()
     for n in sizes:
@@ -418,7 +427,8 @@ def main() -> None:
         if lo and hi and lo is not hi:
             print(
                 f"peak RSS {m}: {hi['peak_rss_mb']:.0f} / {lo['peak_rss_mb']:.0f} MiB = "
-                f"{hi['peak_rss_mb'] / lo['peak_rss_mb']:.2f}x ({max(sizes)} vs {min(sizes)} prompts; target <= 1.2)"
+                f"{hi['peak_rss_mb'] / lo['peak_rss_mb']:.2f}x "
+                f"({max(sizes)} vs {min(sizes)} prompts; target <= 1.2)"
             )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -1,7 +1,8 @@
 """Benchmark: generation patching, batched (many (pair, cell) variants per forward pass, KV cache)
 vs one variant at a time (batch size 1, the seed's loop), on the bundled demo model.
 
-Both arms run :func:`layerscope.interventions.generation.generation_sweep` on the same pairs and cells and must
+Both arms run :func:`layerscope.interventions.generation.generation_sweep` on the same pairs and
+cells and must
 produce identical tables (checked). Arms are interleaved (A B A B ...) so that load from other
 processes hits both alike; the reported ratio is median(one at a time) / median(batched).
 Model loading is excluded; one warm-up generation runs first.
@@ -69,7 +70,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in times.items():
         print(
-            f"{k:14s} runs {['%.2f' % x for x in v]} s, median {med[k]:.2f} s, "
+            f"{k:14s} runs {[f'{x:.2f}' for x in v]} s, median {med[k]:.2f} s, "
             f"{n * args.max_new_tokens / med[k]:.0f} generated tokens/s ({n} generations)"
         )
     ratio = med["one_at_a_time"] / med["batched"]

@@ -1,7 +1,8 @@
 """Benchmark: caching on chain-of-thought-length prompts. layerscope's store vs plain transformers
 (SDPA) vs the seed one-prompt-at-a-time loop, side by side in one run.
 
-Cases (6-layer, d_model 256 models with random weights, a byte-level BPE vocabulary of 2,000 tokens):
+Cases (6-layer, d_model 256 models with random weights, a byte-level BPE vocabulary of 2,000
+tokens):
 
   short   Llama,  256 prompts x 10-40 tokens,     batch 32
   mid     GPT-2,   16 prompts x 400-500 tokens,   batch 8   (and Llama)
@@ -9,16 +10,20 @@ Cases (6-layer, d_model 256 models with random weights, a byte-level BPE vocabul
 
 Methods, each (case, method) in its own subprocess so that its peak RSS is its own:
 
-  store  ``layerscope.engine.activations.cache_store`` with the workflow's default engine (``auto``: the
+  store  ``layerscope.engine.activations.cache_store`` with the workflow's default engine (``auto``:
+  the
          native engine), resid_post, mean and last, every layer; self-check off for the timed runs,
          then one run with the default self-check (4 prompts) reported apart.
-  plain  ``AutoModel`` (base model, SDPA), the same length-sorted right-padded batches with an attention
+  plain  ``AutoModel`` (base model, SDPA), the same length-sorted right-padded batches with an
+  attention
          mask, ``output_hidden_states``, mean and last pooled by hand for every layer.
-  bridge (opt-in) the same ``cache_store`` with ``engine: bridge`` (TransformerBridge, eager attention).
+  bridge (opt-in) the same ``cache_store`` with ``engine: bridge`` (TransformerBridge, eager
+  attention).
   seed   ``TransformerBridge.run_with_cache(text)`` one prompt at a time, all hooks, mean of every
          layer's resid_post (what the seed notebooks did).
 
-``--gpu`` instead runs a DeepSeek-R1-Distill-Qwen-1.5B-shaped Qwen2 (28 layers, d_model 1536, 12 heads,
+``--gpu`` instead runs a DeepSeek-R1-Distill-Qwen-1.5B-shaped Qwen2 (28 layers, d_model 1536, 12
+heads,
 2 KV heads, MLP 8960, vocabulary 151,936; random weights, bfloat16, CUDA) on short and long prompts,
 store vs plain, peak GPU memory from ``torch.cuda.max_memory_allocated``.
 
@@ -41,7 +46,8 @@ import tempfile
 import time
 from pathlib import Path
 
-# devkit/ (tiny test models, the demo model and data) sits at the repository root, outside the package.
+# devkit/ (tiny test models, the demo model and data) sits at the repository root, outside the
+# package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 #: case -> (arch, n_prompts, min tokens, max tokens, batch_size)
@@ -304,7 +310,8 @@ def report(results: list[dict], cases: list[str], gpu: bool) -> None:
     by = {(r["case"], r["method"]): r for r in results}
     mem = "peak_gpu_mb" if gpu else "peak_rss_mb"
     print(
-        f"\n| case | method | wall s (fastest) | all repeats | {'peak GPU MiB' if gpu else 'peak RSS MiB'} |"
+        "\n| case | method | wall s (fastest) | all repeats | "
+        f"{'peak GPU MiB' if gpu else 'peak RSS MiB'} |"
     )
     print("|---|---|---:|---|---:|")
     for r in results:
@@ -314,7 +321,8 @@ def report(results: list[dict], cases: list[str], gpu: bool) -> None:
             else ""
         )
         print(
-            f"| {r['case']} | {r['method']} | {r['seconds']:.2f}{extra} | {r['all_seconds']} | {r[mem]:.0f} |"
+            f"| {r['case']} | {r['method']} | {r['seconds']:.2f}{extra} | "
+            f"{r['all_seconds']} | {r[mem]:.0f} |"
         )
     print()
     for c in cases:

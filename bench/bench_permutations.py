@@ -46,7 +46,8 @@ def main(paths: list[str]) -> None:
                     )
     old, new = totals["old (100)"], totals["sequential (<= 1000)"]
     print(
-        f"{len(drawn)} probes: old {old:.1f} s CPU, sequential {new:.1f} s CPU, ratio {new / old:.2f}; "
+        f"{len(drawn)} probes: old {old:.1f} s CPU, sequential {new:.1f} s CPU, "
+        f"ratio {new / old:.2f}; "
         f"permutations drawn: {sorted(drawn)}"
     )
 

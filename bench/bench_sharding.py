@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-# devkit/ (tiny test models, the demo model and data) sits at the repository root, outside the package.
+# devkit/ (tiny test models, the demo model and data) sits at the repository root, outside the
+# package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PER_SHARD = 2500
@@ -36,7 +37,8 @@ if mode == "gather":
     gather_store(sys.argv[3:], out, log=None)
 else:
     shard = None if mode == "all" else tuple(int(x) for x in mode.split("/"))
-    cache_from_table(sys.argv[3], out, model={"source": sys.argv[4]}, activations={"poolings": ["mean", "last"]},
+    cache_from_table(sys.argv[3], out, model={"source": sys.argv[4]},
+                     activations={"poolings": ["mean", "last"]},
                      batch_size=64, device="cpu", threads=1, log=None, shard=shard)
 """
 

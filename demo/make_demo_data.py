@@ -12,7 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-# devkit/ (tiny test models, the demo model and data) sits at the repository root, outside the package.
+# devkit/ (tiny test models, the demo model and data) sits at the repository root, outside the
+# package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 HERE = Path(__file__).resolve().parent

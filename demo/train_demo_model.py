@@ -2,7 +2,8 @@
 """Train the bundled demo model (tiny GPT-2) from scratch on CPU, deterministically.
 
     python demo/train_demo_model.py [--out demo/model]   # (re)train and save
-    python demo/train_demo_model.py --check             # retrain into a temp dir, compare to shipped weights
+    python demo/train_demo_model.py --check             # retrain into a temp dir, compare to
+    shipped weights
 
 The logic lives in ``devkit.demo_model``; see ``demo/model/TRAINING.md``.
 """
@@ -15,7 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-# devkit/ (tiny test models, the demo model and data) sits at the repository root, outside the package.
+# devkit/ (tiny test models, the demo model and data) sits at the repository root, outside the
+# package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 HERE = Path(__file__).resolve().parent

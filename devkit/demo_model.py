@@ -321,7 +321,7 @@ def train(
             )
 
         decay, no_decay = [], []
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             (decay if p.dim() >= 2 else no_decay).append(p)
         opt = torch.optim.AdamW(
             [
@@ -356,7 +356,8 @@ def train(
             losses.append(float(out.loss.detach()))
             if log and ((step + 1) % log_every == 0 or step == 0):
                 log(
-                    f"step {step + 1}/{train_spec.steps} loss {losses[-1]:.4f} ({time.perf_counter() - t0:.1f}s)"
+                    f"step {step + 1}/{train_spec.steps} loss {losses[-1]:.4f} "
+                    f"({time.perf_counter() - t0:.1f}s)"
                 )
         model.eval()
         info = {

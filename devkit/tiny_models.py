@@ -36,7 +36,8 @@ def build_tiny_model(
     tokenizer_kind: str | None = None,
 ) -> Path:
     """Build a randomly initialised ``arch`` model ('gpt2', 'qwen2' or 'llama') in ``out_dir``;
-    ``tokenizer_kind`` (see :data:`TOKENIZER_KINDS`) gives it a tokenizer with that BOS convention."""
+    ``tokenizer_kind`` (see :data:`TOKENIZER_KINDS`) gives it a tokenizer with that BOS
+    convention."""
     import torch
     from transformers import (
         GPT2Config,

@@ -71,9 +71,7 @@ def result_differences(a: Path, b: Path) -> list[str]:
                 diffs.append(f"bytes differ: {rel}")
             continue
         with h5py.File(pa) as fa, h5py.File(pb) as fb:
-            names_a, names_b = [], []
-            fa.visititems(lambda n, o: names_a.append(n) if isinstance(o, h5py.Dataset) else None)
-            fb.visititems(lambda n, o: names_b.append(n) if isinstance(o, h5py.Dataset) else None)
+            names_a, names_b = _dataset_names(fa), _dataset_names(fb)
             if names_a != names_b:
                 diffs.append(f"datasets differ: {rel}: {names_a} vs {names_b}")
                 continue
@@ -91,6 +89,15 @@ def result_differences(a: Path, b: Path) -> list[str]:
                 if not same:
                     diffs.append(f"values differ: {rel}:{name}")
     return diffs
+
+
+def _dataset_names(f) -> list[str]:
+    """Names of every dataset in an open HDF5 file, in visiting order."""
+    import h5py
+
+    names: list[str] = []
+    f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+    return names
 
 
 @pytest.fixture(scope="session")

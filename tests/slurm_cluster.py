@@ -28,7 +28,10 @@ def unavailable_reason() -> str | None:
         return "needs root: slurmd must run as root and the config must sit in /etc/slurm"
     missing = [d for d in DAEMONS if shutil.which(d) is None]
     if missing:
-        return f"SLURM/munge not installed (missing {', '.join(missing)}); .ci/run installs slurm-wlm and munge"
+        return (
+            f"SLURM/munge not installed (missing {', '.join(missing)}); "
+            ".ci/run installs slurm-wlm and munge"
+        )
     if not MUNGE_KEY.exists():
         return f"{MUNGE_KEY} is missing (the munge package creates it)"
     for path in (SLURM_CONF, GRES_CONF):
@@ -40,7 +43,8 @@ def unavailable_reason() -> str | None:
 
 
 def _config(tmp: Path, cpus: int, mem_mb: int) -> str:
-    return f"""# layerscope-test-cluster: written by tests/slurm_cluster.py, removed when the test ends
+    # The marker on the first line says the file is the test's own (checked before replacing it).
+    return f"""# layerscope-test-cluster: written by tests/slurm_cluster.py, removed at test end
 ClusterName=layerscope
 SlurmctldHost=localhost
 SlurmUser=root

@@ -1,4 +1,5 @@
-"""cache_store / extract_layer on tiny GPT-2 and Qwen2 models, checked against plain transformers."""
+"""cache_store / extract_layer on tiny GPT-2 and Qwen2 models, checked against plain
+transformers."""
 
 from __future__ import annotations
 
@@ -68,7 +69,8 @@ def bridges(models):
 
 @pytest.fixture(scope="session")
 def stores(bridges, tmp_path_factory):
-    """Every component x pooling, token-level layer 1, batch_size smaller than n (session cached)."""
+    """Every component x pooling, token-level layer 1, batch_size smaller than n (session
+    cached)."""
     root = tmp_path_factory.mktemp("stores")
     out = {}
     for arch, (bridge, info) in bridges.items():
@@ -91,7 +93,8 @@ def stores(bridges, tmp_path_factory):
 
 
 def _hf_reference(model_dir, arch, token_ids):
-    """Per-token activations of one unpadded prompt from plain transformers: {(component, layer): [T, d]}."""
+    """Per-token activations of one unpadded prompt from plain transformers: {(component, layer):
+    [T, d]}."""
     from transformers import AutoModelForCausalLM
 
     ref_key = (str(model_dir), tuple(token_ids))
@@ -418,7 +421,8 @@ def test_non_finite_values_name_layer_and_prompt(bridges, tmp_path):
 
 
 def test_float16_overflow_stops_with_layers_prompts_and_the_fix(models, tmp_path):
-    """A real float16 model whose layer-1 MLP overflows (|x| > 65504): inf in layers 1 and 2 only."""
+    """A real float16 model whose layer-1 MLP overflows (|x| > 65504): inf in layers 1 and 2
+    only."""
     from transformers import AutoModelForCausalLM
 
     model_dir = tmp_path / "hot"

@@ -1,4 +1,5 @@
-"""Stage glue on real cached layer files from a tiny model: probes, summary, figures, task vectors."""
+"""Stage glue on real cached layer files from a tiny model: probes, summary, figures, task
+vectors."""
 
 import json
 

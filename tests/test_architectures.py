@@ -3,9 +3,12 @@ weight, bias and norm perturbed and small sliding windows, cached through layers
 with plain ``transformers`` (one prompt at a time, no padding).
 
 Independent of the engine's tap table: resid_pre comes from ``output_hidden_states`` and resid_post
-from forward hooks on the decoder layers; attn_out / resid_mid / mlp_out must add up to them token by
-token (``pre + attn + mlp == post``, ``pre + attn == mid``), and every pooling must be the pooling of
-the stored per-token values. A family is either exact within 1e-4 or refused by a LayerscopeError that
+from forward hooks on the decoder layers; attn_out / resid_mid / mlp_out must add up to them token
+by
+token (``pre + attn + mlp == post``, ``pre + attn == mid``), and every pooling must be the pooling
+of
+the stored per-token values. A family is either exact within 1e-4 or refused by a LayerscopeError
+that
 names the component or the architecture.
 """
 
@@ -77,7 +80,7 @@ def _reference(model_dir, token_ids):
         post = {}
         handles = [
             layer.register_forward_hook(
-                lambda mod, a, o, L=L: post.__setitem__(
+                lambda mod, a, o, L=L: post.__setitem__(  # noqa: B023 (called in this pass)
                     L, (o[0] if isinstance(o, tuple) else o)[0].double().numpy()
                 )
             )
@@ -203,7 +206,8 @@ def test_bridge_equals_transformers_or_is_refused(family, family_dirs, tmp_path)
 def test_auto_engine_choice(family_dirs):
     d = str(family_dirs("bloom"))
     assert load_engine(d, components=["resid_post"], device="cpu")[1]["engine"] == "native"
-    # BLOOM's attention adds the residual inside its module: auto falls back to the bridge for attn_out
+    # BLOOM's attention adds the residual inside its module: auto falls back to the bridge for
+    # attn_out
     logs = []
     model, info = load_engine(d, components=["attn_out"], device="cpu", log=logs.append)
     assert info["engine"] == "bridge" and "attn_out" in logs[0] and "BloomForCausalLM" in logs[0]

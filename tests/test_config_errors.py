@@ -1,7 +1,9 @@
 """Every config mistake is caught before any job runs, named by its key path and the reason.
 
-Most cases call :func:`layerscope.config.validate_config` (schema, defaults and the checks beyond it)
-and :func:`layerscope.config.check_duplicate_keys` directly; a few run ``snakemake -n`` on a copy of the
+Most cases call :func:`layerscope.config.validate_config` (schema, defaults and the checks beyond
+it)
+and :func:`layerscope.config.check_duplicate_keys` directly; a few run ``snakemake -n`` on a copy of
+the
 workflow to see the user's view: a non-zero exit, one short line, no ``results/``.
 """
 
@@ -47,7 +49,7 @@ def _rename(cfg, path, new_key):
     return cfg
 
 
-# --- what passes -----------------------------------------------------------------------------------
+# --- what passes ----------------------------------------------------------------------------------
 
 
 def test_demo_config_passes_and_gets_defaults():
@@ -73,7 +75,7 @@ def test_defaults_match_snakemake_validate():
     assert ours["models"]["demo"]["layers"] == "all"
 
 
-# --- unknown keys ----------------------------------------------------------------------------------
+# --- unknown keys ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -114,7 +116,7 @@ def test_dataset_without_kind_says_kind_is_missing():
     assert "'datasets.facts_located_in.kind': required key is missing" in _error(cfg)
 
 
-# --- wrong types and values ------------------------------------------------------------------------
+# --- wrong types and values -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -150,7 +152,7 @@ def test_wrong_type_or_value_names_path_and_reason(path, value, expected):
     assert "\n" not in msg
 
 
-# --- layers ----------------------------------------------------------------------------------------
+# --- layers ---------------------------------------------------------------------------------------
 
 
 def test_layer_out_of_range_names_model_and_layer_count():
@@ -176,7 +178,7 @@ def test_other_layer_settings_must_be_cached_layers(path, value, key):
     assert f"'{key}'" in msg and "demo" in msg and "[1, 3]" in msg
 
 
-# --- components and poolings -----------------------------------------------------------------------
+# --- components and poolings ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -214,7 +216,7 @@ def test_unknown_or_uncached_component_and_pooling(path, value, expected):
         assert part in msg, msg
 
 
-# --- files -----------------------------------------------------------------------------------------
+# --- files ----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -255,7 +257,7 @@ def test_misspelt_local_model_dir_is_not_taken_for_a_hub_id():
     assert "'models.demo.source'" in msg and "demo/modle" in msg and "not found" in msg
 
 
-# --- names -----------------------------------------------------------------------------------------
+# --- names ----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["my/data", "../x", "a b", ".hidden", "", "x" * 81])
@@ -272,7 +274,7 @@ def test_unsafe_name_is_rejected(where, name):
     assert f"'{where}.{name}'" in msg and "not safe as a path part" in msg
 
 
-# --- duplicate names (YAML silently keeps the last) ------------------------------------------------
+# --- duplicate names (YAML silently keeps the last) -----------------------------------------------
 
 DUPLICATE_DATASET = """\
 models:
@@ -359,7 +361,8 @@ SNAKEMAKE_CASES = {
     ),
     "bad_layer": (
         lambda t: _edit(t, "layers: all ", "layers: [0, 99] "),
-        "config key 'models.demo.layers': layer(s) [99] out of range: model 'demo/model' has 6 layers (0-5)",
+        "config key 'models.demo.layers': layer(s) [99] out of range: "
+        "model 'demo/model' has 6 layers (0-5)",
     ),
     "missing_file": (
         lambda t: _edit(t, "path: demo/data/facts.csv", "path: demo/data/nope.csv"),

@@ -45,7 +45,8 @@ def write_jsonl(path: Path, records: list) -> Path:
 def phase2_files(
     tmp_path: Path, n_faithful: int = 12, n_unfaithful: int = 11, variants=("q1", "q2"), **kw
 ):
-    """scores.csv (header line 1, pair p000 on line 2, ...) and responses.jsonl (one line per pair x variant)."""
+    """scores.csv (header line 1, pair p000 on line 2, ...) and responses.jsonl (one line per pair x
+    variant)."""
     ids = [f"p{i:03d}" for i in range(n_faithful + n_unfaithful)]
     # interleave classes so that the order is not trivially sorted by class
     labels = []

@@ -1,4 +1,5 @@
-"""The native engine's bridge-compatible API (hooks that read and replace, KV-cache decoding), the BOS
+"""The native engine's bridge-compatible API (hooks that read and replace, KV-cache decoding), the
+BOS
 policy from the model's own tokenizer, the parity self-check, and out-of-memory halving."""
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ def test_resid_mid_reads_but_refuses_replacement(engines):
 
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
 def test_kv_cache_decoding_with_steering_equals_full_forward(engines, arch):
-    """Incremental decoding through past_key_values, with a steering hook on, equals one full pass."""
+    """Incremental decoding through past_key_values, with a steering hook on, equals one full
+    pass."""
     (native, _), _ = engines[arch]
     ids = _ids(native.tokenizer, TEXTS[2])
     delta = torch.linspace(-0.5, 0.5, 32)
@@ -179,7 +181,7 @@ def test_qwen_bos_auto_on_both_engines(tmp_path, kind, expected, engine):
         assert f.attrs["self_check_max_diff"] < 1e-4
 
 
-# --- the parity self-check -------------------------------------------------------------------------
+# --- the parity self-check ------------------------------------------------------------------------
 
 
 def _table(tmp_path):
@@ -340,7 +342,8 @@ def test_engine_settings_in_the_config():
 
 
 def test_self_check_of_a_layout_the_native_table_does_not_know(dirs, tmp_path, monkeypatch):
-    """Bridge-only architectures are still checked: resid_pre/resid_post against plain transformers."""
+    """Bridge-only architectures are still checked: resid_pre/resid_post against plain
+    transformers."""
     from layerscope.engine import native as engine
 
     monkeypatch.delitem(engine.LAYOUTS, "gpt2")

@@ -46,13 +46,15 @@ PKG = "layerscope"
 SRC = ROOT / "src" / PKG
 ENVS = ROOT / "envs"
 RULE_FILES = [ROOT / "Snakefile", *sorted((ROOT / "workflow" / "rules").glob("*.smk"))]
-# Snakemake copies an env file to <conda prefix>/<hash>.yaml before `conda env create`, and conda runs
+# Snakemake copies an env file to <conda prefix>/<hash>.yaml before `conda env create`, and conda
+# runs
 # pip from that file's folder; with the default prefix that is .snakemake/conda/ under the working
 # directory (the repo root, where the Snakefile is).
 SNAKEMAKE_ENV_COPY_DIR = ROOT / ".snakemake" / "conda"
 
 # Top-level import name -> PyPI distribution. Every third-party import must be listed here, so a new
-# dependency is a conscious decision (add it here, to pyproject, and to the env of each rule using it).
+# dependency is a conscious decision (add it here, to pyproject, and to the env of each rule using
+# it).
 IMPORT_TO_DIST = {
     "cycler": "cycler",
     "h5py": "h5py",
@@ -271,7 +273,8 @@ def _is_type_checking(node: ast.AST) -> bool:
 
 
 class _Scan(ast.NodeVisitor):
-    """Imports, loaded names and dotted attribute chains of a piece of code (annotations skipped)."""
+    """Imports, loaded names and dotted attribute chains of a piece of code (annotations
+    skipped)."""
 
     def __init__(self, module: str, is_package: bool):
         self.module, self.is_package = module, is_package
@@ -433,10 +436,12 @@ def _scan(nodes: list[ast.AST], module: str, is_package: bool) -> _Scan:
 
 
 def reachable_imports(script: Path) -> dict[str, set[str]]:
-    """Third-party top-level import name -> the places (module:def) that import it, for one script."""
+    """Third-party top-level import name -> the places (module:def) that import it, for one
+    script."""
     found: dict[str, set[str]] = {}
     done: set[tuple[str, str | None]] = set()
-    # Work items: (module, None) = load a package module; (module, name) = use one of its definitions;
+    # Work items: (module, None) = load a package module; (module, name) = use one of its
+    # definitions;
     # ("<script>", None) = the script itself.
     todo: list[tuple[str, str | None]] = [("<script>", None)]
     module_bindings: dict[str, dict[str, tuple[str, str | None]]] = {}
@@ -473,7 +478,8 @@ def reachable_imports(script: Path) -> dict[str, set[str]]:
                 if f"{mod}.{name}" in package_modules():
                     todo.append((f"{mod}.{name}", None))
                     continue
-                # A name the module itself imported (re-export): follow it through the module's bindings.
+                # A name the module itself imported (re-export): follow it through the module's
+                # bindings.
                 if mod not in module_bindings:
                     module_scan(mod)
                 target = module_bindings[mod].get(name)
@@ -512,7 +518,8 @@ def reachable_imports(script: Path) -> dict[str, set[str]]:
 
 
 def missing_dists(imports: dict[str, set[str]], env: Env) -> list[str]:
-    """The checker: one message per reachable third-party import that ``env`` does not pin itself."""
+    """The checker: one message per reachable third-party import that ``env`` does not pin
+    itself."""
     pinned = env.pinned_dists()
     problems = []
     for top, where in sorted(imports.items()):
@@ -523,7 +530,8 @@ def missing_dists(imports: dict[str, set[str]], env: Env) -> list[str]:
             )
         elif canonicalize_name(dist) not in pinned:
             problems.append(
-                f"{dist} (import {top} in {', '.join(sorted(where))}) is not pinned in {env.path.name}"
+                f"{dist} (import {top} in {', '.join(sorted(where))}) "
+                f"is not pinned in {env.path.name}"
             )
     return problems
 
@@ -560,7 +568,8 @@ def test_rule_env_pins_everything_its_script_imports(rule):
 
 
 def test_core_rules_do_not_reach_the_model_stack():
-    """The split is the point of two envs: CPU rules must not need torch, and core.yaml must not ship it."""
+    """The split is the point of two envs: CPU rules must not need torch, and core.yaml must not
+    ship it."""
     model = {
         canonicalize_name(Requirement(r).name)
         for r in pyproject()["optional-dependencies"][MODEL_EXTRA]
@@ -598,7 +607,8 @@ def test_checker_catches_missing_package():
 
 
 def test_reachability_follows_function_level_imports(tmp_path):
-    """A script charged with a function's import only when it uses that function (directly or not)."""
+    """A script charged with a function's import only when it uses that function (directly or
+    not)."""
     rule = next(r for r in script_rules() if r.name == "patching")
     assert {"torch", "transformer_lens", "matplotlib"} <= set(reachable_imports(rule.script_path))
     uses_patching = tmp_path / "s.py"
@@ -607,7 +617,9 @@ def test_reachability_follows_function_level_imports(tmp_path):
     )
     assert "torch" in reachable_imports(uses_patching)
     no_torch = tmp_path / "t.py"
-    no_torch.write_text("import json\nfrom layerscope import analysis\nanalysis.best_layer(None)\n")
+    no_torch.write_text(
+        "import json\nfrom layerscope.jobs import stages as analysis\nanalysis.best_layer(None)\n"
+    )
     found = reachable_imports(no_torch)
     assert "torch" not in found and "pandas" in found, found
 
@@ -680,7 +692,8 @@ def test_every_package_import_is_declared_in_pyproject():
 
 
 def test_model_extra_is_optional_and_in_test_extra():
-    """Nothing in the package imports the model stack at import time, so it can be an extra; the test
+    """Nothing in the package imports the model stack at import time, so it can be an extra; the
+    test
     extra includes it, so `pip install -e ".[test]"` (README, CI) still installs everything."""
     opt = pyproject()["optional-dependencies"]
     model = {canonicalize_name(Requirement(r).name) for r in opt[MODEL_EXTRA]}

@@ -102,7 +102,10 @@ def reference(prepared, tmp_path_factory):
         "threads": 1,  # as the job gets (ONE_THREAD)
         "log": None,
     }
-    code = "import json, sys\nfrom layerscope.engine.activations import cache_from_table\ncache_from_table(**json.loads(sys.argv[1]))"
+    code = (
+        "import json, sys\nfrom layerscope.engine.activations import cache_from_table\n"
+        "cache_from_table(**json.loads(sys.argv[1]))"
+    )
     proc = subprocess.Popen(
         [sys.executable, "-c", code, json.dumps(kwargs)],
         stdout=subprocess.PIPE,

@@ -1,4 +1,5 @@
-"""Generation-time patching (layerscope.interventions.generation) on the demo model and tiny offline models.
+"""Generation-time patching (layerscope.interventions.generation) on the demo model and tiny offline
+models.
 
 The reference for every patched generation is an independent loop: plain ``transformers``
 ``AutoModelForCausalLM.generate`` (loaded separately from the bridge) with torch forward hooks on
@@ -51,7 +52,8 @@ def demo_sweep(demo):
 
 @pytest.fixture(scope="module")
 def native_sweep(demo):
-    """The same sweep on the native engine (plain HF model, SDPA, its own KV cache): what the workflow runs."""
+    """The same sweep on the native engine (plain HF model, SDPA, its own KV cache): what the
+    workflow runs."""
     from layerscope.engine.activations import load_engine
 
     path, _, pairs = demo
@@ -83,7 +85,8 @@ def _hf(path):
 
 
 def _hf_greedy(hf, ids, n):
-    # An explicit mask: GPT-2's pad id is its BOS id, and generate would otherwise mask the BOS token.
+    # An explicit mask: GPT-2's pad id is its BOS id, and generate would otherwise mask the BOS
+    # token.
     x = torch.tensor([ids])
     return hf.generate(
         x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, pad_token_id=0
@@ -113,7 +116,8 @@ def _hf_generate(hf, ids, component, layer, patch=None, capture=None):
     """``hf.generate`` with the activation of (component, layer) captured or overwritten.
 
     ``patch``: (absolute positions, source ``[L, d]``). Each forward call processes the positions
-    ``[offset, offset + n)``; the hook tracks the offset itself (block ``layer`` runs once per call).
+    ``[offset, offset + n)``; the hook tracks the offset itself (block ``layer`` runs once per
+    call).
     """
     state = {"offset": 0}
 

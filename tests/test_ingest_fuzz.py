@@ -414,7 +414,8 @@ def _float_or_none(s: str) -> float | None:
 
 
 def labelled_case(t: Target, recs: list[dict], raw_labels: list, done, rendered, line=None):
-    """An 'exact' case whose expected labels follow the label rule, or the refusal of a mixed column."""
+    """An 'exact' case whose expected labels follow the label rule, or the refusal of a mixed
+    column."""
     expected = oracle_labels(raw_labels)
     if expected is None:
         return done(rendered, line=None, field=t.label_col, words=("mix", f"line {line}"))

@@ -1,4 +1,5 @@
-"""Label normalisation of labelled datasets (issue 13, item 2): one spelling per class, refused mixes,
+"""Label normalisation of labelled datasets (issue 13, item 2): one spelling per class, refused
+mixes,
 and a single-class dataset failing at ingest with the file named."""
 
 import json

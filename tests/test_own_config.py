@@ -1,4 +1,5 @@
-"""A user's own config stands on its own (issue 13, item 1): with --configfile only what it declares runs."""
+"""A user's own config stands on its own (issue 13, item 1): with --configfile only what it declares
+runs."""
 
 import pytest
 import yaml
@@ -37,7 +38,8 @@ def test_own_config_schedules_only_its_model_and_dataset(tmp_path):
 
 
 def test_target_before_configfile_is_the_working_form(tmp_path):
-    """`snakemake TARGET --configfile x.yaml` and `--configfile x.yaml -- TARGET` both build TARGET."""
+    """`snakemake TARGET --configfile x.yaml` and `--configfile x.yaml -- TARGET` both build
+    TARGET."""
     work = copy_workflow(tmp_path)
     (work / "mine.yaml").write_text(yaml.safe_dump(ONE_MODEL_ONE_DATASET))
     target = "results/datasets/my_facts/prompts.csv"

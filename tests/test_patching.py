@@ -1,4 +1,5 @@
-"""Activation patching (layerscope.interventions.patching) on tiny offline GPT-2 and Qwen2 models."""
+"""Activation patching (layerscope.interventions.patching) on tiny offline GPT-2 and Qwen2
+models."""
 
 from __future__ import annotations
 
@@ -163,7 +164,8 @@ def test_load_pairs_keeps_spaces_and_names_file_line_field(tmp_path):
     with pytest.raises(InputError, match=r"p\.csv, line 3: field 'corrupted': .*empty"):
         P.load_pairs(path)
     path.write_text(
-        "pair_id,clean,corrupted,clean_answer,corrupted_answer\na,Q 1?,Q 2?, 10, 20\na,Q 3?,Q 4?, 30, 40\n"
+        "pair_id,clean,corrupted,clean_answer,corrupted_answer\n"
+        "a,Q 1?,Q 2?, 10, 20\na,Q 3?,Q 4?, 30, 40\n"
     )
     with pytest.raises(InputError, match=r"line 3: field 'pair_id': duplicate pair_id 'a'"):
         P.load_pairs(path)

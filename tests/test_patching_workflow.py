@@ -1,4 +1,5 @@
-"""The patching rules as Snakemake runs them: compute (GPU-tagged) and plot jobs apart, what reruns."""
+"""The patching rules as Snakemake runs them: compute (GPU-tagged) and plot jobs apart, what
+reruns."""
 
 import pandas as pd
 import pytest
@@ -77,7 +78,8 @@ def test_patching_outputs_and_what_reruns(tmp_path):
     run_snakemake(work, *_targets(cfg))
     assert (work / "results/figures/demo/patching_numbers_generation.svg").exists()
 
-    # Generation settings and precision goals change the computed tables: the compute job and its plot.
+    # Generation settings and precision goals change the computed tables: the compute job and its
+    # plot.
     for edit in (
         lambda c: c["patching"]["generation"].update(max_new_tokens=5),
         lambda c: c.setdefault("precision", {}).update(half_width=0.05),

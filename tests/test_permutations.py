@@ -1,4 +1,5 @@
-"""Permutation p-values (issue 13, item 9): sequential up to n_permutations with a stated Monte-Carlo
+"""Permutation p-values (issue 13, item 9): sequential up to n_permutations with a stated
+Monte-Carlo
 error, and independent permutation streams per layer."""
 
 import math

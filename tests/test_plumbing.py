@@ -52,7 +52,7 @@ def test_job_logging_keeps_traceback_for_bugs(tmp_path):
     log = tmp_path / "job.log"
     with pytest.raises(ZeroDivisionError):
         with job_logging(log, name="test-bug"):
-            1 / 0
+            1 / 0  # noqa: B018 (the bug under test)
     assert "Traceback" in log.read_text()
     assert not logging.getLogger("test-bug").handlers
 

@@ -1,4 +1,5 @@
-"""layerscope.analysis.power: intervals and sample sizes, checked against independent computations."""
+"""layerscope.analysis.power: intervals and sample sizes, checked against independent
+computations."""
 
 import math
 

@@ -1,4 +1,5 @@
-"""Tests for layerscope.analysis.probes (small n, few permutations: the whole file runs in seconds)."""
+"""Tests for layerscope.analysis.probes (small n, few permutations: the whole file runs in
+seconds)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Activations are keyed by prompt texts, not labels (issue 13, item 7): a relabelled input reruns
-probes, statistics and figures (and the CPU layer extraction), never the forward pass; a changed text
+probes, statistics and figures (and the CPU layer extraction), never the forward pass; a changed
+text
 does rerun it, and a store whose texts differ from the table is refused."""
 
 import h5py

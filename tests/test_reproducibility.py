@@ -1,4 +1,5 @@
-"""Two clean runs of the .test config give the same bytes: probe summaries, tables, figures, arrays."""
+"""Two clean runs of the .test config give the same bytes: probe summaries, tables, figures,
+arrays."""
 
 import pytest
 from conftest import copy_workflow, result_differences, run_snakemake

@@ -1,5 +1,7 @@
-"""Failures that are the user's to fix, not bugs (issue 13, item 4): a truncated or corrupt weights file
-and a full disk get a message naming the file and saying what to do; the disk margin is proportional."""
+"""Failures that are the user's to fix, not bugs (issue 13, item 4): a truncated or corrupt weights
+file
+and a full disk get a message naming the file and saying what to do; the disk margin is
+proportional."""
 
 import errno
 import shutil
@@ -118,7 +120,8 @@ def test_full_disk_while_writing_probe_results(tmp_path, fake_job, monkeypatch):
 
 def test_h5py_style_disk_full_and_other_errors():
     h5_style = OSError(
-        "Can't write data (file write failed: errno = 28, error message = 'No space left on device')"
+        "Can't write data (file write failed: errno = 28, "
+        "error message = 'No space left on device')"
     )
     assert "no space left" in str(environment_error(h5_style, outputs=["a.h5"]))
     assert environment_error(ValueError("x")) is None

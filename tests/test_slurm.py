@@ -45,7 +45,9 @@ def _run_with_timeout(cmd, cwd, timeout):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate(timeout=30)
-        raise AssertionError(f"snakemake on SLURM did not finish in {timeout} s:\n{out[-5000:]}")
+        raise AssertionError(
+            f"snakemake on SLURM did not finish in {timeout} s:\n{out[-5000:]}"
+        ) from None
     return proc.returncode, out
 
 

@@ -1,4 +1,5 @@
-"""Steering along directions: exactness of alpha = 0, a planted direction, plain-transformers agreement,
+"""Steering along directions: exactness of alpha = 0, a planted direction, plain-transformers
+agreement,
 direction sources, bad files and the Snakemake plumbing."""
 
 import json
@@ -292,7 +293,8 @@ def test_probe_direction_is_the_raw_space_gradient_of_the_probe():
     )
     expect = lr.coef_[0] / scaler.scale_
     assert np.allclose(got, expect / np.linalg.norm(expect), atol=1e-4)
-    # moving along it raises the probe's score for the positive class, at the largest rate per unit norm
+    # moving along it raises the probe's score for the positive class, at the largest rate per unit
+    # norm
     step = res.decision_function(X + got) - res.decision_function(X)
     assert np.allclose(step, np.linalg.norm(res.coef[0]))
 
@@ -349,7 +351,8 @@ def test_mass_mean_and_task_vector_directions():
 
 
 def test_mass_mean_from_the_pipeline_layer_file(tmp_path):
-    """The mass-mean source reads the layer file through h5cache, the positive class from summary.json."""
+    """The mass-mean source reads the layer file through h5cache, the positive class from
+    summary.json."""
     from layerscope.data.h5cache import copy_layer, read_layer
     from layerscope.engine.activations import cache_store
 
@@ -560,7 +563,8 @@ def test_dose_response_figure(tmp_path):
 
 
 def test_steering_job_end_to_end_is_reproducible(tmp_path):
-    """The job's glue: a file direction, prompts with fixed targets, generation; two runs, same bytes."""
+    """The job's glue: a file direction, prompts with fixed targets, generation; two runs, same
+    bytes."""
     np.save(tmp_path / "dir.npy", np.random.default_rng(3).standard_normal((6, 128)))
     prompts = tmp_path / "p.csv"
     prompts.write_text("prompt_id,prompt\na,The capital of France is\nb,The capital of Japan is\n")
@@ -613,7 +617,8 @@ def test_steering_job_end_to_end_is_reproducible(tmp_path):
 class _HFEngine:
     """A minimal engine with the forward contract of the native engine (``return_type="output"``):
     plain HF GPT-2 tapped at ``blocks.L.hook_resid_post``. Used to test the KV-cache path of
-    :func:`layerscope.interventions.steering.generate`, which the bridge cannot take (it returns an empty cache)."""
+    :func:`layerscope.interventions.steering.generate`, which the bridge cannot take (it returns an
+    empty cache)."""
 
     def __init__(self, hf):
         self.model, self.cfg = hf, type("cfg", (), {"n_layers": 6, "d_model": 128})()
@@ -658,8 +663,10 @@ def test_kv_cache_generation_equals_recompute(hf_demo, demo_prompts):
 
 
 def test_native_engine_steering_matches_plain_transformers(hf_demo, demo_prompts):
-    """The native engine (the integrator's default) runs the same sweep code: alpha = 0 is bit for bit the
-    unsteered run, steered logits equal a plain-transformers hook, and generation takes the KV cache."""
+    """The native engine (the integrator's default) runs the same sweep code: alpha = 0 is bit for
+    bit the
+    unsteered run, steered logits equal a plain-transformers hook, and generation takes the KV
+    cache."""
     from layerscope.engine.activations import load_engine
 
     engine, info = load_engine(str(DEMO), engine="native", components=["resid_post"], device="cpu")

@@ -393,7 +393,7 @@ def test_plots_write_png_and_close(result, tmp_path):
 def test_plot_failure_leaves_no_file(result, tmp_path):
     scores, _ = result
     plt.close("all")
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (matplotlib's own error for an unknown format)
         tv.plot_separation(scores, tmp_path / "sep", formats=("notaformat",))
     assert list(tmp_path.iterdir()) == []
     assert plt.get_fignums() == []

@@ -1,4 +1,5 @@
-"""The Snakemake workflow as a user runs it: lint, dry run, the demo job, and what reruns after a config edit."""
+"""The Snakemake workflow as a user runs it: lint, dry run, the demo job, and what reruns after a
+config edit."""
 
 import re
 import subprocess

@@ -14,7 +14,7 @@ rule cache_activations:
         # Keyed by the prompt texts (written while the DAG is built; see texts_file), not the prompt
         # table: a relabel must not rerun the forward pass (the per-layer files take labels from the table).
         table=lambda wc: texts_file(wc.dataset),
-        model=lambda wc: model_files(model_cfg(wc)["source"]),
+        model=lambda wc: model_files(model_cfg(wc).source),
     output:
         store="results/activations/{model}/{dataset}/store.h5",
     log:
@@ -34,7 +34,7 @@ rule cache_activations:
         # Everything the cached numbers depend on, and nothing else: batch_size and device
         # change results only by float noise, so editing them must not rerun this job.
         model=lambda wc: stable(model_identity(wc.model)),
-        activations=lambda wc: stable(CACHE_SETTINGS),
+        activations=lambda wc: ACTIVATIONS.to_json(),
         texts=lambda wc: CHECKED[wc.dataset]["texts_sha256"],
     script:
         "../scripts/cache_activations.py"

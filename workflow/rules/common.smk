@@ -13,6 +13,15 @@ from layerscope.config import (
 )
 from layerscope.data.datasets import dry_run_check
 from layerscope.errors import ConfigError, LayerscopeError
+from layerscope.settings import (
+    ActivationSettings,
+    FigureSettings,
+    ModelSettings,
+    PatchingSettings,
+    PrecisionSettings,
+    ProbeSettings,
+    TaskVectorSettings,
+)
 
 # Every mistake in the config (unknown key, wrong type, duplicate name, missing file, bad layer, ...)
 # stops the run here, before any job, as one line naming the key path; the schema's defaults are filled in.
@@ -59,32 +68,37 @@ try:
         check_prompt_lengths(d, CHECKED[d]["longest"], config["models"])
 except LayerscopeError as exc:
     raise WorkflowError(str(exc)) from None
-ACT = config["activations"]
-# What cached numbers depend on: not the shard count, which only splits the work.
-CACHE_SETTINGS = {k: v for k, v in ACT.items() if k != "shards"}
-SHARDS = {d: config["datasets"][d].get("shards") or ACT["shards"] for d in DATASETS}
-N_LAYERS = {
-    m: read_n_layers(config["models"][m]["source"]) or config["models"][m]["n_layers"]
-    for m in MODELS
+# Typed, frozen settings of every section, built once from the validated config; rules' params
+# carry the part of a section that their job depends on, as canonical JSON.
+MODEL_SETTINGS = {m: ModelSettings.of(config["models"][m]) for m in MODELS}
+ACTIVATIONS = ActivationSettings.of(config["activations"])
+PROBES = ProbeSettings.of(config["probes"])
+PATCHING = PatchingSettings.of(config["patching"])
+PRECISION = PrecisionSettings.of(config["precision"])
+TASK_VECTORS = TaskVectorSettings.of(config["task_vectors"])
+FIGURES = FigureSettings.of(config["figures"])
+# The shard count only splits the work (cached numbers do not depend on it): not a setting of jobs.
+SHARDS = {
+    d: config["datasets"][d].get("shards") or config["activations"]["shards"] for d in DATASETS
 }
-PROBE_SETTINGS = {k: v for k, v in config["probes"].items() if k != "generalization"}
+N_LAYERS = {
+    m: read_n_layers(MODEL_SETTINGS[m].source) or MODEL_SETTINGS[m].n_layers for m in MODELS
+}
 GENERALIZATION = config["probes"]["generalization"]
-FIGURES = config["figures"]
 # Which cached view the geometry figures show; null means the first configured one.
 FIGURE_VIEW = {
-    "component": FIGURES["component"] or ACT["components"][0],
-    "pooling": FIGURES["pooling"] or ACT["poolings"][0],
-    "metric": FIGURES["metric"],
+    "component": FIGURES.component or ACTIVATIONS.components[0],
+    "pooling": FIGURES.pooling or ACTIVATIONS.poolings[0],
+    "metric": FIGURES.metric,
 }
+FORMATS = list(FIGURES.formats)
 TASK_GRIDS = sorted(d for d in DATASETS if config["datasets"][d]["kind"] == "task_grid")
 TASK_VECTOR_FIGURES = ["separation", "norms", "cosine_chosen", "cosine_best", "pca"]
 EXPERIMENTS = sorted(config["patching"]["experiments"])
-GENERATION_PATCHING = config["patching"]["generation"]["enabled"]
+GENERATION_PATCHING = PATCHING.generation.enabled
 # Suffixes of the patching figures: heatmaps, per-head, generation recovery rate.
 PATCHING_FIGURES = (
-    [""]
-    + (["_heads"] if config["patching"]["heads"] else [])
-    + (["_generation"] if GENERATION_PATCHING else [])
+    [""] + (["_heads"] if PATCHING.heads else []) + (["_generation"] if GENERATION_PATCHING else [])
 )
 # t-SNE is its own rule (plot_tsne), so turning it on runs that job alone.
 GEOMETRY_FIGURES = ["pca", "cosine", "label_means", "norm_heatmap", "norm_curves"]
@@ -104,7 +118,8 @@ def stable(obj):
 
 
 def model_cfg(wildcards):
-    return config["models"][wildcards.model]
+    """The typed settings of the job's model."""
+    return MODEL_SETTINGS[wildcards.model]
 
 
 def dataset_spec(wildcards):
@@ -123,20 +138,19 @@ def names_regex(names):
 
 def model_identity(model):
     """The model settings that cached numbers depend on (not batch_size or device: float noise only)."""
-    m = config["models"][model]
-    return {k: m[k] for k in ("source", "revision", "dtype", "compatibility_mode", "bos")}
+    return MODEL_SETTINGS[model].identity()
 
 
 def task_vector_compute_settings(model):
     """What the task-vector scores depend on (not the heatmap layer, which only the figures use)."""
-    tv = {k: v for k, v in config["task_vectors"].items() if k != "layer"}
-    tv["component"] = tv["component"] or ACT["components"][0]
+    tv = {k: v for k, v in TASK_VECTORS.to_dict().items() if k != "layer"}
+    tv["component"] = tv["component"] or ACTIVATIONS.components[0]
     return tv
 
 
 def patching_settings(model):
     """What a patching job computes from (generation settings only when generation patching is on)."""
-    settings = {k: v for k, v in config["patching"].items() if k != "experiments"}
+    settings = PATCHING.to_dict()
     if not GENERATION_PATCHING:
         settings["generation"] = {"enabled": False}
     return settings
@@ -149,7 +163,7 @@ def per_layer(pattern, model, dataset):
 
 def extra_formats(stem):
     """Paths of the non-PNG copies of a figure (figures.formats), declared so they are tracked."""
-    return [f"{stem}.{ext}" for ext in FIGURES["formats"] if ext != "png"]
+    return [f"{stem}.{ext}" for ext in FORMATS if ext != "png"]
 
 
 def outputs_of(rule, **wildcards):
@@ -163,7 +177,7 @@ def figure_targets():
     """Every figure the config asks for, in every format (rules are defined when this is called)."""
     targets = []
     for rule in (rules.plot_probes, rules.plot_geometry) + (
-        (rules.plot_tsne,) if FIGURES["tsne"] else ()
+        (rules.plot_tsne,) if FIGURES.tsne else ()
     ):
         targets += outputs_of(rule, model=MODELS, dataset=DATASETS)
     targets += outputs_of(rules.plot_task_vectors, model=MODELS, dataset=TASK_GRIDS)
@@ -203,9 +217,7 @@ def run_summary():
         "",
         "layerscope: results are in results/ (logs in logs/, timings in benchmarks/):",
         "  results/probes/{model}/{dataset}/summary.csv   probe metrics per layer",
-        "  results/figures/{model}/...                    figures ("
-        + ", ".join(FIGURES["formats"])
-        + ")",
+        "  results/figures/{model}/...                    figures (" + ", ".join(FORMATS) + ")",
         "  results/manifest.json                          versions, config and model hashes of this run",
         "Build the report (every figure and table with captions) with:",
         f"  snakemake --report results/report.html {configfiles}".rstrip(),

@@ -18,8 +18,8 @@ rule plot_probes:
     conda:
         "../../envs/core.yaml"
     params:
-        metric=config["figures"]["metric"],
-        formats=config["figures"]["formats"],
+        metric=FIGURES.metric,
+        formats=FORMATS,
         n_layers=lambda wc: N_LAYERS[wc.model],
     script:
         "../scripts/plot_probes.py"
@@ -56,7 +56,7 @@ rule plot_geometry:
         "../../envs/core.yaml"
     params:
         view=stable(FIGURE_VIEW),
-        formats=config["figures"]["formats"],
+        formats=FORMATS,
     script:
         "../scripts/plot_geometry.py"
 
@@ -82,7 +82,7 @@ rule plot_tsne:
         "../../envs/core.yaml"
     params:
         view=stable({k: FIGURE_VIEW[k] for k in ("component", "pooling")}),
-        formats=config["figures"]["formats"],
+        formats=FORMATS,
     script:
         "../scripts/plot_tsne.py"
 
@@ -104,7 +104,7 @@ rule plot_generalization:
     conda:
         "../../envs/core.yaml"
     params:
-        formats=config["figures"]["formats"],
+        formats=FORMATS,
     script:
         "../scripts/plot_generalization.py"
 
@@ -129,6 +129,6 @@ rule depth_comparison:
         models=MODELS,
         n_layers={m: N_LAYERS[m] for m in MODELS},
         view=stable(FIGURE_VIEW),
-        formats=config["figures"]["formats"],
+        formats=FORMATS,
     script:
         "../scripts/depth_comparison.py"

@@ -5,7 +5,7 @@
 rule patching:
     input:
         pairs=lambda wc: config["patching"]["experiments"][wc.experiment]["pairs"],
-        model=lambda wc: model_files(model_cfg(wc)["source"]),
+        model=lambda wc: model_files(model_cfg(wc).source),
     output:
         **(
             {
@@ -48,7 +48,7 @@ rule patching:
     params:
         model=lambda wc: stable(model_identity(wc.model)),
         settings=lambda wc: stable(patching_settings(wc.model)),
-        precision=stable(config["precision"] if GENERATION_PATCHING else {}),
+        precision=PRECISION.to_json() if GENERATION_PATCHING else stable({}),
     script:
         "../scripts/patching.py"
 
@@ -77,7 +77,7 @@ rule plot_patching:
                     },
                 )
             }
-            if config["patching"]["heads"]
+            if PATCHING.heads
             else {}
         ),
         **(
@@ -118,6 +118,6 @@ rule plot_patching:
     conda:
         "../../envs/core.yaml"
     params:
-        formats=config["figures"]["formats"],
+        formats=FORMATS,
     script:
         "../scripts/plot_patching.py"

@@ -21,7 +21,7 @@ rule train_probe:
         "../../envs/core.yaml"
     threads: 1
     params:
-        settings=stable(PROBE_SETTINGS),
+        settings=PROBES.to_json(),
     script:
         "../scripts/train_probe.py"
 
@@ -94,7 +94,7 @@ rule generalization:
     params:
         datasets=lambda wc: GENERALIZATION[wc.group],
         layers=lambda wc: LAYERS[wc.model],
-        settings=stable(PROBE_SETTINGS),
+        settings=PROBES.to_json(),
         view=stable(FIGURE_VIEW),
     script:
         "../scripts/generalization.py"

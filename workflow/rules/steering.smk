@@ -17,7 +17,7 @@ except ConfigError as exc:
 rule steering:
     input:
         unpack(lambda wc: experiment_inputs(STEER[(wc.model, wc.steer)], wc.model)),
-        model=lambda wc: model_files(model_cfg(wc)["source"]),
+        model=lambda wc: model_files(model_cfg(wc).source),
     output:
         effects=report(
             "results/steering/{model}/{steer}/effects.csv",
@@ -46,7 +46,7 @@ rule steering:
     params:
         model=lambda wc: stable(model_identity(wc.model)),
         experiment=lambda wc: stable(STEER[(wc.model, wc.steer)]),
-        precision=stable(config["precision"]),
+        precision=PRECISION.to_json(),
     script:
         "../scripts/steering.py"
 
@@ -74,6 +74,6 @@ rule plot_steering:
     conda:
         "../../envs/core.yaml"
     params:
-        formats=config["figures"]["formats"],
+        formats=FORMATS,
     script:
         "../scripts/plot_steering.py"

@@ -57,7 +57,7 @@ rule plot_task_vectors:
     conda:
         "../../envs/core.yaml"
     params:
-        layer=config["task_vectors"]["layer"],
-        formats=config["figures"]["formats"],
+        layer=TASK_VECTORS.layer,
+        formats=FORMATS,
     script:
         "../scripts/plot_task_vectors.py"

@@ -12,7 +12,8 @@ with job_logging(snakemake.log[0]) as log:
         ds: [p for p in snakemake.input.layers if Path(p).parent.name == ds]
         for ds in snakemake.params.datasets
     }
-    # ...their prompt tables under results/datasets/{dataset}/, their probe summaries under results/probes/.
+    # ...their prompt tables under results/datasets/{dataset}/, their probe summaries under
+    # results/probes/.
     tables = {Path(t).parent.name: t for t in snakemake.input.tables}
     summaries = {Path(t).parent.name: t for t in snakemake.input.probes}
     positives = {positive_class(p) for p in snakemake.input.summary}

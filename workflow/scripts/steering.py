@@ -2,6 +2,7 @@ import json
 
 from layerscope.jobs.scripting import job_logging, log_visible_gpus
 from layerscope.jobs.steering_run import by_layer, steering_experiment
+from layerscope.settings import ModelSettings, PrecisionSettings
 
 with job_logging(snakemake.log[0]) as log:
     log_visible_gpus(log)
@@ -11,22 +12,23 @@ with job_logging(snakemake.log[0]) as log:
         if key in files:
             files[key] = by_layer(list(files[key]), experiment["layers"])
     # batch_size, device and engine are read here, not passed as params: float noise only, no rerun.
-    runtime = snakemake.config["models"][snakemake.wildcards.model]
+    runtime = ModelSettings.of(snakemake.config["models"][snakemake.wildcards.model])
     summary = steering_experiment(
         files,
         {k: v for k, v in snakemake.output.items()},
-        model=json.loads(snakemake.params.model),
+        model=ModelSettings.of(snakemake.params.model),
         experiment=experiment,
-        precision=json.loads(snakemake.params.precision),
-        device=runtime["device"],
-        batch_size=max(runtime["batch_size"], 64),
+        precision=PrecisionSettings.of(snakemake.params.precision),
+        device=runtime.device,
+        batch_size=max(runtime.batch_size, 64),
         threads=snakemake.threads,
-        engine=runtime.get("engine", "auto"),
+        engine=runtime.engine,
         log=log.info,
     )
     for h in summary["headline"]:
         log.info(
-            "strongest %s: layer %d alpha %g -> %.3f [%.3f, %.3f] (n=%d), beyond the random band: %s",
+            "strongest %s: layer %d alpha %g -> %.3f [%.3f, %.3f] (n=%d), "
+            "beyond the random band: %s",
             *(
                 h[k]
                 for k in (

@@ -6,6 +6,7 @@ Each function is what one workflow rule runs; the numerical work lives in ``prob
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,6 +21,7 @@ from layerscope.data.consistency import check_files_against_table
 from layerscope.data.h5cache import layer_attrs, read_layers
 from layerscope.errors import LayerscopeError
 from layerscope.plotting import plots
+from layerscope.settings import ModelSettings, PatchingSettings, PrecisionSettings
 
 PathLike = str | os.PathLike
 
@@ -116,7 +118,8 @@ def tsne_figure(
     formats: Sequence[str],
     table: PathLike | None = None,
 ) -> list[str]:
-    """t-SNE of every layer (figures.tsne): slow, so a job of its own that only this setting runs."""
+    """t-SNE of every layer (figures.tsne): slow, so a job of its own that only this setting
+    runs."""
     if table is not None:
         check_files_against_table(layer_paths, table)
     stack = read_layers(layer_paths, component, pooling, stack=True)
@@ -180,10 +183,12 @@ def generalization(
     """Train on one dataset, test on each other, at every layer they share: a table with a
     bootstrap interval (over test prompts) per cell. The diagonal is each dataset's probe summary
     at that layer (mean and interval), when ``summaries`` (dataset -> summary.csv) are given, so the
-    figure and the probe curves agree; else the cross-validated mean of :func:`cross_dataset_matrix`.
+    figure and the probe curves agree; else the cross-validated mean of
+    :func:`cross_dataset_matrix`.
     ``out_fig``: also draw the figure (the workflow draws it in its own job, plot_generalization).
 
-    ``tables``: dataset name -> its current prompt table; each dataset's layer files must match it."""
+    ``tables``: dataset name -> its current prompt table; each dataset's layer files must match
+    it."""
     if tables is not None:
         missing = [name for name in layer_paths if name not in tables]
         if missing:
@@ -468,122 +473,128 @@ def patching_experiment(
     pairs_path: PathLike,
     out: Mapping[str, PathLike],
     *,
-    model: Mapping[str, Any],
-    settings: Mapping[str, Any],
+    model: ModelSettings | Mapping[str, Any],
+    settings: PatchingSettings | Mapping[str, Any],
     experiment: str,
     model_name: str,
     device: str,
     batch_size: int,
     threads: int | None,
-    precision: Mapping[str, Any] | None = None,
+    precision: PrecisionSettings | Mapping[str, Any] | None = None,
     engine: str = "auto",
     log=print,
 ) -> dict[str, Any]:
-    """Load the model, run the logit-difference sweep and, when ``settings["generation"]["enabled"]``,
+    """Load the model, run the logit-difference sweep and, when ``settings.generation.enabled``,
     generation patching; write tables only (``cells``, ``arrays``, ``summary``, ``generation``,
-    ``generation_summary``). Figures are drawn by the plot job from these tables."""
+    ``generation_summary``). Figures are drawn by the plot job from these tables.
+
+    ``model``, ``settings``, ``precision``: typed settings, or mappings completed from the
+    schema."""
     import torch
 
     from layerscope.interventions import patching
 
+    model, settings = ModelSettings.of(model), PatchingSettings.of(settings)
     if threads and device in ("cpu", "auto"):
         torch.set_num_threads(int(threads))
     pairs = patching.load_pairs(pairs_path)
-    gen = settings.get("generation") or {}
-    # Per-head patching needs the bridge's hook_z; everything else runs on `engine` (native by default).
-    sweep_engine = "bridge" if settings["heads"] else engine
-    bridge, info = _load_for_patching(model, sweep_engine, settings["components"], device, log)
+    # Per-head patching needs the bridge's hook_z; everything else runs on `engine` (native by
+    # default).
+    sweep_engine = "bridge" if settings.heads else engine
+    bridge, info = _load_for_patching(model, sweep_engine, settings.components, device, log)
     result = patching.patch_sweep(
         bridge,
         pairs,
-        components=settings["components"],
-        layers=settings.get("layers"),
-        positions=settings["positions"],
-        heads=settings["heads"],
+        components=list(settings.components),
+        layers=None,  # every layer: the sweep is cheap next to what it answers
+        positions=_json_value(settings.positions),
+        heads=settings.heads,
         batch_size=batch_size,
-        prepend_bos=model["bos"],
+        prepend_bos=model.bos,
         log=log,
         model_info=info,
     )
     patching.write_patching(result, out["cells"], out["arrays"])
-    summary = patching.summarize(result, n_boot=settings["n_boot"], seed=settings["seed"])
+    summary = patching.summarize(result, n_boot=settings.n_boot, seed=settings.seed)
     write_csv(out["summary"], summary)
-    if gen.get("enabled"):
-        gen_components = gen["components"] or settings["components"]
+    if settings.generation.enabled:
+        gen_components = settings.generation.components or settings.components
         if info.get("engine") != "native" and engine != "bridge":
             bridge, _ = _load_for_patching(model, engine, gen_components, device, log)
-        _generation_patching(
-            bridge,
-            pairs,
-            result,
-            summary,
-            out,
-            gen,
-            settings,
-            model,
-            batch_size,
-            precision or {},
-            log,
-        )
+        run = PatchingRun(bridge, pairs, result, summary, out, model, batch_size, log)
+        _generation_patching(run, settings, PrecisionSettings.of(precision))
     return {"n_pairs": len(pairs), "notes": list(result.notes)}
 
 
-def _load_for_patching(model: Mapping[str, Any], engine: str, components, device: str, log):
+def _json_value(value: Any) -> Any:
+    """A settings value as it reads in the config (tuples as lists), for functions that take
+    those."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _load_for_patching(model: ModelSettings, engine: str, components, device: str, log):
+    """The model on ``engine`` with hooks for ``components``; logs which engine it got."""
     from layerscope.engine.activations import load_engine
 
     loaded, info = load_engine(
-        model["source"],
+        model.source,
         engine=engine,
         components=list(components),
-        dtype=model["dtype"],
+        dtype=model.dtype,
         device=device,
-        compatibility_mode=model["compatibility_mode"],
-        revision=model.get("revision"),
+        compatibility_mode=model.compatibility_mode,
+        revision=model.revision,
         log=log,
     )
     log(f"patching model: engine {info.get('engine', 'bridge')}")
     return loaded, info
 
 
+@dataclasses.dataclass(frozen=True)
+class PatchingRun:
+    """What generation patching takes over from the logit-difference sweep of one experiment."""
+
+    bridge: Any
+    pairs: Any
+    result: Any
+    ld_summary: Any
+    out: Mapping[str, PathLike]
+    model: ModelSettings
+    batch_size: int
+    log: Any
+
+
 def _generation_patching(
-    bridge,
-    pairs,
-    result,
-    ld_summary,
-    out,
-    gen: Mapping[str, Any],
-    settings: Mapping[str, Any],
-    model: Mapping[str, Any],
-    batch_size: int,
-    precision: Mapping[str, Any],
-    log,
+    run: PatchingRun, settings: PatchingSettings, precision: PrecisionSettings
 ) -> None:
     """Generation patching of the same pairs; rows and the summary beside the logit recovery."""
     import time
 
     from layerscope.interventions import generation as G
 
+    gen, bridge, log = settings.generation, run.bridge, run.log
     t0 = time.perf_counter()
-    layers = gen["layers"] if gen["layers"] != "all" else range(int(bridge.cfg.n_layers))
+    layers = gen.layers if gen.layers != "all" else range(int(bridge.cfg.n_layers))
     rows = G.generation_sweep(
         G.stepper_for(bridge),
         bridge.tokenizer,
-        pairs,
-        components=gen["components"] or settings["components"],
-        layers=layers,
-        positions=gen["positions"],
-        ranges=gen["ranges"],
-        max_new_tokens=gen["max_new_tokens"],
-        answer_regex=gen["answer_regex"],
-        prepend_bos=model["bos"],
-        batch_size=batch_size,
+        run.pairs,
+        components=list(gen.components or settings.components),
+        layers=_json_value(layers),
+        positions=_json_value(gen.positions),
+        ranges=list(gen.ranges),
+        max_new_tokens=gen.max_new_tokens,
+        answer_regex=gen.answer_regex,
+        prepend_bos=run.model.bos,
+        batch_size=run.batch_size,
         log=log,
     )
-    summary = G.summarize_generation(rows, precision)
-    summary = G.add_logit_recovery(summary, ld_summary, G.length_map(rows, result.pairs))
-    write_csv(out["generation"], rows)
-    write_csv(out["generation_summary"], summary)
+    summary = G.summarize_generation(rows, precision.to_dict())
+    summary = G.add_logit_recovery(summary, run.ld_summary, G.length_map(rows, run.result.pairs))
+    write_csv(run.out["generation"], rows)
+    write_csv(run.out["generation_summary"], summary)
     log(
         f"generation patching: {rows.attrs['n_patched_generations']} patched generations "
-        f"({rows.attrs['n_skipped_identical']} skipped as identical) in {time.perf_counter() - t0:.1f} s"
+        f"({rows.attrs['n_skipped_identical']} skipped as identical) "
+        f"in {time.perf_counter() - t0:.1f} s"
     )

@@ -124,7 +124,8 @@ def style() -> Iterator[None]:
 
 
 def palette(n: int) -> list:
-    """``n`` distinguishable colours: Okabe-Ito (<= 8), tab10 (<= 10), tab20 (<= 20), else 60 cycled."""
+    """``n`` distinguishable colours: Okabe-Ito (<= 8), tab10 (<= 10), tab20 (<= 20), else 60
+    cycled."""
     if n <= len(OKABE_ITO):
         return list(OKABE_ITO[:n])
     if n <= 10:
@@ -330,7 +331,8 @@ def _row_side(
     base: float = _HEATMAP_MIN_SIDE,
     cap: float = _HEATMAP_MAX_SIDE,
 ) -> float:
-    """Side (inches) of a matrix with ``n_rows`` rows whose tick labels sit at ``centres`` (rows)."""
+    """Side (inches) of a matrix with ``n_rows`` rows whose tick labels sit at ``centres``
+    (rows)."""
     if len(centres) < 2:
         return base
     gap_rows = float(np.min(np.diff(np.asarray(centres, dtype=float))))
@@ -341,7 +343,8 @@ def _row_side(
 def _set_row_ticks(
     axis, centres: Sequence[float], texts: Sequence[str], side_in: float, n_rows: int, **kw
 ) -> None:
-    """Ticks at row ``centres`` with ``texts``, thinned if the side is too short to hold them all."""
+    """Ticks at row ``centres`` with ``texts``, thinned if the side is too short to hold them
+    all."""
     pt_per_row = side_in * 72.0 / max(n_rows, 1)
     keep = _thin(centres, _ROW_PITCH * TICK_SIZE / pt_per_row)
     axis.set_ticks([centres[i] for i in keep], [texts[i] for i in keep], **kw)
@@ -378,7 +381,8 @@ def _x_rotation(
 
 
 def _side_colorbar(fig: Figure, ax, mappable, offset: float = 0.0):
-    """A colorbar exactly as tall as ``ax`` (an inset to its right; ``offset`` inches further out)."""
+    """A colorbar exactly as tall as ``ax`` (an inset to its right; ``offset`` inches further
+    out)."""
     w_in = ax.get_position().width * fig.get_figwidth()
     pad = (0.12 + offset) / max(w_in, 1e-6)
     cax = ax.inset_axes([1.0 + pad, 0.0, 0.16 / max(w_in, 1e-6), 1.0])
@@ -456,7 +460,8 @@ def label_mean_cosine(X, labels) -> tuple[np.ndarray, list]:
 
 
 def pca_2d(X, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Project ``X`` on its first two principal components: ``(coords [n, 2], explained_variance_ratio [2])``."""
+    """Project ``X`` on its first two principal components: ``(coords [n, 2],
+    explained_variance_ratio [2])``."""
     from sklearn.decomposition import PCA
 
     X = np.asarray(X, dtype=np.float64)
@@ -685,7 +690,8 @@ def metric_vs_layer(
 ) -> list[str]:
     """Probe ``metric`` against layer, one line per (component, pooling) with its 95% interval.
 
-    ``summary``: rows as :func:`layerscope.analysis.probes.summary_rows` makes them (columns ``layer,
+    ``summary``: rows as :func:`layerscope.analysis.probes.summary_rows` makes them (columns
+    ``layer,
     metric, mean, ci_low, ci_high`` and optionally ``model, dataset, component, pooling,
     chance, baseline``); it is filtered to ``metric`` (and ``model``/``dataset`` when given).
     The chance level (``chance``, else ``baseline``) is dashed; a majority baseline that differs
@@ -829,7 +835,8 @@ def pca_grid(
     formats: Sequence[str] = ("png",),
     dpi: float = DEFAULT_DPI,
 ) -> list[str]:
-    """One panel per layer: prompts on their layer's first two principal components, coloured by label.
+    """One panel per layer: prompts on their layer's first two principal components, coloured by
+    label.
 
     ``stack_X``: ``[n_layers, n_prompts, d_model]`` (or a LayerStack; then ``layers``/``labels`` may
     be None). Axis labels give each component's explained-variance share. With more than
@@ -1129,7 +1136,8 @@ def _draw_mean_difference(
                 vals, bins=bins, alpha=0.55, color=color, label=f"{shorten(name)} (n={vals.size})"
             )
         ax.set_xlabel(
-            f"projection on the difference of class means ({shorten(classes[1])} − {shorten(classes[0])}),"
+            "projection on the difference of class means "
+            f"({shorten(classes[1])} − {shorten(classes[0])}),"
             " cross-fitted over 5 folds"
         )
         ax.set_ylabel("prompts")
@@ -1309,7 +1317,8 @@ def norm_heatmap(
     dpi: float = DEFAULT_DPI,
 ) -> list[str]:
     """Prompts (rows, grouped by label in stable order, a coloured label band on the left) x
-    layers (columns), coloured by the L2 norm of the pooled vector (:func:`layerscope.analysis.stats.prompt_norms`).
+    layers (columns), coloured by the L2 norm of the pooled vector
+    (:func:`layerscope.analysis.stats.prompt_norms`).
     ``log=True`` uses a logarithmic colour scale (norms often grow geometrically with depth)."""
     fig = _draw_norm_heatmap(
         norms,
@@ -1572,7 +1581,8 @@ def generalization_matrix(
     note: str | None = None,
 ) -> list[str]:
     """Annotated train-dataset (rows) x test-dataset (columns) heatmap, as made by
-    :func:`layerscope.analysis.probes.cross_dataset_matrix`. Diagonal cells (cross-validated) are outlined.
+    :func:`layerscope.analysis.probes.cross_dataset_matrix`. Diagonal cells (cross-validated) are
+    outlined.
     With a ``chance`` level (default 0.5 for AUROC) the colours diverge around it; otherwise a
     sequential map over [0, 1]. ``intervals``: (low, high) frames shaped like ``matrix``, written
     under each value; ``note``: a line under the title (e.g. why this layer is shown)."""
@@ -1649,7 +1659,8 @@ def _draw_best_layer_vs_depth(
 
 
 def _depth_rows(df: pd.DataFrame, metric: str, dataset) -> pd.DataFrame:
-    """The rows of one metric (and dataset) to draw; a clear error when columns or rows are missing."""
+    """The rows of one metric (and dataset) to draw; a clear error when columns or rows are
+    missing."""
     need = {"model", "n_layers", "layer", "mean"}
     missing = need - set(df.columns)
     if missing:
@@ -1784,7 +1795,8 @@ _STEER_METRICS = {
 
 
 def _draw_steering_dose_response(effects: pd.DataFrame, *, model=None, experiment=None) -> Figure:
-    """Metrics (rows) x layers (columns): the direction's value against alpha, with the random band."""
+    """Metrics (rows) x layers (columns): the direction's value against alpha, with the random
+    band."""
     need = {"layer", "alpha", "source", "direction", "metric", "value", "ci_low", "ci_high"}
     missing = need - set(effects.columns)
     if missing:
@@ -1873,7 +1885,8 @@ def _draw_steering_dose_response(effects: pd.DataFrame, *, model=None, experimen
 
 
 def _steering_counts(main: pd.DataFrame, band: pd.DataFrame) -> str:
-    """One line saying what the points are: changes from the unsteered run, over how many prompts."""
+    """One line saying what the points are: changes from the unsteered run, over how many
+    prompts."""
     n = {
         m: int(main.loc[main["metric"] == m, "n"].max())
         for m in ("logit_diff", "kl_neutral")
@@ -1898,6 +1911,7 @@ def steering_dose_response(
     formats: Sequence[str] = ("png",),
     dpi: float = DEFAULT_DPI,
 ) -> list[str]:
-    """Dose-response figure of a steering experiment (``effects.csv`` of :mod:`layerscope.jobs.steering_run`)."""
+    """Dose-response figure of a steering experiment (``effects.csv`` of
+    :mod:`layerscope.jobs.steering_run`)."""
     fig = _draw_steering_dose_response(effects, model=model, experiment=experiment)
     return _finish(fig, out, formats, dpi)

@@ -1,0 +1,279 @@
+"""Typed, frozen settings: one dataclass per config section, built once from the validated config.
+
+The config schema (``workflow/schemas/config.schema.yaml``) is the one place defaults live. A
+section
+built with :meth:`Section.of` from a mapping (a job's params, or a partial mapping in a library
+call such as ``{"source": "gpt2"}``) gets every key it leaves out from the schema, is validated like
+the config (a wrong value raises ConfigError naming the key), and is then immutable. Lists become
+tuples, nested sections become their dataclasses.
+
+Each field's docstring says what it means; the schema's descriptions say the same for users.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from layerscope.config import check_schema
+
+# The workflow's schema (the package is installed from its checkout: pip install -e).
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+S = TypeVar("S", bound="Section")
+
+
+@functools.cache
+def _schema() -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(SCHEMA_PATH.read_text(encoding="utf-8"))
+
+
+def section_schema(path: tuple[str, ...]) -> dict[str, Any]:
+    """The schema of one section (``path`` of keys into the schema), able to resolve ``#/$defs``."""
+    node = _schema()
+    for key in path:
+        node = node[key]
+    return {**copy.deepcopy(node), "$defs": _schema()["$defs"]}
+
+
+def _frozen(value: Any) -> Any:
+    """Lists as tuples, so a section cannot be changed in place."""
+    if isinstance(value, list):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def _thawed(value: Any) -> Any:
+    """The JSON form of a field value (tuples as lists, sections as dicts)."""
+    if isinstance(value, Section):
+        return value.to_dict()
+    if isinstance(value, tuple):
+        return [_thawed(v) for v in value]
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """Base of every settings section: build with :meth:`of`, write with :meth:`to_json`."""
+
+    SCHEMA: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def of(cls: type[S], value: S | Mapping[str, Any] | str | None = None) -> S:
+        """``value`` as this section: itself, or a mapping / JSON text completed from the schema."""
+        if isinstance(value, cls):
+            return value
+        raw = json.loads(value) if isinstance(value, str) else dict(value or {})
+        filled = copy.deepcopy(raw)
+        check_schema(filled, section_schema(cls.SCHEMA))
+        # Workflow-only keys of the section (experiments, shards, generalization) are not fields.
+        return cls(**{f.name: cls._field(f.name, filled[f.name]) for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def _field(cls, name: str, value: Any) -> Any:
+        hint = typing.get_type_hints(cls)[name]
+        if isinstance(hint, type) and issubclass(hint, Section):
+            return hint.of(value)
+        return _frozen(value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The section as plain JSON values (the form it has in the config)."""
+        return {f.name: _thawed(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys): equal settings give equal text, so Snakemake params built
+        from it rerun a job only when a value changes."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings(Section):
+    """How to load and run one model (config ``models.<name>``)."""
+
+    SCHEMA: ClassVar[tuple[str, ...]] = ("$defs", "model")
+
+    source: str
+    """A model hub id or a local directory written by ``save_pretrained``."""
+    revision: str | None
+    """Hub revision (branch, tag or commit); None = the default branch."""
+    layers: str | tuple[int, ...]
+    """Layers to cache and probe, or "all"."""
+    n_layers: int | None
+    """Number of layers, needed only for a hub id with layers "all" (local models are read)."""
+    dtype: str
+    """float32, bfloat16 or float16: the dtype the model runs in."""
+    device: str
+    """auto, cpu or cuda."""
+    compatibility_mode: bool
+    """TransformerLens compatibility mode (folded LayerNorm, centred weights); changes values."""
+    bos: bool | str
+    """Prepend the tokenizer's BOS token: True, False or "auto" (when the tokenizer has one)."""
+    batch_size: int
+    """Prompts per forward pass (float noise only)."""
+    max_tokens_per_batch: int | None
+    """Padded tokens per forward pass; None = no token budget (float noise only)."""
+    engine: str
+    """native (transformers modules with hooks), bridge (TransformerLens) or auto."""
+    self_check: int
+    """Prompts each caching job recomputes with plain transformers; 0 = off."""
+
+    IDENTITY: ClassVar[tuple[str, ...]] = (
+        "source",
+        "revision",
+        "dtype",
+        "compatibility_mode",
+        "bos",
+    )
+
+    def identity(self) -> dict[str, Any]:
+        """The settings cached numbers depend on (not batch size, device or engine: float noise)."""
+        return {k: getattr(self, k) for k in self.IDENTITY}
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationSettings(Section):
+    """What each caching job stores per layer (config ``activations``, less ``shards``)."""
+
+    SCHEMA: ClassVar[tuple[str, ...]] = ("properties", "activations")
+
+    components: tuple[str, ...]
+    """Hook points cached at every layer (resid_pre, resid_mid, resid_post, attn_out, mlp_out)."""
+    poolings: tuple[str, ...]
+    """How a prompt's tokens become one vector: mean, last, max."""
+    exclude_bos_from_pooling: bool
+    """Leave the BOS token out of mean/max pooling."""
+    token_level_layers: tuple[int, ...]
+    """Layers whose every real token is also stored."""
+    compression: str | None
+    """HDF5 compression of the stored arrays (None, gzip, lzf)."""
+    out_dtype: str
+    """float32 or float16: the dtype of the stored arrays."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeSettings(Section):
+    """Linear probes per layer (config ``probes``, less ``generalization``)."""
+
+    SCHEMA: ClassVar[tuple[str, ...]] = ("properties", "probes")
+
+    n_splits: int
+    """Outer cross-validation folds (stratified by label, groups kept whole)."""
+    n_repeats: int
+    """Repeats of the outer cross-validation."""
+    inner_splits: int
+    """Folds of the inner cross-validation that picks C."""
+    Cs: tuple[float, ...]
+    """Inverse regularisation strengths the inner cross-validation chooses from."""
+    n_permutations: int
+    """Most label permutations drawn for the p-value (drawn sequentially)."""
+    n_random_directions: int
+    """Random directions of the control probe."""
+    seed: int
+    """Seed of folds, permutations and random directions."""
+    thresholds: tuple[float, float]
+    """Interval bounds for "weak" and "direction exists" (shifted to each metric's baseline)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSettings(Section):
+    """Generation-time patching (config ``patching.generation``)."""
+
+    SCHEMA: ClassVar[tuple[str, ...]] = ("properties", "patching", "properties", "generation")
+
+    enabled: bool
+    """Run generation patching for every experiment."""
+    max_new_tokens: int
+    """Tokens generated per run."""
+    answer_regex: str
+    """The answer is the first match in the generated text (its first group if it has one)."""
+    positions: Any
+    """Single-position cells: "all", the last k prompt positions, or a list (ints, "diff",
+    "genK")."""
+    ranges: tuple[str, ...]
+    """Positions patched as one intervention: "prompt" or "genA-B"."""
+    components: tuple[str, ...] | None
+    """Components to patch; None = patching.components."""
+    layers: str | tuple[int, ...]
+    """Layers to patch, or "all"."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchingSettings(Section):
+    """Activation patching (config ``patching``, less ``experiments``)."""
+
+    SCHEMA: ClassVar[tuple[str, ...]] = ("properties", "patching")
+
+    components: tuple[str, ...]
+    """Components patched at every (layer, position)."""
+    positions: Any
+    """"all", the last k positions (an integer), or a list of positions."""
+    heads: bool
+    """Also patch each attention head's output (hook_z) at the last position."""
+    n_boot: int
+    """Bootstrap resamples of the pairs for the summary intervals."""
+    seed: int
+    """Seed of the bootstrap."""
+    generation: GenerationSettings
+    """Generation-time patching."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionSettings(Section):
+    """Goals every intervention summary measures itself against (config ``precision``)."""
+
+    SCHEMA: ClassVar[tuple[str, ...]] = ("properties", "precision")
+
+    confidence: float
+    """Confidence of every interval."""
+    half_width: float
+    """Target interval half-width (a share for rates, the metric's units for means)."""
+    rate_effect: float
+    """Change of a rate to detect with the given power."""
+    effect_size: float
+    """Standardized mean change (Cohen's d) to detect with the given power."""
+    power: float
+    """Power wanted for the effects above."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskVectorSettings(Section):
+    """Task-vector geometry of task-grid datasets (config ``task_vectors``)."""
+
+    SCHEMA: ClassVar[tuple[str, ...]] = ("properties", "task_vectors")
+
+    component: str | None
+    """Cached component; None = the first of activations.components."""
+    pooling: str
+    """Cached pooling."""
+    n_boot: int
+    """Bootstrap resamples of the number pairs."""
+    seed: int
+    """Seed of the bootstrap."""
+    layer: int | None
+    """Layer of the prompt-cosine heatmap besides the best layer; None = the middle cached layer."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FigureSettings(Section):
+    """Figures (config ``figures``)."""
+
+    SCHEMA: ClassVar[tuple[str, ...]] = ("properties", "figures")
+
+    formats: tuple[str, ...]
+    """File formats of every figure (png, svg, pdf)."""
+    tsne: bool
+    """Also draw t-SNE embeddings per layer."""
+    metric: str
+    """Probe metric of the figures (auroc, accuracy, balanced_accuracy, f1)."""
+    component: str | None
+    """Component of the geometry figures; None = the first of activations.components."""
+    pooling: str | None
+    """Pooling of the geometry figures; None = the first of activations.poolings."""
