@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pandas as pd
@@ -1001,6 +1001,65 @@ class _Built:
 
 
 def _build_phase2(spec: _Spec) -> _Built:
+    """Build the faithful/unfaithful dataset of a phase2 scores table and its responses."""
+    fields, variants, text_mode = _phase2_options(spec)
+    filters = spec.filters()
+    classes = ["unfaithful", "faithful"]
+    cap_of = spec.caps({"faithful": 30, "unfaithful": 20}, classes)
+    min_n = spec.int_opt("min_per_class", 10)
+    seed = spec.int_opt("seed", 0)
+
+    scores = _load_table(spec.required("scores"), spec.base_dir, spec.key("scores"))
+    responses = _load_table(
+        spec.required("responses"), spec.base_dir, spec.key("responses"), fmt="jsonl"
+    )
+    f_pid, f_faith = fields["pair_id"], fields["is_faithful"]
+    scores.require_columns([f_pid, f_faith])
+
+    # All scored pair ids (before filters) decide which responses are orphans.
+    all_scored = {scores.get_str(rec, f_pid) for rec in scores.records}
+    pair_label, pair_line = _phase2_pair_labels(scores, filters, f_pid, f_faith)
+    by_key, orphans = _phase2_responses(responses, f_pid, fields["variant"], all_scored)
+    missing = [f"{pid}:{v}" for pid in pair_line for v in variants if (pid, v) not in by_key]
+    if missing or orphans:
+        _phase2_mismatch(scores, responses, variants, missing, orphans, f_pid)
+
+    units = {label: [pid for pid in pair_line if pair_label[pid] == label] for label in classes}
+    chosen = _select(units, cap_of, seed)
+    chosen_set = {pid for pids in chosen.values() for pid in pids}
+    rows = []
+    for pid in pair_line:  # scores order
+        if pid not in chosen_set:
+            continue
+        for variant in variants:
+            rec = by_key[(pid, variant)]
+            rows.append(
+                {
+                    "prompt_id": f"{pid}:{variant}",
+                    "text": _phase2_text(responses, rec, fields, text_mode),
+                    "label": pair_label[pid],
+                    "group": pid,
+                    "pair_id": pid,
+                    "variant": variant,
+                    "source_file": responses.given,
+                    "source_line": rec.line,
+                    "scores_line": pair_line[pid],
+                }
+            )
+    return _Built(
+        rows=rows,
+        columns=["pair_id", "variant", "source_file", "source_line", "scores_line"],
+        classes=classes,
+        positive="faithful",
+        label_field=f_faith,
+        inputs={scores.given: scores.sha256, responses.given: responses.sha256},
+        min_file=scores.file,
+        min_per_class=min_n,
+    )
+
+
+def _phase2_options(spec: _Spec) -> tuple[dict[str, str], list[str], str]:
+    """Check the phase2 options: (field -> column, variant names, text mode)."""
     spec.check_keys({"scores", "responses", "fields", "variants", "text"})
     fields = dict(PHASE2_DEFAULT_FIELDS)
     raw_fields = spec.spec.get("fields") or {}
@@ -1033,23 +1092,11 @@ def _build_phase2(spec: _Spec) -> _Built:
             spec.key("text"),
             f"unknown text mode {text_mode!r}; expected one of {list(PHASE2_TEXT_MODES)}",
         )
-    filters = spec.filters()
-    classes = ["unfaithful", "faithful"]
-    cap_of = spec.caps({"faithful": 30, "unfaithful": 20}, classes)
-    min_n = spec.int_opt("min_per_class", 10)
-    seed = spec.int_opt("seed", 0)
+    return fields, variants, text_mode
 
-    scores = _load_table(spec.required("scores"), spec.base_dir, spec.key("scores"))
-    responses = _load_table(
-        spec.required("responses"), spec.base_dir, spec.key("responses"), fmt="jsonl"
-    )
-    f_pid, f_faith, f_var, f_q, f_resp = (
-        fields[k] for k in ("pair_id", "is_faithful", "variant", "question", "response")
-    )
-    scores.require_columns([f_pid, f_faith])
 
-    # All scored pair ids (before filters) decide which responses are orphans.
-    all_scored = {scores.get_str(rec, f_pid) for rec in scores.records}
+def _phase2_pair_labels(scores, filters, f_pid, f_faith) -> tuple[dict[str, str], dict[str, int]]:
+    """Label and line of every kept scored pair id, in scores order (duplicates are errors)."""
     kept = _apply_filters(scores, filters, note=" (phase2 filters apply to the scores table)")
     pair_label: dict[str, str] = {}
     pair_line: dict[str, int] = {}
@@ -1057,14 +1104,19 @@ def _build_phase2(spec: _Spec) -> _Built:
         pid = scores.get_str(rec, f_pid)
         if pid in pair_line:
             raise InputError(
-                f"duplicate pair_id {_clip(pid)} (first on line {pair_line[pid]}, again on line {rec.line})",
+                f"duplicate pair_id {_clip(pid)} "
+                f"(first on line {pair_line[pid]}, again on line {rec.line})",
                 file=scores.file,
                 line=rec.line,
                 field=f_pid,
             )
         pair_line[pid] = rec.line
         pair_label[pid] = "faithful" if scores.get_bool(rec, f_faith) else "unfaithful"
+    return pair_label, pair_line
 
+
+def _phase2_responses(responses, f_pid, f_var, all_scored):
+    """Response records by (pair_id, variant), and the pair ids without any score."""
     by_key: dict[tuple[str, str], _Record] = {}
     orphans: dict[str, None] = {}
     for rec in responses.records:
@@ -1073,7 +1125,8 @@ def _build_phase2(spec: _Spec) -> _Built:
         prev = by_key.get((pid, variant))
         if prev is not None:
             raise InputError(
-                f"duplicate record for pair_id {_clip(pid)}, variant {_clip(variant)} (first on line {prev.line}, again on line {rec.line})",
+                f"duplicate record for pair_id {_clip(pid)}, variant {_clip(variant)} "
+                f"(first on line {prev.line}, again on line {rec.line})",
                 file=responses.file,
                 line=rec.line,
                 field=f_pid,
@@ -1081,70 +1134,44 @@ def _build_phase2(spec: _Spec) -> _Built:
         by_key[(pid, variant)] = rec
         if pid not in all_scored:
             orphans.setdefault(pid, None)
-    missing = [f"{pid}:{v}" for pid in pair_line for v in variants if (pid, v) not in by_key]
-    if missing or orphans:
-        parts = []
-        if missing:
-            parts.append(
-                f"{len(missing)} scored pair/variant(s) have no record in {responses.file} "
-                f"(first: {_short(missing)})"
-            )
-        if orphans:
-            parts.append(
-                f"{len(orphans)} pair_id(s) in {responses.file} have no score in {scores.file} (first: {_short(orphans)})"
-            )
-        raise InputError(
-            f"scores and responses do not match (variants {variants}): " + "; ".join(parts),
-            file=scores.file,
-            field=f_pid,
+    return by_key, orphans
+
+
+def _phase2_mismatch(scores, responses, variants, missing, orphans, f_pid) -> NoReturn:
+    """Raise the error for scored pairs without responses and responses without scores."""
+    parts = []
+    if missing:
+        parts.append(
+            f"{len(missing)} scored pair/variant(s) have no record in {responses.file} "
+            f"(first: {_short(missing)})"
         )
-
-    units = {label: [pid for pid in pair_line if pair_label[pid] == label] for label in classes}
-    chosen = _select(units, cap_of, seed)
-    chosen_set = {pid for pids in chosen.values() for pid in pids}
-
-    rows = []
-    for pid in pair_line:  # scores order
-        if pid not in chosen_set:
-            continue
-        for variant in variants:
-            rec = by_key[(pid, variant)]
-            question = responses.get_str(rec, f_q)
-            if text_mode == "question_response":
-                response = responses.get_str(rec, f_resp, required=False)
-                if response is None or not response.strip():
-                    raise InputError(
-                        "response is missing or empty (needed for text: question_response)",
-                        file=responses.file,
-                        line=rec.line,
-                        field=f_resp,
-                    )
-                text = question + "\n" + response
-            else:
-                text = question
-            rows.append(
-                {
-                    "prompt_id": f"{pid}:{variant}",
-                    "text": text,
-                    "label": pair_label[pid],
-                    "group": pid,
-                    "pair_id": pid,
-                    "variant": variant,
-                    "source_file": responses.given,
-                    "source_line": rec.line,
-                    "scores_line": pair_line[pid],
-                }
-            )
-    return _Built(
-        rows=rows,
-        columns=["pair_id", "variant", "source_file", "source_line", "scores_line"],
-        classes=classes,
-        positive="faithful",
-        label_field=f_faith,
-        inputs={scores.given: scores.sha256, responses.given: responses.sha256},
-        min_file=scores.file,
-        min_per_class=min_n,
+    if orphans:
+        parts.append(
+            f"{len(orphans)} pair_id(s) in {responses.file} have no score in {scores.file} "
+            f"(first: {_short(orphans)})"
+        )
+    raise InputError(
+        f"scores and responses do not match (variants {variants}): " + "; ".join(parts),
+        file=scores.file,
+        field=f_pid,
     )
+
+
+def _phase2_text(responses, rec, fields, text_mode) -> str:
+    """The prompt text of one response record: its question, or question and response."""
+    question = responses.get_str(rec, fields["question"])
+    if text_mode != "question_response":
+        return question
+    f_resp = fields["response"]
+    response = responses.get_str(rec, f_resp, required=False)
+    if response is None or not response.strip():
+        raise InputError(
+            "response is missing or empty (needed for text: question_response)",
+            file=responses.file,
+            line=rec.line,
+            field=f_resp,
+        )
+    return question + "\n" + response
 
 
 def _build_facts(spec: _Spec) -> _Built:
@@ -1208,38 +1235,10 @@ def _build_facts(spec: _Spec) -> _Built:
 
 
 def _build_task_grid(spec: _Spec) -> _Built:
+    """Build the task-grid dataset: every task's template filled with every pair."""
     spec.check_keys({"tasks", "pairs", "template"})
-    tasks = spec.required("tasks")
-    if not isinstance(tasks, (list, tuple)) or not tasks:
-        raise ConfigError(
-            spec.key("tasks"), f"expected a non-empty list of task names, got {tasks!r}"
-        )
-    for i, t in enumerate(tasks):
-        if not isinstance(t, str) or not t.strip():
-            raise ConfigError(spec.key("tasks", i), f"expected a non-empty string, got {t!r}")
-        if t in tasks[:i]:
-            raise ConfigError(spec.key("tasks", i), f"duplicate task {t!r}")
-    pairs_raw = spec.required("pairs")
-    if not isinstance(pairs_raw, (list, tuple)) or not pairs_raw:
-        raise ConfigError(
-            spec.key("pairs"), f"expected a non-empty list of [a, b] pairs, got {pairs_raw!r}"
-        )
-    pairs: list[tuple[str, str]] = []
-    for i, p in enumerate(pairs_raw):
-        if (
-            not isinstance(p, (list, tuple))
-            or len(p) != 2
-            or not all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in p)
-        ):
-            raise ConfigError(
-                spec.key("pairs", i), f"expected a pair [a, b] of numbers or strings, got {p!r}"
-            )
-        pair = (_scalar_str(p[0]) or "", _scalar_str(p[1]) or "")
-        if not pair[0].strip() or not pair[1].strip():
-            raise ConfigError(spec.key("pairs", i), f"empty value in pair {p!r}")
-        if pair in pairs:
-            raise ConfigError(spec.key("pairs", i), f"duplicate pair {list(p)!r}")
-        pairs.append(pair)
+    tasks = _task_grid_tasks(spec)
+    pairs = _task_grid_pairs(spec)
     template = _template_fields(
         spec.spec.get("template") or DEFAULT_TASK_TEMPLATE, {"a", "b", "task"}, spec.key("template")
     )
@@ -1262,6 +1261,65 @@ def _build_task_grid(spec: _Spec) -> _Built:
         for task in tasks
         for a, b in pairs
     ]
+    rows = _task_grid_filter(spec, filters, all_rows, columns)
+    by_class = {t: [r for r in rows if r["task"] == t] for t in tasks}
+    chosen = _select({t: rs for t, rs in by_class.items() if rs}, cap_of, seed)
+    keep = {r["prompt_id"] for rs in chosen.values() for r in rs}
+    rows = [r for r in rows if r["prompt_id"] in keep]
+    return _Built(
+        rows=rows,
+        columns=columns,
+        classes=sorted({r["label"] for r in rows}),
+        positive=None,
+        inputs={},
+        min_file=None,
+        min_per_class=min_n,
+    )
+
+
+def _task_grid_tasks(spec: _Spec) -> list[str]:
+    """Check the task_grid ``tasks``: a non-empty list of distinct non-empty names."""
+    tasks = spec.required("tasks")
+    if not isinstance(tasks, (list, tuple)) or not tasks:
+        raise ConfigError(
+            spec.key("tasks"), f"expected a non-empty list of task names, got {tasks!r}"
+        )
+    for i, t in enumerate(tasks):
+        if not isinstance(t, str) or not t.strip():
+            raise ConfigError(spec.key("tasks", i), f"expected a non-empty string, got {t!r}")
+        if t in tasks[:i]:
+            raise ConfigError(spec.key("tasks", i), f"duplicate task {t!r}")
+    return tasks
+
+
+def _task_grid_pairs(spec: _Spec) -> list[tuple[str, str]]:
+    """Check the task_grid ``pairs``: distinct [a, b] pairs of numbers or strings, as text."""
+    pairs_raw = spec.required("pairs")
+    if not isinstance(pairs_raw, (list, tuple)) or not pairs_raw:
+        raise ConfigError(
+            spec.key("pairs"), f"expected a non-empty list of [a, b] pairs, got {pairs_raw!r}"
+        )
+    pairs: list[tuple[str, str]] = []
+    for i, p in enumerate(pairs_raw):
+        if (
+            not isinstance(p, (list, tuple))
+            or len(p) != 2
+            or not all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in p)
+        ):
+            raise ConfigError(
+                spec.key("pairs", i), f"expected a pair [a, b] of numbers or strings, got {p!r}"
+            )
+        pair = (_scalar_str(p[0]) or "", _scalar_str(p[1]) or "")
+        if not pair[0].strip() or not pair[1].strip():
+            raise ConfigError(spec.key("pairs", i), f"empty value in pair {p!r}")
+        if pair in pairs:
+            raise ConfigError(spec.key("pairs", i), f"duplicate pair {list(p)!r}")
+        pairs.append(pair)
+    return pairs
+
+
+def _task_grid_filter(spec: _Spec, filters, all_rows, columns) -> list[dict[str, Any]]:
+    """The task-grid rows the filters keep (an error if none)."""
     rows = all_rows
     for col, allowed in filters.items():
         if col not in ("prompt_id", "text", "label", "group", *columns):
@@ -1277,19 +1335,7 @@ def _build_task_grid(spec: _Spec) -> _Built:
         raise ConfigError(
             spec.key("filters"), f"filters {filters!r} leave no rows (from {len(all_rows)})"
         )
-    by_class = {t: [r for r in rows if r["task"] == t] for t in tasks}
-    chosen = _select({t: rs for t, rs in by_class.items() if rs}, cap_of, seed)
-    keep = {r["prompt_id"] for rs in chosen.values() for r in rs}
-    rows = [r for r in rows if r["prompt_id"] in keep]
-    return _Built(
-        rows=rows,
-        columns=columns,
-        classes=sorted({r["label"] for r in rows}),
-        positive=None,
-        inputs={},
-        min_file=None,
-        min_per_class=min_n,
-    )
+    return rows
 
 
 def _build_labelled(spec: _Spec) -> _Built:
