@@ -160,7 +160,8 @@ def _encode(y: np.ndarray, positive_class: Any = None) -> tuple[np.ndarray, list
         matches = [c for c in classes if c == positive_class]
         if not matches:
             raise ProbeInputError(
-                f"positive_class {positive_class!r} is not one of the classes {[_py(c) for c in classes]}"
+                f"positive_class {positive_class!r} is not one of the classes "
+                f"{[_py(c) for c in classes]}"
             )
         classes = [c for c in classes if not c == positive_class] + matches
     lookup = {c: i for i, c in enumerate(classes)}
@@ -215,7 +216,7 @@ def _fold_ids_once(
 def _sgkf_fold_ids(
     codes: np.ndarray, gcodes: np.ndarray, n_splits: int, random_state: int
 ) -> np.ndarray | None:
-    """Test-fold id per row, identical to ``StratifiedGroupKFold(shuffle=True).split`` (~20x faster).
+    """Test-fold id per row, as ``StratifiedGroupKFold(shuffle=True).split`` gives (~20x faster).
 
     A re-implementation of scikit-learn's ``_iter_test_indices``/``_find_best_fold``
     (greedy assignment of groups, sorted by the std of their class counts, to the fold that
@@ -330,7 +331,8 @@ def _make_fold_ids(
         else:
             if fallback is None:
                 raise ProbeInputError(
-                    f"could not build {n_splits} grouped folds in which every training part holds every "
+                    f"could not build {n_splits} grouped folds in which every training part holds "
+                    "every "
                     f"class; use fewer n_splits or check the groups"
                 )
             ids, rs = fallback
@@ -399,7 +401,7 @@ class _Fitter:
     def decisions(
         self, X: np.ndarray, train: np.ndarray, Y: np.ndarray, C: np.ndarray, k: int
     ) -> np.ndarray:
-        """Decision values (B, n, q) on all rows of the probes fitted on each problem's training rows.
+        """Decision values (B, n, q) on all rows of probes fitted on each problem's training rows.
 
         Solved together by the exact batched Newton solver (:func:`_decision_batch`); a
         problem it does not solve (too large, or not converged) is fitted with scikit-learn.
@@ -808,7 +810,7 @@ def _cv_fixed_C_many(
     C: float,
     fitter: _Fitter,
 ) -> list[float]:
-    """For each labelling ``(codes, ids)``: mean primary metric over the folds ``ids`` (1-D) at a fixed C.
+    """Per labelling ``(codes, ids)``: mean primary metric over the folds ``ids`` (1-D) at fixed C.
 
     ``X`` is (n, d), shared by all labellings, or (J, n, d), one per labelling. ``None``
     entries give NaN. Undefined fold scores are left out of the mean (NaN if none is left).
@@ -1416,7 +1418,8 @@ def interpret(
     * ``"direction exists"``  if ``ci_low > strong``
     * ``"weak"``              if ``weak < ci_low <= strong``
     * ``"no linear signal"``  if ``ci_high < weak`` (the interval rules out even a weak effect)
-    * ``"inconclusive"``      otherwise (the interval straddles ``weak``), or if a bound is NaN/None.
+    * ``"inconclusive"``      otherwise (the interval straddles ``weak``), or if a bound is
+      NaN/None.
     """
     weak, strong = (float(t) + (float(chance) - 0.5) for t in thresholds)
     if not weak <= strong:
@@ -1462,7 +1465,7 @@ def summary_rows(
     thresholds: tuple[float, float] = (0.55, 0.65),
     **keys: Any,
 ) -> list[dict[str, Any]]:
-    """Tidy rows, one per metric (``METRICS`` order), with ``keys`` (model, dataset, layer, ...) first.
+    """Tidy rows, one per metric (``METRICS`` order), ``keys`` (model, dataset, layer, ...) first.
 
     Columns: ``metric, mean, std, ci_low, ci_high, ci_method, n`` (folds used), ``n_per_class``
     (JSON string), ``chance`` and ``majority`` (see baselines), ``baseline = max(chance,
@@ -1631,8 +1634,9 @@ def transfer_metric(
     max_iter: int = 1000,
 ) -> dict[str, float]:
     """Fit a probe on all of ``train`` = (X, y, groups) (C by grouped inner CV, as in
-    :func:`cross_dataset_matrix`), score it on ``test`` = (X, y): ``{"value", "ci_low", "ci_high"}``,
-    the interval a percentile bootstrap over the test prompts (resamples missing a class skipped)."""
+    :func:`cross_dataset_matrix`), score it on ``test`` = (X, y): ``{"value", "ci_low",
+    "ci_high"}``, the interval a percentile bootstrap over the test prompts (resamples missing a
+    class skipped)."""
     Xa, ya, ga = _check_X(train[0], "train X"), train[1], train[2] if len(train) > 2 else None
     Xb = _check_X(test[0], "test X")
     codes_a, classes = _encode(_check_labels(ya, Xa.shape[0], "train y"), positive_class)

@@ -63,6 +63,7 @@ __all__ = [
     "write_prompt_table",
     "read_prompt_table",
     "read_records",
+    "scalar_str",
     "parse_bool",
     "normalise_labels",
 ]
@@ -112,11 +113,12 @@ def parse_bool(value: Any) -> bool:
         if s in _FALSE_STRINGS:
             return False
     raise ValueError(
-        f"value {_clip(value)} is not a boolean (expected true/false, True/False, TRUE/FALSE or 1/0)"
+        f"value {_clip(value)} is not a boolean (expected true/false, True/False, TRUE/FALSE or "
+        "1/0)"
     )
 
 
-def _scalar_str(value: Any) -> str | None:
+def scalar_str(value: Any) -> str | None:
     """String form of a scalar read from CSV (already str) or JSON; None for null/NaN.
 
     JSON booleans become ``"true"``/``"false"`` (as spelled in the JSON text). Raises
@@ -195,7 +197,8 @@ class _Table:
         for name in names:
             if name not in self.columns:
                 raise InputError(
-                    f"required column is missing; columns found: {_short(self.columns, 50) or '(none)'}"
+                    "required column is missing; columns found: "
+                    f"{_short(self.columns, 50) or '(none)'}"
                     + (" (is the header line missing?)" if no_header else ""),
                     file=self.file,
                     line=self.header_line,
@@ -214,7 +217,7 @@ class _Table:
         """``name`` as a string; with ``required``, empty/null values are an InputError."""
         raw = self.get(rec, name) if required else rec.values.get(name)
         try:
-            value = _scalar_str(raw)
+            value = scalar_str(raw)
         except TypeError as exc:
             raise InputError(str(exc), file=self.file, line=rec.line, field=name) from None
         if required and (value is None or value.strip() == ""):
@@ -340,7 +343,8 @@ def _read_text(path: Path, shown: str, fmt: str | None = None) -> tuple[str, str
     for bom, name in _WIDE_BOMS:
         if data.startswith(bom):
             raise InputError(
-                f"the file is {name} encoded (it starts with the byte-order mark 0x{bom.hex()}); save it as UTF-8",
+                f"the file is {name} encoded (it starts with the byte-order mark 0x{bom.hex()}); "
+                "save it as UTF-8",
                 file=shown,
                 line=1,
             )
@@ -386,7 +390,8 @@ def _decode_error(data: bytes, exc: UnicodeDecodeError, shown: str, fmt: str | N
         field = None
     bad = data[exc.start : exc.start + 1].hex()
     return InputError(
-        f"not valid UTF-8 (byte 0x{bad} at column {pos - line_start + 1}); the file may be Latin-1/Windows-1252 "
+        f"not valid UTF-8 (byte 0x{bad} at column {pos - line_start + 1}); the file may be "
+        "Latin-1/Windows-1252 "
         "encoded: save it as UTF-8",
         file=shown,
         line=line,
@@ -413,7 +418,7 @@ def _csv_field_with_surrogate(text: str, delimiter: str) -> str | None:
 
 @contextlib.contextmanager
 def _csv_limit() -> Iterator[None]:
-    """Lift the csv module's 128 KiB cap on one field (a long prompt is not an error) for a parse."""
+    """Lift the csv module's 128 KiB cap on a field (a long prompt is not an error) for a parse."""
     old = csv.field_size_limit()
     csv.field_size_limit(max(old, min(sys.maxsize, 2**31 - 1)))
     try:
@@ -433,7 +438,7 @@ def _line_offset(text: str, line: int) -> int:
 
 
 def _csv_error_field(text: str, start: int, delimiter: str) -> int | None:
-    """0-based index of the field where strict CSV parsing fails in the record at ``text[start:]``."""
+    """0-based index of the field where strict CSV parsing fails in the record ``text[start:]``."""
     i, n, idx = start, len(text), 0
     while i < n:
         if text[i] == '"':
@@ -470,7 +475,7 @@ def _parse_delimited(text: str, shown: str, delimiter: str) -> tuple[list[str], 
 def _parse_delimited_table(
     text: str, shown: str, delimiter: str
 ) -> tuple[list[str], list[_Record], int]:
-    """(header, records, line of the header) of CSV/TSV ``text``; InputError names line and field."""
+    """(header, records, header line) of CSV/TSV ``text``; InputError names line and field."""
     if not text.strip():
         raise InputError("file is empty (expected a header line)", file=shown)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
@@ -501,7 +506,10 @@ def _parse_delimited_table(
                     seen[col] = 1
                 continue
             if len(fields) != len(header):
-                expected = f"expected {len(header)} fields (as in the header on line {header_line}), found {len(fields)}"
+                expected = (
+                    f"expected {len(header)} fields (as in the header on line {header_line}), "
+                    f"found {len(fields)}"
+                )
                 if len(fields) < len(header):
                     raise InputError(
                         f"{expected}: this row has no value for column {_clip(header[len(fields)])}"
@@ -511,8 +519,10 @@ def _parse_delimited_table(
                         field=header[len(fields)],
                     )
                 raise InputError(
-                    f"{expected}: {len(fields) - len(header)} extra value(s) from column {len(header) + 1} on, "
-                    f"after the last column {_clip(header[-1])} (an unquoted {_clip(delimiter)} inside a value?)",
+                    f"{expected}: {len(fields) - len(header)} extra value(s) from column "
+                    f"{len(header) + 1} on, "
+                    f"after the last column {_clip(header[-1])} (an unquoted {_clip(delimiter)} "
+                    "inside a value?)",
                     file=shown,
                     line=start,
                 )
@@ -540,7 +550,10 @@ def _csv_error(
     if "unexpected end of data" in reason:
         reason = "a quoted value is never closed (unbalanced '\"'; read to the end of the file)"
     elif "expected after" in reason:
-        reason = f"text after the closing quote of a quoted value ({exc}); double a '\"' inside a quoted value"
+        reason = (
+            f"text after the closing quote of a quoted value ({exc}); "
+            "double a '\"' inside a quoted value"
+        )
     field = None
     where = ""
     if idx is not None:
@@ -611,7 +624,7 @@ def _json_member_at(line: str, pos: int | None = None) -> str | None:
 
 
 def _surrogate_member(obj: dict[str, Any]) -> str | None:
-    """The first top-level key whose name or value holds a lone surrogate (from a \\udXXX escape)."""
+    """The first top-level key whose name or value has a lone surrogate (from a \\udXXX escape)."""
     for key, value in obj.items():
         stack = [key, value]
         while stack:
@@ -677,7 +690,8 @@ def _parse_jsonl(text: str, shown: str) -> tuple[list[str], list[_Record]]:
             bad = _surrogate_member(obj)
             if bad is not None:
                 raise InputError(
-                    "invalid Unicode: a \\udXXX escape for a lone surrogate half encodes no character",
+                    "invalid Unicode: a \\udXXX escape for a lone surrogate half encodes no "
+                    "character",
                     file=shown,
                     line=lineno,
                     field=bad,
@@ -699,7 +713,8 @@ def _format_of(given: str, shown: str) -> str:
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
     raise InputError(
-        f"cannot tell the file format from the extension {suffix or '(none)'!r}; use .csv, .tsv or .jsonl",
+        f"cannot tell the file format from the extension {suffix or '(none)'!r}; use .csv, .tsv or "
+        ".jsonl",
         file=shown,
     )
 
@@ -821,7 +836,7 @@ class _Spec:
             )
         caps: dict[str, int | None] = {}
         for label, value in raw.items():
-            label_s = _scalar_str(label) if isinstance(label, (bool, int, float)) else str(label)
+            label_s = scalar_str(label) if isinstance(label, (bool, int, float)) else str(label)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0
             ):
@@ -843,7 +858,7 @@ class _Spec:
 def _filter_match(value: Any, wanted: Any) -> bool:
     """Does a source value match one allowed filter value? Raises ValueError on a bad boolean."""
     if wanted is None:
-        return _scalar_str(value) in (None, "")
+        return scalar_str(value) in (None, "")
     if isinstance(wanted, bool):
         return parse_bool(value) == wanted
     if isinstance(wanted, (int, float)):
@@ -854,7 +869,7 @@ def _filter_match(value: Any, wanted: Any) -> bool:
         except (TypeError, ValueError):
             return False
     try:
-        return _scalar_str(value) == wanted
+        return scalar_str(value) == wanted
     except TypeError:
         return False
 
@@ -975,7 +990,8 @@ def _template_fields(template: Any, allowed: set[str], key_path: str) -> str:
             shown = "{" + fname + "}"
             raise ConfigError(
                 key_path,
-                f"unknown placeholder {shown} in {template!r}; allowed: {', '.join('{' + a + '}' for a in sorted(allowed))}",
+                f"unknown placeholder {shown} in {template!r}; allowed: "
+                f"{', '.join('{' + a + '}' for a in sorted(allowed))}",
             )
     try:  # values are always strings; catch bad conversions / format specs now, not mid-build
         template.format(**{name: "x" for name in allowed})
@@ -1201,7 +1217,8 @@ def _build_facts(spec: _Spec) -> _Built:
         label = "true" if table.get_bool(rec, "is_true") else "false"
         if relation not in templates:
             raise InputError(
-                f"no template for relation {_clip(relation)}; configured relations: {_short(templates, 50)}",
+                f"no template for relation {_clip(relation)}; configured relations: "
+                f"{_short(templates, 50)}",
                 file=table.file,
                 line=rec.line,
                 field="relation",
@@ -1309,7 +1326,7 @@ def _task_grid_pairs(spec: _Spec) -> list[tuple[str, str]]:
             raise ConfigError(
                 spec.key("pairs", i), f"expected a pair [a, b] of numbers or strings, got {p!r}"
             )
-        pair = (_scalar_str(p[0]) or "", _scalar_str(p[1]) or "")
+        pair = (scalar_str(p[0]) or "", scalar_str(p[1]) or "")
         if not pair[0].strip() or not pair[1].strip():
             raise ConfigError(spec.key("pairs", i), f"empty value in pair {p!r}")
         if pair in pairs:
@@ -1368,7 +1385,8 @@ def _build_labelled(spec: _Spec) -> _Built:
             pid = table.get_str(rec, id_field)
             if pid in id_line:
                 raise InputError(
-                    f"duplicate id {_clip(pid)} (first on line {id_line[pid]}, again on line {rec.line})",
+                    f"duplicate id {_clip(pid)} (first on line {id_line[pid]}, again on line "
+                    f"{rec.line})",
                     file=table.file,
                     line=rec.line,
                     field=id_field,
@@ -1611,7 +1629,8 @@ def read_prompt_table(path: str | os.PathLike) -> pd.DataFrame:
         pid = rec.values["prompt_id"]
         if pid in seen:
             raise InputError(
-                f"duplicate prompt_id {pid!r} (first on line {seen[pid]}, again on line {rec.line})",
+                f"duplicate prompt_id {pid!r} (first on line {seen[pid]}, again on line "
+                f"{rec.line})",
                 file=shown,
                 line=rec.line,
                 field="prompt_id",
@@ -1636,9 +1655,9 @@ def read_prompt_table(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def read_records(path: str | os.PathLike) -> tuple[list[str], list[Any], str]:
-    """``(columns, records, shown)`` of a CSV, TSV or JSONL file, each record with its 1-based ``line``
-    and its raw ``values`` (the one reader of the side inputs: patching pairs, steering prompts).
-    Errors are :class:`InputError` naming the file and line."""
+    """``(columns, records, shown)`` of a CSV, TSV or JSONL file, each record with its 1-based
+    ``line`` and its raw ``values`` (the one reader of the side inputs: patching pairs, steering
+    prompts). Errors are :class:`InputError` naming the file and line."""
     shown = os.fspath(path)
     fmt = _format_of(shown, shown)
     text, _ = _read_text(Path(path), shown)
@@ -1647,8 +1666,3 @@ def read_records(path: str | os.PathLike) -> tuple[list[str], list[Any], str]:
     else:
         columns, records = _parse_delimited(text, shown, "\t" if fmt == "tsv" else ",")
     return columns, records, shown
-
-
-def scalar_str(value: Any) -> str | None:
-    """A JSON/CSV scalar as the string it was written as (None for null; TypeError for lists/objects)."""
-    return _scalar_str(value)

@@ -116,7 +116,7 @@ def tsne_figure(
     formats: Sequence[str],
     table: PathLike | None = None,
 ) -> list[str]:
-    """t-SNE of every layer (figures.tsne): slow, so a job of its own that only this setting runs."""
+    """t-SNE of every layer (figures.tsne): slow, so a job of its own, run only for this setting."""
     if table is not None:
         check_files_against_table(layer_paths, table)
     stack = read_layers(layer_paths, component, pooling, stack=True)
@@ -179,11 +179,13 @@ def generalization(
 ) -> pd.DataFrame:
     """Train on one dataset, test on each other, at every layer they share: a table with a
     bootstrap interval (over test prompts) per cell. The diagonal is each dataset's probe summary
-    at that layer (mean and interval), when ``summaries`` (dataset -> summary.csv) are given, so the
-    figure and the probe curves agree; else the cross-validated mean of :func:`cross_dataset_matrix`.
-    ``out_fig``: also draw the figure (the workflow draws it in its own job, plot_generalization).
+    at that layer (mean and interval), when ``summaries`` (dataset -> summary.csv) are given, so
+    the figure and the probe curves agree; else the cross-validated mean of
+    :func:`cross_dataset_matrix`. ``out_fig``: also draw the figure (the workflow draws it in its
+    own job, plot_generalization).
 
-    ``tables``: dataset name -> its current prompt table; each dataset's layer files must match it."""
+    ``tables``: dataset name -> its current prompt table; each dataset's layer files must match
+    it."""
     stacks = _generalization_stacks(layer_paths, tables, component, pooling)
     layers = sorted(set.intersection(*(set(s.layers) for s in stacks.values())))
     fit = {k: settings[k] for k in ("n_splits", "inner_splits", "seed") if k in settings}
@@ -491,9 +493,10 @@ def patching_experiment(
     engine: str = "auto",
     log=print,
 ) -> dict[str, Any]:
-    """Load the model, run the logit-difference sweep and, when ``settings["generation"]["enabled"]``,
-    generation patching; write tables only (``cells``, ``arrays``, ``summary``, ``generation``,
-    ``generation_summary``). Figures are drawn by the plot job from these tables."""
+    """Load the model, run the logit-difference sweep and, when
+    ``settings["generation"]["enabled"]``, generation patching; write tables only (``cells``,
+    ``arrays``, ``summary``, ``generation``, ``generation_summary``). Figures are drawn by the plot
+    job from these tables."""
     import torch
 
     from layerscope.interventions import patching
@@ -502,7 +505,8 @@ def patching_experiment(
         torch.set_num_threads(int(threads))
     pairs = patching.load_pairs(pairs_path)
     gen = settings.get("generation") or {}
-    # Per-head patching needs the bridge's hook_z; everything else runs on `engine` (native by default).
+    # Per-head patching needs the bridge's hook_z; everything else runs on `engine` (native by
+    # default).
     sweep_engine = "bridge" if settings["heads"] else engine
     bridge, info = _load_for_patching(model, sweep_engine, settings["components"], device, log)
     result = patching.patch_sweep(
@@ -597,5 +601,6 @@ def _generation_patching(
     write_csv(out["generation_summary"], summary)
     log(
         f"generation patching: {rows.attrs['n_patched_generations']} patched generations "
-        f"({rows.attrs['n_skipped_identical']} skipped as identical) in {time.perf_counter() - t0:.1f} s"
+        f"({rows.attrs['n_skipped_identical']} skipped as identical) in "
+        f"{time.perf_counter() - t0:.1f} s"
     )
