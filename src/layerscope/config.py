@@ -555,44 +555,14 @@ def dataset_files(spec: dict[str, Any]) -> list[str]:
 def check_config(config: dict[str, Any], base_dir: str | Path = ".") -> dict[str, list[int]]:
     """Checks beyond the schema; returns {model name: resolved layers}. Raises ConfigError."""
     base = Path(base_dir)
-    for section in NAMED_SECTIONS:
-        names: Any = config
-        for part in section:
-            names = names.get(part, {}) if isinstance(names, dict) else {}
-        for name in names:
-            if not (isinstance(name, str) and SAFE_NAME.fullmatch(name)):
-                raise ConfigError(key_path([*section, name]), f"name {_UNSAFE_NAME}")
+    _check_names(config)
     for name, spec in config["datasets"].items():
         for key in DATASET_FILE_KEYS.get(spec["kind"], ()):
             if key in spec and not (base / spec[key]).is_file():
                 raise ConfigError(f"datasets.{name}.{key}", f"file not found: {spec[key]}")
     layers = {}
     for name, model in config["models"].items():
-        source = model["source"]
-        if is_local_model(source, base):
-            root = base / source
-            if not root.is_dir():
-                raise ConfigError(f"models.{name}.source", f"model directory not found: {source}")
-            if not (root / "config.json").is_file():
-                raise ConfigError(
-                    f"models.{name}.source",
-                    f"{source} has no config.json (not a save_pretrained directory)",
-                )
-            if not any(
-                (root / f).is_file()
-                for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-            ):
-                raise ConfigError(
-                    f"models.{name}.source",
-                    f"{source} has no tokenizer files (tokenizer.json/tokenizer_config.json)",
-                )
-            check_model_dir(root, f"models.{name}.source")
-        elif "/" in source and (base / source.split("/")[0]).is_dir():
-            raise ConfigError(
-                f"models.{name}.source",
-                f"model directory not found: {source} (not taken for a hub id: "
-                f"'{source.split('/')[0]}/' is a local directory)",
-            )
+        _check_model_source(name, model["source"], base)
         layers[name] = resolve_layers(name, model, base)
         for layer in config.get("activations", {}).get("token_level_layers", []):
             if layer not in layers[name]:
@@ -605,6 +575,55 @@ def check_config(config: dict[str, Any], base_dir: str | Path = ".") -> dict[str
             raise ConfigError(
                 f"patching.experiments.{name}.pairs", f"file not found: {exp['pairs']}"
             )
+    _check_cached_views(config, layers)
+    for group, members in config.get("probes", {}).get("generalization", {}).items():
+        unknown = [d for d in members if d not in config["datasets"]]
+        if unknown:
+            raise ConfigError(f"probes.generalization.{group}", f"unknown dataset(s) {unknown}")
+    return layers
+
+
+def _check_names(config: dict[str, Any]) -> None:
+    """Every name of a named section (datasets, models, ...) is safe as a path part."""
+    for section in NAMED_SECTIONS:
+        names: Any = config
+        for part in section:
+            names = names.get(part, {}) if isinstance(names, dict) else {}
+        for name in names:
+            if not (isinstance(name, str) and SAFE_NAME.fullmatch(name)):
+                raise ConfigError(key_path([*section, name]), f"name {_UNSAFE_NAME}")
+
+
+def _check_model_source(name: str, source: str, base: Path) -> None:
+    """A local model source is a complete save_pretrained directory; a hub id is no local path."""
+    if is_local_model(source, base):
+        root = base / source
+        if not root.is_dir():
+            raise ConfigError(f"models.{name}.source", f"model directory not found: {source}")
+        if not (root / "config.json").is_file():
+            raise ConfigError(
+                f"models.{name}.source",
+                f"{source} has no config.json (not a save_pretrained directory)",
+            )
+        if not any(
+            (root / f).is_file()
+            for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+        ):
+            raise ConfigError(
+                f"models.{name}.source",
+                f"{source} has no tokenizer files (tokenizer.json/tokenizer_config.json)",
+            )
+        check_model_dir(root, f"models.{name}.source")
+    elif "/" in source and (base / source.split("/")[0]).is_dir():
+        raise ConfigError(
+            f"models.{name}.source",
+            f"model directory not found: {source} (not taken for a hub id: "
+            f"'{source.split('/')[0]}/' is a local directory)",
+        )
+
+
+def _check_cached_views(config: dict[str, Any], layers: dict[str, list[int]]) -> None:
+    """The figures' and task vectors' component, pooling and layer are among those cached."""
     act = config.get("activations", {})
     components = act.get("components", ["resid_post"])
     poolings = act.get("poolings", ["mean", "last"])
@@ -640,11 +659,6 @@ def check_config(config: dict[str, Any], base_dir: str | Path = ".") -> dict[str
                     f"layer {tv['layer']} is not among the layers of model '{name}' "
                     f"({model_layers})",
                 )
-    for group, members in config.get("probes", {}).get("generalization", {}).items():
-        unknown = [d for d in members if d not in config["datasets"]]
-        if unknown:
-            raise ConfigError(f"probes.generalization.{group}", f"unknown dataset(s) {unknown}")
-    return layers
 
 
 if __name__ == "__main__":
