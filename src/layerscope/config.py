@@ -102,8 +102,8 @@ def _duplicate_keys(node: Any, parts: list[Any], file: str, seen: set[int]) -> N
                     )
                     raise ConfigError(
                         key_path([*parts, key.value]),
-                        f"defined twice in {file} ({lines}); YAML would silently keep only the "
-                        "last",
+                        f"defined twice in {file} ({lines}); "
+                        "YAML would silently keep only the last",
                     )
                 first_line[ident] = line
             _duplicate_keys(value, [*parts, key.value], file, seen)
@@ -543,8 +543,8 @@ def check_prompt_lengths(
             raise ConfigError(
                 f"datasets.{dataset}",
                 f"prompt '{prompt_id}' is {total} tokens long (with BOS), longer than the "
-                f"{limit}-token context "
-                f"of model '{name}' ({models[name]['source']}): shorten or drop the long prompts",
+                f"{limit}-token context of model '{name}' ({models[name]['source']}): "
+                "shorten or drop the long prompts",
             )
 
 

@@ -87,9 +87,8 @@ def environment_error(
         )
         return LayerscopeError(
             f"no space left on the device while writing {target}: free some space on that disk (or "
-            "write "
-            "results/ to a larger one) and run the same command again; the partial file was not "
-            "kept"
+            "write results/ to a larger one) and run the same command again; the partial file was "
+            "not kept"
         )
     if type(exc).__name__ == "SafetensorError":
         weights = [str(f) for f in inputs if str(f).endswith(".safetensors")] or [
@@ -97,8 +96,7 @@ def environment_error(
         ]
         return LayerscopeError(
             f"{', '.join(weights) or 'a model weights file'}: the weights cannot be read ({exc}); "
-            "the file is "
-            "truncated or corrupt: download the model again (or save it again with "
+            "the file is truncated or corrupt: download the model again (or save it again with "
             "save_pretrained) and rerun"
         )
     return None

@@ -331,9 +331,8 @@ def _make_fold_ids(
         else:
             if fallback is None:
                 raise ProbeInputError(
-                    f"could not build {n_splits} grouped folds in which every training part holds "
-                    "every "
-                    f"class; use fewer n_splits or check the groups"
+                    f"could not build {n_splits} grouped folds in which every training part "
+                    "holds every class; use fewer n_splits or check the groups"
                 )
             ids, rs = fallback
         out[r] = ids

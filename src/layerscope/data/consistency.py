@@ -114,8 +114,7 @@ def check_against_table(
             what = " (different prompt ids)"
         raise TableMismatchError(
             f"{src} was built for an older prompt table: {len(ids)} prompts vs "
-            f"{len(tbl.prompt_ids)} in "
-            f"{tpath}{what}; first differences: {'; '.join(diffs)}{hint}"
+            f"{len(tbl.prompt_ids)} in {tpath}{what}; first differences: {'; '.join(diffs)}{hint}"
         )
     columns = [("label", labels, tbl.labels)]
     if groups is not None and tbl.groups is not None:
@@ -133,9 +132,8 @@ def check_against_table(
             ]
             raise TableMismatchError(
                 f"{src} was built for an older prompt table: {len(ids)} prompts vs {len(ids)} in "
-                f"{tpath} "
-                f"(the same prompt ids, but {len(bad)} {name}(s) differ); first differences: "
-                f"{'; '.join(shown)}{hint}"
+                f"{tpath} (the same prompt ids, but {len(bad)} {name}(s) differ); "
+                f"first differences: {'; '.join(shown)}{hint}"
             )
 
 
@@ -170,8 +168,7 @@ def check_store_texts(store_path: PathLike, table_path: PathLike | PromptTable) 
             shown = ", ".join(f"{_q(ids[i])} (row {i + 1})" for i in bad[:MAX_SHOWN])
             raise TableMismatchError(
                 f"{os.fspath(store_path)} was built from other prompt texts than {tbl.path}: "
-                f"{len(bad)} text(s) "
-                f"differ, first {shown}; rebuild the activations (delete "
+                f"{len(bad)} text(s) differ, first {shown}; rebuild the activations (delete "
                 f"{Path(store_path).parent}/ and rerun)"
             )
     return tbl

@@ -113,8 +113,8 @@ def parse_bool(value: Any) -> bool:
         if s in _FALSE_STRINGS:
             return False
     raise ValueError(
-        f"value {_clip(value)} is not a boolean (expected true/false, True/False, TRUE/FALSE or "
-        "1/0)"
+        f"value {_clip(value)} is not a boolean "
+        "(expected true/false, True/False, TRUE/FALSE or 1/0)"
     )
 
 
@@ -391,8 +391,7 @@ def _decode_error(data: bytes, exc: UnicodeDecodeError, shown: str, fmt: str | N
     bad = data[exc.start : exc.start + 1].hex()
     return InputError(
         f"not valid UTF-8 (byte 0x{bad} at column {pos - line_start + 1}); the file may be "
-        "Latin-1/Windows-1252 "
-        "encoded: save it as UTF-8",
+        "Latin-1/Windows-1252 encoded: save it as UTF-8",
         file=shown,
         line=line,
         field=field,
@@ -520,9 +519,8 @@ def _parse_delimited_table(
                     )
                 raise InputError(
                     f"{expected}: {len(fields) - len(header)} extra value(s) from column "
-                    f"{len(header) + 1} on, "
-                    f"after the last column {_clip(header[-1])} (an unquoted {_clip(delimiter)} "
-                    "inside a value?)",
+                    f"{len(header) + 1} on, after the last column {_clip(header[-1])} "
+                    f"(an unquoted {_clip(delimiter)} inside a value?)",
                     file=shown,
                     line=start,
                 )
@@ -690,8 +688,8 @@ def _parse_jsonl(text: str, shown: str) -> tuple[list[str], list[_Record]]:
             bad = _surrogate_member(obj)
             if bad is not None:
                 raise InputError(
-                    "invalid Unicode: a \\udXXX escape for a lone surrogate half encodes no "
-                    "character",
+                    "invalid Unicode: a \\udXXX escape for a lone surrogate half "
+                    "encodes no character",
                     file=shown,
                     line=lineno,
                     field=bad,
@@ -713,8 +711,8 @@ def _format_of(given: str, shown: str) -> str:
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
     raise InputError(
-        f"cannot tell the file format from the extension {suffix or '(none)'!r}; use .csv, .tsv or "
-        ".jsonl",
+        f"cannot tell the file format from the extension {suffix or '(none)'!r}; "
+        "use .csv, .tsv or .jsonl",
         file=shown,
     )
 
