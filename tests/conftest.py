@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from devkit.compare import result_differences  # noqa: F401 (tests import it from here)
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Never let a test reach for the model hub.
@@ -52,52 +54,6 @@ def job_counts(output: str) -> dict[str, int]:
             break
         counts[parts[0]] = int(parts[1])
     return counts
-
-
-def result_differences(a: Path, b: Path) -> list[str]:
-    """Every way two ``results/`` trees differ: missing files, differing bytes of tables, JSON and
-    figures, and HDF5 datasets whose values (floats compared bit for bit) are not the same."""
-    import h5py
-
-    diffs = []
-    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
-    diffs += [f"only in {a}: {p}" for p in sorted(set(files_a) - set(files_b))]
-    diffs += [f"only in {b}: {p}" for p in sorted(set(files_b) - set(files_a))]
-    for rel in sorted(set(files_a) & set(files_b)):
-        pa, pb = a / rel, b / rel
-        if rel.suffix != ".h5":
-            if pa.read_bytes() != pb.read_bytes():
-                diffs.append(f"bytes differ: {rel}")
-            continue
-        with h5py.File(pa) as fa, h5py.File(pb) as fb:
-            names_a, names_b = _dataset_names(fa), _dataset_names(fb)
-            if names_a != names_b:
-                diffs.append(f"datasets differ: {rel}: {names_a} vs {names_b}")
-                continue
-            for name in names_a:
-                x, y = fa[name][()], fb[name][()]
-                same = (
-                    x.dtype == y.dtype
-                    and x.shape == y.shape
-                    and (
-                        x.tolist() == y.tolist()
-                        if x.dtype.kind == "O"
-                        else x.tobytes() == y.tobytes()
-                    )
-                )
-                if not same:
-                    diffs.append(f"values differ: {rel}:{name}")
-    return diffs
-
-
-def _dataset_names(f) -> list[str]:
-    """Names of every dataset in an open HDF5 file, in visiting order."""
-    import h5py
-
-    names: list[str] = []
-    f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
-    return names
 
 
 @pytest.fixture(scope="session")

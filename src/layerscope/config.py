@@ -43,7 +43,10 @@ NAMED_SECTIONS = (
     ("probes", "generalization"),
     ("patching", "experiments"),
 )
-_UNSAFE_NAME = "not safe as a path part: use letters, digits, '_', '.', '-', starting with a letter or digit (at most 80)"
+_UNSAFE_NAME = (
+    "not safe as a path part: use letters, digits, '_', '.', '-', "
+    "starting with a letter or digit (at most 80)"
+)
 
 
 def key_path(parts: Iterable[Any]) -> str:
@@ -54,7 +57,7 @@ def key_path(parts: Iterable[Any]) -> str:
     return out.lstrip(".") or "(top level)"
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # duplicate keys: YAML loaders keep the last of two equal keys without a word
 
 
@@ -99,7 +102,8 @@ def _duplicate_keys(node: Any, parts: list[Any], file: str, seen: set[int]) -> N
                     )
                     raise ConfigError(
                         key_path([*parts, key.value]),
-                        f"defined twice in {file} ({lines}); YAML would silently keep only the last",
+                        f"defined twice in {file} ({lines}); "
+                        "YAML would silently keep only the last",
                     )
                 first_line[ident] = line
             _duplicate_keys(value, [*parts, key.value], file, seen)
@@ -108,7 +112,7 @@ def _duplicate_keys(node: Any, parts: list[Any], file: str, seen: set[int]) -> N
             _duplicate_keys(item, [*parts, i], file, seen)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # YAML syntax: Snakemake says only "not valid JSON or YAML"; this names the file, line and column
 
 
@@ -172,7 +176,7 @@ def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
             into[key] = value
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the JSON schema, with defaults filled in and errors as one line naming the key path
 
 
@@ -275,7 +279,7 @@ def _kind_of(value: Any) -> str:
 
 
 def _describe(schema: Any) -> str:
-    """A few words for what a (sub)schema accepts, e.g. "an integer >= 1" or "a list of integers"."""
+    """A few words for what a (sub)schema accepts: e.g. "an integer >= 1", "a list of integers"."""
     if not isinstance(schema, dict):
         return "a valid value"
     if "const" in schema:
@@ -437,7 +441,8 @@ def resolve_layers(name: str, model: dict[str, Any], base_dir: str | Path = ".")
         if bad:
             raise ConfigError(
                 f"models.{name}.layers",
-                f"layer(s) {bad} out of range: model '{model['source']}' has {n_layers} layers (0-{n_layers - 1})",
+                f"layer(s) {bad} out of range: model '{model['source']}' has {n_layers} layers "
+                f"(0-{n_layers - 1})",
             )
     return layers
 
@@ -457,7 +462,10 @@ def safetensors_problem(path: str | os.PathLike) -> str | None:
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         if n > min(size - 8, _MAX_HEADER):
-            return f"its header claims {n} bytes but the file has {size}: truncated or not a safetensors file"
+            return (
+                f"its header claims {n} bytes but the file has {size}: "
+                "truncated or not a safetensors file"
+            )
         try:
             header = json.loads(f.read(n))
             end = max(
@@ -467,7 +475,10 @@ def safetensors_problem(path: str | os.PathLike) -> str | None:
         except (ValueError, TypeError, KeyError, IndexError, AttributeError):
             return "its header is not valid safetensors JSON: the file is corrupt"
     if 8 + n + end != size:
-        return f"{size} bytes, but its header lists tensors up to byte {8 + n + end}: truncated or corrupt"
+        return (
+            f"{size} bytes, but its header lists tensors up to byte {8 + n + end}: "
+            "truncated or corrupt"
+        )
     return None
 
 
@@ -510,7 +521,7 @@ def context_length(source: str, base_dir: str | Path = ".") -> int | None:
 
 
 def fast_tokenizer_file(source: str, base_dir: str | Path = ".") -> str | None:
-    """A local model's tokenizer.json when the ``tokenizers`` package can read it here, else None."""
+    """A local model's tokenizer.json if the ``tokenizers`` package can read it here, else None."""
     path = Path(base_dir) / source / "tokenizer.json"
     if not is_local_model(source, base_dir) or not path.is_file():
         return None
@@ -531,8 +542,9 @@ def check_prompt_lengths(
         if limit is not None and total > limit:
             raise ConfigError(
                 f"datasets.{dataset}",
-                f"prompt '{prompt_id}' is {total} tokens long (with BOS), longer than the {limit}-token context "
-                f"of model '{name}' ({models[name]['source']}): shorten or drop the long prompts",
+                f"prompt '{prompt_id}' is {total} tokens long (with BOS), longer than the "
+                f"{limit}-token context of model '{name}' ({models[name]['source']}): "
+                "shorten or drop the long prompts",
             )
 
 
@@ -543,43 +555,14 @@ def dataset_files(spec: dict[str, Any]) -> list[str]:
 def check_config(config: dict[str, Any], base_dir: str | Path = ".") -> dict[str, list[int]]:
     """Checks beyond the schema; returns {model name: resolved layers}. Raises ConfigError."""
     base = Path(base_dir)
-    for section in NAMED_SECTIONS:
-        names: Any = config
-        for part in section:
-            names = names.get(part, {}) if isinstance(names, dict) else {}
-        for name in names:
-            if not (isinstance(name, str) and SAFE_NAME.fullmatch(name)):
-                raise ConfigError(key_path([*section, name]), f"name {_UNSAFE_NAME}")
+    _check_names(config)
     for name, spec in config["datasets"].items():
         for key in DATASET_FILE_KEYS.get(spec["kind"], ()):
             if key in spec and not (base / spec[key]).is_file():
                 raise ConfigError(f"datasets.{name}.{key}", f"file not found: {spec[key]}")
     layers = {}
     for name, model in config["models"].items():
-        source = model["source"]
-        if is_local_model(source, base):
-            root = base / source
-            if not root.is_dir():
-                raise ConfigError(f"models.{name}.source", f"model directory not found: {source}")
-            if not (root / "config.json").is_file():
-                raise ConfigError(
-                    f"models.{name}.source",
-                    f"{source} has no config.json (not a save_pretrained directory)",
-                )
-            if not any(
-                (root / f).is_file()
-                for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-            ):
-                raise ConfigError(
-                    f"models.{name}.source",
-                    f"{source} has no tokenizer files (tokenizer.json/tokenizer_config.json)",
-                )
-            check_model_dir(root, f"models.{name}.source")
-        elif "/" in source and (base / source.split("/")[0]).is_dir():
-            raise ConfigError(
-                f"models.{name}.source",
-                f"model directory not found: {source} (not taken for a hub id: '{source.split('/')[0]}/' is a local directory)",
-            )
+        _check_model_source(name, model["source"], base)
         layers[name] = resolve_layers(name, model, base)
         for layer in config.get("activations", {}).get("token_level_layers", []):
             if layer not in layers[name]:
@@ -592,6 +575,55 @@ def check_config(config: dict[str, Any], base_dir: str | Path = ".") -> dict[str
             raise ConfigError(
                 f"patching.experiments.{name}.pairs", f"file not found: {exp['pairs']}"
             )
+    _check_cached_views(config, layers)
+    for group, members in config.get("probes", {}).get("generalization", {}).items():
+        unknown = [d for d in members if d not in config["datasets"]]
+        if unknown:
+            raise ConfigError(f"probes.generalization.{group}", f"unknown dataset(s) {unknown}")
+    return layers
+
+
+def _check_names(config: dict[str, Any]) -> None:
+    """Every name of a named section (datasets, models, ...) is safe as a path part."""
+    for section in NAMED_SECTIONS:
+        names: Any = config
+        for part in section:
+            names = names.get(part, {}) if isinstance(names, dict) else {}
+        for name in names:
+            if not (isinstance(name, str) and SAFE_NAME.fullmatch(name)):
+                raise ConfigError(key_path([*section, name]), f"name {_UNSAFE_NAME}")
+
+
+def _check_model_source(name: str, source: str, base: Path) -> None:
+    """A local model source is a complete save_pretrained directory; a hub id is no local path."""
+    if is_local_model(source, base):
+        root = base / source
+        if not root.is_dir():
+            raise ConfigError(f"models.{name}.source", f"model directory not found: {source}")
+        if not (root / "config.json").is_file():
+            raise ConfigError(
+                f"models.{name}.source",
+                f"{source} has no config.json (not a save_pretrained directory)",
+            )
+        if not any(
+            (root / f).is_file()
+            for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+        ):
+            raise ConfigError(
+                f"models.{name}.source",
+                f"{source} has no tokenizer files (tokenizer.json/tokenizer_config.json)",
+            )
+        check_model_dir(root, f"models.{name}.source")
+    elif "/" in source and (base / source.split("/")[0]).is_dir():
+        raise ConfigError(
+            f"models.{name}.source",
+            f"model directory not found: {source} (not taken for a hub id: "
+            f"'{source.split('/')[0]}/' is a local directory)",
+        )
+
+
+def _check_cached_views(config: dict[str, Any], layers: dict[str, list[int]]) -> None:
+    """The figures' and task vectors' component, pooling and layer are among those cached."""
     act = config.get("activations", {})
     components = act.get("components", ["resid_post"])
     poolings = act.get("poolings", ["mean", "last"])
@@ -599,7 +631,8 @@ def check_config(config: dict[str, Any], base_dir: str | Path = ".") -> dict[str
     if figures.get("component") and figures["component"] not in components:
         raise ConfigError(
             "figures.component",
-            f"'{figures['component']}' is not cached: add it to activations.components {components}",
+            f"'{figures['component']}' is not cached: add it to activations.components "
+            f"{components}",
         )
     if figures.get("pooling") and figures["pooling"] not in poolings:
         raise ConfigError(
@@ -623,13 +656,9 @@ def check_config(config: dict[str, Any], base_dir: str | Path = ".") -> dict[str
             if tv["layer"] not in model_layers:
                 raise ConfigError(
                     "task_vectors.layer",
-                    f"layer {tv['layer']} is not among the layers of model '{name}' ({model_layers})",
+                    f"layer {tv['layer']} is not among the layers of model '{name}' "
+                    f"({model_layers})",
                 )
-    for group, members in config.get("probes", {}).get("generalization", {}).items():
-        unknown = [d for d in members if d not in config["datasets"]]
-        if unknown:
-            raise ConfigError(f"probes.generalization.{group}", f"unknown dataset(s) {unknown}")
-    return layers
 
 
 if __name__ == "__main__":

@@ -57,14 +57,14 @@ class ConfigError(LayerscopeError):
         super().__init__(f"config key '{key_path}': {reason}")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # failures of the machine or of input files that surface as library exceptions (not layerscope bugs)
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    """An OSError for a full disk or quota, including h5py's (which carries errno only in its text)."""
+    """An OSError for a full disk or quota, including h5py's (which has errno only in its text)."""
     if not isinstance(exc, OSError):
         return False
     return (
@@ -80,20 +80,23 @@ def environment_error(
     A full disk while writing ``outputs``, and a weights file that safetensors cannot read
     (truncated download, corrupt copy) among ``inputs``, are not bugs in layerscope."""
     if is_disk_full(exc):
-        # The job's outputs, not exc.filename: that is the temporary file the output is written through.
+        # The job's outputs, not exc.filename: that is the temporary file the output is written
+        # through.
         target = (
             ", ".join(map(str, outputs)) or getattr(exc, "filename", None) or "the job's output"
         )
         return LayerscopeError(
-            f"no space left on the device while writing {target}: free some space on that disk (or write "
-            "results/ to a larger one) and run the same command again; the partial file was not kept"
+            f"no space left on the device while writing {target}: free some space on that disk (or "
+            "write results/ to a larger one) and run the same command again; the partial file was "
+            "not kept"
         )
     if type(exc).__name__ == "SafetensorError":
         weights = [str(f) for f in inputs if str(f).endswith(".safetensors")] or [
             str(f) for f in inputs
         ]
         return LayerscopeError(
-            f"{', '.join(weights) or 'a model weights file'}: the weights cannot be read ({exc}); the file is "
-            "truncated or corrupt: download the model again (or save it again with save_pretrained) and rerun"
+            f"{', '.join(weights) or 'a model weights file'}: the weights cannot be read ({exc}); "
+            "the file is truncated or corrupt: download the model again (or save it again with "
+            "save_pretrained) and rerun"
         )
     return None

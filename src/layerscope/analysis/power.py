@@ -35,7 +35,7 @@ def _z(conf: float) -> float:
 
 
 def wilson_interval(k: Any, n: Any, conf: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-    """Wilson score interval of ``k`` successes in ``n`` trials (arrays broadcast); NaN where n = 0."""
+    """Wilson score interval of ``k`` successes in ``n`` trials (broadcast); NaN where n = 0."""
     k = np.asarray(k, dtype=np.float64)
     n = np.asarray(n, dtype=np.float64)
     z = _z(conf)
@@ -56,7 +56,7 @@ def wilson_half_width(p: float, n: int, conf: float = 0.95) -> float:
 
 
 def _smallest_n(ok, start: int = 1) -> int | None:
-    """Smallest n >= start with ``ok(n)`` for a predicate that stays true once true (doubling, then bisection)."""
+    """Smallest n >= start with ``ok(n)`` for a monotone predicate (doubling, then bisection)."""
     hi = max(start, 1)
     while not ok(hi):
         if hi >= MAX_N:
@@ -182,7 +182,7 @@ def rate_precision(
 def mean_precision(
     values: Any, *, half_width: float, effect: float, conf: float = 0.95, power: float = 0.8
 ) -> dict[str, Any]:
-    """The "how many is enough" columns of one mean (NaN values left out): t interval and the n needed."""
+    """The "how many is enough" columns of one mean (NaNs left out): t interval and the n needed."""
     x = np.asarray(values, dtype=np.float64)
     x = x[np.isfinite(x)]
     n = int(x.size)

@@ -160,7 +160,8 @@ def _encode(y: np.ndarray, positive_class: Any = None) -> tuple[np.ndarray, list
         matches = [c for c in classes if c == positive_class]
         if not matches:
             raise ProbeInputError(
-                f"positive_class {positive_class!r} is not one of the classes {[_py(c) for c in classes]}"
+                f"positive_class {positive_class!r} is not one of the classes "
+                f"{[_py(c) for c in classes]}"
             )
         classes = [c for c in classes if not c == positive_class] + matches
     lookup = {c: i for i, c in enumerate(classes)}
@@ -215,7 +216,7 @@ def _fold_ids_once(
 def _sgkf_fold_ids(
     codes: np.ndarray, gcodes: np.ndarray, n_splits: int, random_state: int
 ) -> np.ndarray | None:
-    """Test-fold id per row, identical to ``StratifiedGroupKFold(shuffle=True).split`` (~20x faster).
+    """Test-fold id per row, as ``StratifiedGroupKFold(shuffle=True).split`` gives (~20x faster).
 
     A re-implementation of scikit-learn's ``_iter_test_indices``/``_find_best_fold``
     (greedy assignment of groups, sorted by the std of their class counts, to the fold that
@@ -330,8 +331,8 @@ def _make_fold_ids(
         else:
             if fallback is None:
                 raise ProbeInputError(
-                    f"could not build {n_splits} grouped folds in which every training part holds every "
-                    f"class; use fewer n_splits or check the groups"
+                    f"could not build {n_splits} grouped folds in which every training part "
+                    "holds every class; use fewer n_splits or check the groups"
                 )
             ids, rs = fallback
         out[r] = ids
@@ -399,7 +400,7 @@ class _Fitter:
     def decisions(
         self, X: np.ndarray, train: np.ndarray, Y: np.ndarray, C: np.ndarray, k: int
     ) -> np.ndarray:
-        """Decision values (B, n, q) on all rows of the probes fitted on each problem's training rows.
+        """Decision values (B, n, q) on all rows of probes fitted on each problem's training rows.
 
         Solved together by the exact batched Newton solver (:func:`_decision_batch`); a
         problem it does not solve (too large, or not converged) is fitted with scikit-learn.
@@ -470,18 +471,34 @@ def _reduced_features(Xs: np.ndarray, train: np.ndarray, r: int) -> np.ndarray:
     return (At @ U) * inv[:, None, :]
 
 
-def _newton_logreg(Z: np.ndarray, Y: np.ndarray, m: np.ndarray, C: np.ndarray, k: int):
-    """Exact L2 logistic regression for a batch of problems, by damped Newton.
+@dataclass(frozen=True)
+class _NewtonProblem:
+    """Fixed arrays of a batch of L2 logistic problems (see :func:`_newton_logreg`)."""
 
-    Minimises ``C * sum_i m_i * loss_i + 0.5 * ||W||^2`` (intercepts unpenalised), the
-    objective of scikit-learn's ``LogisticRegression(penalty="l2", C)``: binary (``k ==
-    2``, one coefficient row, logistic loss) or multinomial (``k`` rows, softmax loss).
-    ``Z`` (B, n, r) features, ``Y`` (B, n) integer labels, ``m`` (B, n) 0/1 training mask,
-    ``C`` (B,). The objective is strictly convex in the coefficients (the multinomial
-    intercepts are determined up to a common constant, which changes nothing), so Newton
-    with Armijo backtracking converges globally, quadratically near the optimum.
-    Returns (decision values (B, n, q), converged (B,)) with q = 1 (binary) or k.
-    """
+    Z1: np.ndarray  # (B, n, r + 1) features with a constant column for the intercept
+    Yh: np.ndarray  # (B, n, q) one-hot labels (binary: the positive-class indicator)
+    Cm: np.ndarray  # (B, n) C times the training mask: each row's loss weight
+    scale: np.ndarray  # (B,) C times the number of training rows: gradient scale
+    reg: np.ndarray  # (q, r + 1) penalty weights (0 for the intercepts)
+    v: np.ndarray  # (dim,) unit common intercept shift (multinomial), else zeros
+    q: int
+    r1: int
+    dim: int
+
+    def objective(self, rows, th):
+        """Objective and decision values (b, n, q) of problems ``rows`` at ``th``."""
+        eta = self.Z1[rows] @ th.transpose(0, 2, 1)  # (b, n, q)
+        if self.q == 1:
+            lossi = np.logaddexp(0.0, eta[:, :, 0]) - self.Yh[rows, :, 0] * eta[:, :, 0]
+        else:
+            lse = special.logsumexp(eta, axis=2)
+            lossi = lse - (self.Yh[rows] * eta).sum(axis=2)
+        f = (self.Cm[rows] * lossi).sum(axis=1) + 0.5 * (self.reg * th * th).sum(axis=(1, 2))
+        return f, eta
+
+
+def _newton_problem(Z, Y, m, C, k) -> _NewtonProblem:
+    """Set up the fixed arrays of :func:`_newton_logreg`'s batch of problems."""
     B, n, r = Z.shape
     q = 1 if k == 2 else k
     r1 = r + 1
@@ -495,34 +512,84 @@ def _newton_logreg(Z: np.ndarray, Y: np.ndarray, m: np.ndarray, C: np.ndarray, k
     reg = np.ones((q, r1))
     reg[:, -1] = 0.0
     dim = q * r1
-    theta = np.zeros((B, q, r1))
-
-    def evaluate(rows, th):
-        eta = Z1[rows] @ th.transpose(0, 2, 1)  # (b, n, q)
-        if q == 1:
-            lossi = np.logaddexp(0.0, eta[:, :, 0]) - Yh[rows, :, 0] * eta[:, :, 0]
-        else:
-            lse = special.logsumexp(eta, axis=2)
-            lossi = lse - (Yh[rows] * eta).sum(axis=2)
-        f = (Cm[rows] * lossi).sum(axis=1) + 0.5 * (reg * th * th).sum(axis=(1, 2))
-        return f, eta
-
-    f, eta = evaluate(np.arange(B), theta)
-    active = np.ones(B, dtype=bool)
-    converged = np.zeros(B, dtype=bool)
-    diag = np.arange(dim)
     v = np.zeros(dim)
     if q > 1:  # the common shift of all intercepts: a null direction of the objective
         v.reshape(q, r1)[:, -1] = 1.0 / math.sqrt(q)
+    return _NewtonProblem(Z1, Yh, Cm, scale, reg, v, q, r1, dim)
+
+
+def _newton_direction(pb: _NewtonProblem, idx, Za, P, grad):
+    """Newton step (b, q, r1) and decrement ``g . step`` of problems ``idx``."""
+    q, r1, dim = pb.q, pb.r1, pb.dim
+    b, n = idx.size, Za.shape[1]
+    w = pb.Cm[idx]  # (b, n)
+    # H = sum_i w_i (diag(P_i) - P_i P_i^T) (x) z_i z_i^T + diag(reg)
+    WP = w[:, :, None] * P  # (b, n, q)
+    H = np.zeros((b, q, r1, q, r1))
+    for c in range(q):
+        H[:, c, :, c, :] = (Za * WP[:, :, c : c + 1]).transpose(0, 2, 1) @ Za
+    M = (np.sqrt(w)[:, :, None, None] * P[:, :, :, None] * Za[:, :, None, :]).reshape(b, n, dim)
+    H = H.reshape(b, dim, dim) - M.transpose(0, 2, 1) @ M
+    diag = np.arange(dim)
+    H[:, diag, diag] += pb.reg.reshape(-1) + 1e-12 * pb.scale[idx, None] * (pb.reg.reshape(-1) == 0)
+    if q > 1:
+        H += pb.v[:, None] * pb.v[None, :]
+    g = grad.reshape(b, dim)
+    step = np.linalg.solve(H, g[:, :, None])[:, :, 0]
+    dec = (g * step).sum(axis=1)
+    return step.reshape(b, q, r1), dec
+
+
+def _armijo_search(pb: _NewtonProblem, idx, th, step, dec, theta, f, eta) -> np.ndarray:
+    """Backtrack along ``step``; store accepted points in ``theta, f, eta``; accepted mask."""
+    b = idx.size
+    f0 = f[idx]
+    t = np.ones(b)
+    accepted = np.zeros(b, dtype=bool)
+    for _ls in range(40):
+        todo = np.flatnonzero(~accepted)
+        if todo.size == 0:
+            break
+        cand = th[todo] - t[todo, None, None] * step[todo]
+        fc, ec = pb.objective(idx[todo], cand)
+        # (near the optimum the decrease is below rounding: take the full Newton step)
+        ok = (fc <= f0[todo] - 1e-4 * t[todo] * dec[todo]) | (
+            dec[todo] <= 1e-13 * pb.scale[idx[todo]]
+        )
+        sel = idx[todo[ok]]
+        theta[sel], f[sel], eta[sel] = cand[ok], fc[ok], ec[ok]
+        accepted[todo[ok]] = True
+        t[todo[~ok]] *= 0.5
+    return accepted
+
+
+def _newton_logreg(Z: np.ndarray, Y: np.ndarray, m: np.ndarray, C: np.ndarray, k: int):
+    """Exact L2 logistic regression for a batch of problems, by damped Newton.
+
+    Minimises ``C * sum_i m_i * loss_i + 0.5 * ||W||^2`` (intercepts unpenalised), the
+    objective of scikit-learn's ``LogisticRegression(penalty="l2", C)``: binary (``k ==
+    2``, one coefficient row, logistic loss) or multinomial (``k`` rows, softmax loss).
+    ``Z`` (B, n, r) features, ``Y`` (B, n) integer labels, ``m`` (B, n) 0/1 training mask,
+    ``C`` (B,). The objective is strictly convex in the coefficients (the multinomial
+    intercepts are determined up to a common constant, which changes nothing), so Newton
+    with Armijo backtracking converges globally, quadratically near the optimum.
+    Returns (decision values (B, n, q), converged (B,)) with q = 1 (binary) or k.
+    """
+    pb = _newton_problem(Z, Y, m, C, k)
+    B = Z.shape[0]
+    theta = np.zeros((B, pb.q, pb.r1))
+    f, eta = pb.objective(np.arange(B), theta)
+    active = np.ones(B, dtype=bool)
+    converged = np.zeros(B, dtype=bool)
     for _ in range(_NEWTON_MAX_ITER):
         idx = np.flatnonzero(active)
         if idx.size == 0:
             break
-        Za, th, e = Z1[idx], theta[idx], eta[idx]
-        P = special.expit(e) if q == 1 else special.softmax(e, axis=2)
-        G = Cm[idx][:, :, None] * (P - Yh[idx])  # (b, n, q)
-        grad = G.transpose(0, 2, 1) @ Za + reg * th  # (b, q, r1)
-        gmax = np.abs(grad).max(axis=(1, 2)) / scale[idx]
+        Za, th, e = pb.Z1[idx], theta[idx], eta[idx]
+        P = special.expit(e) if pb.q == 1 else special.softmax(e, axis=2)
+        G = pb.Cm[idx][:, :, None] * (P - pb.Yh[idx])  # (b, n, q)
+        grad = G.transpose(0, 2, 1) @ Za + pb.reg * th  # (b, q, r1)
+        gmax = np.abs(grad).max(axis=(1, 2)) / pb.scale[idx]
         done = gmax <= _NEWTON_GTOL
         converged[idx[done]] = True
         active[idx[done]] = False
@@ -530,39 +597,8 @@ def _newton_logreg(Z: np.ndarray, Y: np.ndarray, m: np.ndarray, C: np.ndarray, k
             break
         keep = ~done
         idx, Za, th, P, grad, gmax = idx[keep], Za[keep], th[keep], P[keep], grad[keep], gmax[keep]
-        b = idx.size
-        w = Cm[idx]  # (b, n)
-        # H = sum_i w_i (diag(P_i) - P_i P_i^T) (x) z_i z_i^T + diag(reg)
-        WP = w[:, :, None] * P  # (b, n, q)
-        H = np.zeros((b, q, r1, q, r1))
-        for c in range(q):
-            H[:, c, :, c, :] = (Za * WP[:, :, c : c + 1]).transpose(0, 2, 1) @ Za
-        M = (np.sqrt(w)[:, :, None, None] * P[:, :, :, None] * Za[:, :, None, :]).reshape(b, n, dim)
-        H = H.reshape(b, dim, dim) - M.transpose(0, 2, 1) @ M
-        H[:, diag, diag] += reg.reshape(-1) + 1e-12 * scale[idx, None] * (reg.reshape(-1) == 0)
-        if q > 1:
-            H += v[:, None] * v[None, :]
-        g = grad.reshape(b, dim)
-        step = np.linalg.solve(H, g[:, :, None])[:, :, 0]
-        dec = (g * step).sum(axis=1)
-        step = step.reshape(b, q, r1)
-        f0 = f[idx]
-        t = np.ones(b)
-        accepted = np.zeros(b, dtype=bool)
-        for _ls in range(40):
-            todo = np.flatnonzero(~accepted)
-            if todo.size == 0:
-                break
-            cand = th[todo] - t[todo, None, None] * step[todo]
-            fc, ec = evaluate(idx[todo], cand)
-            # (near the optimum the decrease is below rounding: take the full Newton step)
-            ok = (fc <= f0[todo] - 1e-4 * t[todo] * dec[todo]) | (
-                dec[todo] <= 1e-13 * scale[idx[todo]]
-            )
-            sel = idx[todo[ok]]
-            theta[sel], f[sel], eta[sel] = cand[ok], fc[ok], ec[ok]
-            accepted[todo[ok]] = True
-            t[todo[~ok]] *= 0.5
+        step, dec = _newton_direction(pb, idx, Za, P, grad)
+        accepted = _armijo_search(pb, idx, th, step, dec, theta, f, eta)
         if not accepted.all():  # no decrease representable: stop there
             stalled = ~accepted
             active[idx[stalled]] = False
@@ -773,7 +809,7 @@ def _cv_fixed_C_many(
     C: float,
     fitter: _Fitter,
 ) -> list[float]:
-    """For each labelling ``(codes, ids)``: mean primary metric over the folds ``ids`` (1-D) at a fixed C.
+    """Per labelling ``(codes, ids)``: mean primary metric over the folds ``ids`` (1-D) at fixed C.
 
     ``X`` is (n, d), shared by all labellings, or (J, n, d), one per labelling. ``None``
     entries give NaN. Undefined fold scores are left out of the mean (NaN if none is left).
@@ -1032,6 +1068,50 @@ def fit_probe(
     ``ci_method``. The result is deterministic for given inputs and ``seed``.
     """
     Cs = _check_settings(n_splits, n_repeats, inner_splits, Cs, n_permutations, n_random_directions)
+    data, notes = _probe_data(X, y, groups, positive_class, n_splits)
+    cfg = _ProbeSettings(
+        n_splits, n_repeats, inner_splits, Cs, n_permutations, n_random_directions, seed, max_iter
+    )
+    with _blas_limits(blas_threads):
+        return _fit_probe(data, cfg, notes, tuple(int(x) for x in stream))
+
+
+def _blas_limits(blas_threads: int | None):
+    """Context limiting BLAS/OpenMP to ``blas_threads`` threads (None: no limit)."""
+    if blas_threads is None:
+        return nullcontext()
+    return threadpool_limits(limits=int(blas_threads))
+
+
+@dataclass(frozen=True)
+class _ProbeData:
+    """Checked and encoded inputs of one probe."""
+
+    X: np.ndarray
+    codes: np.ndarray
+    gcodes: np.ndarray
+    classes: list
+    k: int
+    primary: str
+    k_eff: int
+
+
+@dataclass(frozen=True)
+class _ProbeSettings:
+    """Checked cross-validation and control settings of one probe."""
+
+    n_splits: int
+    n_repeats: int
+    inner_splits: int
+    Cs: list[float]
+    n_permutations: int
+    n_random_directions: int
+    seed: int
+    max_iter: int
+
+
+def _probe_data(X, y, groups, positive_class, n_splits) -> tuple[_ProbeData, list[str]]:
+    """Check and encode the inputs; the effective number of splits and a note if lowered."""
     X = _check_X(X)
     n, d = X.shape
     y = _check_labels(y, n)
@@ -1045,31 +1125,7 @@ def fit_probe(
         notes.append(
             f"n_splits lowered from {n_splits} to {k_eff}: a class occurs in only {k_eff} groups"
         )
-
-    if blas_threads is None:
-        ctx = nullcontext()
-    else:
-        ctx = threadpool_limits(limits=int(blas_threads))
-    with ctx:
-        return _fit_probe(
-            X,
-            codes,
-            gcodes,
-            classes,
-            k,
-            primary,
-            k_eff,
-            notes,
-            n_splits=n_splits,
-            n_repeats=n_repeats,
-            inner_splits=inner_splits,
-            Cs=Cs,
-            n_permutations=n_permutations,
-            n_random_directions=n_random_directions,
-            seed=seed,
-            max_iter=max_iter,
-            stream=tuple(int(x) for x in stream),
-        )
+    return _ProbeData(X, codes, gcodes, classes, k, primary, k_eff), notes
 
 
 #: Permutations are drawn in batches of this size (one batched solve each) ...
@@ -1159,54 +1215,90 @@ def _permutation_test(
     return perm
 
 
-def _fit_probe(
-    X,
-    codes,
-    gcodes,
-    classes,
-    k,
-    primary,
-    k_eff,
-    notes,
-    *,
-    n_splits,
-    n_repeats,
-    inner_splits,
-    Cs,
-    n_permutations,
-    n_random_directions,
-    seed,
-    max_iter,
-    stream,
-) -> ProbeResult:
-    n, d = X.shape
-    fitter = _Fitter(max_iter)
-    fold_ids, states = _make_fold_ids(codes, gcodes, k, k_eff, n_repeats, seed)
-    for r in range(n_repeats):
-        if not _folds_ok(codes, fold_ids[r], k)[1]:
+@dataclass(frozen=True)
+class _OuterCV:
+    """Scores and chosen C of every outer fold, and their summaries."""
+
+    scores: dict[str, list[float]]
+    fold_C: list[float]
+    fold_src: list[str]
+    metrics: dict[str, dict[str, Any]]
+
+
+def _fit_probe(data: _ProbeData, cfg: _ProbeSettings, notes: list[str], stream) -> ProbeResult:
+    """Run :func:`fit_probe`'s steps on checked inputs: CV, controls, final probe."""
+    fitter = _Fitter(cfg.max_iter)
+    fold_ids, states = _make_fold_ids(
+        data.codes, data.gcodes, data.k, data.k_eff, cfg.n_repeats, cfg.seed
+    )
+    for r in range(cfg.n_repeats):
+        if not _folds_ok(data.codes, fold_ids[r], data.k)[1]:
             notes.append(
                 f"repeat {r}: a test fold lacks a class; its AUROC is undefined and left out"
             )
+    chosen = _choose_Cs(data, cfg, fold_ids, fitter)
+    cv = _outer_cv(data, cfg, fold_ids, chosen, fitter)
+    primary = data.primary
+    if cv.metrics[primary]["std"] == 0.0:
+        notes.append(
+            f"every fold scored {primary} = {cv.metrics[primary]['mean']:.4g}: the t-interval has "
+            f"zero width and understates the uncertainty of so few test examples"
+        )
+    # fixed C for the controls: the most often chosen one (ties -> smaller C)
+    counts = Counter(cv.fold_C)
+    C_fixed = min(counts, key=lambda c: (-counts[c], c))
+    perm = _permutation_test(
+        data.X,
+        data.codes,
+        data.gcodes,
+        data.k,
+        data.k_eff,
+        fold_ids,
+        C_fixed,
+        fitter,
+        primary=primary,
+        n_permutations=cfg.n_permutations,
+        seed=cfg.seed,
+        stream=stream,
+    )
+    rand = _random_direction_control(data, cfg, fold_ids[0], C_fixed, fitter)
+    C_final, C_src = chosen[-1]
+    W, b = _final_direction(data, C_final, fitter)
+    if fitter.n_not_converged:
+        notes.append(
+            f"{fitter.n_not_converged} of {fitter.n_fits} fits hit max_iter={cfg.max_iter} "
+            "without converging"
+        )
+    final = {"C": C_final, "C_source": C_src, "coef": W.tolist(), "intercept": b.tolist()}
+    return _probe_result(data, cfg, fold_ids, states, cv, perm, rand, final, fitter, notes)
 
-    # ---- outer CV with nested C selection
+
+def _choose_Cs(data: _ProbeData, cfg: _ProbeSettings, fold_ids, fitter) -> list[tuple[float, str]]:
+    """(C, source) for every outer fold (repeat-major) and, last, for the final probe."""
+    # C selection for every outer fold and for the final probe, solved in one batch
+    tasks = [
+        (np.flatnonzero(fold_ids[r] != f), (cfg.seed, 2, r, f))
+        for r in range(cfg.n_repeats)
+        for f in range(data.k_eff)
+    ]
+    tasks.append((np.arange(data.X.shape[0]), (cfg.seed, 5)))
+    return _select_C_many(
+        data.X, data.codes, data.gcodes, data.k, cfg.Cs, cfg.inner_splits, tasks, fitter
+    )
+
+
+def _outer_cv(data: _ProbeData, cfg: _ProbeSettings, fold_ids, chosen, fitter) -> _OuterCV:
+    """Score every outer fold's probe (its C from the nested selection) and summarise."""
+    X, codes, k = data.X, data.codes, data.k
     scores: dict[str, list[float]] = {m: [] for m in METRICS}
     fold_C: list[float] = []
     fold_src: list[str] = []
     ratios: list[float] = []
-    # C selection for every outer fold and for the final probe, solved in one batch
-    tasks = [
-        (np.flatnonzero(fold_ids[r] != f), (seed, 2, r, f))
-        for r in range(n_repeats)
-        for f in range(k_eff)
-    ]
-    chosen = _select_C_many(
-        X, codes, gcodes, k, Cs, inner_splits, tasks + [(np.arange(n), (seed, 5))], fitter
-    )
-    for r in range(n_repeats):
-        for f in range(k_eff):
+    for r in range(cfg.n_repeats):
+        for f in range(data.k_eff):
             te = fold_ids[r] == f
             tr = ~te
-            C, src = chosen[r * k_eff + f]
+            C, src = chosen[r * data.k_eff + f]
             model = fitter.fit(X[tr], codes[tr], C)
             fm = fold_metrics(codes[te], model.predict_proba(X[te]), k)
             for m in METRICS:
@@ -1216,49 +1308,29 @@ def _fit_probe(
             ratios.append(te.sum() / tr.sum())
     ratio = float(np.mean(ratios))
     metrics = {m: _summarise(scores[m], ratio) for m in METRICS}
-    if metrics[primary]["std"] == 0.0:
-        notes.append(
-            f"every fold scored {primary} = {metrics[primary]['mean']:.4g}: the t-interval has zero "
-            f"width and understates the uncertainty of so few test examples"
-        )
-    majority, chance = _baselines(codes, k)
+    return _OuterCV(scores, fold_C, fold_src, metrics)
 
-    # fixed C for the controls: the most often chosen one (ties -> smaller C)
-    counts = Counter(fold_C)
-    C_fixed = min(counts, key=lambda c: (-counts[c], c))
 
-    # ---- permutation test (sequential: see _permutation_test)
-    perm = _permutation_test(
-        X,
-        codes,
-        gcodes,
-        k,
-        k_eff,
-        fold_ids,
-        C_fixed,
-        fitter,
-        primary=primary,
-        n_permutations=n_permutations,
-        seed=seed,
-        stream=stream,
-    )
-
-    # ---- random-direction control
+def _random_direction_control(
+    data: _ProbeData, cfg: _ProbeSettings, folds0, C_fixed, fitter
+) -> dict[str, Any]:
+    """Score 1-D probes on random unit directions of ``X`` (repeat-0 folds, fixed C)."""
+    n_dirs = cfg.n_random_directions
     rand: dict[str, Any] = {
-        "n": int(n_random_directions),
-        "metric": primary,
+        "n": int(n_dirs),
+        "metric": data.primary,
         "C": C_fixed,
         "scores": [],
         "mean": None,
         "p95": None,
     }
-    if n_random_directions > 0:
-        rng = np.random.default_rng(np.random.SeedSequence([seed, 4]))
-        U = rng.standard_normal((d, n_random_directions))
+    if n_dirs > 0:
+        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 4]))
+        U = rng.standard_normal((data.X.shape[1], n_dirs))
         U /= np.linalg.norm(U, axis=0, keepdims=True)
-        P = X @ U
+        P = data.X @ U
         rs = _cv_fixed_C_many(
-            P.T[:, :, None], [(codes, fold_ids[0])] * n_random_directions, k, C_fixed, fitter
+            P.T[:, :, None], [(data.codes, folds0)] * n_dirs, data.k, C_fixed, fitter
         )
         arr = np.asarray(rs)
         fin = arr[np.isfinite(arr)]
@@ -1267,19 +1339,23 @@ def _fit_probe(
             mean=float(fin.mean()) if fin.size else None,
             p95=float(np.percentile(fin, 95)) if fin.size else None,
         )
+    return rand
 
-    # ---- final probe on all data
-    C_final, C_src = chosen[-1]
-    final = fitter.fit(X, codes, C_final)
+
+def _final_direction(data: _ProbeData, C_final: float, fitter) -> tuple[np.ndarray, np.ndarray]:
+    """Fit the final probe on all data: its (coef, intercept) in the original space."""
+    final = fitter.fit(data.X, data.codes, C_final)
     scaler, lr = final[0], final[-1]
     W = lr.coef_ / scaler.scale_[None, :]
     b = lr.intercept_ - W @ scaler.mean_
+    return W, b
 
-    if fitter.n_not_converged:
-        notes.append(
-            f"{fitter.n_not_converged} of {fitter.n_fits} fits hit max_iter={max_iter} without converging"
-        )
 
+def _probe_result(data, cfg, fold_ids, states, cv, perm, rand, final, fitter, notes) -> ProbeResult:
+    """Assemble the :class:`ProbeResult` of the steps' outputs."""
+    codes, gcodes, classes, k = data.codes, data.gcodes, data.classes, data.k
+    n, d = data.X.shape
+    majority, chance = _baselines(codes, k)
     ids_list = fold_ids.tolist()
     sha = hashlib.sha256(json.dumps(ids_list, separators=(",", ":")).encode()).hexdigest()
     n_per_class = {str(classes[c]): int(np.sum(codes == c)) for c in range(k)}
@@ -1287,35 +1363,32 @@ def _fit_probe(
     return ProbeResult(
         classes=classes,
         positive_class=classes[1] if k == 2 else None,
-        primary_metric=primary,
+        primary_metric=data.primary,
         n_samples=int(n),
         n_features=int(d),
         n_groups=int(np.unique(gcodes).size),
         n_per_class=n_per_class,
         n_groups_per_class={str(classes[c]): int(gpc[c]) for c in range(k)},
-        seed=int(seed),
-        Cs=list(Cs),
-        max_iter=int(max_iter),
-        n_splits_requested=int(n_splits),
-        n_splits=int(k_eff),
-        n_repeats=int(n_repeats),
-        inner_splits=int(inner_splits),
+        seed=int(cfg.seed),
+        Cs=list(cfg.Cs),
+        max_iter=int(cfg.max_iter),
+        n_splits_requested=int(cfg.n_splits),
+        n_splits=int(data.k_eff),
+        n_repeats=int(cfg.n_repeats),
+        inner_splits=int(cfg.inner_splits),
         fold_ids=ids_list,
         folds_sha256=sha,
         fold_random_states=[int(s) for s in states],
-        fold_C=fold_C,
-        fold_C_source=fold_src,
-        fold_scores=scores,
-        metrics=metrics,
+        fold_C=cv.fold_C,
+        fold_C_source=cv.fold_src,
+        fold_scores=cv.scores,
+        metrics=cv.metrics,
         ci_method=CI_METHOD,
         majority=majority,
         chance=chance,
         permutation=perm,
         random_directions=rand,
-        C=C_final,
-        C_source=C_src,
-        coef=W.tolist(),
-        intercept=b.tolist(),
+        **final,
         n_fits=fitter.n_fits,
         n_not_converged=fitter.n_not_converged,
         notes=notes,
@@ -1344,7 +1417,8 @@ def interpret(
     * ``"direction exists"``  if ``ci_low > strong``
     * ``"weak"``              if ``weak < ci_low <= strong``
     * ``"no linear signal"``  if ``ci_high < weak`` (the interval rules out even a weak effect)
-    * ``"inconclusive"``      otherwise (the interval straddles ``weak``), or if a bound is NaN/None.
+    * ``"inconclusive"``      otherwise (the interval straddles ``weak``), or if a bound is
+      NaN/None.
     """
     weak, strong = (float(t) + (float(chance) - 0.5) for t in thresholds)
     if not weak <= strong:
@@ -1390,7 +1464,7 @@ def summary_rows(
     thresholds: tuple[float, float] = (0.55, 0.65),
     **keys: Any,
 ) -> list[dict[str, Any]]:
-    """Tidy rows, one per metric (``METRICS`` order), with ``keys`` (model, dataset, layer, ...) first.
+    """Tidy rows, one per metric (``METRICS`` order), ``keys`` (model, dataset, layer, ...) first.
 
     Columns: ``metric, mean, std, ci_low, ci_high, ci_method, n`` (folds used), ``n_per_class``
     (JSON string), ``chance`` and ``majority`` (see baselines), ``baseline = max(chance,
@@ -1473,6 +1547,36 @@ def cross_dataset_matrix(
     if len(datasets) < 1:
         raise ProbeInputError("datasets is empty")
     Cs = _check_settings(n_splits, n_repeats, inner_splits, Cs, 0, 0)
+    prepared = _prepare_datasets(datasets)
+    names = list(prepared)
+    out = pd.DataFrame(
+        np.nan, index=pd.Index(names, name="train"), columns=pd.Index(names, name="test")
+    )
+    fit = dict(n_splits=n_splits, n_repeats=n_repeats, inner_splits=inner_splits, Cs=Cs)
+    with _blas_limits(blas_threads):
+        for a in names:
+            res = fit_probe(
+                *prepared[a],
+                **fit,
+                n_permutations=0,
+                n_random_directions=0,
+                seed=seed,
+                max_iter=max_iter,
+                positive_class=positive_class,
+                blas_threads=None,
+            )
+            out.loc[a, a] = res.metrics[metric]["mean"]
+            for b, value in _transfer_row(
+                prepared, a, positive_class, metric, Cs, inner_splits, seed, max_iter
+            ).items():
+                out.loc[a, b] = value
+    return out
+
+
+def _prepare_datasets(
+    datasets: Mapping[str, tuple],
+) -> dict[str, tuple[np.ndarray, np.ndarray, Any]]:
+    """Check every dataset's ``(X, y[, groups])``: same label set and number of features."""
     prepared: dict[str, tuple[np.ndarray, np.ndarray, Any]] = {}
     label_set = None
     n_features = None
@@ -1492,49 +1596,27 @@ def cross_dataset_matrix(
                 f"dataset {name!r} has {X.shape[1]} features, others have {n_features}"
             )
         prepared[name] = (X, y, g)
+    return prepared
 
-    names = list(prepared)
-    out = pd.DataFrame(
-        np.nan, index=pd.Index(names, name="train"), columns=pd.Index(names, name="test")
+
+def _transfer_row(prepared, a, positive_class, metric, Cs, inner_splits, seed, max_iter):
+    """``metric`` on every other dataset of one probe fitted on all of dataset ``a``."""
+    Xa, ya, ga = prepared[a]
+    codes_a, classes = _encode(ya, positive_class)
+    k = len(classes)
+    fitter = _Fitter(max_iter)
+    C, _ = _select_C(
+        Xa, codes_a, _check_groups(ga, len(ya)), k, Cs, inner_splits, (seed, 5), fitter
     )
-    if blas_threads is None:
-        ctx = nullcontext()
-    else:
-        ctx = threadpool_limits(limits=int(blas_threads))
-    with ctx:
-        for a in names:
-            Xa, ya, ga = prepared[a]
-            res = fit_probe(
-                Xa,
-                ya,
-                ga,
-                n_splits=n_splits,
-                n_repeats=n_repeats,
-                inner_splits=inner_splits,
-                Cs=Cs,
-                n_permutations=0,
-                n_random_directions=0,
-                seed=seed,
-                max_iter=max_iter,
-                positive_class=positive_class,
-                blas_threads=None,
-            )
-            out.loc[a, a] = res.metrics[metric]["mean"]
-            codes_a, classes = _encode(ya, positive_class)
-            k = len(classes)
-            fitter = _Fitter(max_iter)
-            C, _ = _select_C(
-                Xa, codes_a, _check_groups(ga, len(ya)), k, Cs, inner_splits, (seed, 5), fitter
-            )
-            model = fitter.fit(Xa, codes_a, C)
-            lookup = {c: i for i, c in enumerate(classes)}
-            for b in names:
-                if b == a:
-                    continue
-                Xb, yb, _ = prepared[b]
-                codes_b = np.array([lookup[_py(v)] for v in yb], dtype=np.int64)
-                out.loc[a, b] = fold_metrics(codes_b, model.predict_proba(Xb), k)[metric]
-    return out
+    model = fitter.fit(Xa, codes_a, C)
+    lookup = {c: i for i, c in enumerate(classes)}
+    row = {}
+    for b, (Xb, yb, _) in prepared.items():
+        if b == a:
+            continue
+        codes_b = np.array([lookup[_py(v)] for v in yb], dtype=np.int64)
+        row[b] = fold_metrics(codes_b, model.predict_proba(Xb), k)[metric]
+    return row
 
 
 def transfer_metric(
@@ -1551,8 +1633,9 @@ def transfer_metric(
     max_iter: int = 1000,
 ) -> dict[str, float]:
     """Fit a probe on all of ``train`` = (X, y, groups) (C by grouped inner CV, as in
-    :func:`cross_dataset_matrix`), score it on ``test`` = (X, y): ``{"value", "ci_low", "ci_high"}``,
-    the interval a percentile bootstrap over the test prompts (resamples missing a class skipped)."""
+    :func:`cross_dataset_matrix`), score it on ``test`` = (X, y): ``{"value", "ci_low",
+    "ci_high"}``, the interval a percentile bootstrap over the test prompts (resamples missing a
+    class skipped)."""
     Xa, ya, ga = _check_X(train[0], "train X"), train[1], train[2] if len(train) > 2 else None
     Xb = _check_X(test[0], "test X")
     codes_a, classes = _encode(_check_labels(ya, Xa.shape[0], "train y"), positive_class)

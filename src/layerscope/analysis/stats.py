@@ -151,6 +151,22 @@ def activation_stats(
     pairs = iter_layers(stack)
     y = np.asarray(_stack_labels(stack, labels))
     n = pairs[0][1].shape[0]
+    classes = _stats_classes(y, n, near_zero, positive_class)
+    masks = {c: y == c for c in classes}
+    rows: list[dict[str, Any]] = []
+    base = {"component": component, "pooling": pooling}
+    for layer, X in pairs:
+        X = np.asarray(X, dtype=np.float64)
+        if not np.all(np.isfinite(X)):
+            raise StatsInputError(f"layer {layer}: activations contain NaN or infinite values")
+        rows += _layer_rows(X, classes, masks, near_zero, {"layer": layer, **base})
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df["mean_diff_l2"] = df["mean_diff_l2"].astype(np.float64)
+    return df
+
+
+def _stats_classes(y: np.ndarray, n: int, near_zero: float, positive_class: Any) -> list[Any]:
+    """Check the labels and settings; the classes sorted, a binary positive class last."""
     if y.ndim != 1 or y.shape[0] != n:
         raise StatsInputError(
             f"labels must be 1-D with {n} entries (one per prompt), got shape {y.shape}"
@@ -168,78 +184,74 @@ def activation_stats(
         classes = [c for c in classes if c != positive_class] + [
             c for c in classes if c == positive_class
         ]
-    masks = {c: y == c for c in classes}
+    return classes
 
+
+def _layer_rows(X, classes, masks, near_zero, key) -> list[dict[str, Any]]:
+    """One layer's rows: per label, over all prompts, then the difference rows."""
     rows: list[dict[str, Any]] = []
-    base = {"component": component, "pooling": pooling}
-    for layer, X in pairs:
-        X = np.asarray(X, dtype=np.float64)
-        if not np.all(np.isfinite(X)):
-            raise StatsInputError(f"layer {layer}: activations contain NaN or infinite values")
-        per: dict[Any, dict[str, float]] = {}
-        for c in classes:
-            s = _group_stats(X[masks[c]], near_zero)
-            per[c] = s
-            rows.append(
-                {
-                    "layer": layer,
-                    **base,
-                    "label": str(c),
-                    "kind": "label",
-                    "contrast": None,
-                    "n": int(masks[c].sum()),
-                    **s,
-                    "mean_diff_l2": np.nan,
-                }
-            )
+    per: dict[Any, dict[str, float]] = {}
+    for c in classes:
+        s = _group_stats(X[masks[c]], near_zero)
+        per[c] = s
         rows.append(
             {
-                "layer": layer,
-                **base,
-                "label": ALL_LABEL,
-                "kind": "all",
+                **key,
+                "label": str(c),
+                "kind": "label",
                 "contrast": None,
-                "n": n,
-                **_group_stats(X, near_zero),
+                "n": int(masks[c].sum()),
+                **s,
                 "mean_diff_l2": np.nan,
             }
         )
-        if len(classes) == 2:
-            neg, pos = classes
-            contrasts = [(DIFF_LABEL, f"{pos} - {neg}", masks[pos], masks[neg], per[pos], per[neg])]
-        elif len(classes) > 2:
-            contrasts = []
-            for c in classes:
-                rest = ~masks[c]
-                contrasts.append(
-                    (
-                        f"<diff:{c}>",
-                        f"{c} - rest",
-                        masks[c],
-                        rest,
-                        per[c],
-                        _group_stats(X[rest], near_zero),
-                    )
+    rows.append(
+        {
+            **key,
+            "label": ALL_LABEL,
+            "kind": "all",
+            "contrast": None,
+            "n": X.shape[0],
+            **_group_stats(X, near_zero),
+            "mean_diff_l2": np.nan,
+        }
+    )
+    for label, contrast, ma, mb, sa, sb in _contrasts(X, classes, masks, per, near_zero):
+        diff_vec = X[ma].mean(axis=0) - X[mb].mean(axis=0)
+        rows.append(
+            {
+                **key,
+                "label": label,
+                "kind": "diff",
+                "contrast": contrast,
+                "n": int(ma.sum() + mb.sum()),
+                **{k: sa[k] - sb[k] for k in STAT_COLUMNS},
+                "mean_diff_l2": float(np.linalg.norm(diff_vec)),
+            }
+        )
+    return rows
+
+
+def _contrasts(X, classes, masks, per, near_zero) -> list[tuple]:
+    """(label, contrast, mask a, mask b, stats a, stats b) of each difference row."""
+    if len(classes) == 2:
+        neg, pos = classes
+        return [(DIFF_LABEL, f"{pos} - {neg}", masks[pos], masks[neg], per[pos], per[neg])]
+    contrasts = []
+    if len(classes) > 2:
+        for c in classes:
+            rest = ~masks[c]
+            contrasts.append(
+                (
+                    f"<diff:{c}>",
+                    f"{c} - rest",
+                    masks[c],
+                    rest,
+                    per[c],
+                    _group_stats(X[rest], near_zero),
                 )
-        else:
-            contrasts = []
-        for label, contrast, ma, mb, sa, sb in contrasts:
-            diff_vec = X[ma].mean(axis=0) - X[mb].mean(axis=0)
-            rows.append(
-                {
-                    "layer": layer,
-                    **base,
-                    "label": label,
-                    "kind": "diff",
-                    "contrast": contrast,
-                    "n": int(ma.sum() + mb.sum()),
-                    **{k: sa[k] - sb[k] for k in STAT_COLUMNS},
-                    "mean_diff_l2": float(np.linalg.norm(diff_vec)),
-                }
             )
-    df = pd.DataFrame(rows, columns=COLUMNS)
-    df["mean_diff_l2"] = df["mean_diff_l2"].astype(np.float64)
-    return df
+    return contrasts
 
 
 def prompt_norms(stack: Any) -> np.ndarray:

@@ -45,7 +45,7 @@ class PromptTable:
 
 
 def read_table(table_path: PathLike) -> PromptTable:
-    """Prompt ids, labels and groups of a prompt table (via :func:`layerscope.data.datasets.read_prompt_table`)."""
+    """Prompt ids, labels and groups of a prompt table (via ``datasets.read_prompt_table``)."""
     if isinstance(table_path, PromptTable):
         return table_path
     from layerscope.data.datasets import read_prompt_table
@@ -74,7 +74,7 @@ def _id_differences(ids: Sequence[str], table_ids: Sequence[str], n: int = MAX_S
         # Same members (or what is left after the above): show where the order first parts.
         kept = [p for p in ids if p in in_table]
         kept_table = [p for p in table_ids if p in in_file]
-        for row, (a, b) in enumerate(zip(kept, kept_table), start=1):
+        for a, b in zip(kept, kept_table):
             if a != b:
                 where = ids.index(a) + 1
                 out.append(f"row {where}: {_q(a)} in the activations, {_q(b)} in the table")
@@ -113,8 +113,8 @@ def check_against_table(
         else:
             what = " (different prompt ids)"
         raise TableMismatchError(
-            f"{src} was built for an older prompt table: {len(ids)} prompts vs {len(tbl.prompt_ids)} in "
-            f"{tpath}{what}; first differences: {'; '.join(diffs)}{hint}"
+            f"{src} was built for an older prompt table: {len(ids)} prompts vs "
+            f"{len(tbl.prompt_ids)} in {tpath}{what}; first differences: {'; '.join(diffs)}{hint}"
         )
     columns = [("label", labels, tbl.labels)]
     if groups is not None and tbl.groups is not None:
@@ -126,13 +126,14 @@ def check_against_table(
         bad = [i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b]
         if bad:
             shown = [
-                f"{_q(ids[i])} (row {i + 1}): {name} {_q(mine[i])} in the activations, {_q(theirs[i])} in the table"
+                f"{_q(ids[i])} (row {i + 1}): {name} {_q(mine[i])} in the activations, "
+                f"{_q(theirs[i])} in the table"
                 for i in bad[:MAX_SHOWN]
             ]
             raise TableMismatchError(
-                f"{src} was built for an older prompt table: {len(ids)} prompts vs {len(ids)} in {tpath} "
-                f"(the same prompt ids, but {len(bad)} {name}(s) differ); first differences: "
-                f"{'; '.join(shown)}{hint}"
+                f"{src} was built for an older prompt table: {len(ids)} prompts vs {len(ids)} in "
+                f"{tpath} (the same prompt ids, but {len(bad)} {name}(s) differ); "
+                f"first differences: {'; '.join(shown)}{hint}"
             )
 
 
@@ -166,8 +167,9 @@ def check_store_texts(store_path: PathLike, table_path: PathLike | PromptTable) 
         if bad:
             shown = ", ".join(f"{_q(ids[i])} (row {i + 1})" for i in bad[:MAX_SHOWN])
             raise TableMismatchError(
-                f"{os.fspath(store_path)} was built from other prompt texts than {tbl.path}: {len(bad)} text(s) "
-                f"differ, first {shown}; rebuild the activations (delete {Path(store_path).parent}/ and rerun)"
+                f"{os.fspath(store_path)} was built from other prompt texts than {tbl.path}: "
+                f"{len(bad)} text(s) differ, first {shown}; rebuild the activations (delete "
+                f"{Path(store_path).parent}/ and rerun)"
             )
     return tbl
 

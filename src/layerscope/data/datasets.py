@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pandas as pd
@@ -63,6 +63,7 @@ __all__ = [
     "write_prompt_table",
     "read_prompt_table",
     "read_records",
+    "scalar_str",
     "parse_bool",
     "normalise_labels",
 ]
@@ -112,11 +113,12 @@ def parse_bool(value: Any) -> bool:
         if s in _FALSE_STRINGS:
             return False
     raise ValueError(
-        f"value {_clip(value)} is not a boolean (expected true/false, True/False, TRUE/FALSE or 1/0)"
+        f"value {_clip(value)} is not a boolean "
+        "(expected true/false, True/False, TRUE/FALSE or 1/0)"
     )
 
 
-def _scalar_str(value: Any) -> str | None:
+def scalar_str(value: Any) -> str | None:
     """String form of a scalar read from CSV (already str) or JSON; None for null/NaN.
 
     JSON booleans become ``"true"``/``"false"`` (as spelled in the JSON text). Raises
@@ -195,7 +197,8 @@ class _Table:
         for name in names:
             if name not in self.columns:
                 raise InputError(
-                    f"required column is missing; columns found: {_short(self.columns, 50) or '(none)'}"
+                    "required column is missing; columns found: "
+                    f"{_short(self.columns, 50) or '(none)'}"
                     + (" (is the header line missing?)" if no_header else ""),
                     file=self.file,
                     line=self.header_line,
@@ -214,7 +217,7 @@ class _Table:
         """``name`` as a string; with ``required``, empty/null values are an InputError."""
         raw = self.get(rec, name) if required else rec.values.get(name)
         try:
-            value = _scalar_str(raw)
+            value = scalar_str(raw)
         except TypeError as exc:
             raise InputError(str(exc), file=self.file, line=rec.line, field=name) from None
         if required and (value is None or value.strip() == ""):
@@ -340,7 +343,8 @@ def _read_text(path: Path, shown: str, fmt: str | None = None) -> tuple[str, str
     for bom, name in _WIDE_BOMS:
         if data.startswith(bom):
             raise InputError(
-                f"the file is {name} encoded (it starts with the byte-order mark 0x{bom.hex()}); save it as UTF-8",
+                f"the file is {name} encoded (it starts with the byte-order mark 0x{bom.hex()}); "
+                "save it as UTF-8",
                 file=shown,
                 line=1,
             )
@@ -386,8 +390,8 @@ def _decode_error(data: bytes, exc: UnicodeDecodeError, shown: str, fmt: str | N
         field = None
     bad = data[exc.start : exc.start + 1].hex()
     return InputError(
-        f"not valid UTF-8 (byte 0x{bad} at column {pos - line_start + 1}); the file may be Latin-1/Windows-1252 "
-        "encoded: save it as UTF-8",
+        f"not valid UTF-8 (byte 0x{bad} at column {pos - line_start + 1}); the file may be "
+        "Latin-1/Windows-1252 encoded: save it as UTF-8",
         file=shown,
         line=line,
         field=field,
@@ -413,7 +417,7 @@ def _csv_field_with_surrogate(text: str, delimiter: str) -> str | None:
 
 @contextlib.contextmanager
 def _csv_limit() -> Iterator[None]:
-    """Lift the csv module's 128 KiB cap on one field (a long prompt is not an error) for a parse."""
+    """Lift the csv module's 128 KiB cap on a field (a long prompt is not an error) for a parse."""
     old = csv.field_size_limit()
     csv.field_size_limit(max(old, min(sys.maxsize, 2**31 - 1)))
     try:
@@ -433,7 +437,7 @@ def _line_offset(text: str, line: int) -> int:
 
 
 def _csv_error_field(text: str, start: int, delimiter: str) -> int | None:
-    """0-based index of the field where strict CSV parsing fails in the record at ``text[start:]``."""
+    """0-based index of the field where strict CSV parsing fails in the record ``text[start:]``."""
     i, n, idx = start, len(text), 0
     while i < n:
         if text[i] == '"':
@@ -470,7 +474,7 @@ def _parse_delimited(text: str, shown: str, delimiter: str) -> tuple[list[str], 
 def _parse_delimited_table(
     text: str, shown: str, delimiter: str
 ) -> tuple[list[str], list[_Record], int]:
-    """(header, records, line of the header) of CSV/TSV ``text``; InputError names line and field."""
+    """(header, records, header line) of CSV/TSV ``text``; InputError names line and field."""
     if not text.strip():
         raise InputError("file is empty (expected a header line)", file=shown)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
@@ -501,7 +505,10 @@ def _parse_delimited_table(
                     seen[col] = 1
                 continue
             if len(fields) != len(header):
-                expected = f"expected {len(header)} fields (as in the header on line {header_line}), found {len(fields)}"
+                expected = (
+                    f"expected {len(header)} fields (as in the header on line {header_line}), "
+                    f"found {len(fields)}"
+                )
                 if len(fields) < len(header):
                     raise InputError(
                         f"{expected}: this row has no value for column {_clip(header[len(fields)])}"
@@ -511,8 +518,9 @@ def _parse_delimited_table(
                         field=header[len(fields)],
                     )
                 raise InputError(
-                    f"{expected}: {len(fields) - len(header)} extra value(s) from column {len(header) + 1} on, "
-                    f"after the last column {_clip(header[-1])} (an unquoted {_clip(delimiter)} inside a value?)",
+                    f"{expected}: {len(fields) - len(header)} extra value(s) from column "
+                    f"{len(header) + 1} on, after the last column {_clip(header[-1])} "
+                    f"(an unquoted {_clip(delimiter)} inside a value?)",
                     file=shown,
                     line=start,
                 )
@@ -540,7 +548,10 @@ def _csv_error(
     if "unexpected end of data" in reason:
         reason = "a quoted value is never closed (unbalanced '\"'; read to the end of the file)"
     elif "expected after" in reason:
-        reason = f"text after the closing quote of a quoted value ({exc}); double a '\"' inside a quoted value"
+        reason = (
+            f"text after the closing quote of a quoted value ({exc}); "
+            "double a '\"' inside a quoted value"
+        )
     field = None
     where = ""
     if idx is not None:
@@ -611,7 +622,7 @@ def _json_member_at(line: str, pos: int | None = None) -> str | None:
 
 
 def _surrogate_member(obj: dict[str, Any]) -> str | None:
-    """The first top-level key whose name or value holds a lone surrogate (from a \\udXXX escape)."""
+    """The first top-level key whose name or value has a lone surrogate (from a \\udXXX escape)."""
     for key, value in obj.items():
         stack = [key, value]
         while stack:
@@ -677,7 +688,8 @@ def _parse_jsonl(text: str, shown: str) -> tuple[list[str], list[_Record]]:
             bad = _surrogate_member(obj)
             if bad is not None:
                 raise InputError(
-                    "invalid Unicode: a \\udXXX escape for a lone surrogate half encodes no character",
+                    "invalid Unicode: a \\udXXX escape for a lone surrogate half "
+                    "encodes no character",
                     file=shown,
                     line=lineno,
                     field=bad,
@@ -699,7 +711,8 @@ def _format_of(given: str, shown: str) -> str:
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
     raise InputError(
-        f"cannot tell the file format from the extension {suffix or '(none)'!r}; use .csv, .tsv or .jsonl",
+        f"cannot tell the file format from the extension {suffix or '(none)'!r}; "
+        "use .csv, .tsv or .jsonl",
         file=shown,
     )
 
@@ -821,7 +834,7 @@ class _Spec:
             )
         caps: dict[str, int | None] = {}
         for label, value in raw.items():
-            label_s = _scalar_str(label) if isinstance(label, (bool, int, float)) else str(label)
+            label_s = scalar_str(label) if isinstance(label, (bool, int, float)) else str(label)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0
             ):
@@ -843,7 +856,7 @@ class _Spec:
 def _filter_match(value: Any, wanted: Any) -> bool:
     """Does a source value match one allowed filter value? Raises ValueError on a bad boolean."""
     if wanted is None:
-        return _scalar_str(value) in (None, "")
+        return scalar_str(value) in (None, "")
     if isinstance(wanted, bool):
         return parse_bool(value) == wanted
     if isinstance(wanted, (int, float)):
@@ -854,7 +867,7 @@ def _filter_match(value: Any, wanted: Any) -> bool:
         except (TypeError, ValueError):
             return False
     try:
-        return _scalar_str(value) == wanted
+        return scalar_str(value) == wanted
     except TypeError:
         return False
 
@@ -975,7 +988,8 @@ def _template_fields(template: Any, allowed: set[str], key_path: str) -> str:
             shown = "{" + fname + "}"
             raise ConfigError(
                 key_path,
-                f"unknown placeholder {shown} in {template!r}; allowed: {', '.join('{' + a + '}' for a in sorted(allowed))}",
+                f"unknown placeholder {shown} in {template!r}; allowed: "
+                f"{', '.join('{' + a + '}' for a in sorted(allowed))}",
             )
     try:  # values are always strings; catch bad conversions / format specs now, not mid-build
         template.format(**{name: "x" for name in allowed})
@@ -1001,6 +1015,65 @@ class _Built:
 
 
 def _build_phase2(spec: _Spec) -> _Built:
+    """Build the faithful/unfaithful dataset of a phase2 scores table and its responses."""
+    fields, variants, text_mode = _phase2_options(spec)
+    filters = spec.filters()
+    classes = ["unfaithful", "faithful"]
+    cap_of = spec.caps({"faithful": 30, "unfaithful": 20}, classes)
+    min_n = spec.int_opt("min_per_class", 10)
+    seed = spec.int_opt("seed", 0)
+
+    scores = _load_table(spec.required("scores"), spec.base_dir, spec.key("scores"))
+    responses = _load_table(
+        spec.required("responses"), spec.base_dir, spec.key("responses"), fmt="jsonl"
+    )
+    f_pid, f_faith = fields["pair_id"], fields["is_faithful"]
+    scores.require_columns([f_pid, f_faith])
+
+    # All scored pair ids (before filters) decide which responses are orphans.
+    all_scored = {scores.get_str(rec, f_pid) for rec in scores.records}
+    pair_label, pair_line = _phase2_pair_labels(scores, filters, f_pid, f_faith)
+    by_key, orphans = _phase2_responses(responses, f_pid, fields["variant"], all_scored)
+    missing = [f"{pid}:{v}" for pid in pair_line for v in variants if (pid, v) not in by_key]
+    if missing or orphans:
+        _phase2_mismatch(scores, responses, variants, missing, orphans, f_pid)
+
+    units = {label: [pid for pid in pair_line if pair_label[pid] == label] for label in classes}
+    chosen = _select(units, cap_of, seed)
+    chosen_set = {pid for pids in chosen.values() for pid in pids}
+    rows = []
+    for pid in pair_line:  # scores order
+        if pid not in chosen_set:
+            continue
+        for variant in variants:
+            rec = by_key[(pid, variant)]
+            rows.append(
+                {
+                    "prompt_id": f"{pid}:{variant}",
+                    "text": _phase2_text(responses, rec, fields, text_mode),
+                    "label": pair_label[pid],
+                    "group": pid,
+                    "pair_id": pid,
+                    "variant": variant,
+                    "source_file": responses.given,
+                    "source_line": rec.line,
+                    "scores_line": pair_line[pid],
+                }
+            )
+    return _Built(
+        rows=rows,
+        columns=["pair_id", "variant", "source_file", "source_line", "scores_line"],
+        classes=classes,
+        positive="faithful",
+        label_field=f_faith,
+        inputs={scores.given: scores.sha256, responses.given: responses.sha256},
+        min_file=scores.file,
+        min_per_class=min_n,
+    )
+
+
+def _phase2_options(spec: _Spec) -> tuple[dict[str, str], list[str], str]:
+    """Check the phase2 options: (field -> column, variant names, text mode)."""
     spec.check_keys({"scores", "responses", "fields", "variants", "text"})
     fields = dict(PHASE2_DEFAULT_FIELDS)
     raw_fields = spec.spec.get("fields") or {}
@@ -1033,23 +1106,11 @@ def _build_phase2(spec: _Spec) -> _Built:
             spec.key("text"),
             f"unknown text mode {text_mode!r}; expected one of {list(PHASE2_TEXT_MODES)}",
         )
-    filters = spec.filters()
-    classes = ["unfaithful", "faithful"]
-    cap_of = spec.caps({"faithful": 30, "unfaithful": 20}, classes)
-    min_n = spec.int_opt("min_per_class", 10)
-    seed = spec.int_opt("seed", 0)
+    return fields, variants, text_mode
 
-    scores = _load_table(spec.required("scores"), spec.base_dir, spec.key("scores"))
-    responses = _load_table(
-        spec.required("responses"), spec.base_dir, spec.key("responses"), fmt="jsonl"
-    )
-    f_pid, f_faith, f_var, f_q, f_resp = (
-        fields[k] for k in ("pair_id", "is_faithful", "variant", "question", "response")
-    )
-    scores.require_columns([f_pid, f_faith])
 
-    # All scored pair ids (before filters) decide which responses are orphans.
-    all_scored = {scores.get_str(rec, f_pid) for rec in scores.records}
+def _phase2_pair_labels(scores, filters, f_pid, f_faith) -> tuple[dict[str, str], dict[str, int]]:
+    """Label and line of every kept scored pair id, in scores order (duplicates are errors)."""
     kept = _apply_filters(scores, filters, note=" (phase2 filters apply to the scores table)")
     pair_label: dict[str, str] = {}
     pair_line: dict[str, int] = {}
@@ -1057,14 +1118,19 @@ def _build_phase2(spec: _Spec) -> _Built:
         pid = scores.get_str(rec, f_pid)
         if pid in pair_line:
             raise InputError(
-                f"duplicate pair_id {_clip(pid)} (first on line {pair_line[pid]}, again on line {rec.line})",
+                f"duplicate pair_id {_clip(pid)} "
+                f"(first on line {pair_line[pid]}, again on line {rec.line})",
                 file=scores.file,
                 line=rec.line,
                 field=f_pid,
             )
         pair_line[pid] = rec.line
         pair_label[pid] = "faithful" if scores.get_bool(rec, f_faith) else "unfaithful"
+    return pair_label, pair_line
 
+
+def _phase2_responses(responses, f_pid, f_var, all_scored):
+    """Response records by (pair_id, variant), and the pair ids without any score."""
     by_key: dict[tuple[str, str], _Record] = {}
     orphans: dict[str, None] = {}
     for rec in responses.records:
@@ -1073,7 +1139,8 @@ def _build_phase2(spec: _Spec) -> _Built:
         prev = by_key.get((pid, variant))
         if prev is not None:
             raise InputError(
-                f"duplicate record for pair_id {_clip(pid)}, variant {_clip(variant)} (first on line {prev.line}, again on line {rec.line})",
+                f"duplicate record for pair_id {_clip(pid)}, variant {_clip(variant)} "
+                f"(first on line {prev.line}, again on line {rec.line})",
                 file=responses.file,
                 line=rec.line,
                 field=f_pid,
@@ -1081,70 +1148,44 @@ def _build_phase2(spec: _Spec) -> _Built:
         by_key[(pid, variant)] = rec
         if pid not in all_scored:
             orphans.setdefault(pid, None)
-    missing = [f"{pid}:{v}" for pid in pair_line for v in variants if (pid, v) not in by_key]
-    if missing or orphans:
-        parts = []
-        if missing:
-            parts.append(
-                f"{len(missing)} scored pair/variant(s) have no record in {responses.file} "
-                f"(first: {_short(missing)})"
-            )
-        if orphans:
-            parts.append(
-                f"{len(orphans)} pair_id(s) in {responses.file} have no score in {scores.file} (first: {_short(orphans)})"
-            )
-        raise InputError(
-            f"scores and responses do not match (variants {variants}): " + "; ".join(parts),
-            file=scores.file,
-            field=f_pid,
+    return by_key, orphans
+
+
+def _phase2_mismatch(scores, responses, variants, missing, orphans, f_pid) -> NoReturn:
+    """Raise the error for scored pairs without responses and responses without scores."""
+    parts = []
+    if missing:
+        parts.append(
+            f"{len(missing)} scored pair/variant(s) have no record in {responses.file} "
+            f"(first: {_short(missing)})"
         )
-
-    units = {label: [pid for pid in pair_line if pair_label[pid] == label] for label in classes}
-    chosen = _select(units, cap_of, seed)
-    chosen_set = {pid for pids in chosen.values() for pid in pids}
-
-    rows = []
-    for pid in pair_line:  # scores order
-        if pid not in chosen_set:
-            continue
-        for variant in variants:
-            rec = by_key[(pid, variant)]
-            question = responses.get_str(rec, f_q)
-            if text_mode == "question_response":
-                response = responses.get_str(rec, f_resp, required=False)
-                if response is None or not response.strip():
-                    raise InputError(
-                        "response is missing or empty (needed for text: question_response)",
-                        file=responses.file,
-                        line=rec.line,
-                        field=f_resp,
-                    )
-                text = question + "\n" + response
-            else:
-                text = question
-            rows.append(
-                {
-                    "prompt_id": f"{pid}:{variant}",
-                    "text": text,
-                    "label": pair_label[pid],
-                    "group": pid,
-                    "pair_id": pid,
-                    "variant": variant,
-                    "source_file": responses.given,
-                    "source_line": rec.line,
-                    "scores_line": pair_line[pid],
-                }
-            )
-    return _Built(
-        rows=rows,
-        columns=["pair_id", "variant", "source_file", "source_line", "scores_line"],
-        classes=classes,
-        positive="faithful",
-        label_field=f_faith,
-        inputs={scores.given: scores.sha256, responses.given: responses.sha256},
-        min_file=scores.file,
-        min_per_class=min_n,
+    if orphans:
+        parts.append(
+            f"{len(orphans)} pair_id(s) in {responses.file} have no score in {scores.file} "
+            f"(first: {_short(orphans)})"
+        )
+    raise InputError(
+        f"scores and responses do not match (variants {variants}): " + "; ".join(parts),
+        file=scores.file,
+        field=f_pid,
     )
+
+
+def _phase2_text(responses, rec, fields, text_mode) -> str:
+    """The prompt text of one response record: its question, or question and response."""
+    question = responses.get_str(rec, fields["question"])
+    if text_mode != "question_response":
+        return question
+    f_resp = fields["response"]
+    response = responses.get_str(rec, f_resp, required=False)
+    if response is None or not response.strip():
+        raise InputError(
+            "response is missing or empty (needed for text: question_response)",
+            file=responses.file,
+            line=rec.line,
+            field=f_resp,
+        )
+    return question + "\n" + response
 
 
 def _build_facts(spec: _Spec) -> _Built:
@@ -1174,7 +1215,8 @@ def _build_facts(spec: _Spec) -> _Built:
         label = "true" if table.get_bool(rec, "is_true") else "false"
         if relation not in templates:
             raise InputError(
-                f"no template for relation {_clip(relation)}; configured relations: {_short(templates, 50)}",
+                f"no template for relation {_clip(relation)}; configured relations: "
+                f"{_short(templates, 50)}",
                 file=table.file,
                 line=rec.line,
                 field="relation",
@@ -1208,38 +1250,10 @@ def _build_facts(spec: _Spec) -> _Built:
 
 
 def _build_task_grid(spec: _Spec) -> _Built:
+    """Build the task-grid dataset: every task's template filled with every pair."""
     spec.check_keys({"tasks", "pairs", "template"})
-    tasks = spec.required("tasks")
-    if not isinstance(tasks, (list, tuple)) or not tasks:
-        raise ConfigError(
-            spec.key("tasks"), f"expected a non-empty list of task names, got {tasks!r}"
-        )
-    for i, t in enumerate(tasks):
-        if not isinstance(t, str) or not t.strip():
-            raise ConfigError(spec.key("tasks", i), f"expected a non-empty string, got {t!r}")
-        if t in tasks[:i]:
-            raise ConfigError(spec.key("tasks", i), f"duplicate task {t!r}")
-    pairs_raw = spec.required("pairs")
-    if not isinstance(pairs_raw, (list, tuple)) or not pairs_raw:
-        raise ConfigError(
-            spec.key("pairs"), f"expected a non-empty list of [a, b] pairs, got {pairs_raw!r}"
-        )
-    pairs: list[tuple[str, str]] = []
-    for i, p in enumerate(pairs_raw):
-        if (
-            not isinstance(p, (list, tuple))
-            or len(p) != 2
-            or not all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in p)
-        ):
-            raise ConfigError(
-                spec.key("pairs", i), f"expected a pair [a, b] of numbers or strings, got {p!r}"
-            )
-        pair = (_scalar_str(p[0]) or "", _scalar_str(p[1]) or "")
-        if not pair[0].strip() or not pair[1].strip():
-            raise ConfigError(spec.key("pairs", i), f"empty value in pair {p!r}")
-        if pair in pairs:
-            raise ConfigError(spec.key("pairs", i), f"duplicate pair {list(p)!r}")
-        pairs.append(pair)
+    tasks = _task_grid_tasks(spec)
+    pairs = _task_grid_pairs(spec)
     template = _template_fields(
         spec.spec.get("template") or DEFAULT_TASK_TEMPLATE, {"a", "b", "task"}, spec.key("template")
     )
@@ -1262,6 +1276,65 @@ def _build_task_grid(spec: _Spec) -> _Built:
         for task in tasks
         for a, b in pairs
     ]
+    rows = _task_grid_filter(spec, filters, all_rows, columns)
+    by_class = {t: [r for r in rows if r["task"] == t] for t in tasks}
+    chosen = _select({t: rs for t, rs in by_class.items() if rs}, cap_of, seed)
+    keep = {r["prompt_id"] for rs in chosen.values() for r in rs}
+    rows = [r for r in rows if r["prompt_id"] in keep]
+    return _Built(
+        rows=rows,
+        columns=columns,
+        classes=sorted({r["label"] for r in rows}),
+        positive=None,
+        inputs={},
+        min_file=None,
+        min_per_class=min_n,
+    )
+
+
+def _task_grid_tasks(spec: _Spec) -> list[str]:
+    """Check the task_grid ``tasks``: a non-empty list of distinct non-empty names."""
+    tasks = spec.required("tasks")
+    if not isinstance(tasks, (list, tuple)) or not tasks:
+        raise ConfigError(
+            spec.key("tasks"), f"expected a non-empty list of task names, got {tasks!r}"
+        )
+    for i, t in enumerate(tasks):
+        if not isinstance(t, str) or not t.strip():
+            raise ConfigError(spec.key("tasks", i), f"expected a non-empty string, got {t!r}")
+        if t in tasks[:i]:
+            raise ConfigError(spec.key("tasks", i), f"duplicate task {t!r}")
+    return tasks
+
+
+def _task_grid_pairs(spec: _Spec) -> list[tuple[str, str]]:
+    """Check the task_grid ``pairs``: distinct [a, b] pairs of numbers or strings, as text."""
+    pairs_raw = spec.required("pairs")
+    if not isinstance(pairs_raw, (list, tuple)) or not pairs_raw:
+        raise ConfigError(
+            spec.key("pairs"), f"expected a non-empty list of [a, b] pairs, got {pairs_raw!r}"
+        )
+    pairs: list[tuple[str, str]] = []
+    for i, p in enumerate(pairs_raw):
+        if (
+            not isinstance(p, (list, tuple))
+            or len(p) != 2
+            or not all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in p)
+        ):
+            raise ConfigError(
+                spec.key("pairs", i), f"expected a pair [a, b] of numbers or strings, got {p!r}"
+            )
+        pair = (scalar_str(p[0]) or "", scalar_str(p[1]) or "")
+        if not pair[0].strip() or not pair[1].strip():
+            raise ConfigError(spec.key("pairs", i), f"empty value in pair {p!r}")
+        if pair in pairs:
+            raise ConfigError(spec.key("pairs", i), f"duplicate pair {list(p)!r}")
+        pairs.append(pair)
+    return pairs
+
+
+def _task_grid_filter(spec: _Spec, filters, all_rows, columns) -> list[dict[str, Any]]:
+    """The task-grid rows the filters keep (an error if none)."""
     rows = all_rows
     for col, allowed in filters.items():
         if col not in ("prompt_id", "text", "label", "group", *columns):
@@ -1277,19 +1350,7 @@ def _build_task_grid(spec: _Spec) -> _Built:
         raise ConfigError(
             spec.key("filters"), f"filters {filters!r} leave no rows (from {len(all_rows)})"
         )
-    by_class = {t: [r for r in rows if r["task"] == t] for t in tasks}
-    chosen = _select({t: rs for t, rs in by_class.items() if rs}, cap_of, seed)
-    keep = {r["prompt_id"] for rs in chosen.values() for r in rs}
-    rows = [r for r in rows if r["prompt_id"] in keep]
-    return _Built(
-        rows=rows,
-        columns=columns,
-        classes=sorted({r["label"] for r in rows}),
-        positive=None,
-        inputs={},
-        min_file=None,
-        min_per_class=min_n,
-    )
+    return rows
 
 
 def _build_labelled(spec: _Spec) -> _Built:
@@ -1322,7 +1383,8 @@ def _build_labelled(spec: _Spec) -> _Built:
             pid = table.get_str(rec, id_field)
             if pid in id_line:
                 raise InputError(
-                    f"duplicate id {_clip(pid)} (first on line {id_line[pid]}, again on line {rec.line})",
+                    f"duplicate id {_clip(pid)} (first on line {id_line[pid]}, again on line "
+                    f"{rec.line})",
                     file=table.file,
                     line=rec.line,
                     field=id_field,
@@ -1565,7 +1627,8 @@ def read_prompt_table(path: str | os.PathLike) -> pd.DataFrame:
         pid = rec.values["prompt_id"]
         if pid in seen:
             raise InputError(
-                f"duplicate prompt_id {pid!r} (first on line {seen[pid]}, again on line {rec.line})",
+                f"duplicate prompt_id {pid!r} (first on line {seen[pid]}, again on line "
+                f"{rec.line})",
                 file=shown,
                 line=rec.line,
                 field="prompt_id",
@@ -1590,9 +1653,9 @@ def read_prompt_table(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def read_records(path: str | os.PathLike) -> tuple[list[str], list[Any], str]:
-    """``(columns, records, shown)`` of a CSV, TSV or JSONL file, each record with its 1-based ``line``
-    and its raw ``values`` (the one reader of the side inputs: patching pairs, steering prompts).
-    Errors are :class:`InputError` naming the file and line."""
+    """``(columns, records, shown)`` of a CSV, TSV or JSONL file, each record with its 1-based
+    ``line`` and its raw ``values`` (the one reader of the side inputs: patching pairs, steering
+    prompts). Errors are :class:`InputError` naming the file and line."""
     shown = os.fspath(path)
     fmt = _format_of(shown, shown)
     text, _ = _read_text(Path(path), shown)
@@ -1601,8 +1664,3 @@ def read_records(path: str | os.PathLike) -> tuple[list[str], list[Any], str]:
     else:
         columns, records = _parse_delimited(text, shown, "\t" if fmt == "tsv" else ",")
     return columns, records, shown
-
-
-def scalar_str(value: Any) -> str | None:
-    """A JSON/CSV scalar as the string it was written as (None for null; TypeError for lists/objects)."""
-    return _scalar_str(value)

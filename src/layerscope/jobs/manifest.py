@@ -235,7 +235,7 @@ def write_manifest(
     base_dir: str | os.PathLike = ".",
     git_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Build the manifest and write it atomically (sorted keys, so equal inputs give equal bytes)."""
+    """Build the manifest and write it atomically (sorted keys: equal inputs give equal bytes)."""
     manifest = build_manifest(config, base_dir=base_dir, git_path=git_path)
     write_json(out_path, manifest)
     return manifest

@@ -44,51 +44,17 @@ def train_layer_probes(
     attrs = layer_attrs(layer_path)
     layer = int(attrs["layer"])
     thresholds = tuple(settings.get("thresholds", (0.55, 0.65)))
-    fit_kwargs = {
-        k: settings[k]
-        for k in (
-            "n_splits",
-            "n_repeats",
-            "inner_splits",
-            "n_permutations",
-            "n_random_directions",
-            "seed",
-        )
-        if k in settings
-    }
-    if "Cs" in settings:
-        fit_kwargs["Cs"] = tuple(settings["Cs"])
+    fit_kwargs = _fit_kwargs(settings)
     probes = []
     for ci, component in enumerate(attrs["components"]):
         for pi, pooling in enumerate(attrs["poolings"]):
-            data = read_layer(layer_path, component, pooling)
-            groups = data.groups if data.groups is not None else data.prompt_ids
-            # Independent permutations per layer and view, not one stream reused at every layer.
-            result = fit_probe(
-                data.X,
-                data.labels,
-                groups,
-                positive_class=positive,
-                stream=(layer, ci, pi),
-                **fit_kwargs,
-            )
             keys = dict(
                 model=model, dataset=dataset, layer=layer, component=component, pooling=pooling
             )
-            rows = summary_rows(result, thresholds, **keys)
-            primary = next(r for r in rows if r["primary"])
-            log(
-                f"layer {layer} {component}/{pooling}: {primary['metric']} {primary['mean']:.3f} "
-                f"[{primary['ci_low']:.3f}, {primary['ci_high']:.3f}] p={primary['p_permutation']} "
-                f"(Monte-Carlo s.e. {primary['p_permutation_se']})"
-            )
             probes.append(
-                {
-                    "component": component,
-                    "pooling": pooling,
-                    "rows": rows,
-                    "result": result.to_dict(),
-                }
+                _view_probe(
+                    layer_path, keys, (layer, ci, pi), positive, fit_kwargs, thresholds, log
+                )
             )
     doc = {
         "model": model,
@@ -111,6 +77,54 @@ def train_layer_probes(
     }
     write_json(out_json, doc)
     return doc
+
+
+def _fit_kwargs(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The :func:`fit_probe` keyword arguments given in the probe ``settings``."""
+    fit_kwargs = {
+        k: settings[k]
+        for k in (
+            "n_splits",
+            "n_repeats",
+            "inner_splits",
+            "n_permutations",
+            "n_random_directions",
+            "seed",
+        )
+        if k in settings
+    }
+    if "Cs" in settings:
+        fit_kwargs["Cs"] = tuple(settings["Cs"])
+    return fit_kwargs
+
+
+def _view_probe(layer_path, keys, stream, positive, fit_kwargs, thresholds, log) -> dict[str, Any]:
+    """Fit, log and describe the probe of one (component, pooling) view of a layer file."""
+    layer, component, pooling = keys["layer"], keys["component"], keys["pooling"]
+    data = read_layer(layer_path, component, pooling)
+    groups = data.groups if data.groups is not None else data.prompt_ids
+    # Independent permutations per layer and view, not one stream reused at every layer.
+    result = fit_probe(
+        data.X,
+        data.labels,
+        groups,
+        positive_class=positive,
+        stream=stream,
+        **fit_kwargs,
+    )
+    rows = summary_rows(result, thresholds, **keys)
+    primary = next(r for r in rows if r["primary"])
+    log(
+        f"layer {layer} {component}/{pooling}: {primary['metric']} {primary['mean']:.3f} "
+        f"[{primary['ci_low']:.3f}, {primary['ci_high']:.3f}] p={primary['p_permutation']} "
+        f"(Monte-Carlo s.e. {primary['p_permutation_se']})"
+    )
+    return {
+        "component": component,
+        "pooling": pooling,
+        "rows": rows,
+        "result": result.to_dict(),
+    }
 
 
 def summarize_probes(

@@ -118,8 +118,7 @@ def tsne_figure(
     formats: Sequence[str],
     table: PathLike | None = None,
 ) -> list[str]:
-    """t-SNE of every layer (figures.tsne): slow, so a job of its own that only this setting
-    runs."""
+    """t-SNE of every layer (figures.tsne): slow, so a job of its own, run only for this setting."""
     if table is not None:
         check_files_against_table(layer_paths, table)
     stack = read_layers(layer_paths, component, pooling, stack=True)
@@ -182,77 +181,89 @@ def generalization(
 ) -> pd.DataFrame:
     """Train on one dataset, test on each other, at every layer they share: a table with a
     bootstrap interval (over test prompts) per cell. The diagonal is each dataset's probe summary
-    at that layer (mean and interval), when ``summaries`` (dataset -> summary.csv) are given, so the
-    figure and the probe curves agree; else the cross-validated mean of
-    :func:`cross_dataset_matrix`.
-    ``out_fig``: also draw the figure (the workflow draws it in its own job, plot_generalization).
+    at that layer (mean and interval), when ``summaries`` (dataset -> summary.csv) are given, so
+    the figure and the probe curves agree; else the cross-validated mean of
+    :func:`cross_dataset_matrix`. ``out_fig``: also draw the figure (the workflow draws it in its
+    own job, plot_generalization).
 
     ``tables``: dataset name -> its current prompt table; each dataset's layer files must match
     it."""
-    if tables is not None:
-        missing = [name for name in layer_paths if name not in tables]
-        if missing:
-            raise LayerscopeError(f"generalization: no prompt table given for dataset(s) {missing}")
-        for name, paths in layer_paths.items():
-            check_files_against_table(paths, tables[name])
-    stacks = {
-        name: read_layers(paths, component, pooling, stack=True)
-        for name, paths in layer_paths.items()
-    }
+    stacks = _generalization_stacks(layer_paths, tables, component, pooling)
     layers = sorted(set.intersection(*(set(s.layers) for s in stacks.values())))
     fit = {k: settings[k] for k in ("n_splits", "inner_splits", "seed") if k in settings}
     if "Cs" in settings:
         fit["Cs"] = tuple(settings["Cs"])
     diag = _summary_cells(summaries, component, pooling, metric) if summaries else {}
+    key = {"model": model, "group": group}
+    view = {"component": component, "pooling": pooling, "metric": metric}
     rows = []
     for layer in layers:
         data = {
             name: (s.X[s.layers.index(layer)], s.labels, s.groups or s.prompt_ids)
             for name, s in stacks.items()
         }
-        own = (
-            cross_dataset_matrix(data, positive_class=positive, metric=metric, **fit)
-            if not diag
-            else None
-        )
-        for train in data:
-            for test in data:
-                if train == test:
-                    cell = diag.get((train, layer)) or {
-                        "value": float(own.loc[train, test]) if own is not None else np.nan,
-                        "ci_low": np.nan,
-                        "ci_high": np.nan,
-                    }
-                else:
-                    cell = transfer_metric(
-                        data[train],
-                        data[test][:2],
-                        positive_class=positive,
-                        metric=metric,
-                        inner_splits=fit.get("inner_splits", 3),
-                        Cs=fit.get("Cs", (0.001, 0.01, 0.1, 1, 10, 100)),
-                        seed=fit.get("seed", 0),
-                        n_boot=n_boot,
-                    )
-                rows.append(
-                    {
-                        "model": model,
-                        "group": group,
-                        "layer": layer,
-                        "component": component,
-                        "pooling": pooling,
-                        "metric": metric,
-                        "train": train,
-                        "test": test,
-                        "cross_validated": train == test,
-                        **cell,
-                    }
-                )
+        cells = _generalization_cells(data, layer, diag, positive, metric, fit, n_boot)
+        for (train, test), cell in cells.items():
+            rows.append(
+                {
+                    **key,
+                    "layer": layer,
+                    **view,
+                    "train": train,
+                    "test": test,
+                    "cross_validated": train == test,
+                    **cell,
+                }
+            )
     table = pd.DataFrame(rows)
     write_csv(out_csv, table)
     if out_fig is not None:
         generalization_figure(out_csv, out_fig, model=model, formats=formats)
     return table
+
+
+def _generalization_stacks(layer_paths, tables, component, pooling) -> dict[str, Any]:
+    """Each dataset's layer stack, its files first checked against its prompt table if given."""
+    if tables is not None:
+        missing = [name for name in layer_paths if name not in tables]
+        if missing:
+            raise LayerscopeError(f"generalization: no prompt table given for dataset(s) {missing}")
+        for name, paths in layer_paths.items():
+            check_files_against_table(paths, tables[name])
+    return {
+        name: read_layers(paths, component, pooling, stack=True)
+        for name, paths in layer_paths.items()
+    }
+
+
+def _generalization_cells(data, layer, diag, positive, metric, fit, n_boot) -> dict[tuple, dict]:
+    """(train, test) -> value and interval of one layer's cells, train-major order."""
+    own = (
+        cross_dataset_matrix(data, positive_class=positive, metric=metric, **fit)
+        if not diag
+        else None
+    )
+    cells = {}
+    for train in data:
+        for test in data:
+            if train == test:
+                cells[train, test] = diag.get((train, layer)) or {
+                    "value": float(own.loc[train, test]) if own is not None else np.nan,
+                    "ci_low": np.nan,
+                    "ci_high": np.nan,
+                }
+            else:
+                cells[train, test] = transfer_metric(
+                    data[train],
+                    data[test][:2],
+                    positive_class=positive,
+                    metric=metric,
+                    inner_splits=fit.get("inner_splits", 3),
+                    Cs=fit.get("Cs", (0.001, 0.01, 0.1, 1, 10, 100)),
+                    seed=fit.get("seed", 0),
+                    n_boot=n_boot,
+                )
+    return cells
 
 
 def _summary_cells(
