@@ -175,13 +175,13 @@ def bridge_refusal(source, revision=None) -> str | None:
         return None  # let the boot itself report it
     if config.model_type == "falcon" and config.new_decoder_architecture:
         return (
-            "Falcon with new_decoder_architecture: the bridge's joint-QKV split does not fit its grouped "
-            "K/V heads and it cannot boot"
+            "Falcon with new_decoder_architecture: the bridge's joint-QKV split does not fit its "
+            "grouped K/V heads and it cannot boot"
         )
     if config.model_type == "falcon" and config.alibi:
         return (
-            "Falcon with ALiBi: the bridge's activations differ from transformers' (relative 0.04-0.17 "
-            "on a tiny random model)"
+            "Falcon with ALiBi: the bridge's activations differ from transformers' "
+            "(relative 0.04-0.17 on a tiny random model)"
         )
     return None
 
@@ -210,10 +210,11 @@ def load_engine(
     revision: str | None = None,
     log: Callable[[str], Any] | None = None,
 ):
-    """The model to cache with: the native engine (plain HF model, SDPA, hooks on its modules; see
-    :mod:`layerscope.engine.native`) or the TransformerBridge. ``engine: auto`` takes the native one unless
-    compatibility_mode is on (folded LayerNorm exists only in the bridge) or the layout has no native
-    tap point for a requested component; ``native`` refuses those cases by name. Returns ``(model, info)``.
+    """The model to cache with: the native engine (plain HF model, SDPA, hooks on its modules;
+    see :mod:`layerscope.engine.native`) or the TransformerBridge. ``engine: auto`` takes the
+    native one unless compatibility_mode is on (folded LayerNorm exists only in the bridge) or the
+    layout has no native tap point for a requested component; ``native`` refuses those cases by
+    name. Returns ``(model, info)``.
     """
     from layerscope.engine import native
 
@@ -633,36 +634,46 @@ def cache_store(
     attrs = _store_attrs(bridge, req, plan)
     device = _model_device(bridge)
     _log_plan(req, plan, device, log)
-    overflow_hint = _overflow_hint(attrs["dtype"], req.dtype_out)
     _check_disk_space(req, plan, out_path)
     t0 = time.perf_counter()
     with atomic_path(out_path) as tmp:
         with h5cache.open_for_write(tmp) as f:
             pooled_ds, token_ds = _create_store(f, req, plan, attrs)
+            hint = _overflow_hint(attrs["dtype"], req.dtype_out)
             run = _CacheRun(
-                bridge, req, plan, state, fwd_hooks, device, pooled_ds, token_ds, overflow_hint, log
+                bridge, req, plan, state, fwd_hooks, device, pooled_ds, token_ds, hint, log
             )
             _run_batches(run, t0)
-            if req.self_check:
-                h5cache.set_attrs(
-                    f,
-                    _self_check(
-                        bridge,
-                        f,
-                        plan.ids,
-                        plan.check_rows,
-                        plan.check_pids,
-                        plan.prompt_ids,
-                        int(req.self_check),
-                        plan.skip,
-                        req.components,
-                        req.poolings,
-                        attrs,
-                        log,
-                    ),
-                )
-            h5cache.mark_complete(f)
-    seconds = time.perf_counter() - t0
+            _finish_store(run, f, attrs)
+    return _summary(plan, time.perf_counter() - t0)
+
+
+def _finish_store(run: _CacheRun, f, attrs: Mapping[str, Any]) -> None:
+    """Run the parity self-check on the written values (if asked) and mark ``f`` complete."""
+    req, plan = run.req, run.plan
+    if req.self_check:
+        h5cache.set_attrs(
+            f,
+            _self_check(
+                run.bridge,
+                f,
+                plan.ids,
+                plan.check_rows,
+                plan.check_pids,
+                plan.prompt_ids,
+                int(req.self_check),
+                plan.skip,
+                req.components,
+                req.poolings,
+                attrs,
+                run.log,
+            ),
+        )
+    h5cache.mark_complete(f)
+
+
+def _summary(plan: CachePlan, seconds: float) -> dict[str, Any]:
+    """What :func:`cache_store` returns: prompts, tokens, batches, time and the BOS decision."""
     total_real = int(sum(plan.lengths))
     return {
         "n_prompts": plan.n,
@@ -1115,7 +1126,8 @@ def _run_batches(run: _CacheRun, t0: float) -> None:
 
 def _reference_model(model, info: Mapping[str, Any]):
     """The plain HF model the self-check recomputes with: the native engine's own model (it is
-    not wrapped), or for the bridge a separately loaded copy (the bridge swaps the HF submodules)."""
+    not wrapped), or for the bridge a separately loaded copy (the bridge swaps the HF
+    submodules)."""
     if hasattr(model, "layout"):
         return model.model
     from transformers import AutoModelForCausalLM
@@ -1130,8 +1142,9 @@ def _reference_model(model, info: Mapping[str, Any]):
 def _self_check(
     model, f, ids, rows, sample_pids, prompt_ids, k, skip, components, poolings, attrs, log
 ) -> dict:
-    """Recompute the sampled prompts (local ``rows`` of the open store ``f``) with plain transformers
-    and compare; raise naming architecture, component and difference beyond the tolerance."""
+    """Recompute the sampled prompts (local ``rows`` of the open store ``f``) with plain
+    transformers and compare; raise naming architecture, component and difference beyond the
+    tolerance."""
     from layerscope.engine import parity
 
     arch = attrs["architecture"]
@@ -1178,9 +1191,10 @@ def _self_check(
         if d > tol:
             raise LayerscopeError(
                 f"parity self-check failed: architecture {arch}, component {c}, layer {L}, "
-                f"prompt {prompt_ids[r]}: the {attrs.get('engine', 'model')} engine's values differ "
-                f"from plain transformers by {d:.3g} "
-                f"(relative; tolerance {tol:g} for {attrs['dtype']}). These activations are not trustworthy; "
+                f"prompt {prompt_ids[r]}: the {attrs.get('engine', 'model')} engine's values "
+                f"differ from plain transformers by {d:.3g} "
+                f"(relative; tolerance {tol:g} for {attrs['dtype']}). "
+                "These activations are not trustworthy; "
                 "try the other engine (models.<name>.engine) or report the architecture"
             )
     return {**common, "self_check_max_diff": biggest}
@@ -1215,8 +1229,8 @@ def _write_batch(
                 cnt = int(offsets[i + 1] - offsets[i])
                 if bad[pos : pos + cnt].any():
                     raise LayerscopeError(
-                        f"non-finite activations (inf/NaN) in {c} layer {L} (token level) for prompt {prompt_ids[i]}"
-                        + hint
+                        f"non-finite activations (inf/NaN) in {c} layer {L} (token level) "
+                        f"for prompt {prompt_ids[i]}" + hint
                     )
                 pos += cnt
             if pos != vals.shape[0]:  # pragma: no cover - internal consistency
@@ -1294,39 +1308,14 @@ def cache_from_table(
     (auto | native | bridge, see :func:`load_engine`) and ``self_check`` (prompts the parity
     self-check recomputes, 0 = off) change the numbers only by float noise.
     """
-    import pandas as pd
     import torch
 
     log = log or (lambda msg: None)
     act = dict(activations or {})
-    try:
-        df = pd.read_csv(table, dtype=str, keep_default_na=False)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read prompt table: {exc}", file=table) from exc
-    # The workflow caches from prompt ids and texts alone (labels are the prompt table's, joined
-    # when layers are extracted), so a relabel does not rerun the forward pass.
-    missing = [c for c in ("prompt_id", "text") if c not in df.columns]
-    if missing:
-        raise InputError(f"missing column(s) {missing}", file=table)
+    df = _read_texts_table(table)
     if threads and device in ("cpu", "auto"):
         torch.set_num_threads(int(threads))
-    t = time.perf_counter()
-    bridge, info = load_engine(
-        model["source"],
-        engine=engine or "auto",
-        components=act.get("components", ["resid_post"]),
-        dtype=model.get("dtype", "float32") or "float32",
-        device=device or "auto",
-        compatibility_mode=bool(model.get("compatibility_mode", False)),
-        revision=model.get("revision"),
-        log=log,
-    )
-    log(
-        f"loaded {info['model']} ({info['architecture']}, {info['n_layers']} layers, d_model {info['d_model']}, "
-        f"{info['dtype']}, {info['device']}, engine {info['engine']}"
-        f"{', attention ' + info['attn_implementation'] if 'attn_implementation' in info else ''}) "
-        f"in {time.perf_counter() - t:.1f} s"
-    )
+    bridge, info = _load_for_cache(model, act, engine, device, log)
     bos = model.get("bos", "auto")
     return cache_store(
         bridge,
@@ -1349,6 +1338,46 @@ def cache_from_table(
         shard=shard,
         self_check=int(self_check or 0),
     )
+
+
+def _read_texts_table(table: str | os.PathLike):
+    """The caching job's input table as strings as written (no NA coercion): ``prompt_id``,
+    ``text`` and optionally ``label`` and ``group``."""
+    import pandas as pd
+
+    # Not datasets.read_prompt_table: the workflow caches from prompt ids and texts alone
+    # (labels are the prompt table's, joined when layers are extracted), so a relabel does not
+    # rerun the forward pass; that reader requires the label and group columns.
+    try:
+        df = pd.read_csv(table, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read prompt table: {exc}", file=table) from exc
+    missing = [c for c in ("prompt_id", "text") if c not in df.columns]
+    if missing:
+        raise InputError(f"missing column(s) {missing}", file=table)
+    return df
+
+
+def _load_for_cache(model: Mapping[str, Any], act: Mapping[str, Any], engine, device, log):
+    """Load the engine for ``model`` (see :func:`load_engine`) and log what was loaded."""
+    t = time.perf_counter()
+    bridge, info = load_engine(
+        model["source"],
+        engine=engine or "auto",
+        components=act.get("components", ["resid_post"]),
+        dtype=model.get("dtype", "float32") or "float32",
+        device=device or "auto",
+        compatibility_mode=bool(model.get("compatibility_mode", False)),
+        revision=model.get("revision"),
+        log=log,
+    )
+    attn = ", attention " + info["attn_implementation"] if "attn_implementation" in info else ""
+    log(
+        f"loaded {info['model']} ({info['architecture']}, {info['n_layers']} layers, "
+        f"d_model {info['d_model']}, {info['dtype']}, {info['device']}, engine {info['engine']}"
+        f"{attn}) in {time.perf_counter() - t:.1f} s"
+    )
+    return bridge, info
 
 
 def _gather_self_check(shard_paths, store_tmp) -> None:

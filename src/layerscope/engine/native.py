@@ -104,8 +104,8 @@ LAYOUTS: dict[str, Layout] = {
         attn=None,
         mlp=None,
         note=(
-            "BLOOM's attention and MLP modules add the residual inside themselves, so attn_out and mlp_out "
-            "have no module output to read"
+            "BLOOM's attention and MLP modules add the residual inside themselves, "
+            "so attn_out and mlp_out have no module output to read"
         ),
     ),
 }
@@ -116,8 +116,8 @@ def layout_for(config) -> Layout:
     mt = getattr(config, "model_type", "")
     if mt not in LAYOUTS:
         raise LayerscopeError(
-            f"architecture {mt!r} is not in the native engine's layout table ({', '.join(sorted(LAYOUTS))}); "
-            "use engine: bridge for it"
+            f"architecture {mt!r} is not in the native engine's layout table "
+            f"({', '.join(sorted(LAYOUTS))}); use engine: bridge for it"
         )
     lay = LAYOUTS[mt]
     parallel = (
@@ -134,7 +134,8 @@ def layout_for(config) -> Layout:
             None,
             None,
             False,
-            "OPT with do_layer_norm_before=False normalises the residual itself after each sublayer",
+            "OPT with do_layer_norm_before=False normalises the residual itself "
+            "after each sublayer",
         )
     if mt == "bloom" and getattr(config, "apply_residual_connection_post_layernorm", False):
         lay = Layout(
@@ -243,7 +244,8 @@ class NativeEngine:
         L, comp = int(parts[1]), parts[2][len("hook_") :]
         if comp not in COMPONENTS:
             raise LayerscopeError(
-                f"hook {name!r}: the native engine has no component {comp!r} ({', '.join(COMPONENTS)})"
+                f"hook {name!r}: the native engine has no component {comp!r} "
+                f"({', '.join(COMPONENTS)})"
             )
         if not 0 <= L < self.cfg.n_layers:
             raise LayerscopeError(f"hook {name!r}: the model has layers 0..{self.cfg.n_layers - 1}")
@@ -275,9 +277,9 @@ class NativeEngine:
                     x = x.view(*self._batch_shape, x.shape[-1])
                 if fn(x, hook=hook) is not None:
                     raise LayerscopeError(
-                        f"{name}: replacing resid_mid is not supported by the native engine (it is read "
-                        "at the input of the norm before the MLP; a new value there would not reach the "
-                        "residual)"
+                        f"{name}: replacing resid_mid is not supported by the native engine "
+                        "(it is read at the input of the norm before the MLP; "
+                        "a new value there would not reach the residual)"
                     )
                 return None
 

@@ -5,9 +5,9 @@ The reference runs each sampled prompt alone (no padding, no batching, no early 
 plain HF model: ``output_hidden_states`` gives resid_pre of every layer, a forward hook on each
 decoder layer gives resid_post. attn_out / resid_mid / mlp_out come from forward hooks on the HF
 modules of the native layout table, and are only trusted after the per-token identities
-``resid_pre + attn_out + mlp_out == resid_post`` (and ``resid_pre + attn_out == resid_mid`` where the
-block is sequential) hold on that same pass. So a wrong tap point, a padding or pooling bug, or a
-bridge that computes a layout differently all show up as a difference here.
+``resid_pre + attn_out + mlp_out == resid_post`` (and ``resid_pre + attn_out == resid_mid`` where
+the block is sequential) hold on that same pass. So a wrong tap point, a padding or pooling bug,
+or a bridge that computes a layout differently all show up as a difference here.
 """
 
 from __future__ import annotations
@@ -141,7 +141,8 @@ def _check_identities(got, n_layers: int, layout, config) -> None:
             diff = float(np.abs(a - b).max()) / scale
             if diff > 1e-3:
                 raise LayerscopeError(
-                    f"parity self-check: on architecture {arch}, layer {L}, {what} differ by {diff:.3g}: "
+                    f"parity self-check: on architecture {arch}, layer {L}, {what} "
+                    f"differ by {diff:.3g}: "
                     "the native tap points do not fit this layout; use engine: bridge"
                 )
 
