@@ -93,6 +93,7 @@ class LayerData:
 
     @property
     def layer(self) -> int:
+        """The layer this file holds."""
         return int(self.attrs["layer"])
 
 
@@ -121,9 +122,11 @@ class TokenData:
     attrs: dict[str, Any] = field(default_factory=dict)
 
     def prompt(self, i: int) -> np.ndarray:
+        """The token vectors of prompt ``i``."""
         return self.values[self.offsets[i] : self.offsets[i + 1]]
 
     def prompt_token_ids(self, i: int) -> np.ndarray:
+        """The token ids of prompt ``i``."""
         return self.token_ids[self.offsets[i] : self.offsets[i + 1]]
 
 
@@ -132,6 +135,7 @@ class TokenData:
 
 
 def _h5py():
+    """h5py, imported when first needed."""
     import h5py
 
     return h5py
@@ -144,6 +148,7 @@ def open_for_write(path: str | os.PathLike):
 
 
 def chunk_rows(d_model: int, itemsize: int, n_rows: int) -> int:
+    """Rows per chunk: as many as fit ``CHUNK_BYTES`` (at least 1, at most ``n_rows``)."""
     return int(max(1, min(n_rows, CHUNK_BYTES // max(1, d_model * itemsize))))
 
 
@@ -166,6 +171,7 @@ def compression_kwargs(compression: str | int | None) -> dict[str, Any]:
 
 
 def write_strings(f, name: str, values: Sequence[Any]) -> None:
+    """Write ``values`` as a UTF-8 string dataset (None as "")."""
     h5py = _h5py()
     arr = np.array(["" if v is None else str(v) for v in values], dtype=object)
     f.create_dataset(name, data=arr, dtype=h5py.string_dtype("utf-8"))
@@ -188,6 +194,7 @@ def create_float(f, name: str, shape: tuple[int, ...], dtype: str, compression=N
 
 
 def set_attrs(f, attrs: Mapping[str, Any]) -> None:
+    """Write root attributes: lists, tuples and dicts as JSON, None as "null"."""
     for key, value in attrs.items():
         if key in JSON_ATTRS or isinstance(value, (list, tuple, dict)):
             value = json.dumps(list(value) if isinstance(value, tuple) else value)
@@ -197,6 +204,7 @@ def set_attrs(f, attrs: Mapping[str, Any]) -> None:
 
 
 def mark_complete(f) -> None:
+    """Set ``complete = True`` (written last: readers refuse a file without it) and flush."""
     f.attrs["complete"] = True
     f.flush()
 
@@ -206,6 +214,7 @@ def mark_complete(f) -> None:
 
 
 def _decode_attr(key: str, value: Any) -> Any:
+    """One attribute as written by :func:`set_attrs`, decoded back (JSON lists, "null")."""
     if isinstance(value, bytes):
         value = value.decode("utf-8")
     if isinstance(value, np.generic):
@@ -221,14 +230,17 @@ def _decode_attr(key: str, value: Any) -> Any:
 
 
 def read_attrs(f) -> dict[str, Any]:
+    """All root attributes of ``f``, decoded."""
     return {k: _decode_attr(k, v) for k, v in f.attrs.items()}
 
 
 def _strings(f, name: str) -> list[str]:
+    """String dataset ``name`` as a list of str."""
     return [s for s in f[name].asstr()[()]]
 
 
 def _open(path: str | os.PathLike):
+    """Open an activation file for reading; raise naming the file if missing or unreadable."""
     h5py = _h5py()
     path = Path(path)
     if not path.exists():
@@ -317,12 +329,14 @@ def read_text_hashes(path: str | os.PathLike) -> list[str] | None:
 
 
 def _expected_shape(attrs: Mapping[str, Any]) -> tuple[int, ...]:
+    """Shape of a pooled dataset: with a layer axis in stores and shards, without in layers."""
     if attrs["kind"] in ("store", "shard"):
         return (int(attrs["n_layers"]), int(attrs["n_prompts"]), int(attrs["d_model"]))
     return (int(attrs["n_prompts"]), int(attrs["d_model"]))
 
 
 def _pooled_dataset(f, path, attrs, component: str, pooling: str):
+    """The ``component/pooling`` dataset of ``f``; raise if absent or of the wrong shape."""
     name = f"{component}/{pooling}"
     if component not in attrs["components"] or pooling not in attrs["poolings"] or name not in f:
         raise LayerscopeError(
@@ -462,6 +476,7 @@ def read_store_layer(
 
 
 def _check_layer(path, attrs, layer: int) -> None:
+    """Raise unless ``layer`` is an int in ``0..n_layers-1``."""
     n_layers = int(attrs["n_layers"])
     if not isinstance(layer, (int, np.integer)) or not 0 <= int(layer) < n_layers:
         raise LayerscopeError(

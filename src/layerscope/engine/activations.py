@@ -64,6 +64,7 @@ _OUT_DTYPES = ("float32", "float16", "float64")
 
 
 def _tl_version() -> str:
+    """The installed TransformerLens version ("unknown" if it is not installed)."""
     try:
         return importlib.metadata.version("transformer-lens")
     except importlib.metadata.PackageNotFoundError:  # pragma: no cover
@@ -75,6 +76,7 @@ def _tl_version() -> str:
 
 
 def resolve_device(device: str | None = "auto") -> str:
+    """``auto`` -> cuda if available, else cpu; refuse a cuda device on a machine without one."""
     import torch
 
     if device in (None, "auto"):
@@ -87,6 +89,7 @@ def resolve_device(device: str | None = "auto") -> str:
 
 
 def torch_dtype(dtype: str | Any):
+    """The torch dtype named by ``dtype`` (float32, fp16, bf16, ...; a torch dtype passes)."""
     import torch
 
     if isinstance(dtype, torch.dtype):
@@ -151,6 +154,7 @@ def load_model(
 
 
 def _hf_config(source, revision):
+    """The transformers config of ``source`` at ``revision``."""
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(
@@ -159,6 +163,7 @@ def _hf_config(source, revision):
 
 
 def _arch_name(source, revision) -> str:
+    """The architecture name of ``source`` for messages ("unknown architecture" if unreadable)."""
     try:
         config = _hf_config(source, revision)
     except (OSError, ValueError):
@@ -187,6 +192,7 @@ def bridge_refusal(source, revision=None) -> str | None:
 
 
 def _own_tokenizer(source, revision, fallback):
+    """The model's own tokenizer from its files (``fallback`` if it cannot be loaded)."""
     from transformers import AutoTokenizer
 
     try:
@@ -474,15 +480,18 @@ def _stop_exception(model) -> type:
 
 
 def _model_device(model):
+    """The device of the wrapped HF model's parameters."""
     hf = getattr(model, "original_model", None) or getattr(model, "model", None)
     return next(iter(hf.parameters())).device
 
 
 def hook_name(component: str, layer: int) -> str:
+    """The hook point name of ``component`` in ``layer`` (``blocks.L.hook_<component>``)."""
     return HOOKS[component].format(L=layer)
 
 
 def _check_choices(values: Iterable[str], allowed: Sequence[str], what: str) -> list[str]:
+    """``values`` as a list; raise on a value not in ``allowed`` or a repeated one."""
     values = list(values)
     bad = [v for v in values if v not in allowed]
     if bad:
@@ -498,6 +507,7 @@ def _check_choices(values: Iterable[str], allowed: Sequence[str], what: str) -> 
 
 
 def _names(ids: Sequence[str], limit: int = 10) -> str:
+    """The first ``limit`` ids, comma-separated, and how many more there are."""
     ids = [str(i) for i in ids]
     more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
     return ", ".join(ids[:limit]) + more
@@ -548,6 +558,7 @@ class CachePlan:
 
     @property
     def n(self) -> int:
+        """Prompts this job computes."""
         return len(self.prompt_ids)
 
 
@@ -1214,6 +1225,7 @@ def _write_batch(
     prompt_ids,
     hint: str = "",
 ) -> None:
+    """Check one batch's captured vectors are finite and write them into the store's datasets."""
     for c in components:
         for p in poolings:
             arr = np.stack([captured[(c, L)][p].numpy() for L in range(n_layers)]).astype(
@@ -1257,6 +1269,7 @@ def _check_finite(
     layers,
     hint: str = "",
 ) -> None:
+    """Raise naming layers and prompts if the pooled ``arr`` [n_layers, B, d] has inf/NaN."""
     finite = np.isfinite(arr).all(axis=2)  # [n_layers, B]
     if finite.all():
         return

@@ -26,6 +26,7 @@ PER_PROMPT_BYTES = 256
 
 
 def _count(name: str, value) -> int:
+    """``value`` as a non-negative int; ValueError naming ``name`` otherwise."""
     try:
         if isinstance(value, bool):
             raise TypeError

@@ -150,6 +150,7 @@ def layout_for(config) -> Layout:
 
 
 def supported_components(config) -> tuple[str, ...]:
+    """The components the native engine can tap for ``config``'s layout."""
     lay = layout_for(config)
     have = {
         "resid_pre": True,
@@ -162,6 +163,7 @@ def supported_components(config) -> tuple[str, ...]:
 
 
 def why_unsupported(config, component: str) -> str:
+    """The message saying why ``component`` cannot be tapped for ``config``'s architecture."""
     lay = layout_for(config)
     arch = (getattr(config, "architectures", None) or [getattr(config, "model_type", "?")])[0]
     why = lay.note or (
@@ -170,17 +172,20 @@ def why_unsupported(config, component: str) -> str:
     return f"component '{component}' is not available for architecture {arch} ({why})"
 
 
-def _get(module, path: str):
+def submodule(module, path: str):
+    """The submodule at dotted ``path`` (``"model.layers"``) of ``module``."""
     for part in path.split("."):
         module = getattr(module, part)
     return module
 
 
-def _first(out):
+def first_output(out):
+    """A module's main output: the first element of a tuple output, else the output itself."""
     return out[0] if isinstance(out, tuple) else out
 
 
 def _replace_first(out, new):
+    """``out`` with its main output (see :func:`first_output`) replaced by ``new``."""
     return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
 
 
@@ -200,7 +205,7 @@ class NativeEngine:
         self.tokenizer = tokenizer
         config = model.config
         self.layout = layout_for(config)
-        self.layers = _get(model, self.layout.layers)
+        self.layers = submodule(model, self.layout.layers)
         n_ctx = next(
             (
                 getattr(config, k)
@@ -227,10 +232,12 @@ class NativeEngine:
 
     @property
     def device(self):
+        """The device of the model's parameters."""
         return next(self.model.parameters()).device
 
     # -- hooks ------------------------------------------------------------------------------------
     def _parse(self, name: str) -> tuple[int, str]:
+        """``(layer, component)`` of a ``blocks.L.hook_<component>`` name; raise if not served."""
         parts = name.split(".")
         if (
             len(parts) != 3
@@ -254,6 +261,7 @@ class NativeEngine:
         return L, comp
 
     def _register(self, L: int, comp: str, fn: Callable, name: str):
+        """Register ``fn`` as the torch hook that reads (or replaces) ``comp`` of layer ``L``."""
         layer = self.layers[L]
         hook = SimpleNamespace(name=name)
         lay = self.layout
@@ -283,16 +291,16 @@ class NativeEngine:
                     )
                 return None
 
-            return _get(layer, lay.mid).register_forward_pre_hook(mid, with_kwargs=True)
+            return submodule(layer, lay.mid).register_forward_pre_hook(mid, with_kwargs=True)
         target = (
             layer
             if comp == "resid_post"
-            else _get(layer, lay.attn if comp == "attn_out" else lay.mlp)
+            else submodule(layer, lay.attn if comp == "attn_out" else lay.mlp)
         )
         clone = comp == "mlp_out" and lay.mlp_inplace
 
         def post(module, args, out):
-            x = _first(out)
+            x = first_output(out)
             flat = x.dim() == 2  # OPT runs its MLP on [batch * positions, d]
             if flat:
                 x = x.view(*self._batch_shape, x.shape[-1])
@@ -341,6 +349,7 @@ class NativeEngine:
         )
 
     def eval(self) -> NativeEngine:
+        """Put the model in eval mode (as torch modules do); returns the engine."""
         self.model.eval()
         return self
 
