@@ -10,9 +10,12 @@ Per-layer file ``layer_{L}.h5`` (``kind = "layer"``)::
     n_tokens                   int32 [n_prompts]   tokens fed to the model (BOS included)
     n_pooled                   int32 [n_prompts]   tokens pooled (BOS left out when excluded)
     {component}/{pooling}      float [n_prompts, d_model]        pooling in mean | last | max
-    {component}/none/values    float [n_pooled_total, d_model]   every pooled token (token-level layers only)
-    {component}/none/offsets   int64 [n_prompts + 1]             prompt i is values[offsets[i]:offsets[i+1]]
-    token_ids                  int64 [n_pooled_total]            token id of each row of .../none/values
+    {component}/none/values    float [n_pooled_total, d_model]   every pooled token
+                                                                 (token-level layers only)
+    {component}/none/offsets   int64 [n_prompts + 1]             prompt i is
+                                                                 values[offsets[i]:offsets[i+1]]
+    token_ids                  int64 [n_pooled_total]            token id of each row of
+                                                                 .../none/values
 
 Store ``store.h5`` (``kind = "store"``): the same, except ``{component}/{pooling}`` is
 ``[n_layers, n_prompts, d_model]`` (all layers of the model) and ``{component}/none/values`` is
@@ -90,12 +93,14 @@ class LayerData:
 
     @property
     def layer(self) -> int:
+        """The layer this file holds."""
         return int(self.attrs["layer"])
 
 
 @dataclass
 class LayerStack:
-    """Several layers stacked: ``X[k]`` is layer ``layers[k]``, shape [n_layers, n_prompts, d_model]."""
+    """Several layers stacked: ``X[k]`` is layer ``layers[k]``, shape
+    [n_layers, n_prompts, d_model]."""
 
     X: np.ndarray
     layers: list[int]
@@ -117,9 +122,11 @@ class TokenData:
     attrs: dict[str, Any] = field(default_factory=dict)
 
     def prompt(self, i: int) -> np.ndarray:
+        """The token vectors of prompt ``i``."""
         return self.values[self.offsets[i] : self.offsets[i + 1]]
 
     def prompt_token_ids(self, i: int) -> np.ndarray:
+        """The token ids of prompt ``i``."""
         return self.token_ids[self.offsets[i] : self.offsets[i + 1]]
 
 
@@ -128,6 +135,7 @@ class TokenData:
 
 
 def _h5py():
+    """h5py, imported when first needed."""
     import h5py
 
     return h5py
@@ -140,6 +148,7 @@ def open_for_write(path: str | os.PathLike):
 
 
 def chunk_rows(d_model: int, itemsize: int, n_rows: int) -> int:
+    """Rows per chunk: as many as fit ``CHUNK_BYTES`` (at least 1, at most ``n_rows``)."""
     return int(max(1, min(n_rows, CHUNK_BYTES // max(1, d_model * itemsize))))
 
 
@@ -162,6 +171,7 @@ def compression_kwargs(compression: str | int | None) -> dict[str, Any]:
 
 
 def write_strings(f, name: str, values: Sequence[Any]) -> None:
+    """Write ``values`` as a UTF-8 string dataset (None as "")."""
     h5py = _h5py()
     arr = np.array(["" if v is None else str(v) for v in values], dtype=object)
     f.create_dataset(name, data=arr, dtype=h5py.string_dtype("utf-8"))
@@ -184,6 +194,7 @@ def create_float(f, name: str, shape: tuple[int, ...], dtype: str, compression=N
 
 
 def set_attrs(f, attrs: Mapping[str, Any]) -> None:
+    """Write root attributes: lists, tuples and dicts as JSON, None as "null"."""
     for key, value in attrs.items():
         if key in JSON_ATTRS or isinstance(value, (list, tuple, dict)):
             value = json.dumps(list(value) if isinstance(value, tuple) else value)
@@ -193,6 +204,7 @@ def set_attrs(f, attrs: Mapping[str, Any]) -> None:
 
 
 def mark_complete(f) -> None:
+    """Set ``complete = True`` (written last: readers refuse a file without it) and flush."""
     f.attrs["complete"] = True
     f.flush()
 
@@ -202,6 +214,7 @@ def mark_complete(f) -> None:
 
 
 def _decode_attr(key: str, value: Any) -> Any:
+    """One attribute as written by :func:`set_attrs`, decoded back (JSON lists, "null")."""
     if isinstance(value, bytes):
         value = value.decode("utf-8")
     if isinstance(value, np.generic):
@@ -217,14 +230,17 @@ def _decode_attr(key: str, value: Any) -> Any:
 
 
 def read_attrs(f) -> dict[str, Any]:
+    """All root attributes of ``f``, decoded."""
     return {k: _decode_attr(k, v) for k, v in f.attrs.items()}
 
 
 def _strings(f, name: str) -> list[str]:
+    """String dataset ``name`` as a list of str."""
     return [s for s in f[name].asstr()[()]]
 
 
 def _open(path: str | os.PathLike):
+    """Open an activation file for reading; raise naming the file if missing or unreadable."""
     h5py = _h5py()
     path = Path(path)
     if not path.exists():
@@ -233,7 +249,8 @@ def _open(path: str | os.PathLike):
         return h5py.File(path, "r")
     except OSError as exc:
         raise LayerscopeError(
-            f"{path}: not a readable HDF5 file ({exc}); most likely left by a job that was killed while "
+            f"{path}: not a readable HDF5 file ({exc}); "
+            "most likely left by a job that was killed while "
             "writing it - delete it and rerun (snakemake --rerun-incomplete)"
         ) from exc
 
@@ -255,7 +272,8 @@ def check_file(f, path: str | os.PathLike, kind: str | None = None) -> dict[str,
         raise LayerscopeError(f"{path}: missing attribute(s) {', '.join(missing)}")
     if attrs["format_version"] != FORMAT_VERSION:
         raise LayerscopeError(
-            f"{path}: format_version {attrs['format_version']} is not supported (expected {FORMAT_VERSION})"
+            f"{path}: format_version {attrs['format_version']} is not supported "
+            f"(expected {FORMAT_VERSION})"
         )
     if kind is not None and attrs["kind"] != kind:
         raise LayerscopeError(f"{path}: expected a {kind} file but this is a {attrs['kind']} file")
@@ -265,7 +283,8 @@ def check_file(f, path: str | os.PathLike, kind: str | None = None) -> dict[str,
         m = _LAYER_FILE.search(Path(path).name)
         if m and int(m.group(1)) != int(attrs["layer"]):
             raise LayerscopeError(
-                f"{path}: file name says layer {m.group(1)} but the file holds layer {attrs['layer']}"
+                f"{path}: file name says layer {m.group(1)} "
+                f"but the file holds layer {attrs['layer']}"
             )
         if not 0 <= int(attrs["layer"]) < int(attrs["n_layers"]):
             raise LayerscopeError(
@@ -276,19 +295,22 @@ def check_file(f, path: str | os.PathLike, kind: str | None = None) -> dict[str,
             raise LayerscopeError(f"{path}: missing dataset '{name}'")
         if f[name].shape != (attrs["n_prompts"],):
             raise LayerscopeError(
-                f"{path}: dataset '{name}' has shape {f[name].shape}, expected ({attrs['n_prompts']},)"
+                f"{path}: dataset '{name}' has shape {f[name].shape}, "
+                f"expected ({attrs['n_prompts']},)"
             )
     return attrs
 
 
 def layer_attrs(path: str | os.PathLike) -> dict[str, Any]:
-    """Checked attributes of a per-layer file (components, poolings, layer, ...) without its arrays."""
+    """Checked attributes of a per-layer file (components, poolings, layer, ...) without its
+    arrays."""
     with _open(path) as f:
         return check_file(f, path, kind="layer")
 
 
 def read_prompt_keys(path: str | os.PathLike) -> tuple[list[str], list[str], list[str] | None]:
-    """Prompt ids, labels and groups (None if absent) of a checked activation file, without its arrays."""
+    """Prompt ids, labels and groups (None if absent) of a checked activation file, without its
+    arrays."""
     with _open(path) as f:
         check_file(f, path)
         return (
@@ -299,23 +321,27 @@ def read_prompt_keys(path: str | os.PathLike) -> tuple[list[str], list[str], lis
 
 
 def read_text_hashes(path: str | os.PathLike) -> list[str] | None:
-    """The per-prompt text hashes of an activation file (None for files written before they were kept)."""
+    """The per-prompt text hashes of an activation file (None for files written before they
+    were kept)."""
     with _open(path) as f:
         check_file(f, path)
         return _strings(f, "text_sha1") if "text_sha1" in f else None
 
 
 def _expected_shape(attrs: Mapping[str, Any]) -> tuple[int, ...]:
+    """Shape of a pooled dataset: with a layer axis in stores and shards, without in layers."""
     if attrs["kind"] in ("store", "shard"):
         return (int(attrs["n_layers"]), int(attrs["n_prompts"]), int(attrs["d_model"]))
     return (int(attrs["n_prompts"]), int(attrs["d_model"]))
 
 
 def _pooled_dataset(f, path, attrs, component: str, pooling: str):
+    """The ``component/pooling`` dataset of ``f``; raise if absent or of the wrong shape."""
     name = f"{component}/{pooling}"
     if component not in attrs["components"] or pooling not in attrs["poolings"] or name not in f:
         raise LayerscopeError(
-            f"{path}: no '{name}' in this file (components {attrs['components']}, poolings {attrs['poolings']})"
+            f"{path}: no '{name}' in this file "
+            f"(components {attrs['components']}, poolings {attrs['poolings']})"
         )
     ds = f[name]
     if ds.shape != _expected_shape(attrs):
@@ -376,7 +402,8 @@ def read_layers(
                 if first.attrs.get(key) != data.attrs.get(key):
                     raise LayerscopeError(
                         f"{path}: attribute '{key}' = {data.attrs.get(key)!r} differs from "
-                        f"{first.path} ({first.attrs.get(key)!r}); files from different runs cannot be mixed"
+                        f"{first.path} ({first.attrs.get(key)!r}); "
+                        "files from different runs cannot be mixed"
                     )
             if data.prompt_ids != first.prompt_ids:
                 raise LayerscopeError(f"{path}: prompts differ from {first.path}")
@@ -449,6 +476,7 @@ def read_store_layer(
 
 
 def _check_layer(path, attrs, layer: int) -> None:
+    """Raise unless ``layer`` is an int in ``0..n_layers-1``."""
     n_layers = int(attrs["n_layers"])
     if not isinstance(layer, (int, np.integer)) or not 0 <= int(layer) < n_layers:
         raise LayerscopeError(
@@ -494,10 +522,10 @@ def copy_layer(
     """Write layer ``layer`` of the store at ``store_path`` to ``tmp_path`` (renamed by the caller).
 
     Streams in blocks of ``block_rows`` rows, so memory stays bounded for large datasets.
-    ``out_path`` is only used for checks and messages. With ``table`` (the current prompt table, a
-    path or :class:`layerscope.data.consistency.PromptTable`), the store's prompts and texts must be the
-    table's, and the layer file takes its labels and groups from the table: a relabel re-extracts
-    layers on the CPU instead of rerunning the forward pass.
+    ``out_path`` is only used for checks and messages. With ``table`` (the current prompt table,
+    a path or :class:`layerscope.data.consistency.PromptTable`), the store's prompts and texts
+    must be the table's, and the layer file takes its labels and groups from the table: a
+    relabel re-extracts layers on the CPU instead of rerunning the forward pass.
     """
     m = _LAYER_FILE.search(Path(out_path).name)
     if m and int(m.group(1)) != int(layer):
@@ -593,55 +621,15 @@ def gather_shards(
         metas = [check_file(f, path, kind="shard") for f, path in zip(handles, shard_paths)]
         first = metas[0]
         n_shards = int(first["n_shards"])
-        common = {k: v for k, v in first.items() if k not in SHARD_ATTRS}
-        for path, meta in zip(shard_paths, metas):
-            for key in set(common) | {k for k in meta if k not in SHARD_ATTRS}:
-                if meta.get(key) != common.get(key):
-                    raise LayerscopeError(
-                        f"{path}: attribute '{key}' = {meta.get(key)!r} differs from {shard_paths[0]} "
-                        f"({common.get(key)!r}); shards of different runs cannot be gathered"
-                    )
-            for key in ("n_shards", "n_prompts_total", "batch_size", "max_tokens_per_batch"):
-                if meta[key] != first[key]:
-                    raise LayerscopeError(
-                        f"{path}: {key} = {meta[key]} but {shard_paths[0]} has {first[key]}; "
-                        "all shards must come from one batch plan - rerun the shards"
-                    )
-        indices = sorted(int(m["shard_index"]) for m in metas)
-        if indices != list(range(n_shards)):
-            raise LayerscopeError(f"{out_path}: expected shards 0..{n_shards - 1}, got {indices}")
+        common = _check_shard_attrs(shard_paths, metas, out_path)
         n = int(first["n_prompts_total"])
-        rows = [f["shard_rows"][()] for f in handles]
-        owner = np.full(n, -1, dtype=np.int64)
-        for s, (path, r) in enumerate(zip(shard_paths, rows)):
-            if r.size and (r.min() < 0 or r.max() >= n):
-                raise LayerscopeError(f"{path}: shard rows outside 0..{n - 1}")
-            clash = r[owner[r] >= 0]
-            if clash.size:
-                raise LayerscopeError(
-                    f"{path}: prompt row(s) {clash[:5].tolist()} also in another shard"
-                )
-            owner[r] = s
-        if (owner < 0).any():
-            raise LayerscopeError(
-                f"{out_path}: no shard holds prompt row(s) {np.flatnonzero(owner < 0)[:5].tolist()}"
-            )
-
+        rows = _shard_rows(handles, shard_paths, n, out_path)
         # Per-prompt metadata in table order (small: ids and counts, not vectors).
-        def assemble(name: str, strings: bool):
-            if name not in handles[0]:
-                return None
-            out = np.empty(n, dtype=object if strings else handles[0][name].dtype)
-            for f, r in zip(handles, rows):
-                out[r] = np.asarray(_strings(f, name), dtype=object) if strings else f[name][()]
-            return out
-
-        meta_strings = {name: assemble(name, True) for name in STRING_DATASETS}
-        n_tokens = assemble("n_tokens", False)
-        n_pooled = assemble("n_pooled", False)
+        meta_strings = {name: _assemble(handles, rows, n, name, True) for name in STRING_DATASETS}
+        n_tokens = _assemble(handles, rows, n, "n_tokens", False)
+        n_pooled = _assemble(handles, rows, n, "n_pooled", False)
         offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(n_pooled, out=offsets[1:])
-        token_layers = [int(x) for x in first["token_level_layers"]]
         attrs = dict(common, kind="store", n_prompts=n)
         with open_for_write(tmp_path) as dst:
             set_attrs(dst, {k: v for k, v in attrs.items() if k != "complete"})
@@ -650,46 +638,114 @@ def gather_shards(
                     write_strings(dst, name, meta_strings[name].tolist())
             dst.create_dataset("n_tokens", data=n_tokens)
             dst.create_dataset("n_pooled", data=n_pooled)
-            pooled = [f"{c}/{p}" for c in first["components"] for p in first["poolings"]]
-            for name in pooled:
-                src0 = handles[0][name]
-                dds = create_float(
-                    dst,
-                    name,
-                    (int(first["n_layers"]), n, int(first["d_model"])),
-                    src0.dtype.str,
-                    _compression_of(src0),
-                )
-                for f, r in zip(handles, rows):
-                    sds = f[name]
-                    for start in range(0, len(r), block_rows):
-                        stop = min(len(r), start + block_rows)
-                        # h5py point selection wants increasing indices: shard rows are sorted.
-                        dds[:, r[start:stop], :] = sds[:, start:stop, :]
-            if token_layers:
-                n_tok = int(offsets[-1])
-                token_ids = dst.create_dataset("token_ids", shape=(n_tok,), dtype=np.int64)
-                for c in first["components"]:
-                    base = f"{c}/{TOKEN_POOLING}"
-                    src0 = handles[0][f"{base}/values"]
-                    vds = create_float(
-                        dst,
-                        f"{base}/values",
-                        (len(token_layers), n_tok, int(first["d_model"])),
-                        src0.dtype.str,
-                        _compression_of(src0),
-                    )
-                    dst.create_dataset(f"{base}/offsets", data=offsets)
-                    for f, r in zip(handles, rows):
-                        soff = f[f"{base}/offsets"][()]
-                        for a, b in _runs(r, offsets[r], offsets[r + 1], block_rows * 16):
-                            g0, g1 = int(offsets[r[a]]), int(offsets[r[b - 1] + 1])
-                            s0, s1 = int(soff[a]), int(soff[b])
-                            vds[:, g0:g1, :] = f[f"{base}/values"][:, s0:s1, :]
-                            if c == first["components"][0]:
-                                token_ids[g0:g1] = f["token_ids"][s0:s1]
+            _gather_pooled(dst, handles, rows, first, n, block_rows)
+            if first["token_level_layers"]:
+                _gather_tokens(dst, handles, rows, first, offsets, block_rows)
             mark_complete(dst)
     finally:
         for f in handles:
             f.close()
     return {"n_prompts": n, "n_shards": n_shards}
+
+
+def _check_shard_attrs(shard_paths, metas, out_path) -> dict[str, Any]:
+    """The attributes the shards share; raise unless they come from one run and one batch plan
+    and are shards ``0..n_shards - 1`` exactly once each."""
+    first = metas[0]
+    n_shards = int(first["n_shards"])
+    common = {k: v for k, v in first.items() if k not in SHARD_ATTRS}
+    for path, meta in zip(shard_paths, metas):
+        for key in set(common) | {k for k in meta if k not in SHARD_ATTRS}:
+            if meta.get(key) != common.get(key):
+                raise LayerscopeError(
+                    f"{path}: attribute '{key}' = {meta.get(key)!r} differs from "
+                    f"{shard_paths[0]} ({common.get(key)!r}); "
+                    "shards of different runs cannot be gathered"
+                )
+        for key in ("n_shards", "n_prompts_total", "batch_size", "max_tokens_per_batch"):
+            if meta[key] != first[key]:
+                raise LayerscopeError(
+                    f"{path}: {key} = {meta[key]} but {shard_paths[0]} has {first[key]}; "
+                    "all shards must come from one batch plan - rerun the shards"
+                )
+    indices = sorted(int(m["shard_index"]) for m in metas)
+    if indices != list(range(n_shards)):
+        raise LayerscopeError(f"{out_path}: expected shards 0..{n_shards - 1}, got {indices}")
+    return common
+
+
+def _shard_rows(handles, shard_paths, n: int, out_path) -> list[np.ndarray]:
+    """Each shard's table rows; raise unless together they hold every row ``0..n-1`` once."""
+    rows = [f["shard_rows"][()] for f in handles]
+    owner = np.full(n, -1, dtype=np.int64)
+    for s, (path, r) in enumerate(zip(shard_paths, rows)):
+        if r.size and (r.min() < 0 or r.max() >= n):
+            raise LayerscopeError(f"{path}: shard rows outside 0..{n - 1}")
+        clash = r[owner[r] >= 0]
+        if clash.size:
+            raise LayerscopeError(
+                f"{path}: prompt row(s) {clash[:5].tolist()} also in another shard"
+            )
+        owner[r] = s
+    if (owner < 0).any():
+        raise LayerscopeError(
+            f"{out_path}: no shard holds prompt row(s) {np.flatnonzero(owner < 0)[:5].tolist()}"
+        )
+    return rows
+
+
+def _assemble(handles, rows, n: int, name: str, strings: bool):
+    """Per-prompt dataset ``name`` of all shards in table order (None if the shards lack it)."""
+    if name not in handles[0]:
+        return None
+    out = np.empty(n, dtype=object if strings else handles[0][name].dtype)
+    for f, r in zip(handles, rows):
+        out[r] = np.asarray(_strings(f, name), dtype=object) if strings else f[name][()]
+    return out
+
+
+def _gather_pooled(dst, handles, rows, first, n: int, block_rows: int) -> None:
+    """Copy every pooled dataset of the shards into ``dst``, ``block_rows`` prompts at a time."""
+    pooled = [f"{c}/{p}" for c in first["components"] for p in first["poolings"]]
+    for name in pooled:
+        src0 = handles[0][name]
+        dds = create_float(
+            dst,
+            name,
+            (int(first["n_layers"]), n, int(first["d_model"])),
+            src0.dtype.str,
+            _compression_of(src0),
+        )
+        for f, r in zip(handles, rows):
+            sds = f[name]
+            for start in range(0, len(r), block_rows):
+                stop = min(len(r), start + block_rows)
+                # h5py point selection wants increasing indices: shard rows are sorted.
+                dds[:, r[start:stop], :] = sds[:, start:stop, :]
+
+
+def _gather_tokens(dst, handles, rows, first, offsets: np.ndarray, block_rows: int) -> None:
+    """Copy the token-level values (and token ids) of the shards into ``dst`` in runs of
+    consecutive prompts."""
+    token_layers = [int(x) for x in first["token_level_layers"]]
+    n_tok = int(offsets[-1])
+    token_ids = dst.create_dataset("token_ids", shape=(n_tok,), dtype=np.int64)
+    for c in first["components"]:
+        base = f"{c}/{TOKEN_POOLING}"
+        src0 = handles[0][f"{base}/values"]
+        vds = create_float(
+            dst,
+            f"{base}/values",
+            (len(token_layers), n_tok, int(first["d_model"])),
+            src0.dtype.str,
+            _compression_of(src0),
+        )
+        dst.create_dataset(f"{base}/offsets", data=offsets)
+        for f, r in zip(handles, rows):
+            soff = f[f"{base}/offsets"][()]
+            for a, b in _runs(r, offsets[r], offsets[r + 1], block_rows * 16):
+                g0, g1 = int(offsets[r[a]]), int(offsets[r[b - 1] + 1])
+                s0, s1 = int(soff[a]), int(soff[b])
+                vds[:, g0:g1, :] = f[f"{base}/values"][:, s0:s1, :]
+                if c == first["components"][0]:
+                    token_ids[g0:g1] = f["token_ids"][s0:s1]

@@ -27,6 +27,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ _OUT_DTYPES = ("float32", "float16", "float64")
 
 
 def _tl_version() -> str:
+    """The installed TransformerLens version ("unknown" if it is not installed)."""
     try:
         return importlib.metadata.version("transformer-lens")
     except importlib.metadata.PackageNotFoundError:  # pragma: no cover
@@ -74,6 +76,7 @@ def _tl_version() -> str:
 
 
 def resolve_device(device: str | None = "auto") -> str:
+    """``auto`` -> cuda if available, else cpu; refuse a cuda device on a machine without one."""
     import torch
 
     if device in (None, "auto"):
@@ -86,6 +89,7 @@ def resolve_device(device: str | None = "auto") -> str:
 
 
 def torch_dtype(dtype: str | Any):
+    """The torch dtype named by ``dtype`` (float32, fp16, bf16, ...; a torch dtype passes)."""
     import torch
 
     if isinstance(dtype, torch.dtype):
@@ -150,6 +154,7 @@ def load_model(
 
 
 def _hf_config(source, revision):
+    """The transformers config of ``source`` at ``revision``."""
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(
@@ -158,6 +163,7 @@ def _hf_config(source, revision):
 
 
 def _arch_name(source, revision) -> str:
+    """The architecture name of ``source`` for messages ("unknown architecture" if unreadable)."""
     try:
         config = _hf_config(source, revision)
     except (OSError, ValueError):
@@ -174,18 +180,19 @@ def bridge_refusal(source, revision=None) -> str | None:
         return None  # let the boot itself report it
     if config.model_type == "falcon" and config.new_decoder_architecture:
         return (
-            "Falcon with new_decoder_architecture: the bridge's joint-QKV split does not fit its grouped "
-            "K/V heads and it cannot boot"
+            "Falcon with new_decoder_architecture: the bridge's joint-QKV split does not fit its "
+            "grouped K/V heads and it cannot boot"
         )
     if config.model_type == "falcon" and config.alibi:
         return (
-            "Falcon with ALiBi: the bridge's activations differ from transformers' (relative 0.04-0.17 "
-            "on a tiny random model)"
+            "Falcon with ALiBi: the bridge's activations differ from transformers' "
+            "(relative 0.04-0.17 on a tiny random model)"
         )
     return None
 
 
 def _own_tokenizer(source, revision, fallback):
+    """The model's own tokenizer from its files (``fallback`` if it cannot be loaded)."""
     from transformers import AutoTokenizer
 
     try:
@@ -209,10 +216,11 @@ def load_engine(
     revision: str | None = None,
     log: Callable[[str], Any] | None = None,
 ):
-    """The model to cache with: the native engine (plain HF model, SDPA, hooks on its modules; see
-    :mod:`layerscope.engine.native`) or the TransformerBridge. ``engine: auto`` takes the native one unless
-    compatibility_mode is on (folded LayerNorm exists only in the bridge) or the layout has no native
-    tap point for a requested component; ``native`` refuses those cases by name. Returns ``(model, info)``.
+    """The model to cache with: the native engine (plain HF model, SDPA, hooks on its modules;
+    see :mod:`layerscope.engine.native`) or the TransformerBridge. ``engine: auto`` takes the
+    native one unless compatibility_mode is on (folded LayerNorm exists only in the bridge) or the
+    layout has no native tap point for a requested component; ``native`` refuses those cases by
+    name. Returns ``(model, info)``.
     """
     from layerscope.engine import native
 
@@ -472,15 +480,18 @@ def _stop_exception(model) -> type:
 
 
 def _model_device(model):
+    """The device of the wrapped HF model's parameters."""
     hf = getattr(model, "original_model", None) or getattr(model, "model", None)
     return next(iter(hf.parameters())).device
 
 
 def hook_name(component: str, layer: int) -> str:
+    """The hook point name of ``component`` in ``layer`` (``blocks.L.hook_<component>``)."""
     return HOOKS[component].format(L=layer)
 
 
 def _check_choices(values: Iterable[str], allowed: Sequence[str], what: str) -> list[str]:
+    """``values`` as a list; raise on a value not in ``allowed`` or a repeated one."""
     values = list(values)
     bad = [v for v in values if v not in allowed]
     if bad:
@@ -496,9 +507,75 @@ def _check_choices(values: Iterable[str], allowed: Sequence[str], what: str) -> 
 
 
 def _names(ids: Sequence[str], limit: int = 10) -> str:
+    """The first ``limit`` ids, comma-separated, and how many more there are."""
     ids = [str(i) for i in ids]
     more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
     return ", ".join(ids[:limit]) + more
+
+
+@dataclass(frozen=True)
+class CacheRequest:
+    """What :func:`cache_store` was asked to cache, validated (the settings, not the prompts)."""
+
+    components: list[str]
+    poolings: list[str]
+    token_level_layers: list[int]
+    bos_policy: bool | str
+    exclude_bos_from_pooling: bool
+    batch_size: int
+    max_tokens_per_batch: int | None
+    dtype_out: str
+    compression: str | int | None
+    progress_every_s: float
+    stop_early: bool
+    shard: tuple[int, int] | None
+    self_check: int  # as given: 0 (or None) = off
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """The prompts one job computes (its shard's, in table order), their tokens and batches."""
+
+    prompt_ids: list[str]
+    texts: list[Any]
+    labels: list[str]
+    groups: Sequence[Any] | None
+    ids: list[Any]  # token ids (int64 arrays), BOS included
+    lengths: list[int]
+    n_pooled: list[int]
+    offsets: np.ndarray  # token-level rows of prompt i: offsets[i]:offsets[i + 1]
+    batches: list[list[int]]
+    rows: list[int] | None  # a shard's table rows; None unsharded
+    n_total: int  # prompts in the whole table
+    check_rows: list[int]
+    check_pids: list[str]
+    prepend: bool
+    skip: int  # leading positions left out of pooling (the BOS)
+    pad_id: int
+    info: dict[str, Any]
+    n_layers: int
+    d_model: int
+
+    @property
+    def n(self) -> int:
+        """Prompts this job computes."""
+        return len(self.prompt_ids)
+
+
+@dataclass(frozen=True)
+class _CacheRun:
+    """Everything the batch loop needs: the model, its hooks and the open store's datasets."""
+
+    bridge: Any
+    req: CacheRequest
+    plan: CachePlan
+    state: dict[str, Any]  # the current batch's masks, and what its hooks captured
+    fwd_hooks: list[tuple[str, Callable]]
+    device: Any
+    pooled_ds: dict[tuple[str, str], Any]
+    token_ds: dict[str, Any]
+    overflow_hint: str
+    log: Callable[[str], Any]
 
 
 def cache_store(
@@ -543,10 +620,86 @@ def cache_store(
     :mod:`layerscope.engine.parity`); the largest difference goes into the attributes and the log.
     Returns a small summary dict (n_prompts, n_tokens, seconds, tokens_per_s, batches).
     """
-    import torch
-
-    StopAtLayerException = _stop_exception(bridge)
+    stop_exc = _stop_exception(bridge)
     log = log or (lambda msg: None)
+    req = _validate_request(
+        components,
+        poolings,
+        token_level_layers,
+        dtype_out,
+        compression,
+        bos_policy=prepend_bos,
+        exclude_bos_from_pooling=exclude_bos_from_pooling,
+        batch_size=batch_size,
+        max_tokens_per_batch=max_tokens_per_batch,
+        progress_every_s=progress_every_s,
+        stop_early=stop_early,
+        shard=shard,
+        self_check=self_check,
+    )
+    prompts = _checked_prompts(prompt_ids, texts, labels, groups)
+    info, n_layers, d_model = _checked_model(bridge, req, model_info)
+    plan = _plan(bridge, req, prompts, info, n_layers, d_model)
+    state: dict[str, Any] = {}
+    fwd_hooks = _make_hooks(req, plan, state, stop_exc)
+    attrs = _store_attrs(bridge, req, plan)
+    device = _model_device(bridge)
+    _log_plan(req, plan, device, log)
+    _check_disk_space(req, plan, out_path)
+    t0 = time.perf_counter()
+    with atomic_path(out_path) as tmp:
+        with h5cache.open_for_write(tmp) as f:
+            pooled_ds, token_ds = _create_store(f, req, plan, attrs)
+            hint = _overflow_hint(attrs["dtype"], req.dtype_out)
+            run = _CacheRun(
+                bridge, req, plan, state, fwd_hooks, device, pooled_ds, token_ds, hint, log
+            )
+            _run_batches(run, t0)
+            _finish_store(run, f, attrs)
+    return _summary(plan, time.perf_counter() - t0)
+
+
+def _finish_store(run: _CacheRun, f, attrs: Mapping[str, Any]) -> None:
+    """Run the parity self-check on the written values (if asked) and mark ``f`` complete."""
+    req, plan = run.req, run.plan
+    if req.self_check:
+        h5cache.set_attrs(
+            f,
+            _self_check(
+                run.bridge,
+                f,
+                plan.ids,
+                plan.check_rows,
+                plan.check_pids,
+                plan.prompt_ids,
+                int(req.self_check),
+                plan.skip,
+                req.components,
+                req.poolings,
+                attrs,
+                run.log,
+            ),
+        )
+    h5cache.mark_complete(f)
+
+
+def _summary(plan: CachePlan, seconds: float) -> dict[str, Any]:
+    """What :func:`cache_store` returns: prompts, tokens, batches, time and the BOS decision."""
+    total_real = int(sum(plan.lengths))
+    return {
+        "n_prompts": plan.n,
+        "n_tokens": total_real,
+        "n_batches": len(plan.batches),
+        "seconds": seconds,
+        "tokens_per_s": total_real / max(seconds, 1e-9),
+        "prepend_bos": plan.prepend,
+    }
+
+
+def _validate_request(
+    components, poolings, token_level_layers, dtype_out, compression, **rest
+) -> CacheRequest:
+    """Check the components, poolings, token-level layers, output dtype and compression."""
     components = _check_choices(components, h5cache.COMPONENTS, "component")
     poolings = _check_choices(poolings, h5cache.POOLINGS, "pooling")
     if not components:
@@ -559,7 +712,18 @@ def cache_store(
             f"dtype_out {dtype_out!r} not supported; expected one of {list(_OUT_DTYPES)}"
         )
     h5cache.compression_kwargs(compression)  # validate early
+    return CacheRequest(
+        components=components,
+        poolings=poolings,
+        token_level_layers=token_level_layers,
+        dtype_out=dtype_out,
+        compression=compression,
+        **rest,
+    )
 
+
+def _checked_prompts(prompt_ids, texts, labels, groups) -> tuple[list, list, list, Any]:
+    """``(prompt_ids, texts, labels, groups)`` as lists of one length, ids unique, labels str."""
     prompt_ids = [str(p) for p in prompt_ids]
     texts = list(texts)
     labels = ["" if v is None else str(v) for v in labels]
@@ -575,19 +739,21 @@ def cache_store(
     dupes = sorted(p for p, k in Counter(prompt_ids).items() if k > 1)
     if dupes:
         raise LayerscopeError(f"duplicate prompt_id(s): {_names(dupes)}")
+    return prompt_ids, texts, labels, groups
 
+
+def _checked_model(bridge, req: CacheRequest, model_info) -> tuple[dict[str, Any], int, int]:
+    """``(info, n_layers, d_model)``; the token-level layers and every component's hook exist."""
     info = dict(model_info) if model_info is not None else describe_model(bridge)
     n_layers = int(bridge.cfg.n_layers)
     d_model = int(bridge.cfg.d_model)
-    bad_layers = [L for L in token_level_layers if not 0 <= L < n_layers]
+    bad_layers = [L for L in req.token_level_layers if not 0 <= L < n_layers]
     if bad_layers:
         raise LayerscopeError(
             f"token_level_layers {bad_layers} do not exist; the model has layers 0..{n_layers - 1}"
         )
-
-    # --- hooks -------------------------------------------------------------------------------
     hook_dict = bridge.hook_dict
-    for comp in components:
+    for comp in req.components:
         if hook_name(comp, 0) not in hook_dict:
             raise LayerscopeError(
                 f"component '{comp}' is not available for architecture {info.get('architecture')} "
@@ -595,23 +761,18 @@ def cache_store(
                 + ("; parallel-attention blocks have no resid_mid" if comp == "resid_mid" else "")
                 + "); remove it from activations.components"
             )
+    return info, n_layers, d_model
 
-    # --- tokens --------------------------------------------------------------------------------
-    tokenizer = getattr(bridge, "layerscope_tokenizer", None) or bridge.tokenizer
-    bos_policy = prepend_bos
-    prepend = resolve_bos(tokenizer, prepend_bos)
-    # A shard keeps only the lengths of other shards' prompts (for the global batch plan), so its
-    # memory does not grow with the dataset; the ids of its own prompts come in a second pass.
-    ids = _token_ids(tokenizer, texts, range(n), prepend, keep=shard is None)
-    skip = 1 if (prepend and exclude_bos_from_pooling) else 0
-    lengths = [len(x) for x in ids]
-    n_pooled = [max(0, L - skip) for L in lengths]
+
+def _check_lengths(prompt_ids, lengths, n_pooled, skip: int, n_ctx: int) -> None:
+    """Every prompt has a token to pool and fits the model context (when it is known)."""
+    n = len(prompt_ids)
     empty = [prompt_ids[i] for i in range(n) if n_pooled[i] == 0]
     if empty:
         raise LayerscopeError(
-            f"prompt(s) with no tokens left to pool{' after leaving out BOS' if skip else ''}: {_names(empty)}"
+            "prompt(s) with no tokens left to pool"
+            f"{' after leaving out BOS' if skip else ''}: {_names(empty)}"
         )
-    n_ctx = int(info.get("n_ctx") or getattr(bridge.cfg, "n_ctx", 0) or 0)
     if n_ctx:
         too_long = [
             f"{prompt_ids[i]} ({lengths[i]} tokens)" for i in range(n) if lengths[i] > n_ctx
@@ -620,23 +781,38 @@ def cache_store(
             raise LayerscopeError(
                 f"prompt(s) longer than the model context of {n_ctx} tokens: {_names(too_long)}"
             )
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    if pad_id is None:
-        pad_id = (
-            getattr(tokenizer, "eos_token_id", None) or 0
-        )  # value irrelevant: masked, right of real tokens
-    batches = make_batches(lengths, batch_size, max_tokens_per_batch)
-    n_total = n
-    # The self-check sample is drawn from the whole table, so that shards check the same prompts
-    # as the unsharded job (each shard those it holds; gather_store keeps the largest difference).
+
+
+def _plan(bridge, req: CacheRequest, prompts, info, n_layers: int, d_model: int) -> CachePlan:
+    """Tokenize, check lengths, plan the batches and the self-check sample; cut out the shard."""
     from layerscope.engine import parity
 
-    check_rows = parity.sample_rows(lengths, int(self_check or 0))
+    prompt_ids, texts, labels, groups = prompts
+    n = len(prompt_ids)
+    tokenizer = getattr(bridge, "layerscope_tokenizer", None) or bridge.tokenizer
+    prepend = resolve_bos(tokenizer, req.bos_policy)
+    # A shard keeps only the lengths of other shards' prompts (for the global batch plan), so its
+    # memory does not grow with the dataset; the ids of its own prompts come in a second pass.
+    ids = _token_ids(tokenizer, texts, range(n), prepend, keep=req.shard is None)
+    skip = 1 if (prepend and req.exclude_bos_from_pooling) else 0
+    lengths = [len(x) for x in ids]
+    n_pooled = [max(0, L - skip) for L in lengths]
+    n_ctx = int(info.get("n_ctx") or getattr(bridge.cfg, "n_ctx", 0) or 0)
+    _check_lengths(prompt_ids, lengths, n_pooled, skip, n_ctx)
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        # value irrelevant: masked, right of real tokens
+        pad_id = getattr(tokenizer, "eos_token_id", None) or 0
+    batches = make_batches(lengths, req.batch_size, req.max_tokens_per_batch)
+    # The self-check sample is drawn from the whole table, so that shards check the same prompts
+    # as the unsharded job (each shard those it holds; gather_store keeps the largest difference).
+    check_rows = parity.sample_rows(lengths, int(req.self_check or 0))
     check_pids = [prompt_ids[i] for i in check_rows]
-    if shard is not None:
+    rows = None
+    if req.shard is not None:
         # Keep only this shard's prompts (ascending table order) and renumber them; each batch
         # keeps its members and their order, so its input tensor is the unsharded one.
-        batches = shard_batches(batches, lengths, int(shard[0]), int(shard[1]))
+        batches = shard_batches(batches, lengths, int(req.shard[0]), int(req.shard[1]))
         rows = sorted(i for b in batches for i in b)
         local = {g: k for k, g in enumerate(rows)}
         batches = [[local[i] for i in b] for b in batches]
@@ -647,44 +823,91 @@ def cache_store(
         check_rows = [local[i] for i in check_rows if i in local]
         if groups is not None:
             groups = [groups[i] for i in rows]
-        n = len(rows)
-    offsets = np.zeros(n + 1, dtype=np.int64)
+    offsets = np.zeros(len(prompt_ids) + 1, dtype=np.int64)
     np.cumsum(n_pooled, out=offsets[1:])
-    n_tok_total = int(offsets[-1])
+    return CachePlan(
+        prompt_ids=prompt_ids,
+        texts=texts,
+        labels=labels,
+        groups=groups,
+        ids=ids,
+        lengths=lengths,
+        n_pooled=n_pooled,
+        offsets=offsets,
+        batches=batches,
+        rows=rows,
+        n_total=n,
+        check_rows=check_rows,
+        check_pids=check_pids,
+        prepend=prepend,
+        skip=skip,
+        pad_id=pad_id,
+        info=info,
+        n_layers=n_layers,
+        d_model=d_model,
+    )
 
-    # --- hook functions --------------------------------------------------------------------
-    stop_comp = max(components, key=lambda c: _FIRE_ORDER[c])
-    stop_layer = n_layers - 1
-    tl_index = {L: k for k, L in enumerate(token_level_layers)}
-    state: dict[str, Any] = {}
 
-    def make_hook(comp: str, layer: int):
-        is_stop = stop_early and comp == stop_comp and layer == stop_layer
-        keep_tokens = layer in tl_index
+def _make_hook(
+    comp: str,
+    layer: int,
+    poolings: Sequence[str],
+    keep_tokens: bool,
+    is_stop: bool,
+    state: dict[str, Any],
+    stop_exc: type,
+):
+    """The hook on ``comp`` of ``layer``: pool the batch into ``state["captured"]``; maybe stop."""
 
-        def hook(tensor, hook=None):
-            x = tensor.detach().float()
-            pm = state["pool_mask"]  # [B, T] bool
-            out = {}
-            if "mean" in poolings:
-                w = pm.unsqueeze(-1).to(x.dtype)
-                out["mean"] = (x * w).sum(dim=1) / state["counts"]
-            if "max" in poolings:
-                out["max"] = x.masked_fill(~pm.unsqueeze(-1), -math.inf).amax(dim=1)
-            if "last" in poolings:
-                out["last"] = x[state["rows"], state["last"]]
-            if keep_tokens:
-                out["none"] = x[pm]  # row-major: prompt by prompt, positions in order
-            state["captured"][(comp, layer)] = {k: v.cpu() for k, v in out.items()}
-            if is_stop:
-                raise StopAtLayerException(tensor)
-            return None
+    def hook(tensor, hook=None):
+        x = tensor.detach().float()
+        pm = state["pool_mask"]  # [B, T] bool
+        out = {}
+        if "mean" in poolings:
+            w = pm.unsqueeze(-1).to(x.dtype)
+            out["mean"] = (x * w).sum(dim=1) / state["counts"]
+        if "max" in poolings:
+            out["max"] = x.masked_fill(~pm.unsqueeze(-1), -math.inf).amax(dim=1)
+        if "last" in poolings:
+            out["last"] = x[state["rows"], state["last"]]
+        if keep_tokens:
+            out["none"] = x[pm]  # row-major: prompt by prompt, positions in order
+        state["captured"][(comp, layer)] = {k: v.cpu() for k, v in out.items()}
+        if is_stop:
+            raise stop_exc(tensor)
+        return None
 
-        return hook
+    return hook
 
-    fwd_hooks = [(hook_name(c, L), make_hook(c, L)) for L in range(n_layers) for c in components]
-    store_hooks = [HOOKS[c] for c in components]
 
+def _make_hooks(
+    req: CacheRequest, plan: CachePlan, state: dict[str, Any], stop_exc: type
+) -> list[tuple[str, Callable]]:
+    """``(hook name, hook)`` for every component of every layer, layer by layer; the last one
+    to fire raises ``stop_exc`` (with ``stop_early``) so the final norm and LM head never run."""
+    stop_comp = max(req.components, key=lambda c: _FIRE_ORDER[c])
+    stop_layer = plan.n_layers - 1
+    return [
+        (
+            hook_name(c, L),
+            _make_hook(
+                c,
+                L,
+                req.poolings,
+                L in req.token_level_layers,
+                req.stop_early and c == stop_comp and L == stop_layer,
+                state,
+                stop_exc,
+            ),
+        )
+        for L in range(plan.n_layers)
+        for c in req.components
+    ]
+
+
+def _store_attrs(bridge, req: CacheRequest, plan: CachePlan) -> dict[str, Any]:
+    """The attributes of the store (or shard) file: model, versions, settings, shapes."""
+    info = plan.info
     attrs = {
         "kind": "store",
         "format_version": h5cache.FORMAT_VERSION,
@@ -693,226 +916,229 @@ def cache_store(
         "architecture": info.get("architecture", "unknown"),
         "transformer_lens_version": info.get("transformer_lens_version", _tl_version()),
         "layerscope_version": LAYERSCOPE_VERSION,
-        "n_layers": n_layers,
-        "d_model": d_model,
-        "n_prompts": n,
-        "hook_names": store_hooks,
+        "n_layers": plan.n_layers,
+        "d_model": plan.d_model,
+        "n_prompts": plan.n,
+        "hook_names": [HOOKS[c] for c in req.components],
         "dtype": info.get("dtype", "unknown"),
-        "out_dtype": dtype_out,
-        "bos": str(bos_policy).lower(),
-        "prepend_bos": bool(prepend),
-        "exclude_bos_from_pooling": bool(exclude_bos_from_pooling),
+        "out_dtype": req.dtype_out,
+        "bos": str(req.bos_policy).lower(),
+        "prepend_bos": bool(plan.prepend),
+        "exclude_bos_from_pooling": bool(req.exclude_bos_from_pooling),
         "compatibility_mode": bool(
             info.get("compatibility_mode", getattr(bridge, "compatibility_mode", False))
         ),
-        "components": components,
-        "poolings": poolings,
-        "token_level_layers": token_level_layers,
+        "components": req.components,
+        "poolings": req.poolings,
+        "token_level_layers": req.token_level_layers,
         "pad_side": "right",
         "engine": str(info.get("engine", "native" if hasattr(bridge, "layout") else "bridge")),
     }
-    if shard is not None:
+    if req.shard is not None:
         attrs.update(
             kind="shard",
-            shard_index=int(shard[0]),
-            n_shards=int(shard[1]),
-            n_prompts_total=n_total,
-            batch_size=int(batch_size),
-            max_tokens_per_batch=int(max_tokens_per_batch or 0),
+            shard_index=int(req.shard[0]),
+            n_shards=int(req.shard[1]),
+            n_prompts_total=plan.n_total,
+            batch_size=int(req.batch_size),
+            max_tokens_per_batch=int(req.max_tokens_per_batch or 0),
         )
+    return attrs
 
-    device = _model_device(bridge)
-    total_real = int(sum(lengths))
-    if shard is not None:
+
+def _log_plan(req: CacheRequest, plan: CachePlan, device, log: Callable[[str], Any]) -> None:
+    """Say what the job will compute: prompts, tokens, batches, layers, BOS and device."""
+    n = plan.n
+    if req.shard is not None:
         log(
-            f"cache_store: shard {shard[0]} of {shard[1]} (numbered from 0): {n} of {n_total} prompts"
+            f"cache_store: shard {req.shard[0]} of {req.shard[1]} (numbered from 0): "
+            f"{n} of {plan.n_total} prompts"
         )
+    mtpb = req.max_tokens_per_batch
+    tll = req.token_level_layers
     log(
-        f"cache_store: {n} prompts, {total_real} tokens, {len(batches)} batches (batch_size {batch_size}"
-        f"{f', max_tokens_per_batch {max_tokens_per_batch}' if max_tokens_per_batch else ''}), "
-        f"{n_layers} layers x {components} x {poolings}"
-        f"{f' + tokens of layers {token_level_layers}' if token_level_layers else ''}; "
-        f"BOS {'prepended' if prepend else 'not prepended'} (policy {bos_policy!r})"
-        f"{', left out of pooling' if skip else ''}; device {device}"
+        f"cache_store: {n} prompts, {int(sum(plan.lengths))} tokens, {len(plan.batches)} batches "
+        f"(batch_size {req.batch_size}"
+        f"{f', max_tokens_per_batch {mtpb}' if mtpb else ''}), "
+        f"{plan.n_layers} layers x {req.components} x {req.poolings}"
+        f"{f' + tokens of layers {tll}' if tll else ''}; "
+        f"BOS {'prepended' if plan.prepend else 'not prepended'} (policy {req.bos_policy!r})"
+        f"{', left out of pooling' if plan.skip else ''}; device {device}"
     )
 
-    # Half precision is where inf/NaN come from; say which knob to turn.
-    overflow_hint = ""
-    if attrs["dtype"] == "float16":
-        overflow_hint = (
+
+def _overflow_hint(model_dtype: str, dtype_out: str) -> str:
+    """What to add to a non-finite-values error: half precision is where inf/NaN come from, so
+    say which knob to turn."""
+    if model_dtype == "float16":
+        return (
             "; the model ran in float16, whose largest value is 65504: "
             "set the model's dtype to bfloat16 or float32"
         )
-    elif dtype_out == "float16":
-        overflow_hint = (
-            "; activations overflowed out_dtype float16: set activations.out_dtype to float32"
-        )
+    if dtype_out == "float16":
+        return "; activations overflowed out_dtype float16: set activations.out_dtype to float32"
+    return ""
 
-    # Refuse before the forward pass, not half way through writing it.
+
+def _check_disk_space(req: CacheRequest, plan: CachePlan, out_path) -> None:
+    """Refuse before the forward pass, not half way through writing it."""
+    tll = req.token_level_layers
     needed = diskspace.estimate_store_bytes(
-        n_layers,
-        n,
-        d_model,
-        len(components),
-        len(poolings),
-        n_tok_total if token_level_layers else 0,
-        len(token_level_layers),
-        np.dtype(dtype_out).itemsize,
+        plan.n_layers,
+        plan.n,
+        plan.d_model,
+        len(req.components),
+        len(req.poolings),
+        int(plan.offsets[-1]) if tll else 0,
+        len(tll),
+        np.dtype(req.dtype_out).itemsize,
     )
     diskspace.check_free_space(Path(out_path).parent, needed, f"the activation store {out_path}")
 
-    t0 = time.perf_counter()
+
+def _create_store(f, req: CacheRequest, plan: CachePlan, attrs) -> tuple[dict, dict]:
+    """Write the attributes and per-prompt data into the open file ``f``; create the (empty)
+    activation datasets. Returns ``(pooled, token_level)`` datasets by (component, pooling)
+    and by component."""
+    n, d_model, dtype_out, compression = plan.n, plan.d_model, req.dtype_out, req.compression
+    h5cache.set_attrs(f, attrs)
+    if plan.rows is not None:
+        f.create_dataset("shard_rows", data=np.asarray(plan.rows, dtype=np.int64))
+    h5cache.write_strings(f, "prompt_id", plan.prompt_ids)
+    h5cache.write_strings(f, "label", plan.labels)
+    # the cache's key (not labels)
+    h5cache.write_strings(f, "text_sha1", h5cache.text_hashes(plan.texts))
+    if plan.groups is not None:
+        h5cache.write_strings(f, "group", plan.groups)
+    f.create_dataset("n_tokens", data=np.asarray(plan.lengths, dtype=np.int32))
+    f.create_dataset("n_pooled", data=np.asarray(plan.n_pooled, dtype=np.int32))
+    pooled_ds = {
+        (c, p): h5cache.create_float(
+            f, f"{c}/{p}", (plan.n_layers, n, d_model), dtype_out, compression
+        )
+        for c in req.components
+        for p in req.poolings
+    }
+    token_ds = {}
+    if req.token_level_layers:
+        f.create_dataset(
+            "token_ids",
+            data=np.concatenate([x[plan.skip :] for x in plan.ids] or [np.zeros(0, np.int64)]),
+        )
+        for c in req.components:
+            token_ds[c] = h5cache.create_float(
+                f,
+                f"{c}/none/values",
+                (len(req.token_level_layers), int(plan.offsets[-1]), d_model),
+                dtype_out,
+                compression,
+            )
+            f.create_dataset(f"{c}/none/offsets", data=plan.offsets)
+    return pooled_ds, token_ds
+
+
+def _forward(run: _CacheRun, batch: list[int], T: int) -> dict:
+    """One padded forward pass of ``batch`` (width ``T``); the pooled vectors it captured."""
+    import torch
+
+    plan, state, device = run.plan, run.state, run.device
+    B = len(batch)
+    input_ids = torch.full((B, T), int(plan.pad_id), dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    for r, i in enumerate(batch):
+        input_ids[r, : plan.lengths[i]] = torch.from_numpy(plan.ids[i])
+        mask[r, : plan.lengths[i]] = 1
+    input_ids = input_ids.to(device)
+    mask = mask.to(device)
+    pool_mask = mask.bool().clone()
+    pool_mask[:, : plan.skip] = False
+    state["pool_mask"] = pool_mask
+    state["counts"] = pool_mask.sum(dim=1, keepdim=True).float()
+    state["rows"] = torch.arange(B, device=device)
+    state["last"] = torch.tensor([plan.lengths[i] - 1 for i in batch], device=device)
+    state["captured"] = {}
+    run.bridge(input_ids, attention_mask=mask, return_type=None)
+    captured = state.pop("captured")
+    if len(captured) != len(run.fwd_hooks):
+        keys = [(c, L) for L in range(plan.n_layers) for c in run.req.components]
+        missing = [h for (h, _), key in zip(run.fwd_hooks, keys) if key not in captured]
+        raise LayerscopeError(f"hooks did not fire: {_names(missing)}")
+    return captured
+
+
+def _run_batch(run: _CacheRun, batch: list[int], T: int) -> None:
+    """Forward and write ``batch``; on CUDA out-of-memory, halve it and retry each half at the
+    same width ``T`` (each row then sees exactly the input it had in the whole batch)."""
+    import torch
+
+    plan = run.plan
+    try:
+        captured = _forward(run, batch, T)
+    except torch.cuda.OutOfMemoryError as exc:
+        run.state.pop("captured", None)
+        if len(batch) == 1:
+            raise LayerscopeError(
+                f"CUDA out of memory on prompt {plan.prompt_ids[batch[0]]} "
+                f"({plan.lengths[batch[0]]} tokens) "
+                "alone: use a smaller dtype, a bigger GPU or shorter prompts"
+            ) from exc
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(batch) // 2
+        run.log(
+            f"cache_store: CUDA out of memory on a batch of {len(batch)} prompts x {T} tokens; "
+            f"retrying it as {half} + {len(batch) - half} "
+            "(lower max_tokens_per_batch to avoid this)"
+        )
+        _run_batch(run, batch[:half], T)
+        _run_batch(run, batch[half:], T)
+        return
+    _write_batch(
+        batch,
+        captured,
+        run.req.components,
+        run.req.poolings,
+        plan.n_layers,
+        run.pooled_ds,
+        run.token_ds,
+        {L: k for k, L in enumerate(run.req.token_level_layers)},
+        plan.offsets,
+        run.req.dtype_out,
+        plan.prompt_ids,
+        run.overflow_hint,
+    )
+    del captured  # one batch of activations at a time
+
+
+def _run_batches(run: _CacheRun, t0: float) -> None:
+    """Run every batch with the hooks on, logging progress every ``progress_every_s``."""
+    import torch
+
+    plan, n = run.plan, run.plan.n
+    total_real = int(sum(plan.lengths))
     last_log = t0
     done_prompts = 0
     done_tokens = 0
-    with atomic_path(out_path) as tmp:
-        with h5cache.open_for_write(tmp) as f:
-            h5cache.set_attrs(f, attrs)
-            if shard is not None:
-                f.create_dataset("shard_rows", data=np.asarray(rows, dtype=np.int64))
-            h5cache.write_strings(f, "prompt_id", prompt_ids)
-            h5cache.write_strings(f, "label", labels)
-            h5cache.write_strings(
-                f, "text_sha1", h5cache.text_hashes(texts)
-            )  # the cache's key (not labels)
-            if groups is not None:
-                h5cache.write_strings(f, "group", groups)
-            f.create_dataset("n_tokens", data=np.asarray(lengths, dtype=np.int32))
-            f.create_dataset("n_pooled", data=np.asarray(n_pooled, dtype=np.int32))
-            pooled_ds = {
-                (c, p): h5cache.create_float(
-                    f, f"{c}/{p}", (n_layers, n, d_model), dtype_out, compression
+    with torch.inference_mode(), run.bridge.hooks(fwd_hooks=run.fwd_hooks):
+        for batch in plan.batches:
+            _run_batch(run, batch, max(plan.lengths[i] for i in batch))
+            done_prompts += len(batch)
+            done_tokens += sum(plan.lengths[i] for i in batch)
+            now = time.perf_counter()
+            if now - last_log >= run.req.progress_every_s or done_prompts == n:
+                el = max(now - t0, 1e-9)
+                run.log(
+                    f"cache_store: {done_prompts}/{n} prompts, "
+                    f"{done_tokens}/{total_real} tokens, "
+                    f"{done_tokens / el:.0f} tokens/s, {el:.1f} s"
                 )
-                for c in components
-                for p in poolings
-            }
-            token_ds = {}
-            if token_level_layers:
-                f.create_dataset(
-                    "token_ids",
-                    data=np.concatenate([x[skip:] for x in ids] or [np.zeros(0, np.int64)]),
-                )
-                for c in components:
-                    token_ds[c] = h5cache.create_float(
-                        f,
-                        f"{c}/none/values",
-                        (len(token_level_layers), n_tok_total, d_model),
-                        dtype_out,
-                        compression,
-                    )
-                    f.create_dataset(f"{c}/none/offsets", data=offsets)
-
-            def forward(batch: list[int], T: int) -> dict:
-                """One padded forward pass of ``batch`` (width ``T``); the pooled vectors it captured."""
-                B = len(batch)
-                input_ids = torch.full((B, T), int(pad_id), dtype=torch.long)
-                mask = torch.zeros((B, T), dtype=torch.long)
-                for r, i in enumerate(batch):
-                    input_ids[r, : lengths[i]] = torch.from_numpy(ids[i])
-                    mask[r, : lengths[i]] = 1
-                input_ids = input_ids.to(device)
-                mask = mask.to(device)
-                pool_mask = mask.bool().clone()
-                pool_mask[:, :skip] = False
-                state["pool_mask"] = pool_mask
-                state["counts"] = pool_mask.sum(dim=1, keepdim=True).float()
-                state["rows"] = torch.arange(B, device=device)
-                state["last"] = torch.tensor([lengths[i] - 1 for i in batch], device=device)
-                state["captured"] = {}
-                bridge(input_ids, attention_mask=mask, return_type=None)
-                captured = state.pop("captured")
-                if len(captured) != len(fwd_hooks):
-                    keys = [(c, L) for L in range(n_layers) for c in components]
-                    missing = [h for (h, _), key in zip(fwd_hooks, keys) if key not in captured]
-                    raise LayerscopeError(f"hooks did not fire: {_names(missing)}")
-                return captured
-
-            def run(batch: list[int], T: int) -> None:
-                """Forward and write ``batch``; on CUDA out-of-memory, halve it and retry each half at the
-                same width ``T`` (each row then sees exactly the input it had in the whole batch)."""
-                try:
-                    captured = forward(batch, T)
-                except torch.cuda.OutOfMemoryError as exc:
-                    state.pop("captured", None)
-                    if len(batch) == 1:
-                        raise LayerscopeError(
-                            f"CUDA out of memory on prompt {prompt_ids[batch[0]]} ({lengths[batch[0]]} tokens) "
-                            "alone: use a smaller dtype, a bigger GPU or shorter prompts"
-                        ) from exc
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-                    half = len(batch) // 2
-                    log(
-                        f"cache_store: CUDA out of memory on a batch of {len(batch)} prompts x {T} tokens; "
-                        f"retrying it as {half} + {len(batch) - half} "
-                        "(lower max_tokens_per_batch to avoid this)"
-                    )
-                    run(batch[:half], T)
-                    run(batch[half:], T)
-                    return
-                _write_batch(
-                    batch,
-                    captured,
-                    components,
-                    poolings,
-                    n_layers,
-                    pooled_ds,
-                    token_ds,
-                    tl_index,
-                    offsets,
-                    dtype_out,
-                    prompt_ids,
-                    overflow_hint,
-                )
-                del captured  # one batch of activations at a time
-
-            with torch.inference_mode(), bridge.hooks(fwd_hooks=fwd_hooks):
-                for batch in batches:
-                    B = len(batch)
-                    run(batch, max(lengths[i] for i in batch))
-                    done_prompts += B
-                    done_tokens += sum(lengths[i] for i in batch)
-                    now = time.perf_counter()
-                    if now - last_log >= progress_every_s or done_prompts == n:
-                        el = max(now - t0, 1e-9)
-                        log(
-                            f"cache_store: {done_prompts}/{n} prompts, {done_tokens}/{total_real} tokens, "
-                            f"{done_tokens / el:.0f} tokens/s, {el:.1f} s"
-                        )
-                        last_log = now
-            if self_check:
-                h5cache.set_attrs(
-                    f,
-                    _self_check(
-                        bridge,
-                        f,
-                        ids,
-                        check_rows,
-                        check_pids,
-                        prompt_ids,
-                        int(self_check),
-                        skip,
-                        components,
-                        poolings,
-                        attrs,
-                        log,
-                    ),
-                )
-            h5cache.mark_complete(f)
-    seconds = time.perf_counter() - t0
-    return {
-        "n_prompts": n,
-        "n_tokens": total_real,
-        "n_batches": len(batches),
-        "seconds": seconds,
-        "tokens_per_s": total_real / max(seconds, 1e-9),
-        "prepend_bos": prepend,
-    }
+                last_log = now
 
 
 def _reference_model(model, info: Mapping[str, Any]):
     """The plain HF model the self-check recomputes with: the native engine's own model (it is
-    not wrapped), or for the bridge a separately loaded copy (the bridge swaps the HF submodules)."""
+    not wrapped), or for the bridge a separately loaded copy (the bridge swaps the HF
+    submodules)."""
     if hasattr(model, "layout"):
         return model.model
     from transformers import AutoModelForCausalLM
@@ -927,8 +1153,9 @@ def _reference_model(model, info: Mapping[str, Any]):
 def _self_check(
     model, f, ids, rows, sample_pids, prompt_ids, k, skip, components, poolings, attrs, log
 ) -> dict:
-    """Recompute the sampled prompts (local ``rows`` of the open store ``f``) with plain transformers
-    and compare; raise naming architecture, component and difference beyond the tolerance."""
+    """Recompute the sampled prompts (local ``rows`` of the open store ``f``) with plain
+    transformers and compare; raise naming architecture, component and difference beyond the
+    tolerance."""
     from layerscope.engine import parity
 
     arch = attrs["architecture"]
@@ -975,9 +1202,10 @@ def _self_check(
         if d > tol:
             raise LayerscopeError(
                 f"parity self-check failed: architecture {arch}, component {c}, layer {L}, "
-                f"prompt {prompt_ids[r]}: the {attrs.get('engine', 'model')} engine's values differ "
-                f"from plain transformers by {d:.3g} "
-                f"(relative; tolerance {tol:g} for {attrs['dtype']}). These activations are not trustworthy; "
+                f"prompt {prompt_ids[r]}: the {attrs.get('engine', 'model')} engine's values "
+                f"differ from plain transformers by {d:.3g} "
+                f"(relative; tolerance {tol:g} for {attrs['dtype']}). "
+                "These activations are not trustworthy; "
                 "try the other engine (models.<name>.engine) or report the architecture"
             )
     return {**common, "self_check_max_diff": biggest}
@@ -997,6 +1225,7 @@ def _write_batch(
     prompt_ids,
     hint: str = "",
 ) -> None:
+    """Check one batch's captured vectors are finite and write them into the store's datasets."""
     for c in components:
         for p in poolings:
             arr = np.stack([captured[(c, L)][p].numpy() for L in range(n_layers)]).astype(
@@ -1012,8 +1241,8 @@ def _write_batch(
                 cnt = int(offsets[i + 1] - offsets[i])
                 if bad[pos : pos + cnt].any():
                     raise LayerscopeError(
-                        f"non-finite activations (inf/NaN) in {c} layer {L} (token level) for prompt {prompt_ids[i]}"
-                        + hint
+                        f"non-finite activations (inf/NaN) in {c} layer {L} (token level) "
+                        f"for prompt {prompt_ids[i]}" + hint
                     )
                 pos += cnt
             if pos != vals.shape[0]:  # pragma: no cover - internal consistency
@@ -1040,6 +1269,7 @@ def _check_finite(
     layers,
     hint: str = "",
 ) -> None:
+    """Raise naming layers and prompts if the pooled ``arr`` [n_layers, B, d] has inf/NaN."""
     finite = np.isfinite(arr).all(axis=2)  # [n_layers, B]
     if finite.all():
         return
@@ -1091,39 +1321,14 @@ def cache_from_table(
     (auto | native | bridge, see :func:`load_engine`) and ``self_check`` (prompts the parity
     self-check recomputes, 0 = off) change the numbers only by float noise.
     """
-    import pandas as pd
     import torch
 
     log = log or (lambda msg: None)
     act = dict(activations or {})
-    try:
-        df = pd.read_csv(table, dtype=str, keep_default_na=False)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read prompt table: {exc}", file=table) from exc
-    # The workflow caches from prompt ids and texts alone (labels are the prompt table's, joined
-    # when layers are extracted), so a relabel does not rerun the forward pass.
-    missing = [c for c in ("prompt_id", "text") if c not in df.columns]
-    if missing:
-        raise InputError(f"missing column(s) {missing}", file=table)
+    df = _read_texts_table(table)
     if threads and device in ("cpu", "auto"):
         torch.set_num_threads(int(threads))
-    t = time.perf_counter()
-    bridge, info = load_engine(
-        model["source"],
-        engine=engine or "auto",
-        components=act.get("components", ["resid_post"]),
-        dtype=model.get("dtype", "float32") or "float32",
-        device=device or "auto",
-        compatibility_mode=bool(model.get("compatibility_mode", False)),
-        revision=model.get("revision"),
-        log=log,
-    )
-    log(
-        f"loaded {info['model']} ({info['architecture']}, {info['n_layers']} layers, d_model {info['d_model']}, "
-        f"{info['dtype']}, {info['device']}, engine {info['engine']}"
-        f"{', attention ' + info['attn_implementation'] if 'attn_implementation' in info else ''}) "
-        f"in {time.perf_counter() - t:.1f} s"
-    )
+    bridge, info = _load_for_cache(model, act, engine, device, log)
     bos = model.get("bos", "auto")
     return cache_store(
         bridge,
@@ -1146,6 +1351,46 @@ def cache_from_table(
         shard=shard,
         self_check=int(self_check or 0),
     )
+
+
+def _read_texts_table(table: str | os.PathLike):
+    """The caching job's input table as strings as written (no NA coercion): ``prompt_id``,
+    ``text`` and optionally ``label`` and ``group``."""
+    import pandas as pd
+
+    # Not datasets.read_prompt_table: the workflow caches from prompt ids and texts alone
+    # (labels are the prompt table's, joined when layers are extracted), so a relabel does not
+    # rerun the forward pass; that reader requires the label and group columns.
+    try:
+        df = pd.read_csv(table, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read prompt table: {exc}", file=table) from exc
+    missing = [c for c in ("prompt_id", "text") if c not in df.columns]
+    if missing:
+        raise InputError(f"missing column(s) {missing}", file=table)
+    return df
+
+
+def _load_for_cache(model: Mapping[str, Any], act: Mapping[str, Any], engine, device, log):
+    """Load the engine for ``model`` (see :func:`load_engine`) and log what was loaded."""
+    t = time.perf_counter()
+    bridge, info = load_engine(
+        model["source"],
+        engine=engine or "auto",
+        components=act.get("components", ["resid_post"]),
+        dtype=model.get("dtype", "float32") or "float32",
+        device=device or "auto",
+        compatibility_mode=bool(model.get("compatibility_mode", False)),
+        revision=model.get("revision"),
+        log=log,
+    )
+    attn = ", attention " + info["attn_implementation"] if "attn_implementation" in info else ""
+    log(
+        f"loaded {info['model']} ({info['architecture']}, {info['n_layers']} layers, "
+        f"d_model {info['d_model']}, {info['dtype']}, {info['device']}, engine {info['engine']}"
+        f"{attn}) in {time.perf_counter() - t:.1f} s"
+    )
+    return bridge, info
 
 
 def _gather_self_check(shard_paths, store_tmp) -> None:

@@ -26,6 +26,7 @@ PER_PROMPT_BYTES = 256
 
 
 def _count(name: str, value) -> int:
+    """``value`` as a non-negative int; ValueError naming ``name`` otherwise."""
     try:
         if isinstance(value, bool):
             raise TypeError
@@ -107,7 +108,8 @@ def check_free_space(directory: str | os.PathLike, needed_bytes: int, what: str)
     ``needed_bytes`` plus the safety margin; return the free bytes.
 
     ``directory`` need not exist yet: the nearest existing ancestor is asked (where it will be
-    created). ``what`` names the file(s) in the message, e.g. ``"the activation store of demo/tasks"``.
+    created). ``what`` names the file(s) in the message, e.g.
+    ``"the activation store of demo/tasks"``.
     """
     needed = int(needed_bytes)
     if needed < 0:
@@ -118,8 +120,11 @@ def check_free_space(directory: str | os.PathLike, needed_bytes: int, what: str)
     if free < required:
         on = f" on {where}" if where != Path(os.path.abspath(os.fspath(directory))) else ""
         raise LayerscopeError(
-            f"not enough free space in {os.fspath(directory)} for {what}: needs ~{human_bytes(required)} "
-            f"(estimated), {human_bytes(free)} free{on} (the estimate includes a {MARGIN_FRACTION:.0%} + "
-            f"{human_bytes(MARGIN_BYTES)} safety margin); free some space or write the results to a larger disk"
+            f"not enough free space in {os.fspath(directory)} for {what}: "
+            f"needs ~{human_bytes(required)} "
+            f"(estimated), {human_bytes(free)} free{on} "
+            f"(the estimate includes a {MARGIN_FRACTION:.0%} + "
+            f"{human_bytes(MARGIN_BYTES)} safety margin); "
+            "free some space or write the results to a larger disk"
         )
     return free

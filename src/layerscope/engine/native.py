@@ -104,8 +104,8 @@ LAYOUTS: dict[str, Layout] = {
         attn=None,
         mlp=None,
         note=(
-            "BLOOM's attention and MLP modules add the residual inside themselves, so attn_out and mlp_out "
-            "have no module output to read"
+            "BLOOM's attention and MLP modules add the residual inside themselves, "
+            "so attn_out and mlp_out have no module output to read"
         ),
     ),
 }
@@ -116,8 +116,8 @@ def layout_for(config) -> Layout:
     mt = getattr(config, "model_type", "")
     if mt not in LAYOUTS:
         raise LayerscopeError(
-            f"architecture {mt!r} is not in the native engine's layout table ({', '.join(sorted(LAYOUTS))}); "
-            "use engine: bridge for it"
+            f"architecture {mt!r} is not in the native engine's layout table "
+            f"({', '.join(sorted(LAYOUTS))}); use engine: bridge for it"
         )
     lay = LAYOUTS[mt]
     parallel = (
@@ -134,7 +134,8 @@ def layout_for(config) -> Layout:
             None,
             None,
             False,
-            "OPT with do_layer_norm_before=False normalises the residual itself after each sublayer",
+            "OPT with do_layer_norm_before=False normalises the residual itself "
+            "after each sublayer",
         )
     if mt == "bloom" and getattr(config, "apply_residual_connection_post_layernorm", False):
         lay = Layout(
@@ -149,6 +150,7 @@ def layout_for(config) -> Layout:
 
 
 def supported_components(config) -> tuple[str, ...]:
+    """The components the native engine can tap for ``config``'s layout."""
     lay = layout_for(config)
     have = {
         "resid_pre": True,
@@ -161,6 +163,7 @@ def supported_components(config) -> tuple[str, ...]:
 
 
 def why_unsupported(config, component: str) -> str:
+    """The message saying why ``component`` cannot be tapped for ``config``'s architecture."""
     lay = layout_for(config)
     arch = (getattr(config, "architectures", None) or [getattr(config, "model_type", "?")])[0]
     why = lay.note or (
@@ -169,17 +172,20 @@ def why_unsupported(config, component: str) -> str:
     return f"component '{component}' is not available for architecture {arch} ({why})"
 
 
-def _get(module, path: str):
+def submodule(module, path: str):
+    """The submodule at dotted ``path`` (``"model.layers"``) of ``module``."""
     for part in path.split("."):
         module = getattr(module, part)
     return module
 
 
-def _first(out):
+def first_output(out):
+    """A module's main output: the first element of a tuple output, else the output itself."""
     return out[0] if isinstance(out, tuple) else out
 
 
 def _replace_first(out, new):
+    """``out`` with its main output (see :func:`first_output`) replaced by ``new``."""
     return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
 
 
@@ -199,7 +205,7 @@ class NativeEngine:
         self.tokenizer = tokenizer
         config = model.config
         self.layout = layout_for(config)
-        self.layers = _get(model, self.layout.layers)
+        self.layers = submodule(model, self.layout.layers)
         n_ctx = next(
             (
                 getattr(config, k)
@@ -226,10 +232,12 @@ class NativeEngine:
 
     @property
     def device(self):
+        """The device of the model's parameters."""
         return next(self.model.parameters()).device
 
     # -- hooks ------------------------------------------------------------------------------------
     def _parse(self, name: str) -> tuple[int, str]:
+        """``(layer, component)`` of a ``blocks.L.hook_<component>`` name; raise if not served."""
         parts = name.split(".")
         if (
             len(parts) != 3
@@ -243,7 +251,8 @@ class NativeEngine:
         L, comp = int(parts[1]), parts[2][len("hook_") :]
         if comp not in COMPONENTS:
             raise LayerscopeError(
-                f"hook {name!r}: the native engine has no component {comp!r} ({', '.join(COMPONENTS)})"
+                f"hook {name!r}: the native engine has no component {comp!r} "
+                f"({', '.join(COMPONENTS)})"
             )
         if not 0 <= L < self.cfg.n_layers:
             raise LayerscopeError(f"hook {name!r}: the model has layers 0..{self.cfg.n_layers - 1}")
@@ -252,6 +261,7 @@ class NativeEngine:
         return L, comp
 
     def _register(self, L: int, comp: str, fn: Callable, name: str):
+        """Register ``fn`` as the torch hook that reads (or replaces) ``comp`` of layer ``L``."""
         layer = self.layers[L]
         hook = SimpleNamespace(name=name)
         lay = self.layout
@@ -275,22 +285,22 @@ class NativeEngine:
                     x = x.view(*self._batch_shape, x.shape[-1])
                 if fn(x, hook=hook) is not None:
                     raise LayerscopeError(
-                        f"{name}: replacing resid_mid is not supported by the native engine (it is read "
-                        "at the input of the norm before the MLP; a new value there would not reach the "
-                        "residual)"
+                        f"{name}: replacing resid_mid is not supported by the native engine "
+                        "(it is read at the input of the norm before the MLP; "
+                        "a new value there would not reach the residual)"
                     )
                 return None
 
-            return _get(layer, lay.mid).register_forward_pre_hook(mid, with_kwargs=True)
+            return submodule(layer, lay.mid).register_forward_pre_hook(mid, with_kwargs=True)
         target = (
             layer
             if comp == "resid_post"
-            else _get(layer, lay.attn if comp == "attn_out" else lay.mlp)
+            else submodule(layer, lay.attn if comp == "attn_out" else lay.mlp)
         )
         clone = comp == "mlp_out" and lay.mlp_inplace
 
         def post(module, args, out):
-            x = _first(out)
+            x = first_output(out)
             flat = x.dim() == 2  # OPT runs its MLP on [batch * positions, d]
             if flat:
                 x = x.view(*self._batch_shape, x.shape[-1])
@@ -339,6 +349,7 @@ class NativeEngine:
         )
 
     def eval(self) -> NativeEngine:
+        """Put the model in eval mode (as torch modules do); returns the engine."""
         self.model.eval()
         return self
 

@@ -5,9 +5,9 @@ The reference runs each sampled prompt alone (no padding, no batching, no early 
 plain HF model: ``output_hidden_states`` gives resid_pre of every layer, a forward hook on each
 decoder layer gives resid_post. attn_out / resid_mid / mlp_out come from forward hooks on the HF
 modules of the native layout table, and are only trusted after the per-token identities
-``resid_pre + attn_out + mlp_out == resid_post`` (and ``resid_pre + attn_out == resid_mid`` where the
-block is sequential) hold on that same pass. So a wrong tap point, a padding or pooling bug, or a
-bridge that computes a layout differently all show up as a difference here.
+``resid_pre + attn_out + mlp_out == resid_post`` (and ``resid_pre + attn_out == resid_mid`` where
+the block is sequential) hold on that same pass. So a wrong tap point, a padding or pooling bug,
+or a bridge that computes a layout differently all show up as a difference here.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ TOLERANCE = {"float64": 1e-8, "float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2
 
 
 def tolerance(model_dtype: str, out_dtype: str = "float32") -> float:
+    """The largest relative difference the self-check accepts for this model and out dtype."""
     tol = TOLERANCE.get(str(model_dtype).replace("torch.", ""), 1e-4)
     return max(tol, 2e-3) if out_dtype == "float16" else tol  # float16 storage rounds to ~5e-4
 
@@ -51,7 +52,7 @@ def reference_pass(hf_model, token_ids: Sequence[int]) -> dict[tuple[str, int], 
 
     try:
         layout = native.layout_for(hf_model.config)
-        layers = native._get(hf_model, layout.layers)
+        layers = native.submodule(hf_model, layout.layers)
     except LayerscopeError:  # a layout the native table does not know: residuals only
         layout = native.Layout("", attn=None, mlp=None, mid=None)
         layers = find_layers(hf_model)
@@ -60,7 +61,7 @@ def reference_pass(hf_model, token_ids: Sequence[int]) -> dict[tuple[str, int], 
 
     def keep(comp, L, pre=False):
         def hook(module, args, out=None):
-            x = (args[0] if args else None) if pre else native._first(out)
+            x = (args[0] if args else None) if pre else native.first_output(out)
             got[(comp, L)] = x.detach().reshape(-1, x.shape[-1]).double().cpu().numpy()
 
         return hook
@@ -69,12 +70,14 @@ def reference_pass(hf_model, token_ids: Sequence[int]) -> dict[tuple[str, int], 
         handles.append(layer.register_forward_hook(keep("resid_post", L)))
         if layout.attn:
             handles.append(
-                native._get(layer, layout.attn).register_forward_hook(keep("attn_out", L))
+                native.submodule(layer, layout.attn).register_forward_hook(keep("attn_out", L))
             )
         if layout.mlp:
-            handles.append(native._get(layer, layout.mlp).register_forward_hook(keep("mlp_out", L)))
+            handles.append(
+                native.submodule(layer, layout.mlp).register_forward_hook(keep("mlp_out", L))
+            )
         if layout.mid:
-            mid = native._get(layer, layout.mid)
+            mid = native.submodule(layer, layout.mid)
             handles.append(mid.register_forward_pre_hook(keep("resid_mid", L, pre=True)))
     try:
         with torch.inference_mode():
@@ -141,7 +144,8 @@ def _check_identities(got, n_layers: int, layout, config) -> None:
             diff = float(np.abs(a - b).max()) / scale
             if diff > 1e-3:
                 raise LayerscopeError(
-                    f"parity self-check: on architecture {arch}, layer {L}, {what} differ by {diff:.3g}: "
+                    f"parity self-check: on architecture {arch}, layer {L}, {what} "
+                    f"differ by {diff:.3g}: "
                     "the native tap points do not fit this layout; use engine: bridge"
                 )
 
