@@ -314,11 +314,13 @@ def test_every_rule_reading_layer_files_takes_the_prompt_table():
     for smk in sorted((REPO / "workflow/rules").glob("*.smk")):
         for name, body in _rules(smk.read_text()).items():
             inputs = body.split("output:")[0]
-            if "layer_{layer}.h5" not in inputs:
+            # Rules name another rule's files as rules.X.output (issue 14), once as literal paths.
+            if "layer_{layer}.h5" not in inputs and "rules.extract_layer.output" not in inputs:
                 continue
-            if name in PENDING and "prompts.csv" not in inputs:
+            takes_table = "prompts.csv" in inputs or "rules.prepare_dataset.output.table" in inputs
+            if name in PENDING and not takes_table:
                 continue
-            assert "results/datasets/{dataset}/prompts.csv" in inputs, (
+            assert takes_table, (
                 f"{smk.name}: rule {name} lacks the table"
             )
             checked.append(name)

@@ -4,6 +4,7 @@ from pathlib import Path
 from layerscope.jobs.probe_runs import positive_class
 from layerscope.jobs.scripting import job_logging
 from layerscope.jobs.stages import generalization
+from layerscope.settings import ProbeSettings
 
 with job_logging(snakemake.log[0]) as log:
     view = json.loads(snakemake.params.view)
@@ -26,7 +27,7 @@ with job_logging(snakemake.log[0]) as log:
         model=snakemake.wildcards.model,
         group=snakemake.wildcards.group,
         positive=positives.pop() if len(positives) == 1 else None,
-        settings=json.loads(snakemake.params.settings),
+        settings=ProbeSettings.of(snakemake.params.settings),
         tables=tables,
         summaries=summaries,
     )

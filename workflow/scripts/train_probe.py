@@ -1,7 +1,6 @@
-import json
-
 from layerscope.jobs.probe_runs import positive_class, train_layer_probes
 from layerscope.jobs.scripting import job_logging
+from layerscope.settings import ProbeSettings
 
 with job_logging(snakemake.log[0]) as log:
     train_layer_probes(
@@ -9,7 +8,7 @@ with job_logging(snakemake.log[0]) as log:
         snakemake.output[0],
         model=snakemake.wildcards.model,
         dataset=snakemake.wildcards.dataset,
-        settings=json.loads(snakemake.params.settings),
+        settings=ProbeSettings.of(snakemake.params.settings),
         positive=positive_class(snakemake.input.summary),
         log=log.info,
         table=snakemake.input.table,

@@ -38,6 +38,7 @@ from layerscope.atomic import atomic_path
 from layerscope.data import h5cache
 from layerscope.engine import diskspace
 from layerscope.errors import InputError, LayerscopeError
+from layerscope.settings import ActivationSettings, ModelSettings
 
 #: component -> TransformerLens hook name (legacy aliases kept by TransformerLens 4).
 HOOKS = {
@@ -1302,8 +1303,8 @@ def cache_from_table(
     table: str | os.PathLike,
     store_path: str | os.PathLike,
     *,
-    model: Mapping[str, Any],
-    activations: Mapping[str, Any] | None = None,
+    model: ModelSettings | Mapping[str, Any],
+    activations: ActivationSettings | Mapping[str, Any] | None = None,
     batch_size: int = 32,
     device: str = "auto",
     threads: int | None = None,
@@ -1316,36 +1317,35 @@ def cache_from_table(
     """Workflow entry point: prompt table CSV (prompt_id, text[, label, group]) -> store HDF5
     (or, with ``shard=(i, n)``, shard ``i`` of ``n`` of it; see :func:`cache_store`).
 
-    ``model``: source, revision, dtype, compatibility_mode, bos. ``activations``: components,
-    poolings, exclude_bos_from_pooling, token_level_layers, compression, out_dtype. ``engine``
+    ``model``, ``activations``: typed settings, or mappings completed from the schema's defaults
+    (only source, revision, dtype, compatibility_mode and bos of the model are used). ``engine``
     (auto | native | bridge, see :func:`load_engine`) and ``self_check`` (prompts the parity
     self-check recomputes, 0 = off) change the numbers only by float noise.
     """
     import torch
 
     log = log or (lambda msg: None)
-    act = dict(activations or {})
+    model, act = ModelSettings.of(model), ActivationSettings.of(activations)
     df = _read_texts_table(table)
     if threads and device in ("cpu", "auto"):
         torch.set_num_threads(int(threads))
     bridge, info = _load_for_cache(model, act, engine, device, log)
-    bos = model.get("bos", "auto")
     return cache_store(
         bridge,
         df["prompt_id"].tolist(),
         df["text"].tolist(),
         df["label"].tolist() if "label" in df.columns else [""] * len(df),
         store_path,
-        components=act.get("components", ["resid_post"]),
-        poolings=act.get("poolings", ["mean", "last"]),
-        prepend_bos="auto" if bos is None else bos,
-        exclude_bos_from_pooling=bool(act.get("exclude_bos_from_pooling", True)),
-        token_level_layers=act.get("token_level_layers", []) or [],
+        components=list(act.components),
+        poolings=list(act.poolings),
+        prepend_bos=model.bos,
+        exclude_bos_from_pooling=act.exclude_bos_from_pooling,
+        token_level_layers=list(act.token_level_layers),
         batch_size=int(batch_size),
         max_tokens_per_batch=max_tokens_per_batch,
         log=log,
-        dtype_out=act.get("out_dtype", "float32") or "float32",
-        compression=act.get("compression"),
+        dtype_out=act.out_dtype,
+        compression=act.compression,
         model_info=info,
         groups=df["group"].tolist() if "group" in df.columns else None,
         shard=shard,
@@ -1371,17 +1371,17 @@ def _read_texts_table(table: str | os.PathLike):
     return df
 
 
-def _load_for_cache(model: Mapping[str, Any], act: Mapping[str, Any], engine, device, log):
+def _load_for_cache(model: ModelSettings, act: ActivationSettings, engine, device, log):
     """Load the engine for ``model`` (see :func:`load_engine`) and log what was loaded."""
     t = time.perf_counter()
     bridge, info = load_engine(
-        model["source"],
+        model.source,
         engine=engine or "auto",
-        components=act.get("components", ["resid_post"]),
-        dtype=model.get("dtype", "float32") or "float32",
+        components=list(act.components),
+        dtype=model.dtype,
         device=device or "auto",
-        compatibility_mode=bool(model.get("compatibility_mode", False)),
-        revision=model.get("revision"),
+        compatibility_mode=model.compatibility_mode,
+        revision=model.revision,
         log=log,
     )
     attn = ", attention " + info["attn_implementation"] if "attn_implementation" in info else ""

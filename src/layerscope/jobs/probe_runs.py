@@ -14,6 +14,7 @@ from layerscope.atomic import write_csv, write_json
 from layerscope.data.consistency import check_files_against_table
 from layerscope.data.h5cache import layer_attrs, read_layer
 from layerscope.errors import LayerscopeError
+from layerscope.settings import ProbeSettings
 
 SUMMARY_KEYS = ["model", "dataset", "layer", "component", "pooling"]
 
@@ -30,7 +31,7 @@ def train_layer_probes(
     *,
     model: str,
     dataset: str,
-    settings: Mapping[str, Any],
+    settings: ProbeSettings | Mapping[str, Any],
     positive: str | None = None,
     log: Callable[[str], Any] = print,
     table: str | os.PathLike | None = None,
@@ -38,12 +39,14 @@ def train_layer_probes(
     """Fit one probe per cached (component, pooling) of a layer file and write them to one JSON.
 
     ``table``: the dataset's current prompt table; the layer file must hold exactly its prompts
-    and labels, in order (see :mod:`layerscope.data.consistency`)."""
+    and labels, in order (see :mod:`layerscope.data.consistency`). ``settings``: the probe settings,
+    or a mapping completed from the schema's defaults."""
+    settings = ProbeSettings.of(settings)
     if table is not None:
         check_files_against_table([layer_path], table)
     attrs = layer_attrs(layer_path)
     layer = int(attrs["layer"])
-    thresholds = tuple(settings.get("thresholds", (0.55, 0.65)))
+    thresholds = settings.thresholds
     fit_kwargs = _fit_kwargs(settings)
     probes = []
     for ci, component in enumerate(attrs["components"]):
@@ -72,30 +75,18 @@ def train_layer_probes(
                 "compatibility_mode",
             )
         },
-        "settings": dict(settings),
+        "settings": settings.to_dict(),
         "probes": probes,
     }
     write_json(out_json, doc)
     return doc
 
 
-def _fit_kwargs(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The :func:`fit_probe` keyword arguments given in the probe ``settings``."""
-    fit_kwargs = {
-        k: settings[k]
-        for k in (
-            "n_splits",
-            "n_repeats",
-            "inner_splits",
-            "n_permutations",
-            "n_random_directions",
-            "seed",
-        )
-        if k in settings
-    }
-    if "Cs" in settings:
-        fit_kwargs["Cs"] = tuple(settings["Cs"])
-    return fit_kwargs
+def _fit_kwargs(settings: ProbeSettings) -> dict[str, Any]:
+    """The :func:`fit_probe` keyword arguments of the probe ``settings``."""
+    names = ("n_splits", "n_repeats", "inner_splits", "Cs")
+    names += ("n_permutations", "n_random_directions", "seed")
+    return {name: getattr(settings, name) for name in names}
 
 
 def _view_probe(layer_path, keys, stream, positive, fit_kwargs, thresholds, log) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from layerscope.data.consistency import check_files_against_table
 from layerscope.data.h5cache import layer_attrs, read_layers
 from layerscope.errors import LayerscopeError
 from layerscope.plotting import plots
-from layerscope.settings import ModelSettings, PatchingSettings, PrecisionSettings
+from layerscope.settings import ModelSettings, PatchingSettings, PrecisionSettings, ProbeSettings
 
 PathLike = str | os.PathLike
 
@@ -173,7 +173,7 @@ def generalization(
     model: str,
     group: str,
     positive: str | None,
-    settings: Mapping[str, Any],
+    settings: ProbeSettings | Mapping[str, Any],
     formats: Sequence[str] = ("png",),
     tables: Mapping[str, PathLike] | None = None,
     summaries: Mapping[str, PathLike] | None = None,
@@ -190,9 +190,13 @@ def generalization(
     it."""
     stacks = _generalization_stacks(layer_paths, tables, component, pooling)
     layers = sorted(set.intersection(*(set(s.layers) for s in stacks.values())))
-    fit = {k: settings[k] for k in ("n_splits", "inner_splits", "seed") if k in settings}
-    if "Cs" in settings:
-        fit["Cs"] = tuple(settings["Cs"])
+    settings = ProbeSettings.of(settings)
+    fit = {
+        "n_splits": settings.n_splits,
+        "inner_splits": settings.inner_splits,
+        "seed": settings.seed,
+        "Cs": settings.Cs,
+    }
     diag = _summary_cells(summaries, component, pooling, metric) if summaries else {}
     key = {"model": model, "group": group}
     view = {"component": component, "pooling": pooling, "metric": metric}
@@ -258,9 +262,9 @@ def _generalization_cells(data, layer, diag, positive, metric, fit, n_boot) -> d
                     data[test][:2],
                     positive_class=positive,
                     metric=metric,
-                    inner_splits=fit.get("inner_splits", 3),
-                    Cs=fit.get("Cs", (0.001, 0.01, 0.1, 1, 10, 100)),
-                    seed=fit.get("seed", 0),
+                    inner_splits=fit["inner_splits"],
+                    Cs=fit["Cs"],
+                    seed=fit["seed"],
                     n_boot=n_boot,
                 )
     return cells
