@@ -320,9 +320,7 @@ def test_every_rule_reading_layer_files_takes_the_prompt_table():
             takes_table = "prompts.csv" in inputs or "rules.prepare_dataset.output.table" in inputs
             if name in PENDING and not takes_table:
                 continue
-            assert takes_table, (
-                f"{smk.name}: rule {name} lacks the table"
-            )
+            assert takes_table, f"{smk.name}: rule {name} lacks the table"
             checked.append(name)
     assert {
         "train_probe",

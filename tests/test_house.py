@@ -59,7 +59,7 @@ def test_no_module_imports_private_names_of_another():
 
 
 def test_only_the_plotting_package_draws():
-    """matplotlib is imported under layerscope.plotting alone; compute modules return arrays and tables."""
+    """matplotlib is imported under layerscope.plotting alone: compute modules return arrays."""
     drawing = [
         f"{path.relative_to(REPO)}:{line}"
         for path in MODULES

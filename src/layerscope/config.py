@@ -20,6 +20,8 @@ from typing import Any
 
 from layerscope.errors import ConfigError, InputError, LayerscopeError
 
+# The workflow's schema (the package is installed from its checkout: pip install -e).
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 DATASET_FILE_KEYS = {
     "phase2": ("scores", "responses"),
     "facts": ("path",),
@@ -153,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not paths:
         print("usage: python -m layerscope.config CONFIG.yaml [MORE.yaml ...]", file=sys.stderr)
         return 2
-    schema = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+    schema = SCHEMA_PATH
     try:
         merged: dict[str, Any] = {}
         for path in paths:

@@ -18,13 +18,9 @@ import functools
 import json
 import typing
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from layerscope.config import check_schema
-
-# The workflow's schema (the package is installed from its checkout: pip install -e).
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+from layerscope.config import SCHEMA_PATH, check_schema
 
 S = TypeVar("S", bound="Section")
 

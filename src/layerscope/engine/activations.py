@@ -586,22 +586,22 @@ def cache_store(
     labels: Sequence[Any],
     out_path: str | os.PathLike,
     *,
-    components: Sequence[str] = ("resid_post",),
-    poolings: Sequence[str] = ("mean",),
-    prepend_bos: bool | str = "auto",
-    exclude_bos_from_pooling: bool = True,
-    token_level_layers: Sequence[int] = (),
-    batch_size: int = 32,
+    components: Sequence[str] | None = None,
+    poolings: Sequence[str] | None = None,
+    prepend_bos: bool | str | None = None,
+    exclude_bos_from_pooling: bool | None = None,
+    token_level_layers: Sequence[int] | None = None,
+    batch_size: int | None = None,
     max_tokens_per_batch: int | None = None,
     log: Callable[[str], Any] | None = print,
-    dtype_out: str = "float32",
+    dtype_out: str | None = None,
     compression: str | int | None = None,
     model_info: Mapping[str, Any] | None = None,
     groups: Sequence[Any] | None = None,
     progress_every_s: float = 10.0,
     stop_early: bool = True,
     shard: tuple[int, int] | None = None,
-    self_check: int = 4,
+    self_check: int | None = None,
 ) -> dict[str, Any]:
     """Run all prompts through ``bridge`` once; write pooled vectors of every layer to ``out_path``.
 
@@ -619,24 +619,27 @@ def cache_store(
     ``self_check``: how many prompts (the longest, the shortest, ...) the parity self-check
     recomputes with plain ``transformers`` before the file is renamed into place (0 = off; see
     :mod:`layerscope.engine.parity`); the largest difference goes into the attributes and the log.
+    A setting left None takes the config schema's default (``activations`` and ``models`` sections).
     Returns a small summary dict (n_prompts, n_tokens, seconds, tokens_per_s, batches).
     """
     stop_exc = _stop_exception(bridge)
     log = log or (lambda msg: None)
     req = _validate_request(
-        components,
-        poolings,
-        token_level_layers,
-        dtype_out,
-        compression,
-        bos_policy=prepend_bos,
-        exclude_bos_from_pooling=exclude_bos_from_pooling,
-        batch_size=batch_size,
-        max_tokens_per_batch=max_tokens_per_batch,
-        progress_every_s=progress_every_s,
-        stop_early=stop_early,
-        shard=shard,
-        self_check=self_check,
+        **_schema_defaults(
+            components=components,
+            poolings=poolings,
+            token_level_layers=token_level_layers,
+            dtype_out=dtype_out,
+            compression=compression,
+            bos_policy=prepend_bos,
+            exclude_bos_from_pooling=exclude_bos_from_pooling,
+            batch_size=batch_size,
+            max_tokens_per_batch=max_tokens_per_batch,
+            progress_every_s=progress_every_s,
+            stop_early=stop_early,
+            shard=shard,
+            self_check=self_check,
+        )
     )
     prompts = _checked_prompts(prompt_ids, texts, labels, groups)
     info, n_layers, d_model = _checked_model(bridge, req, model_info)
@@ -695,6 +698,22 @@ def _summary(plan: CachePlan, seconds: float) -> dict[str, Any]:
         "tokens_per_s": total_real / max(seconds, 1e-9),
         "prepend_bos": plan.prepend,
     }
+
+
+def _schema_defaults(**given: Any) -> dict[str, Any]:
+    """``given`` with each setting left None replaced by the config schema's default for it."""
+    act, model = ActivationSettings.of({}), ModelSettings.of({"source": "-"})
+    defaults = {
+        "components": act.components,
+        "poolings": act.poolings,
+        "token_level_layers": act.token_level_layers,
+        "dtype_out": act.out_dtype,
+        "exclude_bos_from_pooling": act.exclude_bos_from_pooling,
+        "bos_policy": model.bos,
+        "batch_size": model.batch_size,
+        "self_check": model.self_check,
+    }
+    return {k: defaults[k] if v is None and k in defaults else v for k, v in given.items()}
 
 
 def _validate_request(
