@@ -24,7 +24,7 @@ from pathlib import Path
 from devkit.demo_model import RELATIONS, all_cities, all_facts, comparison_prompt
 
 DATA_SEED = 4242
-MODEL_DIR = Path(__file__).resolve().parents[2] / "demo" / "model"
+MODEL_DIR = Path(__file__).resolve().parents[1] / "demo" / "model"
 
 # Phase 2: candidate pairs are drawn (seeded) from a mix of kinds, the demo model answers
 # both orders of each, and the first N_FAITHFUL / N_UNFAITHFUL candidates of each label are
