@@ -62,6 +62,7 @@ __all__ = [
     "build_prompt_table",
     "write_prompt_table",
     "read_prompt_table",
+    "read_texts_table",
     "read_records",
     "scalar_str",
     "parse_bool",
@@ -1599,6 +1600,23 @@ def write_prompt_table(
     with atomic_path(table_path) as tmp_table:
         df.to_csv(tmp_table, index=False, encoding="utf-8", lineterminator="\n", quoting=quoting)
         write_json(summary_path, summary)
+
+
+def read_texts_table(path: str | os.PathLike) -> pd.DataFrame:
+    """The caching job's input: ``prompt_id`` and ``text`` (``label`` and ``group`` where present),
+    strings exactly as written (no NA coercion).
+
+    Not :func:`read_prompt_table`: the workflow caches from prompt ids and texts alone (the texts
+    file :func:`dry_run_check` writes; labels are joined when layers are extracted), so a relabel
+    does not rerun the forward pass, and that reader requires the label and group columns."""
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read prompt table: {exc}", file=path) from exc
+    missing = [c for c in ("prompt_id", "text") if c not in df.columns]
+    if missing:
+        raise InputError(f"missing column(s) {missing}", file=path)
+    return df
 
 
 def read_prompt_table(path: str | os.PathLike) -> pd.DataFrame:

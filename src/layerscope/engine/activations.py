@@ -36,8 +36,9 @@ import numpy as np
 from layerscope import __version__ as LAYERSCOPE_VERSION
 from layerscope.atomic import atomic_path
 from layerscope.data import h5cache
+from layerscope.data.datasets import read_texts_table
 from layerscope.engine import diskspace
-from layerscope.errors import InputError, LayerscopeError
+from layerscope.errors import LayerscopeError
 from layerscope.settings import ActivationSettings, ModelSettings
 
 #: component -> TransformerLens hook name (legacy aliases kept by TransformerLens 4).
@@ -1345,7 +1346,7 @@ def cache_from_table(
 
     log = log or (lambda msg: None)
     model, act = ModelSettings.of(model), ActivationSettings.of(activations)
-    df = _read_texts_table(table)
+    df = read_texts_table(table)
     if threads and device in ("cpu", "auto"):
         torch.set_num_threads(int(threads))
     bridge, info = _load_for_cache(model, act, engine, device, log)
@@ -1370,24 +1371,6 @@ def cache_from_table(
         shard=shard,
         self_check=int(self_check or 0),
     )
-
-
-def _read_texts_table(table: str | os.PathLike):
-    """The caching job's input table as strings as written (no NA coercion): ``prompt_id``,
-    ``text`` and optionally ``label`` and ``group``."""
-    import pandas as pd
-
-    # Not datasets.read_prompt_table: the workflow caches from prompt ids and texts alone
-    # (labels are the prompt table's, joined when layers are extracted), so a relabel does not
-    # rerun the forward pass; that reader requires the label and group columns.
-    try:
-        df = pd.read_csv(table, dtype=str, keep_default_na=False)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read prompt table: {exc}", file=table) from exc
-    missing = [c for c in ("prompt_id", "text") if c not in df.columns]
-    if missing:
-        raise InputError(f"missing column(s) {missing}", file=table)
-    return df
 
 
 def _load_for_cache(model: ModelSettings, act: ActivationSettings, engine, device, log):
