@@ -116,7 +116,8 @@ def tsne_figure(
     formats: Sequence[str],
     table: PathLike | None = None,
 ) -> list[str]:
-    """t-SNE of every layer (figures.tsne): slow, so a job of its own that only this setting runs."""
+    """t-SNE of every layer (figures.tsne): slow, so a job of its own that only this setting
+    runs."""
     if table is not None:
         check_files_against_table(layer_paths, table)
     stack = read_layers(layer_paths, component, pooling, stack=True)
@@ -179,11 +180,13 @@ def generalization(
 ) -> pd.DataFrame:
     """Train on one dataset, test on each other, at every layer they share: a table with a
     bootstrap interval (over test prompts) per cell. The diagonal is each dataset's probe summary
-    at that layer (mean and interval), when ``summaries`` (dataset -> summary.csv) are given, so the
-    figure and the probe curves agree; else the cross-validated mean of :func:`cross_dataset_matrix`.
-    ``out_fig``: also draw the figure (the workflow draws it in its own job, plot_generalization).
+    at that layer (mean and interval), when ``summaries`` (dataset -> summary.csv) are given, so
+    the figure and the probe curves agree; else the cross-validated mean of
+    :func:`cross_dataset_matrix`. ``out_fig``: also draw the figure (the workflow draws it in its
+    own job, plot_generalization).
 
-    ``tables``: dataset name -> its current prompt table; each dataset's layer files must match it."""
+    ``tables``: dataset name -> its current prompt table; each dataset's layer files must match
+    it."""
     if tables is not None:
         missing = [name for name in layer_paths if name not in tables]
         if missing:
@@ -427,6 +430,7 @@ def task_vector_figures(
     """The task-vector figures, from the files :func:`task_vector_scores` wrote: prompt cosine at
     the chosen and the best layer, separation and norms vs layer, PCA at the best layer."""
     from layerscope.analysis import task_vectors as tv
+    from layerscope.plotting import task_vectors as ptv
 
     scores = pd.read_csv(scores_csv)
     arrays = tv.read_task_vectors(matrices_h5)
@@ -440,11 +444,11 @@ def task_vector_figures(
             f"task_vectors.layer {chosen} is not a cached layer of {model} ({layers})"
         )
     common = dict(model=model, dataset=dataset, component=component, formats=formats)
-    tv.plot_separation(scores, out["separation"], **common)
-    tv.plot_norms(scores, out["norms"], **common)
+    ptv.plot_separation(scores, out["separation"], **common)
+    ptv.plot_norms(scores, out["norms"], **common)
     for key, at in (("cosine_chosen", chosen), ("cosine_best", best)):
         sl = tv.layer_arrays(arrays, at)
-        tv.plot_prompt_cosine(
+        ptv.plot_prompt_cosine(
             sl["prompt_cosine"],
             sl["prompt_tasks"],
             sl["prompt_pairs"],
@@ -453,7 +457,7 @@ def task_vector_figures(
             **common,
         )
     sl = tv.layer_arrays(arrays, best)
-    tv.plot_task_pca(
+    ptv.plot_task_pca(
         sl["centred"],
         sl["prompt_tasks"],
         out["pca"],
@@ -479,9 +483,10 @@ def patching_experiment(
     engine: str = "auto",
     log=print,
 ) -> dict[str, Any]:
-    """Load the model, run the logit-difference sweep and, when ``settings["generation"]["enabled"]``,
-    generation patching; write tables only (``cells``, ``arrays``, ``summary``, ``generation``,
-    ``generation_summary``). Figures are drawn by the plot job from these tables."""
+    """Load the model, run the logit-difference sweep and, when
+    ``settings["generation"]["enabled"]``, generation patching; write tables only (``cells``,
+    ``arrays``, ``summary``, ``generation``, ``generation_summary``). Figures are drawn by the
+    plot job from these tables."""
     import torch
 
     from layerscope.interventions import patching
@@ -490,7 +495,8 @@ def patching_experiment(
         torch.set_num_threads(int(threads))
     pairs = patching.load_pairs(pairs_path)
     gen = settings.get("generation") or {}
-    # Per-head patching needs the bridge's hook_z; everything else runs on `engine` (native by default).
+    # Per-head patching needs the bridge's hook_z; everything else runs on `engine` (native by
+    # default).
     sweep_engine = "bridge" if settings["heads"] else engine
     bridge, info = _load_for_patching(model, sweep_engine, settings["components"], device, log)
     result = patching.patch_sweep(
@@ -585,5 +591,6 @@ def _generation_patching(
     write_csv(out["generation_summary"], summary)
     log(
         f"generation patching: {rows.attrs['n_patched_generations']} patched generations "
-        f"({rows.attrs['n_skipped_identical']} skipped as identical) in {time.perf_counter() - t0:.1f} s"
+        f"({rows.attrs['n_skipped_identical']} skipped as identical) in "
+        f"{time.perf_counter() - t0:.1f} s"
     )
