@@ -63,7 +63,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -87,8 +86,6 @@ __all__ = [
     "load_pairs",
     "patch_cells",
     "patch_sweep",
-    "plot_head_heatmap",
-    "plot_patching_heatmaps",
     "prepare_pairs",
     "summarize",
     "write_patching",
@@ -1060,81 +1057,3 @@ def write_patching(
                             m["position"].to_numpy(),
                         ] = m["value"].to_numpy()
                     f.create_dataset(f"head_{metric}", data=arr)
-
-
-# --------------------------------------------------------------------------------------------
-# figures (drawn by layerscope.plotting.patching; these wrappers save them with the one saver)
-
-
-def _save_figure(fig, out: str | os.PathLike, formats: Sequence[str]) -> list[Path]:
-    """Save ``fig`` as ``out`` with each format's extension (atomically), then clear it."""
-    from layerscope.plotting.plots import save_figure
-
-    out = Path(out)
-    stem = (
-        out.with_suffix("")
-        if out.suffix.lstrip(".").lower() in {f.lower() for f in formats}
-        else out
-    )
-    try:
-        first = stem.parent / f"{stem.name}.{formats[0]}"
-        return [Path(p) for p in save_figure(fig, first, formats, dpi=150, tight=True)]
-    finally:
-        fig.clear()
-
-
-def _pairs_where(pairs: pd.DataFrame | None) -> pd.DataFrame | None:
-    if pairs is None or "diff_positions" not in pairs.columns:
-        return None
-    return pairs[["pair_id", "n_tokens", "diff_positions"]]
-
-
-def plot_patching_heatmaps(
-    summary: pd.DataFrame,
-    tokens,
-    out: str | os.PathLike,
-    *,
-    model: str,
-    experiment: str,
-    formats: Sequence[str] = ("png",),
-    metric: str = "recovery",
-    vlim: float = 1.0,
-    pairs: pd.DataFrame | None = None,
-) -> list[Path]:
-    """Draw :func:`layerscope.plotting.patching.draw_patching_heatmaps` and save it; ``tokens``: labels
-    per length (``{n_tokens: labels}`` as from :meth:`PatchingResult.position_labels`) or one list."""
-    from layerscope.plotting.patching import draw_patching_heatmaps
-
-    if tokens is None:
-        labels: dict[int, list[str]] = {}
-    elif isinstance(tokens, Mapping):
-        labels = {int(k): list(v) for k, v in tokens.items()}
-    else:
-        labels = {len(tokens): list(tokens)}
-    fig = draw_patching_heatmaps(
-        summary,
-        labels,
-        model=model,
-        experiment=experiment,
-        pairs=_pairs_where(pairs),
-        metric=metric,
-        vlim=vlim,
-    )
-    return _save_figure(fig, out, formats)
-
-
-def plot_head_heatmap(
-    summary: pd.DataFrame,
-    out: str | os.PathLike,
-    *,
-    model: str,
-    experiment: str,
-    formats: Sequence[str] = ("png",),
-    metric: str = "recovery",
-    vlim: float = 1.0,
-) -> list[Path]:
-    """Draw :func:`layerscope.plotting.patching.draw_head_heatmap` (last position) and save it."""
-    from layerscope.plotting.patching import draw_head_heatmap
-
-    fig = draw_head_heatmap(summary, model=model, experiment=experiment, metric=metric, vlim=vlim)
-    return _save_figure(fig, out, formats)

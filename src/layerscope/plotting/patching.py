@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from layerscope.errors import LayerscopeError
 from layerscope.interventions.patching import merge_token_labels
+from layerscope.plotting.plots import new_figure, save_figure
 
 HEAD_COMPONENT = "z"
 COMPONENT_ORDER = ("resid_pre", "attn_out", "mlp_out", "resid_post", "resid_mid")
@@ -36,12 +37,6 @@ COMPONENT_TITLES = {
     "attn_out": "attention output",
     "mlp_out": "MLP output",
 }
-
-
-def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def display_token(label: str) -> str:
@@ -182,7 +177,7 @@ def draw_patching_heatmaps(
     layers = sorted(int(L) for L in s["layer"].unique())
     n_pos = max(s[s["n_tokens"] == n]["position"].nunique() for n in groups)
     pw, ph = max(3.0, 0.3 * n_pos + 1.0), 0.28 * len(layers) + 2.0
-    fig = _figure(pw * len(comps) + 3.6, ph * len(groups) + 1.0)
+    fig = new_figure(pw * len(comps) + 3.6, ph * len(groups) + 1.0)
     axes = fig.subplots(
         len(groups),
         len(comps) + 1,
@@ -251,7 +246,7 @@ def draw_head_heatmap(
     groups = sorted(int(n) for n in s["n_tokens"].unique())
     layers = sorted(int(L) for L in s["layer"].unique())
     heads = sorted(int(h) for h in s["head"].unique())
-    fig = _figure((0.8 * len(heads) + 1.2) * len(groups) + 1.0, 0.45 * len(layers) + 2.2)
+    fig = new_figure((0.8 * len(heads) + 1.2) * len(groups) + 1.0, 0.45 * len(layers) + 2.2)
     axes = fig.subplots(1, len(groups), squeeze=False)
     cmap = colormaps["RdBu_r"].with_extremes(bad="#d0d0d0")
     im = None
@@ -331,7 +326,7 @@ def draw_generation_heatmap(
     groups = sorted(int(n) for n in s["n_tokens"].unique())
     layers = sorted(int(L) for L in s["layer"].unique())
     n_pos = max(s[s["n_tokens"] == n]["position"].nunique() for n in groups)
-    fig = _figure(
+    fig = new_figure(
         max(3.2, 0.62 * n_pos + 1.2) * len(comps) + 1.2,
         (0.42 * len(layers) + 1.9) * len(groups) + 1.0,
     )
@@ -404,3 +399,81 @@ def draw_generation_heatmap(
         fontsize=9,
     )
     return fig
+
+
+# --------------------------------------------------------------------------------------------
+# drawn and saved with the one saver
+
+
+def _first_target(out: str | os.PathLike, formats: Sequence[str]) -> Path:
+    """``out`` with the first format's extension (its own suffix dropped if it is a format)."""
+    out = Path(out)
+    stem = (
+        out.with_suffix("")
+        if out.suffix.lstrip(".").lower() in {f.lower() for f in formats}
+        else out
+    )
+    return stem.parent / f"{stem.name}.{formats[0]}"
+
+
+def _pairs_where(pairs: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The columns of ``pairs`` that say where each pair differs (None without them)."""
+    if pairs is None or "diff_positions" not in pairs.columns:
+        return None
+    return pairs[["pair_id", "n_tokens", "diff_positions"]]
+
+
+def plot_patching_heatmaps(
+    summary: pd.DataFrame,
+    tokens,
+    out: str | os.PathLike,
+    *,
+    model: str,
+    experiment: str,
+    formats: Sequence[str] = ("png",),
+    metric: str = "recovery",
+    vlim: float = 1.0,
+    pairs: pd.DataFrame | None = None,
+) -> list[Path]:
+    """Draw :func:`draw_patching_heatmaps` and save it; ``tokens``: labels per length
+    (``{n_tokens: labels}`` as from
+    :meth:`layerscope.interventions.patching.PatchingResult.position_labels`) or one list."""
+    if tokens is None:
+        labels: dict[int, list[str]] = {}
+    elif isinstance(tokens, Mapping):
+        labels = {int(k): list(v) for k, v in tokens.items()}
+    else:
+        labels = {len(tokens): list(tokens)}
+    fig = draw_patching_heatmaps(
+        summary,
+        labels,
+        model=model,
+        experiment=experiment,
+        pairs=_pairs_where(pairs),
+        metric=metric,
+        vlim=vlim,
+    )
+    try:  # the figure's artists are dropped once written
+        first = _first_target(out, formats)
+        return [Path(p) for p in save_figure(fig, first, formats, dpi=150, tight=True)]
+    finally:
+        fig.clear()
+
+
+def plot_head_heatmap(
+    summary: pd.DataFrame,
+    out: str | os.PathLike,
+    *,
+    model: str,
+    experiment: str,
+    formats: Sequence[str] = ("png",),
+    metric: str = "recovery",
+    vlim: float = 1.0,
+) -> list[Path]:
+    """Draw :func:`draw_head_heatmap` (last position) and save it."""
+    fig = draw_head_heatmap(summary, model=model, experiment=experiment, metric=metric, vlim=vlim)
+    try:  # the figure's artists are dropped once written
+        first = _first_target(out, formats)
+        return [Path(p) for p in save_figure(fig, first, formats, dpi=150, tight=True)]
+    finally:
+        fig.clear()

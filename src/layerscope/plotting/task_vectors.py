@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps
-from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from layerscope.analysis.task_vectors import (
@@ -40,23 +39,14 @@ __all__ = [
 _IMAGE_SUFFIXES = {".png", ".pdf", ".svg", ".jpg", ".jpeg"}
 
 
-def _targets(out: str | os.PathLike, formats: Sequence[str]) -> list[Path]:
-    """One path per format: ``out`` without its image suffix plus each format's extension."""
+def _targets(out: str | os.PathLike, formats: Sequence[str]) -> tuple[Path, list[str]]:
+    """The first file to write and every format: ``out`` without its image suffix, per format."""
     out = Path(out)
     base = out.with_suffix("") if out.suffix.lower() in _IMAGE_SUFFIXES else out
     if not formats:
         raise TaskVectorError("formats: give at least one format, e.g. ('png',)")
-    return [Path(f"{base}.{fmt.lstrip('.').lower()}") for fmt in formats]
-
-
-def _written(fig: Figure, out: str | os.PathLike, formats: Sequence[str]) -> list[Path]:
-    """Write ``fig`` with :func:`save_figure` to every target, then drop the figure's artists."""
-    targets = _targets(out, formats)
-    try:
-        suffixes = [t.suffix[1:] for t in targets]
-        return [Path(p) for p in save_figure(fig, targets[0], suffixes, dpi=150, tight=True)]
-    finally:
-        fig.clear()
+    targets = [Path(f"{base}.{fmt.lstrip('.').lower()}") for fmt in formats]
+    return targets[0], [t.suffix[1:] for t in targets]
 
 
 def _title(
@@ -66,6 +56,7 @@ def _title(
     component: str | None,
     layer: int | None = None,
 ) -> str:
+    """``what`` over a second line naming model, dataset, component and layer (those given)."""
     parts = [p for p in (model, dataset, component) if p]
     if layer is not None:
         parts.append(f"layer {layer}")
@@ -82,7 +73,12 @@ def plot_separation(
     scores: pd.DataFrame, out: str | os.PathLike, *, formats: Sequence[str] = ("png",), **kw: Any
 ) -> list[Path]:
     """Draw :func:`draw_separation` and write it in every format."""
-    return _written(draw_separation(scores, **kw), out, formats)
+    fig = draw_separation(scores, **kw)
+    first, suffixes = _targets(out, formats)
+    try:  # the figure's artists are dropped once written
+        return [Path(p) for p in save_figure(fig, first, suffixes, dpi=150, tight=True)]
+    finally:
+        fig.clear()
 
 
 def draw_separation(
@@ -143,7 +139,12 @@ def plot_norms(
     scores: pd.DataFrame, out: str | os.PathLike, *, formats: Sequence[str] = ("png",), **kw: Any
 ) -> list[Path]:
     """Draw :func:`draw_norms` and write it in every format."""
-    return _written(draw_norms(scores, **kw), out, formats)
+    fig = draw_norms(scores, **kw)
+    first, suffixes = _targets(out, formats)
+    try:  # the figure's artists are dropped once written
+        return [Path(p) for p in save_figure(fig, first, suffixes, dpi=150, tight=True)]
+    finally:
+        fig.clear()
 
 
 def draw_norms(
@@ -188,7 +189,12 @@ def plot_prompt_cosine(
     **kw: Any,
 ) -> list[Path]:
     """Draw :func:`draw_prompt_cosine` and write it in every format."""
-    return _written(draw_prompt_cosine(matrix, tasks, pairs, **kw), out, formats)
+    fig = draw_prompt_cosine(matrix, tasks, pairs, **kw)
+    first, suffixes = _targets(out, formats)
+    try:  # the figure's artists are dropped once written
+        return [Path(p) for p in save_figure(fig, first, suffixes, dpi=150, tight=True)]
+    finally:
+        fig.clear()
 
 
 def _name_task_blocks(ax, tasks: Sequence[str], starts, ends, fs: float) -> None:
@@ -292,7 +298,12 @@ def plot_task_pca(
     **kw: Any,
 ) -> list[Path]:
     """Draw :func:`draw_task_pca` and write it in every format."""
-    return _written(draw_task_pca(X, tasks, **kw), out, formats)
+    fig = draw_task_pca(X, tasks, **kw)
+    first, suffixes = _targets(out, formats)
+    try:  # the figure's artists are dropped once written
+        return [Path(p) for p in save_figure(fig, first, suffixes, dpi=150, tight=True)]
+    finally:
+        fig.clear()
 
 
 def draw_task_pca(
