@@ -644,6 +644,280 @@ def merge_token_labels(tokens: Sequence[str], differs: bool) -> str:
     return lab + ("*" if differs else "")
 
 
+@dataclass(frozen=True)
+class _SweepPlan:
+    """What :func:`patch_sweep` patches: pairs, cells per pair, hooks and the length chunks."""
+
+    components: list[str]
+    layers: list[int]
+    n_heads: int
+    heads: bool
+    prepend: bool
+    prepared: list[PreparedPair]
+    pos_of: dict[str, list[int]]
+    head_pos_of: dict[str, list[int]]
+    hooks: list[str]
+    chunks: list[list[int]]
+    n_groups: int
+
+
+@dataclass
+class _SweepCounts:
+    """Running totals of one sweep (forward passes, patched runs, cells skipped as identical)."""
+
+    n_forward: int = 0
+    n_patched: int = 0
+    n_skipped: int = 0
+
+
+def _check_sweep(bridge, pairs, components, layers, heads, batch_size, head_positions, notes, log):
+    """Validate the settings; returns (pairs table, components, layers, heads patched)."""
+    if batch_size < 1:
+        raise LayerscopeError(f"batch_size must be >= 1, got {batch_size}")
+    if head_positions not in ("last", "positions"):
+        raise LayerscopeError(f"head_positions {head_positions!r}: expected 'last' or 'positions'")
+    pairs_df = _pairs_input(pairs)
+    if len(pairs_df) == 0:
+        raise LayerscopeError("no pairs to patch")
+    components = _check_components(bridge, components)
+    layers = _check_layers(layers, int(bridge.cfg.n_layers))
+    do_heads = bool(heads)
+    if do_heads and not heads_available(bridge):
+        do_heads = False
+        notes.append("per-head patching skipped: the bridge exposes no blocks.L.attn.hook_z")
+        log(notes[-1])
+    if not components and not do_heads:
+        raise LayerscopeError("nothing to patch: no components and no heads")
+    return pairs_df, components, layers, do_heads
+
+
+def _length_chunks(prepared: Sequence[PreparedPair], batch_size: int) -> tuple[list, int]:
+    """Pair indices grouped by token length, chunked so a chunk's clean+corrupted baseline fits
+    one batch; returns (chunks, number of length groups)."""
+    by_len: dict[int, list[int]] = {}
+    for i, pp in enumerate(prepared):
+        by_len.setdefault(pp.n_tokens, []).append(i)
+    pairs_per_chunk = max(1, batch_size // 2)
+    chunks = [
+        idx[j : j + pairs_per_chunk]
+        for _, idx in sorted(by_len.items())
+        for j in range(0, len(idx), pairs_per_chunk)
+    ]
+    return chunks, len(by_len)
+
+
+def _plan_sweep(
+    bridge, pairs_df, components, layers, do_heads, positions, head_positions, batch_size, bos
+) -> _SweepPlan:
+    """Tokenize the pairs, resolve every pair's positions and list the hooks to cache."""
+    tokenizer = bridge.tokenizer
+    prepend = resolve_bos(tokenizer, bos)
+    prepared = prepare_pairs(tokenizer, pairs_df, prepend_bos=prepend)
+    n_ctx = int(getattr(bridge.cfg, "n_ctx", 0) or 0)
+    for pp in prepared:
+        if n_ctx and pp.n_tokens > n_ctx:
+            raise LayerscopeError(
+                f"pair {pp.pair_id!r} has {pp.n_tokens} tokens, more than the model context {n_ctx}"
+            )
+    pos_of = {pp.pair_id: _resolve_positions(positions, pp.n_tokens, pp.pair_id) for pp in prepared}
+    head_pos_of = {
+        pp.pair_id: ([pp.n_tokens - 1] if head_positions == "last" else pos_of[pp.pair_id])
+        for pp in prepared
+    }
+    hooks = [_component_hook(c, L) for L in layers for c in components]
+    if do_heads:
+        hooks += [_component_hook(HEAD_COMPONENT, L) for L in layers]
+    chunks, n_groups = _length_chunks(prepared, batch_size)
+    return _SweepPlan(
+        components=components,
+        layers=layers,
+        n_heads=int(getattr(bridge.cfg, "n_heads", 0) or 0),
+        heads=do_heads,
+        prepend=prepend,
+        prepared=prepared,
+        pos_of=pos_of,
+        head_pos_of=head_pos_of,
+        hooks=hooks,
+        chunks=chunks,
+        n_groups=n_groups,
+    )
+
+
+def _baselines(bridge, cps: Sequence[PreparedPair], hooks: Sequence[str], skip_identical: bool):
+    """Run the clean and corrupted prompts of a chunk once: (LD per row, clean cache, same).
+
+    Rows ``0..k-1`` are clean, ``k..2k-1`` corrupted; ``same[hook]`` is ``[k, T]`` (or
+    ``[k, T, H]``): True where the clean activation equals the corrupted one.
+    """
+    k = len(cps)
+    logits, cache = _cache_runs(
+        bridge, [p.clean_ids for p in cps] + [p.corrupted_ids for p in cps], hooks
+    )
+    base = _logit_diff(
+        logits,
+        [p.clean_answer_id for p in cps] * 2,
+        [p.corrupted_answer_id for p in cps] * 2,
+    )
+    clean_src = {h: v[:k] for h, v in cache.items()}
+    same = {h: _equal_cells(v[:k], v[k:]) for h, v in cache.items()} if skip_identical else {}
+    return base, clean_src, same
+
+
+def _chunk_cells(cps: Sequence[PreparedPair], plan: _SweepPlan) -> tuple[list[_Cell], list]:
+    """Every cell of a chunk's pairs, and its (component, layer, position, head) label."""
+    cells: list[_Cell] = []
+    meta: list[tuple[str, int, int, int]] = []  # component, layer, position, head
+    for slot, pp in enumerate(cps):
+        for comp in plan.components:
+            for L in plan.layers:
+                for p in plan.pos_of[pp.pair_id]:
+                    cells.append(_Cell(slot, _component_hook(comp, L), (p,)))
+                    meta.append((comp, L, p, -1))
+        if plan.heads:
+            for L in plan.layers:
+                for h in range(plan.n_heads):
+                    for p in plan.head_pos_of[pp.pair_id]:
+                        cells.append(_Cell(slot, _component_hook(HEAD_COMPONENT, L), (p,), h))
+                        meta.append((HEAD_COMPONENT, L, p, h))
+    return cells, meta
+
+
+def _run_cells(bridge, cps, cells, base, clean_src, same, *, skip_identical, batch_size, counts):
+    """The patched LD of every cell; identical cells take the corrupted LD without a run."""
+    k = len(cps)
+    corr_rows = [p.corrupted_ids for p in cps]
+    values = np.empty(len(cells))
+    run_idx = []
+    for i, c in enumerate(cells):
+        if skip_identical and _is_same(same[c.hook], c):
+            values[i] = base[k + c.slot]  # the patch writes what is already there
+        else:
+            run_idx.append(i)
+    for b in range(0, len(run_idx), batch_size):
+        part_idx = run_idx[b : b + batch_size]
+        part = [cells[i] for i in part_idx]
+        lg = _patched_runs(bridge, part, corr_rows, clean_src)
+        values[part_idx] = _logit_diff(
+            lg,
+            [cps[c.slot].clean_answer_id for c in part],
+            [cps[c.slot].corrupted_answer_id for c in part],
+        )
+        counts.n_forward += 1
+    counts.n_patched += len(run_idx)
+    counts.n_skipped += len(cells) - len(run_idx)
+    return values
+
+
+def _pair_row(tokenizer, pp: PreparedPair, clean_ld: float, corr_ld: float) -> dict[str, Any]:
+    """One row of :attr:`PatchingResult.pairs`: baseline LDs, answer tokens and tokens."""
+    return {
+        "pair_id": pp.pair_id,
+        "n_tokens": pp.n_tokens,
+        "clean_logit_diff": clean_ld,
+        "corrupted_logit_diff": corr_ld,
+        "clean_answer_token": token_label(tokenizer, pp.clean_answer_id),
+        "corrupted_answer_token": token_label(tokenizer, pp.corrupted_answer_id),
+        "clean_answer_id": pp.clean_answer_id,
+        "corrupted_answer_id": pp.corrupted_answer_id,
+        "answer_prefix": "".join(token_label(tokenizer, t) for t in pp.answer_prefix_ids),
+        "answer_tokenization": pp.answer_tokenization,
+        "diff_positions": " ".join(map(str, pp.diff_positions)),
+        "clean_tokens": " ".join(pp.clean_tokens),
+        "corrupted_tokens": " ".join(pp.corrupted_tokens),
+    }
+
+
+def _cell_records(cps, cells, meta, values, base, min_ld_gap: float) -> list[tuple]:
+    """Two tidy rows per cell (:data:`RESULT_COLUMNS`): its LD and its recovery."""
+    k = len(cps)
+    records: list[tuple] = []
+    for (comp, L, p, h), cell, v in zip(meta, cells, values):
+        pp = cps[cell.slot]
+        clean_ld, corr_ld = float(base[cell.slot]), float(base[k + cell.slot])
+        tok = pp.clean_tokens[p]
+        rec = _recovery(float(v), clean_ld, corr_ld, min_ld_gap)
+        head = (pp.pair_id, pp.n_tokens, L, p, tok, comp, h)
+        records.append((*head, "logit_diff", float(v), clean_ld, corr_ld))
+        records.append((*head, "recovery", rec, clean_ld, corr_ld))
+    return records
+
+
+def _sweep_chunk(bridge, cps, plan: _SweepPlan, settings: Mapping[str, Any], counts, notes):
+    """Baselines, patched runs and tidy rows of one chunk: (cell records, pair rows)."""
+    k = len(cps)
+    base, clean_src, same = _baselines(bridge, cps, plan.hooks, settings["skip_identical"])
+    counts.n_forward += 1
+    cells, meta = _chunk_cells(cps, plan)
+    values = _run_cells(
+        bridge,
+        cps,
+        cells,
+        base,
+        clean_src,
+        same,
+        skip_identical=settings["skip_identical"],
+        batch_size=settings["batch_size"],
+        counts=counts,
+    )
+    pair_rows = []
+    for slot, pp in enumerate(cps):
+        clean_ld, corr_ld = float(base[slot]), float(base[k + slot])
+        pair_rows.append(_pair_row(bridge.tokenizer, pp, clean_ld, corr_ld))
+        if abs(clean_ld - corr_ld) < settings["min_ld_gap"]:
+            notes.append(
+                f"pair {pp.pair_id!r}: clean and corrupted logit differences are equal "
+                f"({clean_ld:.3g}); its recovery is NaN"
+            )
+    return _cell_records(cps, cells, meta, values, base, settings["min_ld_gap"]), pair_rows
+
+
+def _run_chunks(bridge, plan: _SweepPlan, settings, notes: list[str], log):
+    """Sweep every chunk without autograd: (cell records, pair rows, counts, seconds)."""
+    import torch
+
+    counts = _SweepCounts()
+    records: list[tuple] = []
+    pair_rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for chunk in plan.chunks:
+            cps = [plan.prepared[i] for i in chunk]
+            recs, rows = _sweep_chunk(bridge, cps, plan, settings, counts, notes)
+            records += recs
+            pair_rows += rows
+            log(
+                f"patch_sweep: {len(pair_rows)}/{len(plan.prepared)} pairs, "
+                f"{counts.n_patched} patched runs, {time.perf_counter() - t0:.1f} s"
+            )
+    return records, pair_rows, counts, time.perf_counter() - t0
+
+
+def _in_input_order(df: pd.DataFrame, pairs_df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` sorted (stably) by the order of its pairs in the input table."""
+    order = {pid: i for i, pid in enumerate(pairs_df["pair_id"].astype(str))}
+    return df.sort_values("pair_id", key=lambda s: s.map(order), kind="stable").reset_index(
+        drop=True
+    )
+
+
+def _sweep_result(bridge, plan, pairs_df, records, pair_rows, info, notes) -> PatchingResult:
+    """Assemble the tidy table, the pairs table and the settings into a :class:`PatchingResult`."""
+    df = pd.DataFrame.from_records(records, columns=list(RESULT_COLUMNS))
+    df["head"] = df["head"].astype("int64")
+    return PatchingResult(
+        df=_in_input_order(df, pairs_df),
+        pairs=_in_input_order(pd.DataFrame(pair_rows), pairs_df),
+        tokens={p.pair_id: p.clean_tokens for p in plan.prepared},
+        corrupted_tokens={p.pair_id: p.corrupted_tokens for p in plan.prepared},
+        components=plan.components,
+        layers=plan.layers,
+        n_heads=plan.n_heads if plan.heads else 0,
+        heads=plan.heads,
+        info=info,
+        notes=notes,
+    )
+
+
 def patch_sweep(
     bridge,
     pairs,
@@ -672,231 +946,51 @@ def patch_sweep(
     would write the values already there, so their LD is the corrupted LD (recovery 0).
     ``min_ld_gap``: recovery is NaN for a pair with ``|LD_clean - LD_corrupted| < min_ld_gap``.
     """
-    import torch
-
     log = log or (lambda msg: None)
-    if batch_size < 1:
-        raise LayerscopeError(f"batch_size must be >= 1, got {batch_size}")
-    if head_positions not in ("last", "positions"):
-        raise LayerscopeError(f"head_positions {head_positions!r}: expected 'last' or 'positions'")
-    pairs_df = _pairs_input(pairs)
-    if len(pairs_df) == 0:
-        raise LayerscopeError("no pairs to patch")
-    components = _check_components(bridge, components)
-    n_layers = int(bridge.cfg.n_layers)
-    layers = _check_layers(layers, n_layers)
-    n_heads = int(getattr(bridge.cfg, "n_heads", 0) or 0)
     notes: list[str] = []
-    do_heads = bool(heads)
-    if do_heads and not heads_available(bridge):
-        do_heads = False
-        notes.append("per-head patching skipped: the bridge exposes no blocks.L.attn.hook_z")
-        log(notes[-1])
-    if not components and not do_heads:
-        raise LayerscopeError("nothing to patch: no components and no heads")
-
-    tokenizer = bridge.tokenizer
-    prepend = resolve_bos(tokenizer, prepend_bos)
-    prepared = prepare_pairs(tokenizer, pairs_df, prepend_bos=prepend)
-    n_ctx = int(getattr(bridge.cfg, "n_ctx", 0) or 0)
-    for pp in prepared:
-        if n_ctx and pp.n_tokens > n_ctx:
-            raise LayerscopeError(
-                f"pair {pp.pair_id!r} has {pp.n_tokens} tokens, more than the model context {n_ctx}"
-            )
-    pos_of = {pp.pair_id: _resolve_positions(positions, pp.n_tokens, pp.pair_id) for pp in prepared}
-    head_pos_of = {
-        pp.pair_id: ([pp.n_tokens - 1] if head_positions == "last" else pos_of[pp.pair_id])
-        for pp in prepared
-    }
-    hooks_needed = [_component_hook(c, L) for L in layers for c in components]
-    if do_heads:
-        hooks_needed += [_component_hook(HEAD_COMPONENT, L) for L in layers]
-
-    # group pairs by token length, then chunk so a chunk's clean+corrupted baseline fits one batch
-    by_len: dict[int, list[int]] = {}
-    for i, pp in enumerate(prepared):
-        by_len.setdefault(pp.n_tokens, []).append(i)
-    pairs_per_chunk = max(1, batch_size // 2)
-    chunks = [
-        idx[j : j + pairs_per_chunk]
-        for _, idx in sorted(by_len.items())
-        for j in range(0, len(idx), pairs_per_chunk)
-    ]
-
-    records: list[tuple] = []
-    pair_rows: list[dict[str, Any]] = []
-    n_forward = 0
-    n_patched = 0
-    n_skipped = 0
-    t0 = time.perf_counter()
+    pairs_df, components, layers, do_heads = _check_sweep(
+        bridge, pairs, components, layers, heads, batch_size, head_positions, notes, log
+    )
+    plan = _plan_sweep(
+        bridge,
+        pairs_df,
+        components,
+        layers,
+        do_heads,
+        positions,
+        head_positions,
+        batch_size,
+        prepend_bos,
+    )
+    settings = dict(skip_identical=skip_identical, batch_size=batch_size, min_ld_gap=min_ld_gap)
     log(
-        f"patch_sweep: {len(prepared)} pairs in {len(by_len)} length group(s), components {components}, "
-        f"layers {layers[0]}..{layers[-1]}, positions {positions!r}, heads {'yes' if do_heads else 'no'}, "
-        f"batch_size {batch_size}, BOS {'prepended' if prepend else 'not prepended'}"
+        f"patch_sweep: {len(plan.prepared)} pairs in {plan.n_groups} length group(s), "
+        f"components {components}, layers {layers[0]}..{layers[-1]}, positions {positions!r}, "
+        f"heads {'yes' if do_heads else 'no'}, batch_size {batch_size}, "
+        f"BOS {'prepended' if plan.prepend else 'not prepended'}"
     )
-    with torch.inference_mode():
-        for chunk in chunks:
-            cps = [prepared[i] for i in chunk]
-            k = len(cps)
-            logits, cache = _cache_runs(
-                bridge, [p.clean_ids for p in cps] + [p.corrupted_ids for p in cps], hooks_needed
-            )
-            n_forward += 1
-            base = _logit_diff(
-                logits,
-                [p.clean_answer_id for p in cps] * 2,
-                [p.corrupted_answer_id for p in cps] * 2,
-            )
-            clean_src = {h: v[:k] for h, v in cache.items()}
-            # [hook] -> [k, T] (or [k, T, H]): True where the clean activation equals the corrupted one
-            same = (
-                {h: _equal_cells(v[:k], v[k:]) for h, v in cache.items()} if skip_identical else {}
-            )
-            del cache
-            cells: list[_Cell] = []
-            meta: list[tuple[str, int, int, int]] = []  # component, layer, position, head
-            for slot, pp in enumerate(cps):
-                for comp in components:
-                    for L in layers:
-                        for p in pos_of[pp.pair_id]:
-                            cells.append(_Cell(slot, _component_hook(comp, L), (p,)))
-                            meta.append((comp, L, p, -1))
-                if do_heads:
-                    for L in layers:
-                        for h in range(n_heads):
-                            for p in head_pos_of[pp.pair_id]:
-                                cells.append(
-                                    _Cell(slot, _component_hook(HEAD_COMPONENT, L), (p,), h)
-                                )
-                                meta.append((HEAD_COMPONENT, L, p, h))
-            corr_rows = [p.corrupted_ids for p in cps]
-            values = np.empty(len(cells))
-            run_idx = []
-            for i, c in enumerate(cells):
-                if skip_identical and _is_same(same[c.hook], c):
-                    values[i] = base[k + c.slot]  # the patch writes what is already there
-                else:
-                    run_idx.append(i)
-            for b in range(0, len(run_idx), batch_size):
-                part_idx = run_idx[b : b + batch_size]
-                part = [cells[i] for i in part_idx]
-                lg = _patched_runs(bridge, part, corr_rows, clean_src)
-                values[part_idx] = _logit_diff(
-                    lg,
-                    [cps[c.slot].clean_answer_id for c in part],
-                    [cps[c.slot].corrupted_answer_id for c in part],
-                )
-                n_forward += 1
-            n_patched += len(run_idx)
-            n_skipped += len(cells) - len(run_idx)
-            for slot, pp in enumerate(cps):
-                clean_ld, corr_ld = float(base[slot]), float(base[k + slot])
-                pair_rows.append(
-                    {
-                        "pair_id": pp.pair_id,
-                        "n_tokens": pp.n_tokens,
-                        "clean_logit_diff": clean_ld,
-                        "corrupted_logit_diff": corr_ld,
-                        "clean_answer_token": token_label(tokenizer, pp.clean_answer_id),
-                        "corrupted_answer_token": token_label(tokenizer, pp.corrupted_answer_id),
-                        "clean_answer_id": pp.clean_answer_id,
-                        "corrupted_answer_id": pp.corrupted_answer_id,
-                        "answer_prefix": "".join(
-                            token_label(tokenizer, t) for t in pp.answer_prefix_ids
-                        ),
-                        "answer_tokenization": pp.answer_tokenization,
-                        "diff_positions": " ".join(map(str, pp.diff_positions)),
-                        "clean_tokens": " ".join(pp.clean_tokens),
-                        "corrupted_tokens": " ".join(pp.corrupted_tokens),
-                    }
-                )
-                if abs(clean_ld - corr_ld) < min_ld_gap:
-                    notes.append(
-                        f"pair {pp.pair_id!r}: clean and corrupted logit differences are equal "
-                        f"({clean_ld:.3g}); its recovery is NaN"
-                    )
-            for (comp, L, p, h), cell, v in zip(meta, cells, values):
-                pp = cps[cell.slot]
-                clean_ld, corr_ld = float(base[cell.slot]), float(base[k + cell.slot])
-                tok = pp.clean_tokens[p]
-                rec = _recovery(float(v), clean_ld, corr_ld, min_ld_gap)
-                records.append(
-                    (
-                        pp.pair_id,
-                        pp.n_tokens,
-                        L,
-                        p,
-                        tok,
-                        comp,
-                        h,
-                        "logit_diff",
-                        float(v),
-                        clean_ld,
-                        corr_ld,
-                    )
-                )
-                records.append(
-                    (
-                        pp.pair_id,
-                        pp.n_tokens,
-                        L,
-                        p,
-                        tok,
-                        comp,
-                        h,
-                        "recovery",
-                        rec,
-                        clean_ld,
-                        corr_ld,
-                    )
-                )
-            log(
-                f"patch_sweep: {len(pair_rows)}/{len(prepared)} pairs, {n_patched} patched runs, "
-                f"{time.perf_counter() - t0:.1f} s"
-            )
-    seconds = time.perf_counter() - t0
-    df = pd.DataFrame.from_records(records, columns=list(RESULT_COLUMNS))
-    df["head"] = df["head"].astype("int64")
-    order = {pid: i for i, pid in enumerate(pairs_df["pair_id"].astype(str))}
-    df = df.sort_values("pair_id", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
-    pairs_out = (
-        pd.DataFrame(pair_rows)
-        .sort_values("pair_id", key=lambda s: s.map(order), kind="stable")
-        .reset_index(drop=True)
-    )
+    records, pair_rows, counts, seconds = _run_chunks(bridge, plan, settings, notes, log)
     info = dict(model_info) if model_info is not None else describe_model(bridge)
     info.update(
         {
-            "prepend_bos": bool(prepend),
+            "prepend_bos": bool(plan.prepend),
             "bos_policy": str(prepend_bos).lower(),
             "positions": repr(positions),
             "head_positions": head_positions if do_heads else "none",
             "batch_size": int(batch_size),
             "min_ld_gap": float(min_ld_gap),
             "seconds": seconds,
-            "n_forward_passes": n_forward,
-            "n_patched_runs": n_patched,
-            "n_skipped_identical": n_skipped,
+            "n_forward_passes": counts.n_forward,
+            "n_patched_runs": counts.n_patched,
+            "n_skipped_identical": counts.n_skipped,
             "metric": "logit[clean_answer] - logit[corrupted_answer] at the last position",
         }
     )
     log(
-        f"patch_sweep: done, {n_patched} patched runs in {n_forward} forward passes "
-        f"({n_skipped} cells skipped as identical), {seconds:.1f} s"
+        f"patch_sweep: done, {counts.n_patched} patched runs in {counts.n_forward} forward passes "
+        f"({counts.n_skipped} cells skipped as identical), {seconds:.1f} s"
     )
-    return PatchingResult(
-        df=df,
-        pairs=pairs_out,
-        tokens={p.pair_id: p.clean_tokens for p in prepared},
-        corrupted_tokens={p.pair_id: p.corrupted_tokens for p in prepared},
-        components=components,
-        layers=layers,
-        n_heads=n_heads if do_heads else 0,
-        heads=do_heads,
-        info=info,
-        notes=notes,
-    )
+    return _sweep_result(bridge, plan, pairs_df, records, pair_rows, info, notes)
 
 
 # --------------------------------------------------------------------------------------------
