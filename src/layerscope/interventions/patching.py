@@ -115,8 +115,72 @@ RESULT_COLUMNS = (
 # reading pairs
 
 
+def _check_pair_columns(columns: Sequence[str], shown: str) -> None:
+    """Every column of :data:`PAIR_COLUMNS` must be in the file's header."""
+    for col in PAIR_COLUMNS:
+        if col not in columns:
+            raise InputError(
+                f"required column is missing; columns found: {', '.join(map(repr, columns))}",
+                file=shown,
+                field=col,
+            )
+
+
+def _pair_record(rec, columns: Sequence[str], shown: str) -> dict[str, Any]:
+    """One record as strings (missing optional keys ""); required values must be non-empty."""
+    from layerscope.data.datasets import scalar_str
+
+    row: dict[str, Any] = {}
+    for col in columns:
+        if col not in rec.values:
+            if col in PAIR_COLUMNS:
+                raise InputError(
+                    "key is missing from this record", file=shown, line=rec.line, field=col
+                )
+            row[col] = ""
+            continue
+        try:
+            value = scalar_str(rec.values[col])
+        except TypeError as exc:
+            raise InputError(str(exc), file=shown, line=rec.line, field=col) from None
+        if col in PAIR_COLUMNS and (value is None or value.strip() == ""):
+            raise InputError(
+                f"value {rec.values[col]!r} is empty", file=shown, line=rec.line, field=col
+            )
+        row[col] = "" if value is None else value
+    return row
+
+
+def _check_pair(row: Mapping[str, Any], line: int, seen: dict[str, int], shown: str) -> None:
+    """A pair_id may appear once; its two prompts and its two answers must differ."""
+    pid = row["pair_id"]
+    if pid in seen:
+        raise InputError(
+            f"duplicate pair_id {pid!r} (first on line {seen[pid]}, again on line {line})",
+            file=shown,
+            line=line,
+            field="pair_id",
+        )
+    seen[pid] = line
+    if row["clean"] == row["corrupted"]:
+        raise InputError(
+            f"pair {pid!r}: the corrupted prompt is identical to the clean one",
+            file=shown,
+            line=line,
+            field="corrupted",
+        )
+    if row["clean_answer"] == row["corrupted_answer"]:
+        raise InputError(
+            f"pair {pid!r}: the corrupted answer is identical to the clean one",
+            file=shown,
+            line=line,
+            field="corrupted_answer",
+        )
+
+
 def load_pairs(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a pairs table (``.csv``, ``.tsv`` or ``.jsonl``) with the columns of :data:`PAIR_COLUMNS`.
+    """Read a pairs table (``.csv``, ``.tsv`` or ``.jsonl``) with the columns of
+    :data:`PAIR_COLUMNS`.
 
     Every value is kept as a string exactly as written (``" 586"`` keeps its space; no NA
     coercion). Extra columns are kept. Adds ``source_line`` (the 1-based line of the record) and
@@ -125,60 +189,14 @@ def load_pairs(path: str | os.PathLike) -> pd.DataFrame:
     a repeated ``pair_id``, or a pair whose two prompts or two answers are identical.
     """
     from layerscope.data.datasets import read_records
-    from layerscope.data.datasets import scalar_str as _scalar_str
 
     columns, records, shown = read_records(path)
-    for col in PAIR_COLUMNS:
-        if col not in columns:
-            raise InputError(
-                f"required column is missing; columns found: {', '.join(map(repr, columns))}",
-                file=shown,
-                field=col,
-            )
+    _check_pair_columns(columns, shown)
     rows: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
     for rec in records:
-        row: dict[str, Any] = {}
-        for col in columns:
-            if col not in rec.values:
-                if col in PAIR_COLUMNS:
-                    raise InputError(
-                        "key is missing from this record", file=shown, line=rec.line, field=col
-                    )
-                row[col] = ""
-                continue
-            try:
-                value = _scalar_str(rec.values[col])
-            except TypeError as exc:
-                raise InputError(str(exc), file=shown, line=rec.line, field=col) from None
-            if col in PAIR_COLUMNS and (value is None or value.strip() == ""):
-                raise InputError(
-                    f"value {rec.values[col]!r} is empty", file=shown, line=rec.line, field=col
-                )
-            row[col] = "" if value is None else value
-        pid = row["pair_id"]
-        if pid in seen:
-            raise InputError(
-                f"duplicate pair_id {pid!r} (first on line {seen[pid]}, again on line {rec.line})",
-                file=shown,
-                line=rec.line,
-                field="pair_id",
-            )
-        seen[pid] = rec.line
-        if row["clean"] == row["corrupted"]:
-            raise InputError(
-                f"pair {pid!r}: the corrupted prompt is identical to the clean one",
-                file=shown,
-                line=rec.line,
-                field="corrupted",
-            )
-        if row["clean_answer"] == row["corrupted_answer"]:
-            raise InputError(
-                f"pair {pid!r}: the corrupted answer is identical to the clean one",
-                file=shown,
-                line=rec.line,
-                field="corrupted_answer",
-            )
+        row = _pair_record(rec, columns, shown)
+        _check_pair(row, rec.line, seen, shown)
         row["source_line"] = rec.line
         rows.append(row)
     ordered = list(PAIR_COLUMNS) + [c for c in columns if c not in PAIR_COLUMNS] + ["source_line"]
@@ -278,7 +296,8 @@ def prepare_pairs(tokenizer, pairs: pd.DataFrame, *, prepend_bos: bool) -> list[
         k = next((j for j, (a, b) in enumerate(zip(ca, ka)) if a != b), None)
         if k is None:
             raise InputError(
-                f"pair {pid!r}: clean answer {clean_a!r} and corrupted answer {corr_a!r} share every token "
+                f"pair {pid!r}: clean answer {clean_a!r} and corrupted answer {corr_a!r} "
+                f"share every token "
                 f"({len(ca)} and {len(ka)} tokens); no answer token tells them apart",
                 field="corrupted_answer",
                 **_where(pairs, i),
@@ -288,7 +307,8 @@ def prepare_pairs(tokenizer, pairs: pd.DataFrame, *, prepend_bos: bool) -> list[
         if len(clean_ids) != len(corr_ids):
             raise InputError(
                 f"pair {pid!r}: clean and corrupted inputs tokenize to different lengths "
-                f"(clean {len(clean_ids)} tokens, corrupted {len(corr_ids)} tokens); patching needs "
+                f"(clean {len(clean_ids)} tokens, corrupted {len(corr_ids)} tokens); "
+                f"patching needs "
                 f"position-aligned prompts",
                 field="corrupted",
                 **_where(pairs, i),
@@ -347,7 +367,10 @@ def _forward_logits_last(bridge, input_ids, fwd_hooks=()):
 
 
 def _cache_runs(bridge, ids_rows: Sequence[Sequence[int]], hooks: Sequence[str]):
-    """One forward pass over equal-length rows; returns (last-position logits, {hook: [B, T, ...]})."""
+    """One forward pass over equal-length rows.
+
+    Returns (last-position logits, {hook: [B, T, ...]}).
+    """
     import torch
 
     device = _device(bridge)
@@ -456,7 +479,8 @@ def _resolve_positions(positions, n_tokens: int, pair_id: str) -> list[int]:
         if positions == "last":
             return [n_tokens - 1]
         raise LayerscopeError(
-            f"positions {positions!r} not understood; expected 'all', 'last', an int k (last k) or a list"
+            f"positions {positions!r} not understood; expected 'all', 'last', "
+            f"an int k (last k) or a list"
         )
     if isinstance(positions, (int, np.integer)) and not isinstance(positions, bool):
         k = int(positions)
@@ -1070,6 +1094,79 @@ def summarize(
 # writing
 
 
+def _write_attrs(f, result: PatchingResult) -> None:
+    """The model description and settings as file attributes (non-scalars as JSON)."""
+    import json
+
+    for k, v in result.info.items():
+        f.attrs[k] = (
+            v
+            if isinstance(v, (int, float, str, bool, np.integer, np.floating))
+            else json.dumps(v, default=str)
+        )
+    f.attrs["notes"] = json.dumps(result.notes)
+    f.attrs["kind"] = "patching"
+
+
+def _write_pair_datasets(f, result: PatchingResult, n_pos: int) -> None:
+    """Pair ids, components, layers, the per-pair baselines and the tokens of every pair."""
+    import h5py
+
+    pids = result.pairs["pair_id"].tolist()
+    pix = {p: i for i, p in enumerate(pids)}
+    str_dt = h5py.string_dtype("utf-8")
+    f.create_dataset("pair_id", data=np.array(pids, dtype=object), dtype=str_dt)
+    f.create_dataset("components", data=np.array(result.components, dtype=object), dtype=str_dt)
+    f.create_dataset("layers", data=np.asarray(result.layers, dtype=np.int64))
+    for col in ("n_tokens", "clean_answer_id", "corrupted_answer_id"):
+        f.create_dataset(col, data=result.pairs[col].to_numpy(dtype=np.int64))
+    for col in ("clean_logit_diff", "corrupted_logit_diff"):
+        f.create_dataset(col, data=result.pairs[col].to_numpy(dtype=np.float64))
+    for name, toks in (
+        ("tokens", result.tokens),
+        ("corrupted_tokens", result.corrupted_tokens),
+    ):
+        arr = np.full((len(pids), n_pos), "", dtype=object)
+        for p, t in toks.items():
+            arr[pix[p], : len(t)] = t
+        f.create_dataset(name, data=arr, dtype=str_dt)
+
+
+def _write_cell_arrays(f, result: PatchingResult, n_pos: int) -> None:
+    """The LD and recovery arrays of the components and, if patched, of the heads."""
+    pix = {p: i for i, p in enumerate(result.pairs["pair_id"].tolist())}
+    cix = {c: i for i, c in enumerate(result.components)}
+    lix = {L: i for i, L in enumerate(result.layers)}
+    n_pairs, n_layers = len(result.pairs), len(result.layers)
+    df = result.df
+    plain = df[df["component"] != HEAD_COMPONENT]
+    for metric in METRICS:
+        arr = np.full((n_pairs, len(result.components), n_layers, n_pos), np.nan)
+        m = plain[plain["metric"] == metric]
+        if len(m):
+            arr[
+                m["pair_id"].map(pix).to_numpy(),
+                m["component"].map(cix).to_numpy(),
+                m["layer"].map(lix).to_numpy(),
+                m["position"].to_numpy(),
+            ] = m["value"].to_numpy()
+        f.create_dataset(metric, data=arr)
+    if not result.heads:
+        return
+    hd = df[df["component"] == HEAD_COMPONENT]
+    for metric in METRICS:
+        arr = np.full((n_pairs, n_layers, result.n_heads, n_pos), np.nan)
+        m = hd[hd["metric"] == metric]
+        if len(m):
+            arr[
+                m["pair_id"].map(pix).to_numpy(),
+                m["layer"].map(lix).to_numpy(),
+                m["head"].to_numpy(),
+                m["position"].to_numpy(),
+            ] = m["value"].to_numpy()
+        f.create_dataset(f"head_{metric}", data=arr)
+
+
 def write_patching(
     result: PatchingResult, csv_path: str | os.PathLike, h5_path: str | os.PathLike | None = None
 ) -> None:
@@ -1078,76 +1175,23 @@ def write_patching(
     HDF5 layout (positions are token indices 0..max_tokens-1; NaN where a pair has no such cell):
 
     * ``logit_diff``, ``recovery``: ``[n_pairs, n_components, n_layers, n_positions]``
-    * ``head_logit_diff``, ``head_recovery``: ``[n_pairs, n_layers, n_heads, n_positions]`` (if heads)
+    * ``head_logit_diff``, ``head_recovery``: ``[n_pairs, n_layers, n_heads, n_positions]``
+      (if heads)
     * ``pair_id``, ``components`` (strings), ``layers`` (ints), ``n_tokens``,
       ``clean_logit_diff``, ``corrupted_logit_diff``, ``clean_answer_id``, ``corrupted_answer_id``
     * ``tokens``, ``corrupted_tokens``: ``[n_pairs, n_positions]`` display strings ("" beyond a
       pair's length); ``token_ids`` is not stored (re-tokenize with the recorded BOS policy).
     * attrs: the model description and settings of :attr:`PatchingResult.info`, ``notes``.
     """
-    import json
-
     import h5py
 
     with atomic_path(csv_path) as tmp:
         result.df.to_csv(tmp, index=False)
     if h5_path is None:
         return
-    pids = result.pairs["pair_id"].tolist()
-    pix = {p: i for i, p in enumerate(pids)}
-    comps = result.components
-    cix = {c: i for i, c in enumerate(comps)}
-    lix = {L: i for i, L in enumerate(result.layers)}
     n_pos = int(result.pairs["n_tokens"].max())
-    str_dt = h5py.string_dtype("utf-8")
     with atomic_path(h5_path) as tmp:
         with h5py.File(tmp, "w") as f:
-            for k, v in result.info.items():
-                f.attrs[k] = (
-                    v
-                    if isinstance(v, (int, float, str, bool, np.integer, np.floating))
-                    else json.dumps(v, default=str)
-                )
-            f.attrs["notes"] = json.dumps(result.notes)
-            f.attrs["kind"] = "patching"
-            f.create_dataset("pair_id", data=np.array(pids, dtype=object), dtype=str_dt)
-            f.create_dataset("components", data=np.array(comps, dtype=object), dtype=str_dt)
-            f.create_dataset("layers", data=np.asarray(result.layers, dtype=np.int64))
-            for col in ("n_tokens", "clean_answer_id", "corrupted_answer_id"):
-                f.create_dataset(col, data=result.pairs[col].to_numpy(dtype=np.int64))
-            for col in ("clean_logit_diff", "corrupted_logit_diff"):
-                f.create_dataset(col, data=result.pairs[col].to_numpy(dtype=np.float64))
-            for name, toks in (
-                ("tokens", result.tokens),
-                ("corrupted_tokens", result.corrupted_tokens),
-            ):
-                arr = np.full((len(pids), n_pos), "", dtype=object)
-                for p, t in toks.items():
-                    arr[pix[p], : len(t)] = t
-                f.create_dataset(name, data=arr, dtype=str_dt)
-            df = result.df
-            plain = df[df["component"] != HEAD_COMPONENT]
-            for metric in METRICS:
-                arr = np.full((len(pids), len(comps), len(result.layers), n_pos), np.nan)
-                m = plain[plain["metric"] == metric]
-                if len(m):
-                    arr[
-                        m["pair_id"].map(pix).to_numpy(),
-                        m["component"].map(cix).to_numpy(),
-                        m["layer"].map(lix).to_numpy(),
-                        m["position"].to_numpy(),
-                    ] = m["value"].to_numpy()
-                f.create_dataset(metric, data=arr)
-            if result.heads:
-                hd = df[df["component"] == HEAD_COMPONENT]
-                for metric in METRICS:
-                    arr = np.full((len(pids), len(result.layers), result.n_heads, n_pos), np.nan)
-                    m = hd[hd["metric"] == metric]
-                    if len(m):
-                        arr[
-                            m["pair_id"].map(pix).to_numpy(),
-                            m["layer"].map(lix).to_numpy(),
-                            m["head"].to_numpy(),
-                            m["position"].to_numpy(),
-                        ] = m["value"].to_numpy()
-                    f.create_dataset(f"head_{metric}", data=arr)
+            _write_attrs(f, result)
+            _write_pair_datasets(f, result, n_pos)
+            _write_cell_arrays(f, result, n_pos)

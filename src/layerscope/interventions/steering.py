@@ -578,6 +578,80 @@ def _with_band(effects: pd.DataFrame) -> pd.DataFrame:
     return out.drop(columns=["_lo", "_hi"])
 
 
+@dataclass(frozen=True)
+class _SweepRun:
+    """What every steered run of one sweep shares: prompts, unsteered baseline, batching."""
+
+    sp: SteeringPrompts
+    base: list
+    ld0: np.ndarray
+    starts: np.ndarray
+    batch_size: int
+    pad_id: int
+    prec: Precision
+
+
+def _unit_directions(model, directions, layers: Sequence[int], source: str) -> dict[int, Any]:
+    """Unit vectors per layer; each must have ``d_model`` entries."""
+    d = int(model.cfg.d_model)
+    units = {L: unit(directions[L], f"{source} direction at layer {L}") for L in layers}
+    for L, u in units.items():
+        if u.size != d:
+            raise SteeringError(
+                f"{source} direction at layer {L} has {u.size} entries; the model's d_model is {d}"
+            )
+    return units
+
+
+def _per_prompt(run: _SweepRun, layer: int, alpha: float, ld) -> pd.DataFrame:
+    """Per-prompt LD, its change and flips of the main direction at one (layer, alpha)."""
+    return pd.DataFrame(
+        dict(
+            layer=layer,
+            alpha=alpha,
+            prompt_id=run.sp.prompt_ids,
+            logit_diff=ld,
+            logit_diff_change=ld - run.ld0,
+            flipped=flips(run.ld0, ld, alpha),
+        )
+    )
+
+
+def _sweep_layer(model, run: _SweepRun, layer: int, hook: str, scale: float, dirs, alphas):
+    """Every direction x alpha at one layer: (effect records, per-prompt frames of the main
+    direction). ``dirs``: (source, name, unit vector, is the main direction)."""
+    import torch
+
+    records: list[dict[str, Any]] = []
+    per_prompt: list[pd.DataFrame] = []
+    zero = None
+    for src, name, u, main in dirs:
+        for a in alphas:
+            if a == 0.0 and zero is not None:
+                ld, kl = zero  # alpha = 0 adds the zero vector whatever the direction
+            else:
+                v = torch.as_tensor(a * scale * u, dtype=torch.float64)
+                ld, kl = _measure(
+                    model, run.sp, run.base, hook, v, run.starts, run.batch_size, run.pad_id
+                )
+                zero = (ld, kl) if a == 0.0 else zero
+            keys = dict(layer=layer, alpha=a, source=src, direction=name, scale=scale)
+            records += _metric_rows(keys, run.ld0, ld, kl, a, run.prec)
+            if main:
+                per_prompt.append(_per_prompt(run, layer, a, ld))
+    return records, per_prompt
+
+
+def _effects_table(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """The tidy effects with the random band, in :data:`EFFECT_COLUMNS` order, sorted."""
+    effects = _with_band(pd.DataFrame(records))
+    return (
+        effects[list(EFFECT_COLUMNS)]
+        .sort_values(["source", "direction", "metric", "layer", "alpha"], kind="stable")
+        .reset_index(drop=True)
+    )
+
+
 def steering_sweep(
     model,
     sp: SteeringPrompts,
@@ -593,27 +667,21 @@ def steering_sweep(
     batch_size: int = 64,
     log: Callable[[str], Any] | None = None,
 ) -> SteeringResult:
-    """Steer along ``directions`` (layer -> vector) and ``n_random`` random directions on layers x alphas."""
+    """Steer along ``directions`` (layer -> vector) and ``n_random`` random directions on
+    layers x alphas."""
     import torch
 
     log = log or (lambda msg: None)
-    prec = precision or Precision()
     layers, alphas = _check_grid(model, list(directions), alphas, component)
-    d = int(model.cfg.d_model)
-    units = {L: unit(directions[L], f"{source} direction at layer {L}") for L in layers}
-    for L, u in units.items():
-        if u.size != d:
-            raise SteeringError(
-                f"{source} direction at layer {L} has {u.size} entries; the model's d_model is {d}"
-            )
+    units = _unit_directions(model, directions, layers, source)
     pad_id = int(getattr(model.tokenizer, "pad_token_id", None) or 0)
     rows = sp.ids + sp.neutral_ids
     starts = row_starts([len(r) for r in rows], position)
     n = len(sp.ids)
+    hooks = {L: hook_name(component, L) for L in layers}
     with torch.inference_mode():
         base = run_rows(model, rows, None, None, None, batch_size=batch_size, pad_id=pad_id)
         ld0 = logit_diffs(base[:n], sp.positive_id, sp.negative_id)
-        hooks = {L: hook_name(component, L) for L in layers}
         scale = residual_norms(
             model,
             sp.ids,
@@ -622,45 +690,17 @@ def steering_sweep(
             batch_size=batch_size,
             pad_id=pad_id,
         )
-        R = random_directions(n_random, d, seed)
-        dirs = [(source, source, None)] + [
-            ("random", f"random_{k:02d}", R[k]) for k in range(n_random)
-        ]
+        R = random_directions(n_random, int(model.cfg.d_model), seed)
+        run = _SweepRun(sp, base, ld0, starts, batch_size, pad_id, precision or Precision())
         records, per_prompt = [], []
         for L in layers:
             s = scale[hooks[L]]
-            zero = None
-            for src, name, vec in dirs:
-                u = units[L] if vec is None else vec
-                for a in alphas:
-                    if a == 0.0 and zero is not None:
-                        ld, kl = zero  # alpha = 0 adds the zero vector whatever the direction
-                    else:
-                        v = torch.as_tensor(a * s * u, dtype=torch.float64)
-                        ld, kl = _measure(model, sp, base, hooks[L], v, starts, batch_size, pad_id)
-                        zero = (ld, kl) if a == 0.0 else zero
-                    keys = dict(layer=L, alpha=a, source=src, direction=name, scale=s)
-                    records += _metric_rows(keys, ld0, ld, kl, a, prec)
-                    if vec is None:
-                        per_prompt.append(
-                            pd.DataFrame(
-                                dict(
-                                    layer=L,
-                                    alpha=a,
-                                    prompt_id=sp.prompt_ids,
-                                    logit_diff=ld,
-                                    logit_diff_change=ld - ld0,
-                                    flipped=flips(ld0, ld, a),
-                                )
-                            )
-                        )
+            dirs = [(source, source, units[L], True)]
+            dirs += [("random", f"random_{k:02d}", R[k], False) for k in range(n_random)]
+            recs, frames = _sweep_layer(model, run, L, hooks[L], s, dirs, alphas)
+            records += recs
+            per_prompt += frames
             log(f"layer {L}: scale {s:.3f}; {len(dirs)} directions x {len(alphas)} alphas done")
-    effects = _with_band(pd.DataFrame(records))
-    effects = (
-        effects[list(EFFECT_COLUMNS)]
-        .sort_values(["source", "direction", "metric", "layer", "alpha"], kind="stable")
-        .reset_index(drop=True)
-    )
     norms = pd.DataFrame(
         dict(
             layer=layers,
@@ -681,7 +721,8 @@ def steering_sweep(
         seed=seed,
         unsteered_positive_share=float(np.mean(ld0 > 0)),
     )
-    return SteeringResult(effects, pd.concat(per_prompt, ignore_index=True), norms, info)
+    per_prompt_df = pd.concat(per_prompt, ignore_index=True)
+    return SteeringResult(_effects_table(records), per_prompt_df, norms, info)
 
 
 # --------------------------------------------------------------------------------------------
