@@ -1,7 +1,8 @@
 """Steering: add alpha * (unit direction) to the residual stream and measure what moves.
 
 Pure computation: arrays, tables and a model object in; arrays and tables out. Reading direction
-files, probe JSON and prompt files, and writing results, live in :mod:`layerscope.jobs.steering_run`.
+files, probe JSON and prompt files, and writing results, live in
+:mod:`layerscope.jobs.steering_run`.
 
 Directions (:func:`unit`, :func:`probe_direction`, :func:`mass_mean_direction`,
 :func:`task_vector_direction`, :func:`file_direction`) are vectors in the raw residual-stream
@@ -91,9 +92,11 @@ def unit(vector: Any, what: str = "direction") -> np.ndarray:
 def probe_direction(
     doc: Mapping[str, Any], component: str, pooling: str, what: str = "probe"
 ) -> np.ndarray:
-    """The positive-class direction of the binary probe for (component, pooling) in a probe JSON doc.
+    """The positive-class direction of the binary probe for (component, pooling) in a probe JSON
+    doc.
 
-    ``coef`` is stored in raw activation space (see the module docstring); it is unit-normalised here.
+    ``coef`` is stored in raw activation space (see the module docstring); it is unit-normalised
+    here.
     """
     probes = doc.get("probes")
     if not isinstance(probes, list):
@@ -136,7 +139,8 @@ def mass_mean_direction(
 def task_vector_direction(
     arrays: Mapping[str, Any], layer: int, task: str, what: str = "task vectors"
 ) -> np.ndarray:
-    """The task vector of ``task`` at ``layer`` from :func:`layerscope.analysis.task_vectors.read_task_vectors`."""
+    """The task vector of ``task`` at ``layer`` from
+    :func:`layerscope.analysis.task_vectors.read_task_vectors`."""
     layers = [int(L) for L in arrays["layers"]]
     tasks = list(arrays["tasks"])
     if int(layer) not in layers:
@@ -152,7 +156,8 @@ def task_vector_direction(
 def file_direction(
     array: Any, layer: int, n_layers: int, d_model: int, what: str = "direction file"
 ) -> np.ndarray:
-    """One layer's vector from a user array: ``[d]`` (every layer) or ``[n_layers, d]`` (row = layer)."""
+    """One layer's vector from a user array: ``[d]`` (every layer) or ``[n_layers, d]`` (row =
+    layer)."""
     a = np.asarray(array)
     if a.dtype.kind not in "fiu":
         raise SteeringError(f"{what}: expected numbers, got dtype {a.dtype}")
@@ -173,7 +178,8 @@ def file_direction(
 
 
 def random_directions(n: int, d_model: int, seed: int) -> np.ndarray:
-    """``n`` seeded Gaussian directions of unit norm, shape ``[n, d_model]`` (the same at every layer)."""
+    """``n`` seeded Gaussian directions of unit norm, shape ``[n, d_model]`` (the same at every
+    layer)."""
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 11]))
     U = rng.standard_normal((int(n), int(d_model)))
     return U / np.linalg.norm(U, axis=1, keepdims=True)
@@ -198,10 +204,12 @@ class SteeringPrompts:
 def prepare_prompts(
     tokenizer, prompts: pd.DataFrame, neutral: Sequence[str], *, prepend_bos: bool
 ) -> SteeringPrompts:
-    """Tokenize ``prompts`` (columns ``prompt_id, prompt, positive, negative``) and the neutral texts.
+    """Tokenize ``prompts`` (columns ``prompt_id, prompt, positive, negative``) and the neutral
+    texts.
 
-    Answers are tokenized in context as in :mod:`layerscope.interventions.patching`: the metric compares the first
-    answer tokens where the positive and negative answers differ, the shared prefix appended.
+    Answers are tokenized in context as in :mod:`layerscope.interventions.patching`: the metric
+    compares the first answer tokens where the positive and negative answers differ, the shared
+    prefix appended.
     """
     from layerscope.interventions.patching import answer_ids
 
@@ -277,7 +285,8 @@ def _device(model):
 
 
 def padded(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Any, Any]:
-    """Right-padded ``input_ids`` and an explicit attention mask (padding never inferred from ids)."""
+    """Right-padded ``input_ids`` and an explicit attention mask (padding never inferred from
+    ids)."""
     import torch
 
     T = max(len(r) for r in rows)
@@ -320,7 +329,8 @@ def _steer_hooks(name: str, vector, starts: np.ndarray):
 
 
 def run_rows(model, rows, hook: str | None, vector, starts, *, batch_size: int, pad_id: int):
-    """Logits of ``rows`` with ``vector`` added at ``hook`` from ``starts`` on (no hook: unsteered)."""
+    """Logits of ``rows`` with ``vector`` added at ``hook`` from ``starts`` on (no hook:
+    unsteered)."""
     hooks = [] if hook is None else _steer_hooks(hook, vector, starts)
     return forward_logits(model, rows, hooks, batch_size=batch_size, pad_id=pad_id)
 
@@ -328,7 +338,8 @@ def run_rows(model, rows, hook: str | None, vector, starts, *, batch_size: int, 
 def residual_norms(
     model, rows, hooks: Sequence[str], *, skip_first: bool, batch_size: int, pad_id: int
 ) -> dict[str, float]:
-    """Mean per-token L2 norm of the unsteered residual at each hook over the real tokens of ``rows``."""
+    """Mean per-token L2 norm of the unsteered residual at each hook over the real tokens of
+    ``rows``."""
 
     sums = {h: 0.0 for h in hooks}
     count = 0
@@ -341,7 +352,7 @@ def residual_norms(
             keep[:, 0] = 0  # the BOS residual is an outlier in norm (and never pooled)
         count += int(keep.sum())
 
-        def make(h):
+        def make(h, keep=keep):
             def fn(t, hook=None):
                 sums[h] += float((t.double().norm(dim=-1) * keep).sum())
                 return None
@@ -367,7 +378,8 @@ def logit_diffs(logits: Sequence[Any], pos_id: np.ndarray, neg_id: np.ndarray) -
 
 
 def next_token_kl(base: Sequence[Any], steered: Sequence[Any]) -> np.ndarray:
-    """Per row: mean over positions of ``KL(softmax(base) || softmax(steered))`` (exactly 0 if equal)."""
+    """Per row: mean over positions of ``KL(softmax(base) || softmax(steered))`` (exactly 0 if
+    equal)."""
     import torch
 
     out = []
@@ -404,7 +416,8 @@ class Precision:
 
 
 def mean_row(values: np.ndarray, prec: Precision) -> dict[str, Any]:
-    """Mean with t interval and the n a half-width / a Cohen's-d effect needs (0 exactly when all 0)."""
+    """Mean with t interval and the n a half-width / a Cohen's-d effect needs (0 exactly when all
+    0)."""
     x = np.asarray(values, dtype=np.float64)
     sd = float(x.std(ddof=1)) if x.size > 1 else math.nan
     if x.size > 1 and sd == 0.0:
@@ -537,7 +550,8 @@ def _metric_rows(keys: dict[str, Any], ld0, ld, kl, alpha, prec: Precision) -> l
 
 
 def random_band(effects: pd.DataFrame) -> pd.DataFrame:
-    """Per (layer, alpha, metric): median and 5 %/95 % quantiles of the random directions' values."""
+    """Per (layer, alpha, metric): median and 5 %/95 % quantiles of the random directions'
+    values."""
     r = effects[effects["source"] == "random"]
     rows = []
     for (L, a, m), g in r.groupby(["layer", "alpha", "metric"], sort=True):
@@ -772,7 +786,8 @@ def _step_with_cache(model, token, cache, total_len: int):
 
 
 def _greedy_group(model, ids, steps: int, hooks_for: Callable, use_cache: bool) -> tuple[Any, bool]:
-    """Greedy continuation of equal-length rows ``ids`` ([B, T]); returns ([B, steps] tokens, cache used)."""
+    """Greedy continuation of equal-length rows ``ids`` ([B, T]); returns ([B, steps] tokens, cache
+    used)."""
     import torch
 
     offset = [0]
@@ -811,11 +826,13 @@ def generate(
     batch_size: int = 64,
     use_cache: bool = True,
 ) -> tuple[list[list[int]], bool]:
-    """Greedy generation of ``max_new_tokens`` for every row, steered by ``vector`` at ``hook`` (or not).
+    """Greedy generation of ``max_new_tokens`` for every row, steered by ``vector`` at ``hook`` (or
+    not).
 
     Rows are grouped by token length (no padding at all), so batched equals one row at a time up to
     float rounding. Steering covers every position ``>= start`` of the row, generated ones included.
-    Returns the new token ids per row and whether a KV cache was used (see :func:`_prefill_with_cache`).
+    Returns the new token ids per row and whether a KV cache was used (see
+    :func:`_prefill_with_cache`).
     """
     import torch
 

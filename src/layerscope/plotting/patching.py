@@ -1,8 +1,9 @@
-"""Figures of activation patching, drawn from the tables the patching job wrote (no model, no torch).
+"""Figures of activation patching, drawn from the tables the patching job wrote (no model, no
+torch).
 
-Draw functions return a matplotlib Figure; :func:`layerscope.plotting.plots.save_figure` (the one saver)
-writes it. Labels come from ``arrays.h5`` (:func:`read_position_labels`), so the plot job needs only
-the patching outputs.
+Draw functions return a matplotlib Figure; :func:`layerscope.plotting.plots.save_figure` (the one
+saver) writes it. Labels come from ``arrays.h5`` (:func:`read_position_labels`), so the plot job
+needs only the patching outputs.
 
 * :func:`draw_patching_heatmaps`: mean logit-difference recovery per (layer, position), one panel
   per component, one block of panels per prompt length, with a companion panel per block that draws
@@ -52,9 +53,9 @@ def display_token(label: str) -> str:
 def read_position_labels(h5_path: str | os.PathLike) -> tuple[dict[int, list[str]], pd.DataFrame]:
     """Axis labels per prompt length from a patching ``arrays.h5``, and where each pair differs.
 
-    Labels follow :meth:`layerscope.interventions.patching.PatchingResult.position_labels` (a token shared by
-    every pair of the length, ``#`` for digits that vary, a trailing ``*`` where some pair's clean
-    and corrupted tokens differ). The table has ``pair_id, n_tokens, diff_positions``.
+    Labels follow :meth:`layerscope.interventions.patching.PatchingResult.position_labels` (a token
+    shared by every pair of the length, ``#`` for digits that vary, a trailing ``*`` where some
+    pair's clean and corrupted tokens differ). The table has ``pair_id, n_tokens, diff_positions``.
     """
     import h5py
 
@@ -221,7 +222,8 @@ def draw_patching_heatmaps(
     fig.suptitle(
         f"Activation patching (logit difference): {experiment}   (model: {model})\n"
         "clean activation patched into the corrupted run at one (layer, position); "
-        "red * = token that differs between clean and corrupted; # = digit that varies across pairs",
+        "red * = token that differs between clean and corrupted; "
+        "# = digit that varies across pairs",
         fontsize=9,
     )
     return fig
@@ -318,7 +320,8 @@ def draw_generation_heatmap(
     unpatched corrupted run's rate (the rate to beat) and the clean run's rate are in the row title.
     """
     s = summary[summary["component"] != "unpatched"]
-    # cells that every pair has are drawn once, pooled (n_tokens 0); per length only prompt positions
+    # cells that every pair has are drawn once, pooled (n_tokens 0); per length only prompt
+    # positions
     s = s[(s["n_tokens"] == 0) | (s["position_kind"] == "prompt") | ~s["n_tokens"].eq(0).any()]
     if s.empty:
         raise LayerscopeError("no generation-patching cells to plot")
