@@ -139,6 +139,7 @@ def _codes(
 
 
 def _check_X(X: Any, ndim: int, name: str = "X") -> np.ndarray:
+    """``X`` as float64 with ``ndim`` dimensions, at least 2 prompts, all finite."""
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != ndim:
         raise TaskVectorError(f"{name}: expected {ndim} dimensions, got shape {X.shape}")
@@ -150,6 +151,7 @@ def _check_X(X: Any, ndim: int, name: str = "X") -> np.ndarray:
 
 
 def _prepare(n: int, tasks: Sequence[Any], pairs: Sequence[Any] | None, task_order=None):
+    """Task-then-pair order of the prompts, their label codes and the levels."""
     if len(tasks) != n:
         raise TaskVectorError(f"tasks: {len(tasks)} entries for {n} prompts")
     if pairs is None:
@@ -164,6 +166,7 @@ def _prepare(n: int, tasks: Sequence[Any], pairs: Sequence[Any] | None, task_ord
 
 
 def _masks(t: np.ndarray, p: np.ndarray) -> dict[str, np.ndarray]:
+    """Prompt-pair masks: within task, between tasks, same pair, between (all)."""
     same_t = t[:, None] == t[None, :]
     same_p = p[:, None] == p[None, :]
     distinct = ~np.eye(len(t), dtype=bool)
@@ -176,6 +179,7 @@ def _masks(t: np.ndarray, p: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _cosine_from_centred(C: np.ndarray) -> np.ndarray:
+    """Cosine matrix of the rows of ``C`` (NaN for a row of norm ~0)."""
     norms = np.linalg.norm(C, axis=1)
     ok = norms > _EPS * max(1.0, float(norms.max(initial=0.0)))
     U = np.where(ok[:, None], C / np.where(ok, norms, 1.0)[:, None], np.nan)
@@ -185,11 +189,13 @@ def _cosine_from_centred(C: np.ndarray) -> np.ndarray:
 
 
 def _masked_mean(S: np.ndarray, mask: np.ndarray) -> float:
+    """Mean of the finite entries of ``S`` under ``mask`` (NaN if none)."""
     vals = S[mask & np.isfinite(S)]
     return float(vals.mean()) if vals.size else float("nan")
 
 
 def _ratios(within: float, between: float) -> tuple[float, float]:
+    """within / between and (1 + within) / (1 + between), NaN where undefined."""
     ratio = within / between if np.isfinite(between) and between > 0 else float("nan")
     shifted = (
         (1 + within) / (1 + between) if np.isfinite(between) and between > -1 else float("nan")
@@ -327,6 +333,7 @@ def _boot_means(
 
 
 def _interval(values: np.ndarray, ci: float) -> tuple[float, float, int]:
+    """Percentile interval of the finite values and how many there are."""
     v = values[np.isfinite(values)]
     if v.size == 0:
         return float("nan"), float("nan"), 0
@@ -339,6 +346,7 @@ def _interval(values: np.ndarray, ci: float) -> tuple[float, float, int]:
 
 
 def _unpack(stack: Any):
+    """(X, layers, tasks, pairs, prompt_ids, meta) from a LayerStack or a tuple."""
     if hasattr(stack, "X") and hasattr(stack, "layers"):
         if getattr(stack, "groups", None) is None:
             raise TaskVectorError(

@@ -252,6 +252,7 @@ def token_label(tokenizer, token_id: int) -> str:
 
 
 def _display_tokens(tokenizer, ids: Sequence[int], prepend_bos: bool) -> list[str]:
+    """Display strings of ``ids`` (the prepended BOS shown as ``BOS``)."""
     labels = [token_label(tokenizer, t) for t in ids]
     if prepend_bos and labels:
         labels[0] = "BOS"
@@ -259,6 +260,7 @@ def _display_tokens(tokenizer, ids: Sequence[int], prepend_bos: bool) -> list[st
 
 
 def _where(pairs: pd.DataFrame, i: int) -> dict[str, Any]:
+    """Where row ``i`` of ``pairs`` came from: file and line (or row) for error messages."""
     line = None
     if "source_line" in pairs.columns:
         with contextlib.suppress(TypeError, ValueError):
@@ -272,6 +274,7 @@ def _where(pairs: pd.DataFrame, i: int) -> dict[str, Any]:
 def answer_ids(
     tokenizer, prompt_ids: list[int], prompt: str, answer: str, prepend_bos: bool
 ) -> tuple[list[int], str]:
+    """Answer tokens in context (prompt+answer minus prompt), else alone; and which."""
     full = tokenize_prompts(tokenizer, [prompt + answer], prepend_bos=prepend_bos)[0]
     if len(full) > len(prompt_ids) and full[: len(prompt_ids)] == prompt_ids:
         return full[len(prompt_ids) :], "in_context"
@@ -344,6 +347,7 @@ class _Cell:
 
 
 def _component_hook(component: str, layer: int) -> str:
+    """The hook name of a component (or ``z``, per head) at ``layer``."""
     if component == HEAD_COMPONENT:
         return HEAD_HOOK.format(L=layer)
     return hook_name(component, layer)
@@ -449,6 +453,7 @@ def _equal_cells(clean, corrupted):
 
 
 def _is_same(same, cell: _Cell) -> bool:
+    """Whether the clean activation equals the corrupted one at every position of a cell."""
     if cell.head is None:
         sel = same[cell.slot, list(cell.positions)]
     else:
@@ -457,6 +462,7 @@ def _is_same(same, cell: _Cell) -> bool:
 
 
 def _logit_diff(logits, clean_tok, corr_tok):
+    """Per row: logit of the clean answer minus logit of the corrupted answer."""
     import torch
 
     rows = torch.arange(logits.shape[0], device=logits.device)
@@ -466,6 +472,7 @@ def _logit_diff(logits, clean_tok, corr_tok):
 
 
 def _recovery(patched, clean, corrupted, min_gap):
+    """Normalized recovery of a patched LD; NaN when the pair's LD gap is too small."""
     gap = clean - corrupted
     if not np.isfinite(gap) or abs(gap) < min_gap:
         return float("nan")
@@ -473,6 +480,7 @@ def _recovery(patched, clean, corrupted, min_gap):
 
 
 def _resolve_positions(positions, n_tokens: int, pair_id: str) -> list[int]:
+    """Token indices of ``positions`` (``all``, ``last``, k or a list) in a pair."""
     if isinstance(positions, str):
         if positions == "all":
             return list(range(n_tokens))
@@ -502,6 +510,7 @@ def _resolve_positions(positions, n_tokens: int, pair_id: str) -> list[int]:
 
 
 def _check_components(bridge, components: Sequence[str]) -> list[str]:
+    """The components as a list; unknown, repeated or missing hooks are errors."""
     components = list(components)
     bad = [c for c in components if c not in HOOKS]
     if bad:
@@ -519,6 +528,7 @@ def _check_components(bridge, components: Sequence[str]) -> list[str]:
 
 
 def _check_layers(layers, n_layers: int) -> list[int]:
+    """Sorted layer indices (negative from the end); all of them if ``None``."""
     if layers is None:
         return list(range(n_layers))
     out = sorted({int(L) + n_layers if int(L) < 0 else int(L) for L in layers})
@@ -536,6 +546,7 @@ def heads_available(bridge) -> bool:
 
 
 def _pairs_input(pairs) -> pd.DataFrame:
+    """Pairs as a DataFrame: given, read from a path, or built from dicts."""
     if isinstance(pairs, pd.DataFrame):
         return pairs
     if isinstance(pairs, (str, os.PathLike)):
@@ -655,6 +666,7 @@ class PatchingResult:
 
 
 def merge_token_labels(tokens: Sequence[str], differs: bool) -> str:
+    """One axis label for the tokens of several pairs at a position."""
     counts: dict[str, int] = {}
     for t in tokens:
         counts[t] = counts.get(t, 0) + 1

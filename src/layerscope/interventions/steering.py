@@ -278,6 +278,7 @@ def row_starts(lengths: Sequence[int], position: int | str) -> np.ndarray:
 
 
 def _device(model):
+    """Device of the native engine or of a TransformerBridge."""
     dev = getattr(model, "device", None)
     if dev is not None and not callable(dev):
         return dev
@@ -322,6 +323,7 @@ def forward_logits(
 
 
 def _steer_hooks(name: str, vector, starts: np.ndarray):
+    """``[(name, make)]``: ``make(a, b)`` is the hook steering batch rows ``a:b`` at ``name``."""
     import torch
 
     st = torch.as_tensor(starts, dtype=torch.long)
@@ -496,6 +498,7 @@ class SteeringResult:
 def _check_grid(
     model, layers: Sequence[int], alphas: Sequence[float], component: str
 ) -> tuple[list[int], list[float]]:
+    """Sorted layers and alphas (0 added); bad hook, layer or alpha is an error."""
     if component not in HOOK_COMPONENTS:
         raise SteeringError(
             f"hook {component!r}: steering adds to the residual stream; "
@@ -527,6 +530,7 @@ def _measure(model, sp: SteeringPrompts, base, hook, vector, starts, batch_size,
 
 
 def _metric_rows(keys: dict[str, Any], ld0, ld, kl, alpha, prec: Precision) -> list[dict[str, Any]]:
+    """The three effect rows (LD change, flip rate, neutral KL) of one run."""
     return [
         {
             **keys,
@@ -577,6 +581,7 @@ def random_band(effects: pd.DataFrame) -> pd.DataFrame:
 
 
 def _with_band(effects: pd.DataFrame) -> pd.DataFrame:
+    """Effects plus the random band rows and ``beyond_random`` for the others."""
     band = random_band(effects)
     out = pd.concat([effects, band], ignore_index=True)
     key = ["layer", "alpha", "metric"]
@@ -770,6 +775,7 @@ def _prefill_with_cache(model, ids):
 
 
 def _step_with_cache(model, token, cache, total_len: int):
+    """One cached decoding step of ``token`` at position ``total_len - 1``."""
     import torch
 
     B = token.shape[0]

@@ -91,10 +91,12 @@ def _corrupted_where(pairs: pd.DataFrame | None, n_tok: int) -> str:
 
 
 def _tick(labels: Sequence[str], p: int) -> str:
+    """Tick label of position ``p``: its index and token (the index alone beyond them)."""
     return f"{p} {display_token(labels[p])}" if p < len(labels) else str(p)
 
 
 def _components(s: pd.DataFrame) -> list[str]:
+    """Components of the summary, in display order."""
     present = set(s["component"])
     return [c for c in COMPONENT_ORDER if c in present]
 
@@ -133,6 +135,7 @@ def _interval_panel(ax, g: pd.DataFrame, comps: Sequence[str], labels: Sequence[
 def _heat_panel(
     ax, m: pd.DataFrame, cmap, vlim: float, xlabels: Sequence[str], layers: Sequence[int]
 ):
+    """One heatmap of layer x position values on ``ax``; returns the image."""
     im = ax.imshow(
         m.to_numpy(dtype=float),
         cmap=cmap,
@@ -293,6 +296,8 @@ def draw_head_heatmap(
 
 
 def _position_order(positions: Sequence[str]) -> list[str]:
+    """Generation position labels in display order: indices, diff, prompt, genK, ranges."""
+
     def key(p: str):
         if p.lstrip("-").isdigit():
             return (0, int(p), 0)
