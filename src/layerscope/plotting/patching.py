@@ -311,6 +311,59 @@ def _position_order(positions: Sequence[str]) -> list[str]:
     return sorted(positions, key=key)
 
 
+def _rate_panel(ax, c: pd.DataFrame, layers, positions, xl: Sequence[str], cmap):
+    """One layer x position panel of recovery rates, each cell annotated ``k/n [lo,hi]``."""
+    values = ("recovery_rate", "ci_low", "ci_high", "n_clean", "n_pairs")
+    piv = {
+        v: c.pivot_table(
+            index="layer", columns="position", values=v, aggfunc="first", dropna=False
+        ).reindex(index=layers, columns=positions)
+        for v in values
+    }
+    rate = piv["recovery_rate"].to_numpy(dtype=float)
+    im = ax.imshow(
+        rate,
+        cmap=cmap,
+        vmin=0,
+        vmax=1,
+        origin="lower",
+        aspect="auto",
+        interpolation="nearest",
+    )
+    for (yi, xi), v in np.ndenumerate(rate):
+        if np.isfinite(v):
+            ax.text(
+                xi,
+                yi,
+                f"{int(piv['n_clean'].iat[yi, xi])}/{int(piv['n_pairs'].iat[yi, xi])}\n"
+                f"[{piv['ci_low'].iat[yi, xi]:.2f},{piv['ci_high'].iat[yi, xi]:.2f}]",
+                ha="center",
+                va="center",
+                fontsize=5,
+                color="black" if v > 0.6 else "white",
+            )
+    ax.set_xticks(range(len(xl)))
+    ax.set_xticklabels(xl, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(layers)))
+    ax.set_yticklabels([str(L) for L in layers], fontsize=7)
+    return im
+
+
+def _group_title(ax, g: pd.DataFrame, n_tok: int) -> None:
+    """Prefix the first panel's title with the group, its pairs and the rates to beat."""
+    first = g.iloc[0]
+    who = "every pair" if n_tok == 0 else f"{n_tok}-token prompts"
+    first_title = ax.get_title()
+    ax.set_title("")
+    ax.set_title(
+        f"{who}, {int(g['n_pairs'].max())} pairs; clean answer without patching: "
+        f"{first['unpatched_rate']:.2f} (clean run {first['clean_run_rate']:.2f})\n"
+        f"{first_title}",
+        fontsize=8,
+        loc="left",
+    )
+
+
 def draw_generation_heatmap(
     summary: pd.DataFrame,
     labels: Mapping[int, Sequence[str]] | None = None,
@@ -348,53 +401,10 @@ def draw_generation_heatmap(
         xl = [_tick(lab, int(p)) if p.lstrip("-").isdigit() else p for p in positions]
         for ci, comp in enumerate(comps):
             c = g[g["component"] == comp]
-            values = ("recovery_rate", "ci_low", "ci_high", "n_clean", "n_pairs")
-            piv = {
-                v: c.pivot_table(
-                    index="layer", columns="position", values=v, aggfunc="first", dropna=False
-                ).reindex(index=layers, columns=positions)
-                for v in values
-            }
-            ax = axes[gi][ci]
-            rate = piv["recovery_rate"].to_numpy(dtype=float)
-            im = ax.imshow(
-                rate,
-                cmap=cmap,
-                vmin=0,
-                vmax=1,
-                origin="lower",
-                aspect="auto",
-                interpolation="nearest",
-            )
-            for (yi, xi), v in np.ndenumerate(rate):
-                if np.isfinite(v):
-                    ax.text(
-                        xi,
-                        yi,
-                        f"{int(piv['n_clean'].iat[yi, xi])}/{int(piv['n_pairs'].iat[yi, xi])}\n"
-                        f"[{piv['ci_low'].iat[yi, xi]:.2f},{piv['ci_high'].iat[yi, xi]:.2f}]",
-                        ha="center",
-                        va="center",
-                        fontsize=5,
-                        color="black" if v > 0.6 else "white",
-                    )
-            ax.set_xticks(range(len(xl)))
-            ax.set_xticklabels(xl, rotation=90, fontsize=7)
-            ax.set_yticks(range(len(layers)))
-            ax.set_yticklabels([str(L) for L in layers], fontsize=7)
-            ax.set_ylabel("layer" if ci == 0 else "", fontsize=8)
-            ax.set_title(f"{COMPONENT_TITLES.get(comp, comp)} ({comp})", fontsize=8)
-        first = g.iloc[0]
-        who = "every pair" if n_tok == 0 else f"{n_tok}-token prompts"
-        first_title = axes[gi][0].get_title()
-        axes[gi][0].set_title("")
-        axes[gi][0].set_title(
-            f"{who}, {int(g['n_pairs'].max())} pairs; clean answer without patching: "
-            f"{first['unpatched_rate']:.2f} (clean run {first['clean_run_rate']:.2f})\n"
-            f"{first_title}",
-            fontsize=8,
-            loc="left",
-        )
+            im = _rate_panel(axes[gi][ci], c, layers, positions, xl, cmap)
+            axes[gi][ci].set_ylabel("layer" if ci == 0 else "", fontsize=8)
+            axes[gi][ci].set_title(f"{COMPONENT_TITLES.get(comp, comp)} ({comp})", fontsize=8)
+        _group_title(axes[gi][0], g, n_tok)
     cb = fig.colorbar(im, ax=axes, shrink=0.6, pad=0.01, location="left")
     cb.set_label(
         "recovery rate: share of pairs whose generated answer is the clean one", fontsize=8
