@@ -16,6 +16,7 @@ from devkit.tiny_models import build_tiny_model  # noqa: E402
 from layerscope.engine.activations import load_model, resolve_bos, tokenize_prompts  # noqa: E402
 from layerscope.errors import InputError, LayerscopeError  # noqa: E402
 from layerscope.interventions import patching as P  # noqa: E402
+from layerscope.plotting import patching as PF  # noqa: E402
 
 N_LAYERS = 2
 N_HEADS = 4
@@ -519,7 +520,7 @@ def test_summary_files_and_figures(gpt2, tmp_path):
 
     labels = res.position_labels()
     assert any(lab.endswith("*") for lab in labels[g])
-    figs = P.plot_patching_heatmaps(
+    figs = PF.plot_patching_heatmaps(
         s,
         labels,
         tmp_path / "fig" / "heat",
@@ -527,7 +528,7 @@ def test_summary_files_and_figures(gpt2, tmp_path):
         experiment="test",
         formats=("png", "pdf"),
     )
-    figs += P.plot_head_heatmap(s, tmp_path / "fig" / "heads.png", model="tiny", experiment="test")
+    figs += PF.plot_head_heatmap(s, tmp_path / "fig" / "heads.png", model="tiny", experiment="test")
     assert sorted(p.name for p in figs) == ["heads.png", "heat.pdf", "heat.png"]
     assert all(p.stat().st_size > 1000 for p in figs)
     assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == [

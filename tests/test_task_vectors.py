@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 
 from layerscope.analysis import task_vectors as tv  # noqa: E402
 from layerscope.data.h5cache import LayerStack  # noqa: E402
+from layerscope.plotting import task_vectors as ptv  # noqa: E402
 
 TASKS = ["minimum", "maximum", "sum", "difference", "product"]
 PAIRS = ["25_9", "3_7", "12_4", "8_15", "6_6", "30_2"]
@@ -361,11 +362,11 @@ def test_plots_write_png_and_close(result, tmp_path):
     plt.close("all")
     meta = dict(model="toy-model", dataset="task_grid", component="resid_post")
     written = []
-    written += tv.plot_separation(scores, tmp_path / "sep.png", **meta)
-    written += tv.plot_norms(scores, tmp_path / "norms", **meta, formats=("png", "svg"))
+    written += ptv.plot_separation(scores, tmp_path / "sep.png", **meta)
+    written += ptv.plot_norms(scores, tmp_path / "norms", **meta, formats=("png", "svg"))
     best = tv.best_layer(scores)
     la = tv.layer_arrays(arrays, best)
-    written += tv.plot_prompt_cosine(
+    written += ptv.plot_prompt_cosine(
         la["prompt_cosine"],
         la["prompt_tasks"],
         la["prompt_pairs"],
@@ -373,7 +374,7 @@ def test_plots_write_png_and_close(result, tmp_path):
         layer=best,
         **meta,
     )
-    written += tv.plot_task_pca(
+    written += ptv.plot_task_pca(
         la["centred"],
         la["prompt_tasks"],
         tmp_path / "pca.png",
@@ -394,6 +395,6 @@ def test_plot_failure_leaves_no_file(result, tmp_path):
     scores, _ = result
     plt.close("all")
     with pytest.raises(Exception):  # noqa: B017 (matplotlib's own error for an unknown format)
-        tv.plot_separation(scores, tmp_path / "sep", formats=("notaformat",))
+        ptv.plot_separation(scores, tmp_path / "sep", formats=("notaformat",))
     assert list(tmp_path.iterdir()) == []
     assert plt.get_fignums() == []

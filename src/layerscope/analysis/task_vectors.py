@@ -1,4 +1,6 @@
-"""Task vectors and task geometry per layer: pure functions on arrays, plus writers and plots.
+"""Task vectors and task geometry per layer: pure functions on arrays, plus writers.
+
+The figures are drawn by :mod:`layerscope.plotting.task_vectors`.
 
 The question answered per layer is "do prompts of the same task point the same way, more than
 prompts of different tasks do, and how sure are we?". Input is one vector per prompt (pooled
@@ -92,7 +94,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -137,6 +139,7 @@ def _codes(
 
 
 def _check_X(X: Any, ndim: int, name: str = "X") -> np.ndarray:
+    """``X`` as float64 with ``ndim`` dimensions, at least 2 prompts, all finite."""
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != ndim:
         raise TaskVectorError(f"{name}: expected {ndim} dimensions, got shape {X.shape}")
@@ -148,6 +151,7 @@ def _check_X(X: Any, ndim: int, name: str = "X") -> np.ndarray:
 
 
 def _prepare(n: int, tasks: Sequence[Any], pairs: Sequence[Any] | None, task_order=None):
+    """Task-then-pair order of the prompts, their label codes and the levels."""
     if len(tasks) != n:
         raise TaskVectorError(f"tasks: {len(tasks)} entries for {n} prompts")
     if pairs is None:
@@ -162,6 +166,7 @@ def _prepare(n: int, tasks: Sequence[Any], pairs: Sequence[Any] | None, task_ord
 
 
 def _masks(t: np.ndarray, p: np.ndarray) -> dict[str, np.ndarray]:
+    """Prompt-pair masks: within task, between tasks, same pair, between (all)."""
     same_t = t[:, None] == t[None, :]
     same_p = p[:, None] == p[None, :]
     distinct = ~np.eye(len(t), dtype=bool)
@@ -174,6 +179,7 @@ def _masks(t: np.ndarray, p: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _cosine_from_centred(C: np.ndarray) -> np.ndarray:
+    """Cosine matrix of the rows of ``C`` (NaN for a row of norm ~0)."""
     norms = np.linalg.norm(C, axis=1)
     ok = norms > _EPS * max(1.0, float(norms.max(initial=0.0)))
     U = np.where(ok[:, None], C / np.where(ok, norms, 1.0)[:, None], np.nan)
@@ -183,11 +189,13 @@ def _cosine_from_centred(C: np.ndarray) -> np.ndarray:
 
 
 def _masked_mean(S: np.ndarray, mask: np.ndarray) -> float:
+    """Mean of the finite entries of ``S`` under ``mask`` (NaN if none)."""
     vals = S[mask & np.isfinite(S)]
     return float(vals.mean()) if vals.size else float("nan")
 
 
 def _ratios(within: float, between: float) -> tuple[float, float]:
+    """within / between and (1 + within) / (1 + between), NaN where undefined."""
     ratio = within / between if np.isfinite(between) and between > 0 else float("nan")
     shifted = (
         (1 + within) / (1 + between) if np.isfinite(between) and between > -1 else float("nan")
@@ -325,6 +333,7 @@ def _boot_means(
 
 
 def _interval(values: np.ndarray, ci: float) -> tuple[float, float, int]:
+    """Percentile interval of the finite values and how many there are."""
     v = values[np.isfinite(values)]
     if v.size == 0:
         return float("nan"), float("nan"), 0
@@ -337,6 +346,7 @@ def _interval(values: np.ndarray, ci: float) -> tuple[float, float, int]:
 
 
 def _unpack(stack: Any):
+    """(X, layers, tasks, pairs, prompt_ids, meta) from a LayerStack or a tuple."""
     if hasattr(stack, "X") and hasattr(stack, "layers"):
         if getattr(stack, "groups", None) is None:
             raise TaskVectorError(
@@ -366,6 +376,116 @@ def _unpack(stack: Any):
     )
 
 
+@dataclass(frozen=True)
+class _Stack:
+    """The validated inputs of :func:`task_vectors_by_layer` (prompt order and label codes)."""
+
+    X: np.ndarray
+    layers: list
+    tasks: list
+    pairs: list | None
+    prompt_ids: list
+    meta: dict
+    order: np.ndarray
+    t: np.ndarray
+    p: np.ndarray
+    task_levels: list
+    pair_levels: list
+
+
+def _check_settings(n_boot: int, ci: float, between: str) -> int:
+    """Reject bad settings; return ``n_boot`` as an int."""
+    if between not in BETWEEN_MODES:
+        raise TaskVectorError(f"between must be one of {BETWEEN_MODES}, got {between!r}")
+    if not 0 < ci < 1:
+        raise TaskVectorError(f"ci must be in (0, 1), got {ci}")
+    if int(n_boot) < 0:
+        raise TaskVectorError(f"n_boot must be >= 0, got {n_boot}")
+    return int(n_boot)
+
+
+def _read_stack(stack: Any, task_order: Sequence[Any] | None) -> _Stack:
+    """Unpack and check ``stack``: layers, labels and prompt ids against the shape of X."""
+    X, layers, tasks, pairs, prompt_ids, meta = _unpack(stack)
+    X = _check_X(X, 3)
+    L, n, _ = X.shape
+    if len(layers) != L:
+        raise TaskVectorError(f"layers: {len(layers)} entries for {L} layers in X")
+    if len(set(layers)) != len(layers):
+        raise TaskVectorError(f"layers: duplicates in {layers}")
+    order, t, p, task_levels, pair_levels = _prepare(n, tasks, pairs, task_order)
+    if prompt_ids is None:
+        prompt_ids = [f"{tasks[i]}:{pairs[i] if pairs is not None else i}" for i in range(n)]
+    elif len(prompt_ids) != n:
+        raise TaskVectorError(f"prompt_ids: {len(prompt_ids)} entries for {n} prompts")
+    return _Stack(X, layers, tasks, pairs, prompt_ids, meta, order, t, p, task_levels, pair_levels)
+
+
+def _layer_row(
+    s: _Stack, li: int, geo: list[dict[str, Any]], boot, *, n_boot: int, ci: float, between: str
+) -> dict[str, Any]:
+    """The scores row of layer index ``li`` (its geometry is ``geo[li]``, boot columns filled)."""
+    g = geo[li]
+    row = {
+        "layer": int(s.layers[li]),
+        "n_prompts": s.X.shape[1],
+        "n_tasks": len(s.task_levels),
+        "n_pairs": len(s.pair_levels),
+        "within": g["within"],
+        "between": g["between"] if between == "different_pair" else g["between_all"],
+        "same_pair": g["same_pair"],
+        "between_all": g["between_all"],
+        "separation": g["separation"],
+    }
+    for name in ("separation", "within", "between"):
+        lo, hi, nv = _interval(boot[name][:, li], ci) if n_boot else (np.nan, np.nan, 0)
+        row[f"{name}_ci_low"], row[f"{name}_ci_high"] = lo, hi
+        if name == "separation":
+            row["n_boot_valid"] = nv
+    row["pair_separation"] = g["pair_separation"]
+    row["ratio"], row["ratio_shifted"] = g["ratio"], g["ratio_shifted"]
+    if li == 0:
+        row["delta_prev"] = row["delta_prev_ci_low"] = row["delta_prev_ci_high"] = float("nan")
+    else:
+        row["delta_prev"] = g["separation"] - geo[li - 1]["separation"]
+        d = boot["separation"][:, li] - boot["separation"][:, li - 1]
+        lo, hi, _ = _interval(d, ci) if n_boot else (np.nan, np.nan, 0)
+        row["delta_prev_ci_low"], row["delta_prev_ci_high"] = lo, hi
+    row["centred_rms"] = g["centred_rms"]
+    row["n_boot"] = n_boot
+    for task, norm in zip(s.task_levels, g["task_norms"]):
+        row[f"norm_{task}"] = float(norm)
+    return row
+
+
+def _scores_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The scores table, with ``n_boot_valid`` moved next to ``n_boot``."""
+    cols = list(rows[0])
+    cols.remove("n_boot_valid")
+    cols.insert(cols.index("n_boot") + 1, "n_boot_valid")
+    return pd.DataFrame(rows)[cols]
+
+
+def _layer_arrays(s: _Stack, geo: list[dict[str, Any]], boot_separation) -> dict[str, Any]:
+    """The per-layer matrices of every layer, stacked, and the prompt labels in task order."""
+    return {
+        "layers": np.asarray(s.layers, dtype=np.int64),
+        "tasks": s.task_levels,
+        "prompt_ids": [str(s.prompt_ids[i]) for i in s.order],
+        "prompt_tasks": geo[0]["prompt_tasks"],
+        "prompt_pairs": geo[0]["prompt_pairs"],
+        "order": s.order,
+        "prompt_cosine": np.stack([g["prompt_cosine"] for g in geo]),
+        "task_cosine": np.stack([g["task_cosine"] for g in geo]),
+        "task_vectors": np.stack([g["task_vectors"] for g in geo]),
+        "task_norms": np.stack([g["task_norms"] for g in geo]),
+        "task_counts": geo[0]["task_counts"],
+        "centred": np.stack([g["centred"] for g in geo]),
+        "boot_separation": boot_separation,
+        "meta": s.meta,
+    }
+
+
 def task_vectors_by_layer(
     stack: Any,
     n_boot: int = 1000,
@@ -392,96 +512,36 @@ def task_vectors_by_layer(
     ``centred`` [L, n, d] (centred prompt vectors, for PCA), ``boot_separation`` [n_boot, L],
     ``meta`` (model, ...) and the settings (``n_boot``, ``seed``, ``ci``, ``between``).
     """
-    if between not in BETWEEN_MODES:
-        raise TaskVectorError(f"between must be one of {BETWEEN_MODES}, got {between!r}")
-    if not 0 < ci < 1:
-        raise TaskVectorError(f"ci must be in (0, 1), got {ci}")
-    if int(n_boot) < 0:
-        raise TaskVectorError(f"n_boot must be >= 0, got {n_boot}")
-    n_boot = int(n_boot)
-    X, layers, tasks, pairs, prompt_ids, meta = _unpack(stack)
-    X = _check_X(X, 3)
-    L, n, _ = X.shape
-    if len(layers) != L:
-        raise TaskVectorError(f"layers: {len(layers)} entries for {L} layers in X")
-    if len(set(layers)) != len(layers):
-        raise TaskVectorError(f"layers: duplicates in {layers}")
-    order, t, p, task_levels, pair_levels = _prepare(n, tasks, pairs, task_order)
-    if prompt_ids is None:
-        prompt_ids = [f"{tasks[i]}:{pairs[i] if pairs is not None else i}" for i in range(n)]
-    elif len(prompt_ids) != n:
-        raise TaskVectorError(f"prompt_ids: {len(prompt_ids)} entries for {n} prompts")
-    masks = _masks(t, p)
+    n_boot = _check_settings(n_boot, ci, between)
+    s = _read_stack(stack, task_order)
+    L, n, _ = s.X.shape
+    masks = _masks(s.t, s.p)
     bkey = "between" if between == "different_pair" else "between_all"
-    W = bootstrap_weights(p, n_boot, seed) if n_boot else np.zeros((0, n))
+    W = bootstrap_weights(s.p, n_boot, seed) if n_boot else np.zeros((0, n))
 
     rows = []
-    geo_all = []
+    geo: list[dict[str, Any]] = []
     boot = {name: np.full((n_boot, L), np.nan) for name in ("within", "between", "separation")}
-    for li, layer in enumerate(layers):
-        g = task_geometry(X[li], tasks, pairs, task_order=task_order, between=between)
-        geo_all.append(g)
+    for li in range(L):
+        g = task_geometry(s.X[li], s.tasks, s.pairs, task_order=task_order, between=between)
+        geo.append(g)
         if n_boot:
             bm = _boot_means(g["centred"], W, masks, recentre=recentre)
             boot["within"][:, li] = bm["within"]
             boot["between"][:, li] = bm[bkey]
             boot["separation"][:, li] = bm["within"] - bm[bkey]
-        row = {
-            "layer": int(layer),
-            "n_prompts": n,
-            "n_tasks": len(task_levels),
-            "n_pairs": len(pair_levels),
-            "within": g["within"],
-            "between": g["between"] if between == "different_pair" else g["between_all"],
-            "same_pair": g["same_pair"],
-            "between_all": g["between_all"],
-            "separation": g["separation"],
+        rows.append(_layer_row(s, li, geo, boot, n_boot=n_boot, ci=ci, between=between))
+    arrays = _layer_arrays(s, geo, boot["separation"])
+    arrays.update(
+        {
+            "n_boot": n_boot,
+            "seed": int(seed),
+            "ci": float(ci),
+            "between": between,
+            "recentre": bool(recentre),
         }
-        for name in ("separation", "within", "between"):
-            lo, hi, nv = _interval(boot[name][:, li], ci) if n_boot else (np.nan, np.nan, 0)
-            row[f"{name}_ci_low"], row[f"{name}_ci_high"] = lo, hi
-            if name == "separation":
-                row["n_boot_valid"] = nv
-        row["pair_separation"] = g["pair_separation"]
-        row["ratio"], row["ratio_shifted"] = g["ratio"], g["ratio_shifted"]
-        if li == 0:
-            row["delta_prev"] = row["delta_prev_ci_low"] = row["delta_prev_ci_high"] = float("nan")
-        else:
-            row["delta_prev"] = g["separation"] - geo_all[li - 1]["separation"]
-            d = boot["separation"][:, li] - boot["separation"][:, li - 1]
-            lo, hi, _ = _interval(d, ci) if n_boot else (np.nan, np.nan, 0)
-            row["delta_prev_ci_low"], row["delta_prev_ci_high"] = lo, hi
-        row["centred_rms"] = g["centred_rms"]
-        row["n_boot"] = n_boot
-        for task, norm in zip(task_levels, g["task_norms"]):
-            row[f"norm_{task}"] = float(norm)
-        rows.append(row)
-    cols = list(rows[0])
-    cols.remove("n_boot_valid")
-    cols.insert(cols.index("n_boot") + 1, "n_boot_valid")
-    scores = pd.DataFrame(rows)[cols]
-    arrays = {
-        "layers": np.asarray(layers, dtype=np.int64),
-        "tasks": task_levels,
-        "prompt_ids": [str(prompt_ids[i]) for i in order],
-        "prompt_tasks": geo_all[0]["prompt_tasks"],
-        "prompt_pairs": geo_all[0]["prompt_pairs"],
-        "order": order,
-        "prompt_cosine": np.stack([g["prompt_cosine"] for g in geo_all]),
-        "task_cosine": np.stack([g["task_cosine"] for g in geo_all]),
-        "task_vectors": np.stack([g["task_vectors"] for g in geo_all]),
-        "task_norms": np.stack([g["task_norms"] for g in geo_all]),
-        "task_counts": geo_all[0]["task_counts"],
-        "centred": np.stack([g["centred"] for g in geo_all]),
-        "boot_separation": boot["separation"],
-        "meta": meta,
-        "n_boot": n_boot,
-        "seed": int(seed),
-        "ci": float(ci),
-        "between": between,
-        "recentre": bool(recentre),
-    }
-    return scores, arrays
+    )
+    return _scores_frame(rows), arrays
 
 
 def best_layer(scores: pd.DataFrame) -> int:
@@ -672,338 +732,3 @@ def read_task_vectors(h5_path: str | os.PathLike) -> dict[str, Any]:
             attrs[k] = v
         out["attrs"] = attrs
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# plots (matplotlib Agg; every figure is closed; files are written atomically)
-
-_IMAGE_SUFFIXES = {".png", ".pdf", ".svg", ".jpg", ".jpeg"}
-
-
-def _targets(out: str | os.PathLike, formats: Sequence[str]) -> list[Path]:
-    out = Path(out)
-    base = out.with_suffix("") if out.suffix.lower() in _IMAGE_SUFFIXES else out
-    if not formats:
-        raise TaskVectorError("formats: give at least one format, e.g. ('png',)")
-    return [Path(f"{base}.{fmt.lstrip('.').lower()}") for fmt in formats]
-
-
-def _save(fig, out, formats) -> list[Path]:
-    """The project's one figure writer (plots.save_figure), then the figure's artists are dropped."""
-    from layerscope.plotting.plots import save_figure
-
-    targets = _targets(out, formats)
-    try:
-        return [
-            Path(p)
-            for p in save_figure(
-                fig, targets[0], [t.suffix[1:] for t in targets], dpi=150, tight=True
-            )
-        ]
-    finally:
-        fig.clear()
-
-
-def _figure(width: float, height: float):
-    """A pyplot-free Agg figure (no global figure registry to leak into)."""
-    from layerscope.plotting.plots import new_figure
-
-    return new_figure(width, height, layout=None)
-
-
-def _title(
-    what: str,
-    model: str | None,
-    dataset: str | None,
-    component: str | None,
-    layer: int | None = None,
-) -> str:
-    parts = [p for p in (model, dataset, component) if p]
-    if layer is not None:
-        parts.append(f"layer {layer}")
-    return what + ("\n" + " | ".join(str(p) for p in parts) if parts else "")
-
-
-def _task_colors(n: int):
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(n)]
-
-
-def plot_separation(
-    scores: pd.DataFrame, out: str | os.PathLike, *, formats: Sequence[str] = ("png",), **kw: Any
-) -> list[Path]:
-    """Draw :func:`draw_separation` and write it in every format."""
-    return _save(draw_separation(scores, **kw), out, formats)
-
-
-def draw_separation(
-    scores: pd.DataFrame,
-    *,
-    model: str | None = None,
-    dataset: str | None = None,
-    component: str | None = None,
-    ci: float = 0.95,
-):
-    """Separation (within - between) vs layer with its bootstrap interval; means below.
-
-    ``ci`` only labels the band (the interval itself is in the score columns).
-    """
-    s = scores.sort_values("layer")
-    x = s["layer"].to_numpy()
-    fig = _figure(7, 6)
-    ax, ax2 = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
-    ax.fill_between(
-        x,
-        s["separation_ci_low"],
-        s["separation_ci_high"],
-        color="C0",
-        alpha=0.25,
-        label=f"{100 * ci:g}% bootstrap interval (over pairs)",
-    )
-    ax.plot(x, s["separation"], "o-", color="C0", label="separation = within - between")
-    ax.axhline(0, color="0.3", lw=0.8)
-    best = best_layer(s)
-    ax.axvline(best, color="C3", ls="--", lw=1, label=f"best layer {best}")
-    ax.set_ylabel("mean cosine difference")
-    ax.legend(fontsize=8, loc="best")
-    ax.set_title(_title("Task separation by layer", model, dataset, component), fontsize=10)
-    ax.grid(alpha=0.3)
-    ax2.plot(x, s["within"], "o-", color="C2", label="within task (different pair)")
-    matched = not (
-        "between_all" in s and np.allclose(s["between"], s["between_all"], equal_nan=True)
-    )
-    ax2.plot(
-        x,
-        s["between"],
-        "s-",
-        color="C1",
-        label="between tasks (different pair)" if matched else "between tasks (all pairs)",
-    )
-    if "same_pair" in s:
-        ax2.plot(x, s["same_pair"], "^:", color="0.5", label="same pair, different task")
-    ax2.axhline(0, color="0.3", lw=0.8)
-    ax2.set_xlabel("layer")
-    ax2.set_ylabel("mean cosine (centred)")
-    ax2.legend(fontsize=8, loc="best")
-    ax2.grid(alpha=0.3)
-    ax2.set_xticks(x if len(x) <= 40 else x[:: max(1, len(x) // 20)])
-    return fig
-
-
-def plot_norms(
-    scores: pd.DataFrame, out: str | os.PathLike, *, formats: Sequence[str] = ("png",), **kw: Any
-) -> list[Path]:
-    """Draw :func:`draw_norms` and write it in every format."""
-    return _save(draw_norms(scores, **kw), out, formats)
-
-
-def draw_norms(
-    scores: pd.DataFrame,
-    *,
-    model: str | None = None,
-    dataset: str | None = None,
-    component: str | None = None,
-    relative: bool = True,
-):
-    """Task-vector L2 norm per task vs layer (and, with ``relative``, norm / centred RMS norm)."""
-    long = norms_long(scores)
-    tasks = list(dict.fromkeys(long["task"]))
-    colors = _task_colors(len(tasks))
-    ncols = 2 if relative else 1
-    fig = _figure(6 * ncols, 4.2)
-    axes = fig.subplots(1, ncols, squeeze=False)
-    panels = [("norm", "task-vector L2 norm")]
-    if relative:
-        panels.append(("rel_norm", "norm / RMS norm of centred prompts"))
-    for ax, (col, ylabel) in zip(axes[0], panels):
-        for task, color in zip(tasks, colors):
-            d = long[long["task"] == task]
-            ax.plot(d["layer"], d[col], "o-", ms=3, color=color, label=task)
-        ax.set_xlabel("layer")
-        ax.set_ylabel(ylabel)
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(title="task", fontsize=8, loc="best")
-    fig.suptitle(_title("Task-vector norms by layer", model, dataset, component), fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def plot_prompt_cosine(
-    matrix: Any,
-    tasks: Sequence[Any],
-    pairs: Sequence[Any],
-    out: str | os.PathLike,
-    *,
-    formats: Sequence[str] = ("png",),
-    **kw: Any,
-) -> list[Path]:
-    """Draw :func:`draw_prompt_cosine` and write it in every format."""
-    return _save(draw_prompt_cosine(matrix, tasks, pairs, **kw), out, formats)
-
-
-def draw_prompt_cosine(
-    matrix: Any,
-    tasks: Sequence[Any],
-    pairs: Sequence[Any],
-    *,
-    layer: int,
-    model: str | None = None,
-    dataset: str | None = None,
-    component: str | None = None,
-    vmax: float | str = 1.0,
-):
-    """Heatmap of the prompt cosine matrix (rows already ordered by task, then pair).
-
-    Diverging colormap centred at 0, limits ``[-vmax, vmax]``: 1.0 by default, so heatmaps of
-    different layers share one scale; ``vmax="auto"`` stretches to the largest off-diagonal
-    magnitude (the diagonal, 1 by definition, is then beyond the scale; the colorbar says so).
-    Ticks are the pairs; task blocks are outlined and named on the left and top.
-    """
-    M = np.asarray(matrix, dtype=float)
-    n = M.shape[0]
-    if M.shape != (n, n) or len(tasks) != n or len(pairs) != n:
-        raise TaskVectorError(
-            f"matrix {M.shape} does not match {len(tasks)} tasks / {len(pairs)} pairs"
-        )
-    if vmax == "auto":
-        off = M[~np.eye(n, dtype=bool)]
-        off = off[np.isfinite(off)]
-        vmax = float(np.max(np.abs(off))) if off.size else 1.0
-        vmax = min(1.0, max(vmax, 1e-3))
-    vmax = float(vmax)
-    tasks = [str(t) for t in tasks]
-    starts = [i for i in range(n) if i == 0 or tasks[i] != tasks[i - 1]]
-    ends = starts[1:] + [n]
-    side = float(np.clip(2.5 + 0.2 * n, 5, 11))
-    fs = float(np.clip(300 / max(n, 1), 5, 9))
-    fig = _figure(side + 1.6, side)
-    ax = fig.subplots()
-    im = ax.imshow(M, cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
-    ax.set_xticks(range(n))
-    ax.set_yticks(range(n))
-    ax.set_xticklabels([str(p) for p in pairs], rotation=90, fontsize=fs)
-    ax.set_yticklabels([str(p) for p in pairs], fontsize=fs)
-    for s in starts[1:]:
-        ax.axhline(s - 0.5, color="k", lw=0.8)
-        ax.axvline(s - 0.5, color="k", lw=0.8)
-    # task names: centred on their block, outside the tick labels
-    for s, e in zip(starts, ends):
-        mid = (s + e - 1) / 2
-        ax.annotate(
-            tasks[s],
-            xy=(0, mid),
-            xycoords=("axes fraction", "data"),
-            xytext=(-6.5 * fs, 0),
-            textcoords="offset points",
-            ha="right",
-            va="center",
-            fontsize=fs + 2,
-            fontweight="bold",
-        )
-        ax.annotate(
-            tasks[s],
-            xy=(mid, 1),
-            xycoords=("data", "axes fraction"),
-            xytext=(0, 4),
-            textcoords="offset points",
-            ha="center",
-            va="bottom",
-            fontsize=fs + 1,
-            fontweight="bold",
-        )
-    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
-    cb.set_label(
-        "cosine similarity (centred vectors)" + ("; diagonal = 1 is off scale" if vmax < 1 else "")
-    )
-    ax.set_title(
-        _title(
-            "Prompt cosine similarity, ordered by task then number pair",
-            model,
-            dataset,
-            component,
-            layer,
-        ),
-        fontsize=10,
-        pad=8 + 2.2 * fs,
-    )
-    return fig
-
-
-def plot_task_pca(
-    X: Any,
-    tasks: Sequence[Any],
-    out: str | os.PathLike,
-    *,
-    formats: Sequence[str] = ("png",),
-    **kw: Any,
-) -> list[Path]:
-    """Draw :func:`draw_task_pca` and write it in every format."""
-    return _save(draw_task_pca(X, tasks, **kw), out, formats)
-
-
-def draw_task_pca(
-    X: Any,
-    tasks: Sequence[Any],
-    *,
-    layer: int,
-    model: str | None = None,
-    dataset: str | None = None,
-    component: str | None = None,
-    pairs: Sequence[Any] | None = None,
-):
-    """PCA (2D) of the prompt vectors ``X`` [n, d] of one layer, coloured by task.
-
-    Each task's mean (its task vector, projected) is drawn as a large labelled marker.
-    With ``pairs``, each prompt is annotated with its pair (small grey text) when n <= 60.
-    """
-    pca = pca_of_prompts(X, tasks, n_components=2)
-    coords, ev = pca["coords"], pca["explained_variance_ratio"]
-    levels = pca["tasks"]
-    colors = _task_colors(len(levels))
-    tasks = [str(t) for t in tasks]
-    fig = _figure(7, 6)
-    ax = fig.subplots()
-    for j, (task, color) in enumerate(zip(levels, colors)):
-        m = np.array([t == task for t in tasks])
-        ax.scatter(
-            coords[m, 0], coords[m, 1], s=28, color=color, alpha=0.75, label=task, edgecolors="none"
-        )
-        cx, cy = pca["task_coords"][j]
-        ax.scatter(
-            [cx], [cy], s=180, marker="X", color=color, edgecolors="k", linewidths=1.0, zorder=3
-        )
-    if pairs is not None and len(tasks) <= 60:
-        for (x0, y0), p in zip(coords, pairs):
-            ax.annotate(
-                str(p), (x0, y0), xytext=(3, 3), textcoords="offset points", fontsize=6, color="0.4"
-            )
-    ax.axhline(0, color="0.8", lw=0.8, zorder=0)
-    ax.axvline(0, color="0.8", lw=0.8, zorder=0)
-    ax.set_xlabel(f"PC1 ({100 * ev[0]:.1f}% of variance)")
-    ax.set_ylabel(f"PC2 ({100 * ev[1]:.1f}% of variance)")
-    handles, labels = ax.get_legend_handles_labels()
-    from matplotlib.lines import Line2D
-
-    handles.append(
-        Line2D(
-            [],
-            [],
-            marker="X",
-            color="w",
-            markerfacecolor="0.6",
-            markeredgecolor="k",
-            markersize=11,
-            linestyle="",
-        )
-    )
-    labels.append("task mean (task vector)")
-    ax.legend(handles, labels, title="task", fontsize=8, loc="best")
-    ax.set_title(
-        _title("PCA of prompt vectors, coloured by task", model, dataset, component, layer),
-        fontsize=10,
-    )
-    ax.grid(alpha=0.3)
-    return fig

@@ -1,10 +1,10 @@
 """Generation-time activation patching: does the clean answer come back when the model *generates*?
 
-The logit-difference sweep (:mod:`layerscope.interventions.patching`) reads one next-token distribution. This
-module does what the activation-patching methodology does by hand: run the corrupted prompt,
-replace the activation at one (component, layer, position) with the clean run's, let the model
-generate greedily, extract the answer from the generated text and count whether it is the clean
-answer.
+The logit-difference sweep (:mod:`layerscope.interventions.patching`) reads one next-token
+distribution. This module does what the activation-patching methodology does by hand: run the
+corrupted prompt, replace the activation at one (component, layer, position) with the clean run's,
+let the model generate greedily, extract the answer from the generated text and count whether it is
+the clean answer.
 
 Positions
 ---------
@@ -20,10 +20,10 @@ Generation step ``k`` (k = 1, 2, ...) is the ``k``-th generated token; it sits a
 * ``genK`` (label ``"gen1"``, ``"gen2"``, ...) patches the activation at the position of generated
   token ``K``: it can change tokens ``K + 1`` onwards, never token ``K`` itself, and needs
   ``K <= max_new_tokens - 1``. The patched value is the **clean run's activation at the same
-  step**: the clean prompt generates its own continuation (greedily, unpatched) and its activation at
-  position ``T - 1 + K`` (where the clean run holds *its* K-th token) is written over the corrupted
-  run's at that position. For ``resid_pre`` of layer 0 that replaces the corrupted run's K-th token
-  embedding by the clean run's.
+  step**: the clean prompt generates its own continuation (greedily, unpatched) and its activation
+  at position ``T - 1 + K`` (where the clean run holds *its* K-th token) is written over the
+  corrupted run's at that position. For ``resid_pre`` of layer 0 that replaces the corrupted run's
+  K-th token embedding by the clean run's.
 
 Ranges are patched as one intervention: ``"prompt"`` (every prompt position at once) and
 ``"genA-B"`` (steps A..B at once, e.g. ``"gen1-3"`` = the first three generated tokens).
@@ -168,8 +168,8 @@ class BridgeStepper:
 
 
 class NativeStepper:
-    """The native engine (:mod:`layerscope.engine.native`) as a :class:`Stepper`: the model's own attention
-    and KV cache (no hand-over needed), hooks at the same TransformerLens names."""
+    """The native engine (:mod:`layerscope.engine.native`) as a :class:`Stepper`: the model's own
+    attention and KV cache (no hand-over needed), hooks at the same TransformerLens names."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
@@ -211,7 +211,8 @@ class NativeStepper:
 
 
 def stepper_for(model) -> BridgeStepper | NativeStepper:
-    """The stepper of a model from :func:`layerscope.engine.activations.load_engine` (bridge or native)."""
+    """The stepper of a model from :func:`layerscope.engine.activations.load_engine` (bridge or
+    native)."""
     return BridgeStepper(model) if hasattr(model, "original_model") else NativeStepper(model)
 
 
@@ -318,8 +319,8 @@ class GenCell:
 
 
 def position_kind(label: str) -> str:
-    """Kind of a position label: ``"prompt"`` (an index), ``"diff"``, ``"gen"`` (``genK``) or ``"range"``
-    (``prompt``, ``genA-B``)."""
+    """Kind of a position label: ``"prompt"`` (an index), ``"diff"``, ``"gen"`` (``genK``) or
+    ``"range"`` (``prompt``, ``genA-B``)."""
     if label == "diff":
         return "diff"
     if label == "prompt" or _GEN_RANGE.match(label):
@@ -337,8 +338,8 @@ def position_kind(label: str) -> str:
 def absolute_positions(
     label: str, n_tokens: int, max_new_tokens: int, diff: Sequence[int] = ()
 ) -> list[int]:
-    """Sequence positions a label patches in a prompt of ``n_tokens`` tokens (see the module docstring);
-    ``diff``: the pair's differing prompt positions (for the label ``"diff"``)."""
+    """Sequence positions a label patches in a prompt of ``n_tokens`` tokens (see the module
+    docstring); ``diff``: the pair's differing prompt positions (for the label ``"diff"``)."""
     T, N = int(n_tokens), int(max_new_tokens)
     if label == "diff":
         if not diff:
@@ -450,7 +451,8 @@ class GenPair(TokenPair):
 def tokenize_pairs(
     tokenizer, pairs: pd.DataFrame, *, prepend_bos: bool, answer_regex: str
 ) -> list[GenPair]:
-    """Tokenize clean and corrupted prompts; unequal lengths are an :class:`InputError` naming the line."""
+    """Tokenize clean and corrupted prompts; unequal lengths are an :class:`InputError` naming the
+    line."""
     out = []
     for i in range(len(pairs)):
         rec = pairs.iloc[i]
@@ -525,7 +527,10 @@ def _run_variants(
     max_new_tokens: int,
     batch_size: int,
 ):
-    """Patched generations: ``todo`` = (slot, cell, absolute positions); returns ids ``[len(todo), N]``."""
+    """Patched generations: ``todo`` = (slot, cell, absolute positions).
+
+    Returns the generated ids, ``[len(todo), N]``.
+    """
     import torch
 
     out = []
@@ -758,7 +763,8 @@ SUMMARY_COLUMNS = (
 
 
 def _pooled(rows: pd.DataFrame) -> pd.DataFrame:
-    """Rows of cells every pair has (diff, generation steps, ranges, unpatched), again with n_tokens 0."""
+    """Rows of cells every pair has (diff, generation steps, ranges, unpatched), again with n_tokens
+    0."""
     pool = rows[rows["position_kind"].isin(["diff", "gen", "range", "none"])].copy()
     pool["n_tokens"] = 0
     return pool
@@ -768,13 +774,14 @@ def summarize_generation(rows: pd.DataFrame, precision: Mapping[str, Any]) -> pd
     """Recovery rate per cell (share of pairs whose generated answer is the clean one).
 
     Cells are grouped by ``n_tokens`` like the logit-difference summary (prompt positions of
-    different lengths are not aligned); ``diff``, generation steps, ranges and the unpatched runs are also
-    pooled over every pair with ``n_tokens == 0``. Per cell: the Wilson interval at
-    ``precision["confidence"]`` (:func:`layerscope.analysis.power.wilson_interval`), its half-width, and
-    ``n_for_half_width`` / ``n_for_power`` from :func:`layerscope.analysis.power.rate_precision`, where the
-    rate to beat (p0) is the unpatched corrupted run's clean-answer rate of the same group.
-    ``unpatched_rate`` is that p0; ``clean_run_rate`` is how often the clean prompt itself gives
-    the clean answer (recovery cannot be expected beyond it).
+    different lengths are not aligned); ``diff``, generation steps, ranges and the unpatched runs
+    are also pooled over every pair with ``n_tokens == 0``. Per cell: the Wilson interval at
+    ``precision["confidence"]`` (:func:`layerscope.analysis.power.wilson_interval`), its half-width,
+    and ``n_for_half_width`` / ``n_for_power`` from
+    :func:`layerscope.analysis.power.rate_precision`, where the rate to beat (p0) is the unpatched
+    corrupted run's clean-answer rate of the same group. ``unpatched_rate`` is that p0;
+    ``clean_run_rate`` is how often the clean prompt itself gives the clean answer (recovery cannot
+    be expected beyond it).
     """
     from layerscope.analysis.power import rate_precision
 

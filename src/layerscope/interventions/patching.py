@@ -63,7 +63,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -87,8 +86,6 @@ __all__ = [
     "load_pairs",
     "patch_cells",
     "patch_sweep",
-    "plot_head_heatmap",
-    "plot_patching_heatmaps",
     "prepare_pairs",
     "summarize",
     "write_patching",
@@ -118,8 +115,72 @@ RESULT_COLUMNS = (
 # reading pairs
 
 
+def _check_pair_columns(columns: Sequence[str], shown: str) -> None:
+    """Every column of :data:`PAIR_COLUMNS` must be in the file's header."""
+    for col in PAIR_COLUMNS:
+        if col not in columns:
+            raise InputError(
+                f"required column is missing; columns found: {', '.join(map(repr, columns))}",
+                file=shown,
+                field=col,
+            )
+
+
+def _pair_record(rec, columns: Sequence[str], shown: str) -> dict[str, Any]:
+    """One record as strings (missing optional keys ""); required values must be non-empty."""
+    from layerscope.data.datasets import scalar_str
+
+    row: dict[str, Any] = {}
+    for col in columns:
+        if col not in rec.values:
+            if col in PAIR_COLUMNS:
+                raise InputError(
+                    "key is missing from this record", file=shown, line=rec.line, field=col
+                )
+            row[col] = ""
+            continue
+        try:
+            value = scalar_str(rec.values[col])
+        except TypeError as exc:
+            raise InputError(str(exc), file=shown, line=rec.line, field=col) from None
+        if col in PAIR_COLUMNS and (value is None or value.strip() == ""):
+            raise InputError(
+                f"value {rec.values[col]!r} is empty", file=shown, line=rec.line, field=col
+            )
+        row[col] = "" if value is None else value
+    return row
+
+
+def _check_pair(row: Mapping[str, Any], line: int, seen: dict[str, int], shown: str) -> None:
+    """A pair_id may appear once; its two prompts and its two answers must differ."""
+    pid = row["pair_id"]
+    if pid in seen:
+        raise InputError(
+            f"duplicate pair_id {pid!r} (first on line {seen[pid]}, again on line {line})",
+            file=shown,
+            line=line,
+            field="pair_id",
+        )
+    seen[pid] = line
+    if row["clean"] == row["corrupted"]:
+        raise InputError(
+            f"pair {pid!r}: the corrupted prompt is identical to the clean one",
+            file=shown,
+            line=line,
+            field="corrupted",
+        )
+    if row["clean_answer"] == row["corrupted_answer"]:
+        raise InputError(
+            f"pair {pid!r}: the corrupted answer is identical to the clean one",
+            file=shown,
+            line=line,
+            field="corrupted_answer",
+        )
+
+
 def load_pairs(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a pairs table (``.csv``, ``.tsv`` or ``.jsonl``) with the columns of :data:`PAIR_COLUMNS`.
+    """Read a pairs table (``.csv``, ``.tsv`` or ``.jsonl``) with the columns of
+    :data:`PAIR_COLUMNS`.
 
     Every value is kept as a string exactly as written (``" 586"`` keeps its space; no NA
     coercion). Extra columns are kept. Adds ``source_line`` (the 1-based line of the record) and
@@ -128,60 +189,14 @@ def load_pairs(path: str | os.PathLike) -> pd.DataFrame:
     a repeated ``pair_id``, or a pair whose two prompts or two answers are identical.
     """
     from layerscope.data.datasets import read_records
-    from layerscope.data.datasets import scalar_str as _scalar_str
 
     columns, records, shown = read_records(path)
-    for col in PAIR_COLUMNS:
-        if col not in columns:
-            raise InputError(
-                f"required column is missing; columns found: {', '.join(map(repr, columns))}",
-                file=shown,
-                field=col,
-            )
+    _check_pair_columns(columns, shown)
     rows: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
     for rec in records:
-        row: dict[str, Any] = {}
-        for col in columns:
-            if col not in rec.values:
-                if col in PAIR_COLUMNS:
-                    raise InputError(
-                        "key is missing from this record", file=shown, line=rec.line, field=col
-                    )
-                row[col] = ""
-                continue
-            try:
-                value = _scalar_str(rec.values[col])
-            except TypeError as exc:
-                raise InputError(str(exc), file=shown, line=rec.line, field=col) from None
-            if col in PAIR_COLUMNS and (value is None or value.strip() == ""):
-                raise InputError(
-                    f"value {rec.values[col]!r} is empty", file=shown, line=rec.line, field=col
-                )
-            row[col] = "" if value is None else value
-        pid = row["pair_id"]
-        if pid in seen:
-            raise InputError(
-                f"duplicate pair_id {pid!r} (first on line {seen[pid]}, again on line {rec.line})",
-                file=shown,
-                line=rec.line,
-                field="pair_id",
-            )
-        seen[pid] = rec.line
-        if row["clean"] == row["corrupted"]:
-            raise InputError(
-                f"pair {pid!r}: the corrupted prompt is identical to the clean one",
-                file=shown,
-                line=rec.line,
-                field="corrupted",
-            )
-        if row["clean_answer"] == row["corrupted_answer"]:
-            raise InputError(
-                f"pair {pid!r}: the corrupted answer is identical to the clean one",
-                file=shown,
-                line=rec.line,
-                field="corrupted_answer",
-            )
+        row = _pair_record(rec, columns, shown)
+        _check_pair(row, rec.line, seen, shown)
         row["source_line"] = rec.line
         rows.append(row)
     ordered = list(PAIR_COLUMNS) + [c for c in columns if c not in PAIR_COLUMNS] + ["source_line"]
@@ -237,6 +252,7 @@ def token_label(tokenizer, token_id: int) -> str:
 
 
 def _display_tokens(tokenizer, ids: Sequence[int], prepend_bos: bool) -> list[str]:
+    """Display strings of ``ids`` (the prepended BOS shown as ``BOS``)."""
     labels = [token_label(tokenizer, t) for t in ids]
     if prepend_bos and labels:
         labels[0] = "BOS"
@@ -244,6 +260,7 @@ def _display_tokens(tokenizer, ids: Sequence[int], prepend_bos: bool) -> list[st
 
 
 def _where(pairs: pd.DataFrame, i: int) -> dict[str, Any]:
+    """Where row ``i`` of ``pairs`` came from: file and line (or row) for error messages."""
     line = None
     if "source_line" in pairs.columns:
         with contextlib.suppress(TypeError, ValueError):
@@ -257,6 +274,7 @@ def _where(pairs: pd.DataFrame, i: int) -> dict[str, Any]:
 def answer_ids(
     tokenizer, prompt_ids: list[int], prompt: str, answer: str, prepend_bos: bool
 ) -> tuple[list[int], str]:
+    """Answer tokens in context (prompt+answer minus prompt), else alone; and which."""
     full = tokenize_prompts(tokenizer, [prompt + answer], prepend_bos=prepend_bos)[0]
     if len(full) > len(prompt_ids) and full[: len(prompt_ids)] == prompt_ids:
         return full[len(prompt_ids) :], "in_context"
@@ -281,7 +299,8 @@ def prepare_pairs(tokenizer, pairs: pd.DataFrame, *, prepend_bos: bool) -> list[
         k = next((j for j, (a, b) in enumerate(zip(ca, ka)) if a != b), None)
         if k is None:
             raise InputError(
-                f"pair {pid!r}: clean answer {clean_a!r} and corrupted answer {corr_a!r} share every token "
+                f"pair {pid!r}: clean answer {clean_a!r} and corrupted answer {corr_a!r} "
+                f"share every token "
                 f"({len(ca)} and {len(ka)} tokens); no answer token tells them apart",
                 field="corrupted_answer",
                 **_where(pairs, i),
@@ -291,7 +310,8 @@ def prepare_pairs(tokenizer, pairs: pd.DataFrame, *, prepend_bos: bool) -> list[
         if len(clean_ids) != len(corr_ids):
             raise InputError(
                 f"pair {pid!r}: clean and corrupted inputs tokenize to different lengths "
-                f"(clean {len(clean_ids)} tokens, corrupted {len(corr_ids)} tokens); patching needs "
+                f"(clean {len(clean_ids)} tokens, corrupted {len(corr_ids)} tokens); "
+                f"patching needs "
                 f"position-aligned prompts",
                 field="corrupted",
                 **_where(pairs, i),
@@ -327,6 +347,7 @@ class _Cell:
 
 
 def _component_hook(component: str, layer: int) -> str:
+    """The hook name of a component (or ``z``, per head) at ``layer``."""
     if component == HEAD_COMPONENT:
         return HEAD_HOOK.format(L=layer)
     return hook_name(component, layer)
@@ -350,7 +371,10 @@ def _forward_logits_last(bridge, input_ids, fwd_hooks=()):
 
 
 def _cache_runs(bridge, ids_rows: Sequence[Sequence[int]], hooks: Sequence[str]):
-    """One forward pass over equal-length rows; returns (last-position logits, {hook: [B, T, ...]})."""
+    """One forward pass over equal-length rows.
+
+    Returns (last-position logits, {hook: [B, T, ...]}).
+    """
     import torch
 
     device = _device(bridge)
@@ -429,6 +453,7 @@ def _equal_cells(clean, corrupted):
 
 
 def _is_same(same, cell: _Cell) -> bool:
+    """Whether the clean activation equals the corrupted one at every position of a cell."""
     if cell.head is None:
         sel = same[cell.slot, list(cell.positions)]
     else:
@@ -437,6 +462,7 @@ def _is_same(same, cell: _Cell) -> bool:
 
 
 def _logit_diff(logits, clean_tok, corr_tok):
+    """Per row: logit of the clean answer minus logit of the corrupted answer."""
     import torch
 
     rows = torch.arange(logits.shape[0], device=logits.device)
@@ -446,6 +472,7 @@ def _logit_diff(logits, clean_tok, corr_tok):
 
 
 def _recovery(patched, clean, corrupted, min_gap):
+    """Normalized recovery of a patched LD; NaN when the pair's LD gap is too small."""
     gap = clean - corrupted
     if not np.isfinite(gap) or abs(gap) < min_gap:
         return float("nan")
@@ -453,13 +480,15 @@ def _recovery(patched, clean, corrupted, min_gap):
 
 
 def _resolve_positions(positions, n_tokens: int, pair_id: str) -> list[int]:
+    """Token indices of ``positions`` (``all``, ``last``, k or a list) in a pair."""
     if isinstance(positions, str):
         if positions == "all":
             return list(range(n_tokens))
         if positions == "last":
             return [n_tokens - 1]
         raise LayerscopeError(
-            f"positions {positions!r} not understood; expected 'all', 'last', an int k (last k) or a list"
+            f"positions {positions!r} not understood; expected 'all', 'last', "
+            f"an int k (last k) or a list"
         )
     if isinstance(positions, (int, np.integer)) and not isinstance(positions, bool):
         k = int(positions)
@@ -481,6 +510,7 @@ def _resolve_positions(positions, n_tokens: int, pair_id: str) -> list[int]:
 
 
 def _check_components(bridge, components: Sequence[str]) -> list[str]:
+    """The components as a list; unknown, repeated or missing hooks are errors."""
     components = list(components)
     bad = [c for c in components if c not in HOOKS]
     if bad:
@@ -498,6 +528,7 @@ def _check_components(bridge, components: Sequence[str]) -> list[str]:
 
 
 def _check_layers(layers, n_layers: int) -> list[int]:
+    """Sorted layer indices (negative from the end); all of them if ``None``."""
     if layers is None:
         return list(range(n_layers))
     out = sorted({int(L) + n_layers if int(L) < 0 else int(L) for L in layers})
@@ -515,6 +546,7 @@ def heads_available(bridge) -> bool:
 
 
 def _pairs_input(pairs) -> pd.DataFrame:
+    """Pairs as a DataFrame: given, read from a path, or built from dicts."""
     if isinstance(pairs, pd.DataFrame):
         return pairs
     if isinstance(pairs, (str, os.PathLike)):
@@ -634,6 +666,7 @@ class PatchingResult:
 
 
 def merge_token_labels(tokens: Sequence[str], differs: bool) -> str:
+    """One axis label for the tokens of several pairs at a position."""
     counts: dict[str, int] = {}
     for t in tokens:
         counts[t] = counts.get(t, 0) + 1
@@ -645,6 +678,280 @@ def merge_token_labels(tokens: Sequence[str], differs: bool) -> str:
     else:
         lab = "/".join(order[:3]) + ("…" if len(order) > 3 else "")
     return lab + ("*" if differs else "")
+
+
+@dataclass(frozen=True)
+class _SweepPlan:
+    """What :func:`patch_sweep` patches: pairs, cells per pair, hooks and the length chunks."""
+
+    components: list[str]
+    layers: list[int]
+    n_heads: int
+    heads: bool
+    prepend: bool
+    prepared: list[PreparedPair]
+    pos_of: dict[str, list[int]]
+    head_pos_of: dict[str, list[int]]
+    hooks: list[str]
+    chunks: list[list[int]]
+    n_groups: int
+
+
+@dataclass
+class _SweepCounts:
+    """Running totals of one sweep (forward passes, patched runs, cells skipped as identical)."""
+
+    n_forward: int = 0
+    n_patched: int = 0
+    n_skipped: int = 0
+
+
+def _check_sweep(bridge, pairs, components, layers, heads, batch_size, head_positions, notes, log):
+    """Validate the settings; returns (pairs table, components, layers, heads patched)."""
+    if batch_size < 1:
+        raise LayerscopeError(f"batch_size must be >= 1, got {batch_size}")
+    if head_positions not in ("last", "positions"):
+        raise LayerscopeError(f"head_positions {head_positions!r}: expected 'last' or 'positions'")
+    pairs_df = _pairs_input(pairs)
+    if len(pairs_df) == 0:
+        raise LayerscopeError("no pairs to patch")
+    components = _check_components(bridge, components)
+    layers = _check_layers(layers, int(bridge.cfg.n_layers))
+    do_heads = bool(heads)
+    if do_heads and not heads_available(bridge):
+        do_heads = False
+        notes.append("per-head patching skipped: the bridge exposes no blocks.L.attn.hook_z")
+        log(notes[-1])
+    if not components and not do_heads:
+        raise LayerscopeError("nothing to patch: no components and no heads")
+    return pairs_df, components, layers, do_heads
+
+
+def _length_chunks(prepared: Sequence[PreparedPair], batch_size: int) -> tuple[list, int]:
+    """Pair indices grouped by token length, chunked so a chunk's clean+corrupted baseline fits
+    one batch; returns (chunks, number of length groups)."""
+    by_len: dict[int, list[int]] = {}
+    for i, pp in enumerate(prepared):
+        by_len.setdefault(pp.n_tokens, []).append(i)
+    pairs_per_chunk = max(1, batch_size // 2)
+    chunks = [
+        idx[j : j + pairs_per_chunk]
+        for _, idx in sorted(by_len.items())
+        for j in range(0, len(idx), pairs_per_chunk)
+    ]
+    return chunks, len(by_len)
+
+
+def _plan_sweep(
+    bridge, pairs_df, components, layers, do_heads, positions, head_positions, batch_size, bos
+) -> _SweepPlan:
+    """Tokenize the pairs, resolve every pair's positions and list the hooks to cache."""
+    tokenizer = bridge.tokenizer
+    prepend = resolve_bos(tokenizer, bos)
+    prepared = prepare_pairs(tokenizer, pairs_df, prepend_bos=prepend)
+    n_ctx = int(getattr(bridge.cfg, "n_ctx", 0) or 0)
+    for pp in prepared:
+        if n_ctx and pp.n_tokens > n_ctx:
+            raise LayerscopeError(
+                f"pair {pp.pair_id!r} has {pp.n_tokens} tokens, more than the model context {n_ctx}"
+            )
+    pos_of = {pp.pair_id: _resolve_positions(positions, pp.n_tokens, pp.pair_id) for pp in prepared}
+    head_pos_of = {
+        pp.pair_id: ([pp.n_tokens - 1] if head_positions == "last" else pos_of[pp.pair_id])
+        for pp in prepared
+    }
+    hooks = [_component_hook(c, L) for L in layers for c in components]
+    if do_heads:
+        hooks += [_component_hook(HEAD_COMPONENT, L) for L in layers]
+    chunks, n_groups = _length_chunks(prepared, batch_size)
+    return _SweepPlan(
+        components=components,
+        layers=layers,
+        n_heads=int(getattr(bridge.cfg, "n_heads", 0) or 0),
+        heads=do_heads,
+        prepend=prepend,
+        prepared=prepared,
+        pos_of=pos_of,
+        head_pos_of=head_pos_of,
+        hooks=hooks,
+        chunks=chunks,
+        n_groups=n_groups,
+    )
+
+
+def _baselines(bridge, cps: Sequence[PreparedPair], hooks: Sequence[str], skip_identical: bool):
+    """Run the clean and corrupted prompts of a chunk once: (LD per row, clean cache, same).
+
+    Rows ``0..k-1`` are clean, ``k..2k-1`` corrupted; ``same[hook]`` is ``[k, T]`` (or
+    ``[k, T, H]``): True where the clean activation equals the corrupted one.
+    """
+    k = len(cps)
+    logits, cache = _cache_runs(
+        bridge, [p.clean_ids for p in cps] + [p.corrupted_ids for p in cps], hooks
+    )
+    base = _logit_diff(
+        logits,
+        [p.clean_answer_id for p in cps] * 2,
+        [p.corrupted_answer_id for p in cps] * 2,
+    )
+    clean_src = {h: v[:k] for h, v in cache.items()}
+    same = {h: _equal_cells(v[:k], v[k:]) for h, v in cache.items()} if skip_identical else {}
+    return base, clean_src, same
+
+
+def _chunk_cells(cps: Sequence[PreparedPair], plan: _SweepPlan) -> tuple[list[_Cell], list]:
+    """Every cell of a chunk's pairs, and its (component, layer, position, head) label."""
+    cells: list[_Cell] = []
+    meta: list[tuple[str, int, int, int]] = []  # component, layer, position, head
+    for slot, pp in enumerate(cps):
+        for comp in plan.components:
+            for L in plan.layers:
+                for p in plan.pos_of[pp.pair_id]:
+                    cells.append(_Cell(slot, _component_hook(comp, L), (p,)))
+                    meta.append((comp, L, p, -1))
+        if plan.heads:
+            for L in plan.layers:
+                for h in range(plan.n_heads):
+                    for p in plan.head_pos_of[pp.pair_id]:
+                        cells.append(_Cell(slot, _component_hook(HEAD_COMPONENT, L), (p,), h))
+                        meta.append((HEAD_COMPONENT, L, p, h))
+    return cells, meta
+
+
+def _run_cells(bridge, cps, cells, base, clean_src, same, *, skip_identical, batch_size, counts):
+    """The patched LD of every cell; identical cells take the corrupted LD without a run."""
+    k = len(cps)
+    corr_rows = [p.corrupted_ids for p in cps]
+    values = np.empty(len(cells))
+    run_idx = []
+    for i, c in enumerate(cells):
+        if skip_identical and _is_same(same[c.hook], c):
+            values[i] = base[k + c.slot]  # the patch writes what is already there
+        else:
+            run_idx.append(i)
+    for b in range(0, len(run_idx), batch_size):
+        part_idx = run_idx[b : b + batch_size]
+        part = [cells[i] for i in part_idx]
+        lg = _patched_runs(bridge, part, corr_rows, clean_src)
+        values[part_idx] = _logit_diff(
+            lg,
+            [cps[c.slot].clean_answer_id for c in part],
+            [cps[c.slot].corrupted_answer_id for c in part],
+        )
+        counts.n_forward += 1
+    counts.n_patched += len(run_idx)
+    counts.n_skipped += len(cells) - len(run_idx)
+    return values
+
+
+def _pair_row(tokenizer, pp: PreparedPair, clean_ld: float, corr_ld: float) -> dict[str, Any]:
+    """One row of :attr:`PatchingResult.pairs`: baseline LDs, answer tokens and tokens."""
+    return {
+        "pair_id": pp.pair_id,
+        "n_tokens": pp.n_tokens,
+        "clean_logit_diff": clean_ld,
+        "corrupted_logit_diff": corr_ld,
+        "clean_answer_token": token_label(tokenizer, pp.clean_answer_id),
+        "corrupted_answer_token": token_label(tokenizer, pp.corrupted_answer_id),
+        "clean_answer_id": pp.clean_answer_id,
+        "corrupted_answer_id": pp.corrupted_answer_id,
+        "answer_prefix": "".join(token_label(tokenizer, t) for t in pp.answer_prefix_ids),
+        "answer_tokenization": pp.answer_tokenization,
+        "diff_positions": " ".join(map(str, pp.diff_positions)),
+        "clean_tokens": " ".join(pp.clean_tokens),
+        "corrupted_tokens": " ".join(pp.corrupted_tokens),
+    }
+
+
+def _cell_records(cps, cells, meta, values, base, min_ld_gap: float) -> list[tuple]:
+    """Two tidy rows per cell (:data:`RESULT_COLUMNS`): its LD and its recovery."""
+    k = len(cps)
+    records: list[tuple] = []
+    for (comp, L, p, h), cell, v in zip(meta, cells, values):
+        pp = cps[cell.slot]
+        clean_ld, corr_ld = float(base[cell.slot]), float(base[k + cell.slot])
+        tok = pp.clean_tokens[p]
+        rec = _recovery(float(v), clean_ld, corr_ld, min_ld_gap)
+        head = (pp.pair_id, pp.n_tokens, L, p, tok, comp, h)
+        records.append((*head, "logit_diff", float(v), clean_ld, corr_ld))
+        records.append((*head, "recovery", rec, clean_ld, corr_ld))
+    return records
+
+
+def _sweep_chunk(bridge, cps, plan: _SweepPlan, settings: Mapping[str, Any], counts, notes):
+    """Baselines, patched runs and tidy rows of one chunk: (cell records, pair rows)."""
+    k = len(cps)
+    base, clean_src, same = _baselines(bridge, cps, plan.hooks, settings["skip_identical"])
+    counts.n_forward += 1
+    cells, meta = _chunk_cells(cps, plan)
+    values = _run_cells(
+        bridge,
+        cps,
+        cells,
+        base,
+        clean_src,
+        same,
+        skip_identical=settings["skip_identical"],
+        batch_size=settings["batch_size"],
+        counts=counts,
+    )
+    pair_rows = []
+    for slot, pp in enumerate(cps):
+        clean_ld, corr_ld = float(base[slot]), float(base[k + slot])
+        pair_rows.append(_pair_row(bridge.tokenizer, pp, clean_ld, corr_ld))
+        if abs(clean_ld - corr_ld) < settings["min_ld_gap"]:
+            notes.append(
+                f"pair {pp.pair_id!r}: clean and corrupted logit differences are equal "
+                f"({clean_ld:.3g}); its recovery is NaN"
+            )
+    return _cell_records(cps, cells, meta, values, base, settings["min_ld_gap"]), pair_rows
+
+
+def _run_chunks(bridge, plan: _SweepPlan, settings, notes: list[str], log):
+    """Sweep every chunk without autograd: (cell records, pair rows, counts, seconds)."""
+    import torch
+
+    counts = _SweepCounts()
+    records: list[tuple] = []
+    pair_rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for chunk in plan.chunks:
+            cps = [plan.prepared[i] for i in chunk]
+            recs, rows = _sweep_chunk(bridge, cps, plan, settings, counts, notes)
+            records += recs
+            pair_rows += rows
+            log(
+                f"patch_sweep: {len(pair_rows)}/{len(plan.prepared)} pairs, "
+                f"{counts.n_patched} patched runs, {time.perf_counter() - t0:.1f} s"
+            )
+    return records, pair_rows, counts, time.perf_counter() - t0
+
+
+def _in_input_order(df: pd.DataFrame, pairs_df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` sorted (stably) by the order of its pairs in the input table."""
+    order = {pid: i for i, pid in enumerate(pairs_df["pair_id"].astype(str))}
+    return df.sort_values("pair_id", key=lambda s: s.map(order), kind="stable").reset_index(
+        drop=True
+    )
+
+
+def _sweep_result(bridge, plan, pairs_df, records, pair_rows, info, notes) -> PatchingResult:
+    """Assemble the tidy table, the pairs table and the settings into a :class:`PatchingResult`."""
+    df = pd.DataFrame.from_records(records, columns=list(RESULT_COLUMNS))
+    df["head"] = df["head"].astype("int64")
+    return PatchingResult(
+        df=_in_input_order(df, pairs_df),
+        pairs=_in_input_order(pd.DataFrame(pair_rows), pairs_df),
+        tokens={p.pair_id: p.clean_tokens for p in plan.prepared},
+        corrupted_tokens={p.pair_id: p.corrupted_tokens for p in plan.prepared},
+        components=plan.components,
+        layers=plan.layers,
+        n_heads=plan.n_heads if plan.heads else 0,
+        heads=plan.heads,
+        info=info,
+        notes=notes,
+    )
 
 
 def patch_sweep(
@@ -675,231 +982,51 @@ def patch_sweep(
     would write the values already there, so their LD is the corrupted LD (recovery 0).
     ``min_ld_gap``: recovery is NaN for a pair with ``|LD_clean - LD_corrupted| < min_ld_gap``.
     """
-    import torch
-
     log = log or (lambda msg: None)
-    if batch_size < 1:
-        raise LayerscopeError(f"batch_size must be >= 1, got {batch_size}")
-    if head_positions not in ("last", "positions"):
-        raise LayerscopeError(f"head_positions {head_positions!r}: expected 'last' or 'positions'")
-    pairs_df = _pairs_input(pairs)
-    if len(pairs_df) == 0:
-        raise LayerscopeError("no pairs to patch")
-    components = _check_components(bridge, components)
-    n_layers = int(bridge.cfg.n_layers)
-    layers = _check_layers(layers, n_layers)
-    n_heads = int(getattr(bridge.cfg, "n_heads", 0) or 0)
     notes: list[str] = []
-    do_heads = bool(heads)
-    if do_heads and not heads_available(bridge):
-        do_heads = False
-        notes.append("per-head patching skipped: the bridge exposes no blocks.L.attn.hook_z")
-        log(notes[-1])
-    if not components and not do_heads:
-        raise LayerscopeError("nothing to patch: no components and no heads")
-
-    tokenizer = bridge.tokenizer
-    prepend = resolve_bos(tokenizer, prepend_bos)
-    prepared = prepare_pairs(tokenizer, pairs_df, prepend_bos=prepend)
-    n_ctx = int(getattr(bridge.cfg, "n_ctx", 0) or 0)
-    for pp in prepared:
-        if n_ctx and pp.n_tokens > n_ctx:
-            raise LayerscopeError(
-                f"pair {pp.pair_id!r} has {pp.n_tokens} tokens, more than the model context {n_ctx}"
-            )
-    pos_of = {pp.pair_id: _resolve_positions(positions, pp.n_tokens, pp.pair_id) for pp in prepared}
-    head_pos_of = {
-        pp.pair_id: ([pp.n_tokens - 1] if head_positions == "last" else pos_of[pp.pair_id])
-        for pp in prepared
-    }
-    hooks_needed = [_component_hook(c, L) for L in layers for c in components]
-    if do_heads:
-        hooks_needed += [_component_hook(HEAD_COMPONENT, L) for L in layers]
-
-    # group pairs by token length, then chunk so a chunk's clean+corrupted baseline fits one batch
-    by_len: dict[int, list[int]] = {}
-    for i, pp in enumerate(prepared):
-        by_len.setdefault(pp.n_tokens, []).append(i)
-    pairs_per_chunk = max(1, batch_size // 2)
-    chunks = [
-        idx[j : j + pairs_per_chunk]
-        for _, idx in sorted(by_len.items())
-        for j in range(0, len(idx), pairs_per_chunk)
-    ]
-
-    records: list[tuple] = []
-    pair_rows: list[dict[str, Any]] = []
-    n_forward = 0
-    n_patched = 0
-    n_skipped = 0
-    t0 = time.perf_counter()
+    pairs_df, components, layers, do_heads = _check_sweep(
+        bridge, pairs, components, layers, heads, batch_size, head_positions, notes, log
+    )
+    plan = _plan_sweep(
+        bridge,
+        pairs_df,
+        components,
+        layers,
+        do_heads,
+        positions,
+        head_positions,
+        batch_size,
+        prepend_bos,
+    )
+    settings = dict(skip_identical=skip_identical, batch_size=batch_size, min_ld_gap=min_ld_gap)
     log(
-        f"patch_sweep: {len(prepared)} pairs in {len(by_len)} length group(s), components {components}, "
-        f"layers {layers[0]}..{layers[-1]}, positions {positions!r}, heads {'yes' if do_heads else 'no'}, "
-        f"batch_size {batch_size}, BOS {'prepended' if prepend else 'not prepended'}"
+        f"patch_sweep: {len(plan.prepared)} pairs in {plan.n_groups} length group(s), "
+        f"components {components}, layers {layers[0]}..{layers[-1]}, positions {positions!r}, "
+        f"heads {'yes' if do_heads else 'no'}, batch_size {batch_size}, "
+        f"BOS {'prepended' if plan.prepend else 'not prepended'}"
     )
-    with torch.inference_mode():
-        for chunk in chunks:
-            cps = [prepared[i] for i in chunk]
-            k = len(cps)
-            logits, cache = _cache_runs(
-                bridge, [p.clean_ids for p in cps] + [p.corrupted_ids for p in cps], hooks_needed
-            )
-            n_forward += 1
-            base = _logit_diff(
-                logits,
-                [p.clean_answer_id for p in cps] * 2,
-                [p.corrupted_answer_id for p in cps] * 2,
-            )
-            clean_src = {h: v[:k] for h, v in cache.items()}
-            # [hook] -> [k, T] (or [k, T, H]): True where the clean activation equals the corrupted one
-            same = (
-                {h: _equal_cells(v[:k], v[k:]) for h, v in cache.items()} if skip_identical else {}
-            )
-            del cache
-            cells: list[_Cell] = []
-            meta: list[tuple[str, int, int, int]] = []  # component, layer, position, head
-            for slot, pp in enumerate(cps):
-                for comp in components:
-                    for L in layers:
-                        for p in pos_of[pp.pair_id]:
-                            cells.append(_Cell(slot, _component_hook(comp, L), (p,)))
-                            meta.append((comp, L, p, -1))
-                if do_heads:
-                    for L in layers:
-                        for h in range(n_heads):
-                            for p in head_pos_of[pp.pair_id]:
-                                cells.append(
-                                    _Cell(slot, _component_hook(HEAD_COMPONENT, L), (p,), h)
-                                )
-                                meta.append((HEAD_COMPONENT, L, p, h))
-            corr_rows = [p.corrupted_ids for p in cps]
-            values = np.empty(len(cells))
-            run_idx = []
-            for i, c in enumerate(cells):
-                if skip_identical and _is_same(same[c.hook], c):
-                    values[i] = base[k + c.slot]  # the patch writes what is already there
-                else:
-                    run_idx.append(i)
-            for b in range(0, len(run_idx), batch_size):
-                part_idx = run_idx[b : b + batch_size]
-                part = [cells[i] for i in part_idx]
-                lg = _patched_runs(bridge, part, corr_rows, clean_src)
-                values[part_idx] = _logit_diff(
-                    lg,
-                    [cps[c.slot].clean_answer_id for c in part],
-                    [cps[c.slot].corrupted_answer_id for c in part],
-                )
-                n_forward += 1
-            n_patched += len(run_idx)
-            n_skipped += len(cells) - len(run_idx)
-            for slot, pp in enumerate(cps):
-                clean_ld, corr_ld = float(base[slot]), float(base[k + slot])
-                pair_rows.append(
-                    {
-                        "pair_id": pp.pair_id,
-                        "n_tokens": pp.n_tokens,
-                        "clean_logit_diff": clean_ld,
-                        "corrupted_logit_diff": corr_ld,
-                        "clean_answer_token": token_label(tokenizer, pp.clean_answer_id),
-                        "corrupted_answer_token": token_label(tokenizer, pp.corrupted_answer_id),
-                        "clean_answer_id": pp.clean_answer_id,
-                        "corrupted_answer_id": pp.corrupted_answer_id,
-                        "answer_prefix": "".join(
-                            token_label(tokenizer, t) for t in pp.answer_prefix_ids
-                        ),
-                        "answer_tokenization": pp.answer_tokenization,
-                        "diff_positions": " ".join(map(str, pp.diff_positions)),
-                        "clean_tokens": " ".join(pp.clean_tokens),
-                        "corrupted_tokens": " ".join(pp.corrupted_tokens),
-                    }
-                )
-                if abs(clean_ld - corr_ld) < min_ld_gap:
-                    notes.append(
-                        f"pair {pp.pair_id!r}: clean and corrupted logit differences are equal "
-                        f"({clean_ld:.3g}); its recovery is NaN"
-                    )
-            for (comp, L, p, h), cell, v in zip(meta, cells, values):
-                pp = cps[cell.slot]
-                clean_ld, corr_ld = float(base[cell.slot]), float(base[k + cell.slot])
-                tok = pp.clean_tokens[p]
-                rec = _recovery(float(v), clean_ld, corr_ld, min_ld_gap)
-                records.append(
-                    (
-                        pp.pair_id,
-                        pp.n_tokens,
-                        L,
-                        p,
-                        tok,
-                        comp,
-                        h,
-                        "logit_diff",
-                        float(v),
-                        clean_ld,
-                        corr_ld,
-                    )
-                )
-                records.append(
-                    (
-                        pp.pair_id,
-                        pp.n_tokens,
-                        L,
-                        p,
-                        tok,
-                        comp,
-                        h,
-                        "recovery",
-                        rec,
-                        clean_ld,
-                        corr_ld,
-                    )
-                )
-            log(
-                f"patch_sweep: {len(pair_rows)}/{len(prepared)} pairs, {n_patched} patched runs, "
-                f"{time.perf_counter() - t0:.1f} s"
-            )
-    seconds = time.perf_counter() - t0
-    df = pd.DataFrame.from_records(records, columns=list(RESULT_COLUMNS))
-    df["head"] = df["head"].astype("int64")
-    order = {pid: i for i, pid in enumerate(pairs_df["pair_id"].astype(str))}
-    df = df.sort_values("pair_id", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
-    pairs_out = (
-        pd.DataFrame(pair_rows)
-        .sort_values("pair_id", key=lambda s: s.map(order), kind="stable")
-        .reset_index(drop=True)
-    )
+    records, pair_rows, counts, seconds = _run_chunks(bridge, plan, settings, notes, log)
     info = dict(model_info) if model_info is not None else describe_model(bridge)
     info.update(
         {
-            "prepend_bos": bool(prepend),
+            "prepend_bos": bool(plan.prepend),
             "bos_policy": str(prepend_bos).lower(),
             "positions": repr(positions),
             "head_positions": head_positions if do_heads else "none",
             "batch_size": int(batch_size),
             "min_ld_gap": float(min_ld_gap),
             "seconds": seconds,
-            "n_forward_passes": n_forward,
-            "n_patched_runs": n_patched,
-            "n_skipped_identical": n_skipped,
+            "n_forward_passes": counts.n_forward,
+            "n_patched_runs": counts.n_patched,
+            "n_skipped_identical": counts.n_skipped,
             "metric": "logit[clean_answer] - logit[corrupted_answer] at the last position",
         }
     )
     log(
-        f"patch_sweep: done, {n_patched} patched runs in {n_forward} forward passes "
-        f"({n_skipped} cells skipped as identical), {seconds:.1f} s"
+        f"patch_sweep: done, {counts.n_patched} patched runs in {counts.n_forward} forward passes "
+        f"({counts.n_skipped} cells skipped as identical), {seconds:.1f} s"
     )
-    return PatchingResult(
-        df=df,
-        pairs=pairs_out,
-        tokens={p.pair_id: p.clean_tokens for p in prepared},
-        corrupted_tokens={p.pair_id: p.corrupted_tokens for p in prepared},
-        components=components,
-        layers=layers,
-        n_heads=n_heads if do_heads else 0,
-        heads=do_heads,
-        info=info,
-        notes=notes,
-    )
+    return _sweep_result(bridge, plan, pairs_df, records, pair_rows, info, notes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -979,6 +1106,79 @@ def summarize(
 # writing
 
 
+def _write_attrs(f, result: PatchingResult) -> None:
+    """The model description and settings as file attributes (non-scalars as JSON)."""
+    import json
+
+    for k, v in result.info.items():
+        f.attrs[k] = (
+            v
+            if isinstance(v, (int, float, str, bool, np.integer, np.floating))
+            else json.dumps(v, default=str)
+        )
+    f.attrs["notes"] = json.dumps(result.notes)
+    f.attrs["kind"] = "patching"
+
+
+def _write_pair_datasets(f, result: PatchingResult, n_pos: int) -> None:
+    """Pair ids, components, layers, the per-pair baselines and the tokens of every pair."""
+    import h5py
+
+    pids = result.pairs["pair_id"].tolist()
+    pix = {p: i for i, p in enumerate(pids)}
+    str_dt = h5py.string_dtype("utf-8")
+    f.create_dataset("pair_id", data=np.array(pids, dtype=object), dtype=str_dt)
+    f.create_dataset("components", data=np.array(result.components, dtype=object), dtype=str_dt)
+    f.create_dataset("layers", data=np.asarray(result.layers, dtype=np.int64))
+    for col in ("n_tokens", "clean_answer_id", "corrupted_answer_id"):
+        f.create_dataset(col, data=result.pairs[col].to_numpy(dtype=np.int64))
+    for col in ("clean_logit_diff", "corrupted_logit_diff"):
+        f.create_dataset(col, data=result.pairs[col].to_numpy(dtype=np.float64))
+    for name, toks in (
+        ("tokens", result.tokens),
+        ("corrupted_tokens", result.corrupted_tokens),
+    ):
+        arr = np.full((len(pids), n_pos), "", dtype=object)
+        for p, t in toks.items():
+            arr[pix[p], : len(t)] = t
+        f.create_dataset(name, data=arr, dtype=str_dt)
+
+
+def _write_cell_arrays(f, result: PatchingResult, n_pos: int) -> None:
+    """The LD and recovery arrays of the components and, if patched, of the heads."""
+    pix = {p: i for i, p in enumerate(result.pairs["pair_id"].tolist())}
+    cix = {c: i for i, c in enumerate(result.components)}
+    lix = {L: i for i, L in enumerate(result.layers)}
+    n_pairs, n_layers = len(result.pairs), len(result.layers)
+    df = result.df
+    plain = df[df["component"] != HEAD_COMPONENT]
+    for metric in METRICS:
+        arr = np.full((n_pairs, len(result.components), n_layers, n_pos), np.nan)
+        m = plain[plain["metric"] == metric]
+        if len(m):
+            arr[
+                m["pair_id"].map(pix).to_numpy(),
+                m["component"].map(cix).to_numpy(),
+                m["layer"].map(lix).to_numpy(),
+                m["position"].to_numpy(),
+            ] = m["value"].to_numpy()
+        f.create_dataset(metric, data=arr)
+    if not result.heads:
+        return
+    hd = df[df["component"] == HEAD_COMPONENT]
+    for metric in METRICS:
+        arr = np.full((n_pairs, n_layers, result.n_heads, n_pos), np.nan)
+        m = hd[hd["metric"] == metric]
+        if len(m):
+            arr[
+                m["pair_id"].map(pix).to_numpy(),
+                m["layer"].map(lix).to_numpy(),
+                m["head"].to_numpy(),
+                m["position"].to_numpy(),
+            ] = m["value"].to_numpy()
+        f.create_dataset(f"head_{metric}", data=arr)
+
+
 def write_patching(
     result: PatchingResult, csv_path: str | os.PathLike, h5_path: str | os.PathLike | None = None
 ) -> None:
@@ -987,154 +1187,23 @@ def write_patching(
     HDF5 layout (positions are token indices 0..max_tokens-1; NaN where a pair has no such cell):
 
     * ``logit_diff``, ``recovery``: ``[n_pairs, n_components, n_layers, n_positions]``
-    * ``head_logit_diff``, ``head_recovery``: ``[n_pairs, n_layers, n_heads, n_positions]`` (if heads)
+    * ``head_logit_diff``, ``head_recovery``: ``[n_pairs, n_layers, n_heads, n_positions]``
+      (if heads)
     * ``pair_id``, ``components`` (strings), ``layers`` (ints), ``n_tokens``,
       ``clean_logit_diff``, ``corrupted_logit_diff``, ``clean_answer_id``, ``corrupted_answer_id``
     * ``tokens``, ``corrupted_tokens``: ``[n_pairs, n_positions]`` display strings ("" beyond a
       pair's length); ``token_ids`` is not stored (re-tokenize with the recorded BOS policy).
     * attrs: the model description and settings of :attr:`PatchingResult.info`, ``notes``.
     """
-    import json
-
     import h5py
 
     with atomic_path(csv_path) as tmp:
         result.df.to_csv(tmp, index=False)
     if h5_path is None:
         return
-    pids = result.pairs["pair_id"].tolist()
-    pix = {p: i for i, p in enumerate(pids)}
-    comps = result.components
-    cix = {c: i for i, c in enumerate(comps)}
-    lix = {L: i for i, L in enumerate(result.layers)}
     n_pos = int(result.pairs["n_tokens"].max())
-    str_dt = h5py.string_dtype("utf-8")
     with atomic_path(h5_path) as tmp:
         with h5py.File(tmp, "w") as f:
-            for k, v in result.info.items():
-                f.attrs[k] = (
-                    v
-                    if isinstance(v, (int, float, str, bool, np.integer, np.floating))
-                    else json.dumps(v, default=str)
-                )
-            f.attrs["notes"] = json.dumps(result.notes)
-            f.attrs["kind"] = "patching"
-            f.create_dataset("pair_id", data=np.array(pids, dtype=object), dtype=str_dt)
-            f.create_dataset("components", data=np.array(comps, dtype=object), dtype=str_dt)
-            f.create_dataset("layers", data=np.asarray(result.layers, dtype=np.int64))
-            for col in ("n_tokens", "clean_answer_id", "corrupted_answer_id"):
-                f.create_dataset(col, data=result.pairs[col].to_numpy(dtype=np.int64))
-            for col in ("clean_logit_diff", "corrupted_logit_diff"):
-                f.create_dataset(col, data=result.pairs[col].to_numpy(dtype=np.float64))
-            for name, toks in (
-                ("tokens", result.tokens),
-                ("corrupted_tokens", result.corrupted_tokens),
-            ):
-                arr = np.full((len(pids), n_pos), "", dtype=object)
-                for p, t in toks.items():
-                    arr[pix[p], : len(t)] = t
-                f.create_dataset(name, data=arr, dtype=str_dt)
-            df = result.df
-            plain = df[df["component"] != HEAD_COMPONENT]
-            for metric in METRICS:
-                arr = np.full((len(pids), len(comps), len(result.layers), n_pos), np.nan)
-                m = plain[plain["metric"] == metric]
-                if len(m):
-                    arr[
-                        m["pair_id"].map(pix).to_numpy(),
-                        m["component"].map(cix).to_numpy(),
-                        m["layer"].map(lix).to_numpy(),
-                        m["position"].to_numpy(),
-                    ] = m["value"].to_numpy()
-                f.create_dataset(metric, data=arr)
-            if result.heads:
-                hd = df[df["component"] == HEAD_COMPONENT]
-                for metric in METRICS:
-                    arr = np.full((len(pids), len(result.layers), result.n_heads, n_pos), np.nan)
-                    m = hd[hd["metric"] == metric]
-                    if len(m):
-                        arr[
-                            m["pair_id"].map(pix).to_numpy(),
-                            m["layer"].map(lix).to_numpy(),
-                            m["head"].to_numpy(),
-                            m["position"].to_numpy(),
-                        ] = m["value"].to_numpy()
-                    f.create_dataset(f"head_{metric}", data=arr)
-
-
-# --------------------------------------------------------------------------------------------
-# figures (drawn by layerscope.plotting.patching; these wrappers save them with the one saver)
-
-
-def _save_figure(fig, out: str | os.PathLike, formats: Sequence[str]) -> list[Path]:
-    """Save ``fig`` as ``out`` with each format's extension (atomically), then clear it."""
-    from layerscope.plotting.plots import save_figure
-
-    out = Path(out)
-    stem = (
-        out.with_suffix("")
-        if out.suffix.lstrip(".").lower() in {f.lower() for f in formats}
-        else out
-    )
-    try:
-        first = stem.parent / f"{stem.name}.{formats[0]}"
-        return [Path(p) for p in save_figure(fig, first, formats, dpi=150, tight=True)]
-    finally:
-        fig.clear()
-
-
-def _pairs_where(pairs: pd.DataFrame | None) -> pd.DataFrame | None:
-    if pairs is None or "diff_positions" not in pairs.columns:
-        return None
-    return pairs[["pair_id", "n_tokens", "diff_positions"]]
-
-
-def plot_patching_heatmaps(
-    summary: pd.DataFrame,
-    tokens,
-    out: str | os.PathLike,
-    *,
-    model: str,
-    experiment: str,
-    formats: Sequence[str] = ("png",),
-    metric: str = "recovery",
-    vlim: float = 1.0,
-    pairs: pd.DataFrame | None = None,
-) -> list[Path]:
-    """Draw :func:`layerscope.plotting.patching.draw_patching_heatmaps` and save it; ``tokens``: labels
-    per length (``{n_tokens: labels}`` as from :meth:`PatchingResult.position_labels`) or one list."""
-    from layerscope.plotting.patching import draw_patching_heatmaps
-
-    if tokens is None:
-        labels: dict[int, list[str]] = {}
-    elif isinstance(tokens, Mapping):
-        labels = {int(k): list(v) for k, v in tokens.items()}
-    else:
-        labels = {len(tokens): list(tokens)}
-    fig = draw_patching_heatmaps(
-        summary,
-        labels,
-        model=model,
-        experiment=experiment,
-        pairs=_pairs_where(pairs),
-        metric=metric,
-        vlim=vlim,
-    )
-    return _save_figure(fig, out, formats)
-
-
-def plot_head_heatmap(
-    summary: pd.DataFrame,
-    out: str | os.PathLike,
-    *,
-    model: str,
-    experiment: str,
-    formats: Sequence[str] = ("png",),
-    metric: str = "recovery",
-    vlim: float = 1.0,
-) -> list[Path]:
-    """Draw :func:`layerscope.plotting.patching.draw_head_heatmap` (last position) and save it."""
-    from layerscope.plotting.patching import draw_head_heatmap
-
-    fig = draw_head_heatmap(summary, model=model, experiment=experiment, metric=metric, vlim=vlim)
-    return _save_figure(fig, out, formats)
+            _write_attrs(f, result)
+            _write_pair_datasets(f, result, n_pos)
+            _write_cell_arrays(f, result, n_pos)

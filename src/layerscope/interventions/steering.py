@@ -1,7 +1,8 @@
 """Steering: add alpha * (unit direction) to the residual stream and measure what moves.
 
 Pure computation: arrays, tables and a model object in; arrays and tables out. Reading direction
-files, probe JSON and prompt files, and writing results, live in :mod:`layerscope.jobs.steering_run`.
+files, probe JSON and prompt files, and writing results, live in
+:mod:`layerscope.jobs.steering_run`.
 
 Directions (:func:`unit`, :func:`probe_direction`, :func:`mass_mean_direction`,
 :func:`task_vector_direction`, :func:`file_direction`) are vectors in the raw residual-stream
@@ -91,9 +92,11 @@ def unit(vector: Any, what: str = "direction") -> np.ndarray:
 def probe_direction(
     doc: Mapping[str, Any], component: str, pooling: str, what: str = "probe"
 ) -> np.ndarray:
-    """The positive-class direction of the binary probe for (component, pooling) in a probe JSON doc.
+    """The positive-class direction of the binary probe for (component, pooling) in a probe JSON
+    doc.
 
-    ``coef`` is stored in raw activation space (see the module docstring); it is unit-normalised here.
+    ``coef`` is stored in raw activation space (see the module docstring); it is unit-normalised
+    here.
     """
     probes = doc.get("probes")
     if not isinstance(probes, list):
@@ -136,7 +139,8 @@ def mass_mean_direction(
 def task_vector_direction(
     arrays: Mapping[str, Any], layer: int, task: str, what: str = "task vectors"
 ) -> np.ndarray:
-    """The task vector of ``task`` at ``layer`` from :func:`layerscope.analysis.task_vectors.read_task_vectors`."""
+    """The task vector of ``task`` at ``layer`` from
+    :func:`layerscope.analysis.task_vectors.read_task_vectors`."""
     layers = [int(L) for L in arrays["layers"]]
     tasks = list(arrays["tasks"])
     if int(layer) not in layers:
@@ -152,7 +156,8 @@ def task_vector_direction(
 def file_direction(
     array: Any, layer: int, n_layers: int, d_model: int, what: str = "direction file"
 ) -> np.ndarray:
-    """One layer's vector from a user array: ``[d]`` (every layer) or ``[n_layers, d]`` (row = layer)."""
+    """One layer's vector from a user array: ``[d]`` (every layer) or ``[n_layers, d]`` (row =
+    layer)."""
     a = np.asarray(array)
     if a.dtype.kind not in "fiu":
         raise SteeringError(f"{what}: expected numbers, got dtype {a.dtype}")
@@ -173,7 +178,8 @@ def file_direction(
 
 
 def random_directions(n: int, d_model: int, seed: int) -> np.ndarray:
-    """``n`` seeded Gaussian directions of unit norm, shape ``[n, d_model]`` (the same at every layer)."""
+    """``n`` seeded Gaussian directions of unit norm, shape ``[n, d_model]`` (the same at every
+    layer)."""
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 11]))
     U = rng.standard_normal((int(n), int(d_model)))
     return U / np.linalg.norm(U, axis=1, keepdims=True)
@@ -198,10 +204,12 @@ class SteeringPrompts:
 def prepare_prompts(
     tokenizer, prompts: pd.DataFrame, neutral: Sequence[str], *, prepend_bos: bool
 ) -> SteeringPrompts:
-    """Tokenize ``prompts`` (columns ``prompt_id, prompt, positive, negative``) and the neutral texts.
+    """Tokenize ``prompts`` (columns ``prompt_id, prompt, positive, negative``) and the neutral
+    texts.
 
-    Answers are tokenized in context as in :mod:`layerscope.interventions.patching`: the metric compares the first
-    answer tokens where the positive and negative answers differ, the shared prefix appended.
+    Answers are tokenized in context as in :mod:`layerscope.interventions.patching`: the metric
+    compares the first answer tokens where the positive and negative answers differ, the shared
+    prefix appended.
     """
     from layerscope.interventions.patching import answer_ids
 
@@ -270,6 +278,7 @@ def row_starts(lengths: Sequence[int], position: int | str) -> np.ndarray:
 
 
 def _device(model):
+    """Device of the native engine or of a TransformerBridge."""
     dev = getattr(model, "device", None)
     if dev is not None and not callable(dev):
         return dev
@@ -277,7 +286,8 @@ def _device(model):
 
 
 def padded(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Any, Any]:
-    """Right-padded ``input_ids`` and an explicit attention mask (padding never inferred from ids)."""
+    """Right-padded ``input_ids`` and an explicit attention mask (padding never inferred from
+    ids)."""
     import torch
 
     T = max(len(r) for r in rows)
@@ -313,6 +323,7 @@ def forward_logits(
 
 
 def _steer_hooks(name: str, vector, starts: np.ndarray):
+    """``[(name, make)]``: ``make(a, b)`` is the hook steering batch rows ``a:b`` at ``name``."""
     import torch
 
     st = torch.as_tensor(starts, dtype=torch.long)
@@ -320,7 +331,8 @@ def _steer_hooks(name: str, vector, starts: np.ndarray):
 
 
 def run_rows(model, rows, hook: str | None, vector, starts, *, batch_size: int, pad_id: int):
-    """Logits of ``rows`` with ``vector`` added at ``hook`` from ``starts`` on (no hook: unsteered)."""
+    """Logits of ``rows`` with ``vector`` added at ``hook`` from ``starts`` on (no hook:
+    unsteered)."""
     hooks = [] if hook is None else _steer_hooks(hook, vector, starts)
     return forward_logits(model, rows, hooks, batch_size=batch_size, pad_id=pad_id)
 
@@ -328,7 +340,8 @@ def run_rows(model, rows, hook: str | None, vector, starts, *, batch_size: int, 
 def residual_norms(
     model, rows, hooks: Sequence[str], *, skip_first: bool, batch_size: int, pad_id: int
 ) -> dict[str, float]:
-    """Mean per-token L2 norm of the unsteered residual at each hook over the real tokens of ``rows``."""
+    """Mean per-token L2 norm of the unsteered residual at each hook over the real tokens of
+    ``rows``."""
 
     sums = {h: 0.0 for h in hooks}
     count = 0
@@ -341,7 +354,7 @@ def residual_norms(
             keep[:, 0] = 0  # the BOS residual is an outlier in norm (and never pooled)
         count += int(keep.sum())
 
-        def make(h):
+        def make(h, keep=keep):
             def fn(t, hook=None):
                 sums[h] += float((t.double().norm(dim=-1) * keep).sum())
                 return None
@@ -367,7 +380,8 @@ def logit_diffs(logits: Sequence[Any], pos_id: np.ndarray, neg_id: np.ndarray) -
 
 
 def next_token_kl(base: Sequence[Any], steered: Sequence[Any]) -> np.ndarray:
-    """Per row: mean over positions of ``KL(softmax(base) || softmax(steered))`` (exactly 0 if equal)."""
+    """Per row: mean over positions of ``KL(softmax(base) || softmax(steered))`` (exactly 0 if
+    equal)."""
     import torch
 
     out = []
@@ -404,7 +418,8 @@ class Precision:
 
 
 def mean_row(values: np.ndarray, prec: Precision) -> dict[str, Any]:
-    """Mean with t interval and the n a half-width / a Cohen's-d effect needs (0 exactly when all 0)."""
+    """Mean with t interval and the n a half-width / a Cohen's-d effect needs (0 exactly when all
+    0)."""
     x = np.asarray(values, dtype=np.float64)
     sd = float(x.std(ddof=1)) if x.size > 1 else math.nan
     if x.size > 1 and sd == 0.0:
@@ -483,6 +498,7 @@ class SteeringResult:
 def _check_grid(
     model, layers: Sequence[int], alphas: Sequence[float], component: str
 ) -> tuple[list[int], list[float]]:
+    """Sorted layers and alphas (0 added); bad hook, layer or alpha is an error."""
     if component not in HOOK_COMPONENTS:
         raise SteeringError(
             f"hook {component!r}: steering adds to the residual stream; "
@@ -514,6 +530,7 @@ def _measure(model, sp: SteeringPrompts, base, hook, vector, starts, batch_size,
 
 
 def _metric_rows(keys: dict[str, Any], ld0, ld, kl, alpha, prec: Precision) -> list[dict[str, Any]]:
+    """The three effect rows (LD change, flip rate, neutral KL) of one run."""
     return [
         {
             **keys,
@@ -537,7 +554,8 @@ def _metric_rows(keys: dict[str, Any], ld0, ld, kl, alpha, prec: Precision) -> l
 
 
 def random_band(effects: pd.DataFrame) -> pd.DataFrame:
-    """Per (layer, alpha, metric): median and 5 %/95 % quantiles of the random directions' values."""
+    """Per (layer, alpha, metric): median and 5 %/95 % quantiles of the random directions'
+    values."""
     r = effects[effects["source"] == "random"]
     rows = []
     for (L, a, m), g in r.groupby(["layer", "alpha", "metric"], sort=True):
@@ -563,6 +581,7 @@ def random_band(effects: pd.DataFrame) -> pd.DataFrame:
 
 
 def _with_band(effects: pd.DataFrame) -> pd.DataFrame:
+    """Effects plus the random band rows and ``beyond_random`` for the others."""
     band = random_band(effects)
     out = pd.concat([effects, band], ignore_index=True)
     key = ["layer", "alpha", "metric"]
@@ -576,6 +595,80 @@ def _with_band(effects: pd.DataFrame) -> pd.DataFrame:
         out.loc[main, "value"] > out.loc[main, "_hi"]
     )
     return out.drop(columns=["_lo", "_hi"])
+
+
+@dataclass(frozen=True)
+class _SweepRun:
+    """What every steered run of one sweep shares: prompts, unsteered baseline, batching."""
+
+    sp: SteeringPrompts
+    base: list
+    ld0: np.ndarray
+    starts: np.ndarray
+    batch_size: int
+    pad_id: int
+    prec: Precision
+
+
+def _unit_directions(model, directions, layers: Sequence[int], source: str) -> dict[int, Any]:
+    """Unit vectors per layer; each must have ``d_model`` entries."""
+    d = int(model.cfg.d_model)
+    units = {L: unit(directions[L], f"{source} direction at layer {L}") for L in layers}
+    for L, u in units.items():
+        if u.size != d:
+            raise SteeringError(
+                f"{source} direction at layer {L} has {u.size} entries; the model's d_model is {d}"
+            )
+    return units
+
+
+def _per_prompt(run: _SweepRun, layer: int, alpha: float, ld) -> pd.DataFrame:
+    """Per-prompt LD, its change and flips of the main direction at one (layer, alpha)."""
+    return pd.DataFrame(
+        dict(
+            layer=layer,
+            alpha=alpha,
+            prompt_id=run.sp.prompt_ids,
+            logit_diff=ld,
+            logit_diff_change=ld - run.ld0,
+            flipped=flips(run.ld0, ld, alpha),
+        )
+    )
+
+
+def _sweep_layer(model, run: _SweepRun, layer: int, hook: str, scale: float, dirs, alphas):
+    """Every direction x alpha at one layer: (effect records, per-prompt frames of the main
+    direction). ``dirs``: (source, name, unit vector, is the main direction)."""
+    import torch
+
+    records: list[dict[str, Any]] = []
+    per_prompt: list[pd.DataFrame] = []
+    zero = None
+    for src, name, u, main in dirs:
+        for a in alphas:
+            if a == 0.0 and zero is not None:
+                ld, kl = zero  # alpha = 0 adds the zero vector whatever the direction
+            else:
+                v = torch.as_tensor(a * scale * u, dtype=torch.float64)
+                ld, kl = _measure(
+                    model, run.sp, run.base, hook, v, run.starts, run.batch_size, run.pad_id
+                )
+                zero = (ld, kl) if a == 0.0 else zero
+            keys = dict(layer=layer, alpha=a, source=src, direction=name, scale=scale)
+            records += _metric_rows(keys, run.ld0, ld, kl, a, run.prec)
+            if main:
+                per_prompt.append(_per_prompt(run, layer, a, ld))
+    return records, per_prompt
+
+
+def _effects_table(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """The tidy effects with the random band, in :data:`EFFECT_COLUMNS` order, sorted."""
+    effects = _with_band(pd.DataFrame(records))
+    return (
+        effects[list(EFFECT_COLUMNS)]
+        .sort_values(["source", "direction", "metric", "layer", "alpha"], kind="stable")
+        .reset_index(drop=True)
+    )
 
 
 def steering_sweep(
@@ -593,27 +686,21 @@ def steering_sweep(
     batch_size: int = 64,
     log: Callable[[str], Any] | None = None,
 ) -> SteeringResult:
-    """Steer along ``directions`` (layer -> vector) and ``n_random`` random directions on layers x alphas."""
+    """Steer along ``directions`` (layer -> vector) and ``n_random`` random directions on
+    layers x alphas."""
     import torch
 
     log = log or (lambda msg: None)
-    prec = precision or Precision()
     layers, alphas = _check_grid(model, list(directions), alphas, component)
-    d = int(model.cfg.d_model)
-    units = {L: unit(directions[L], f"{source} direction at layer {L}") for L in layers}
-    for L, u in units.items():
-        if u.size != d:
-            raise SteeringError(
-                f"{source} direction at layer {L} has {u.size} entries; the model's d_model is {d}"
-            )
+    units = _unit_directions(model, directions, layers, source)
     pad_id = int(getattr(model.tokenizer, "pad_token_id", None) or 0)
     rows = sp.ids + sp.neutral_ids
     starts = row_starts([len(r) for r in rows], position)
     n = len(sp.ids)
+    hooks = {L: hook_name(component, L) for L in layers}
     with torch.inference_mode():
         base = run_rows(model, rows, None, None, None, batch_size=batch_size, pad_id=pad_id)
         ld0 = logit_diffs(base[:n], sp.positive_id, sp.negative_id)
-        hooks = {L: hook_name(component, L) for L in layers}
         scale = residual_norms(
             model,
             sp.ids,
@@ -622,45 +709,17 @@ def steering_sweep(
             batch_size=batch_size,
             pad_id=pad_id,
         )
-        R = random_directions(n_random, d, seed)
-        dirs = [(source, source, None)] + [
-            ("random", f"random_{k:02d}", R[k]) for k in range(n_random)
-        ]
+        R = random_directions(n_random, int(model.cfg.d_model), seed)
+        run = _SweepRun(sp, base, ld0, starts, batch_size, pad_id, precision or Precision())
         records, per_prompt = [], []
         for L in layers:
             s = scale[hooks[L]]
-            zero = None
-            for src, name, vec in dirs:
-                u = units[L] if vec is None else vec
-                for a in alphas:
-                    if a == 0.0 and zero is not None:
-                        ld, kl = zero  # alpha = 0 adds the zero vector whatever the direction
-                    else:
-                        v = torch.as_tensor(a * s * u, dtype=torch.float64)
-                        ld, kl = _measure(model, sp, base, hooks[L], v, starts, batch_size, pad_id)
-                        zero = (ld, kl) if a == 0.0 else zero
-                    keys = dict(layer=L, alpha=a, source=src, direction=name, scale=s)
-                    records += _metric_rows(keys, ld0, ld, kl, a, prec)
-                    if vec is None:
-                        per_prompt.append(
-                            pd.DataFrame(
-                                dict(
-                                    layer=L,
-                                    alpha=a,
-                                    prompt_id=sp.prompt_ids,
-                                    logit_diff=ld,
-                                    logit_diff_change=ld - ld0,
-                                    flipped=flips(ld0, ld, a),
-                                )
-                            )
-                        )
+            dirs = [(source, source, units[L], True)]
+            dirs += [("random", f"random_{k:02d}", R[k], False) for k in range(n_random)]
+            recs, frames = _sweep_layer(model, run, L, hooks[L], s, dirs, alphas)
+            records += recs
+            per_prompt += frames
             log(f"layer {L}: scale {s:.3f}; {len(dirs)} directions x {len(alphas)} alphas done")
-    effects = _with_band(pd.DataFrame(records))
-    effects = (
-        effects[list(EFFECT_COLUMNS)]
-        .sort_values(["source", "direction", "metric", "layer", "alpha"], kind="stable")
-        .reset_index(drop=True)
-    )
     norms = pd.DataFrame(
         dict(
             layer=layers,
@@ -681,7 +740,8 @@ def steering_sweep(
         seed=seed,
         unsteered_positive_share=float(np.mean(ld0 > 0)),
     )
-    return SteeringResult(effects, pd.concat(per_prompt, ignore_index=True), norms, info)
+    per_prompt_df = pd.concat(per_prompt, ignore_index=True)
+    return SteeringResult(_effects_table(records), per_prompt_df, norms, info)
 
 
 # --------------------------------------------------------------------------------------------
@@ -715,6 +775,7 @@ def _prefill_with_cache(model, ids):
 
 
 def _step_with_cache(model, token, cache, total_len: int):
+    """One cached decoding step of ``token`` at position ``total_len - 1``."""
     import torch
 
     B = token.shape[0]
@@ -731,7 +792,8 @@ def _step_with_cache(model, token, cache, total_len: int):
 
 
 def _greedy_group(model, ids, steps: int, hooks_for: Callable, use_cache: bool) -> tuple[Any, bool]:
-    """Greedy continuation of equal-length rows ``ids`` ([B, T]); returns ([B, steps] tokens, cache used)."""
+    """Greedy continuation of equal-length rows ``ids`` ([B, T]); returns ([B, steps] tokens, cache
+    used)."""
     import torch
 
     offset = [0]
@@ -770,11 +832,13 @@ def generate(
     batch_size: int = 64,
     use_cache: bool = True,
 ) -> tuple[list[list[int]], bool]:
-    """Greedy generation of ``max_new_tokens`` for every row, steered by ``vector`` at ``hook`` (or not).
+    """Greedy generation of ``max_new_tokens`` for every row, steered by ``vector`` at ``hook`` (or
+    not).
 
     Rows are grouped by token length (no padding at all), so batched equals one row at a time up to
     float rounding. Steering covers every position ``>= start`` of the row, generated ones included.
-    Returns the new token ids per row and whether a KV cache was used (see :func:`_prefill_with_cache`).
+    Returns the new token ids per row and whether a KV cache was used (see
+    :func:`_prefill_with_cache`).
     """
     import torch
 

@@ -447,6 +447,7 @@ def task_vector_figures(
     """The task-vector figures, from the files :func:`task_vector_scores` wrote: prompt cosine at
     the chosen and the best layer, separation and norms vs layer, PCA at the best layer."""
     from layerscope.analysis import task_vectors as tv
+    from layerscope.plotting import task_vectors as ptv
 
     scores = pd.read_csv(scores_csv)
     arrays = tv.read_task_vectors(matrices_h5)
@@ -460,11 +461,11 @@ def task_vector_figures(
             f"task_vectors.layer {chosen} is not a cached layer of {model} ({layers})"
         )
     common = dict(model=model, dataset=dataset, component=component, formats=formats)
-    tv.plot_separation(scores, out["separation"], **common)
-    tv.plot_norms(scores, out["norms"], **common)
+    ptv.plot_separation(scores, out["separation"], **common)
+    ptv.plot_norms(scores, out["norms"], **common)
     for key, at in (("cosine_chosen", chosen), ("cosine_best", best)):
         sl = tv.layer_arrays(arrays, at)
-        tv.plot_prompt_cosine(
+        ptv.plot_prompt_cosine(
             sl["prompt_cosine"],
             sl["prompt_tasks"],
             sl["prompt_pairs"],
@@ -473,7 +474,7 @@ def task_vector_figures(
             **common,
         )
     sl = tv.layer_arrays(arrays, best)
-    tv.plot_task_pca(
+    ptv.plot_task_pca(
         sl["centred"],
         sl["prompt_tasks"],
         out["pca"],

@@ -1,7 +1,7 @@
 """Steering jobs: files in (prompts, neutral prompts, direction sources, model), tables out.
 
-The numerical work is :mod:`layerscope.interventions.steering`; this module reads its inputs (with errors that
-name file, line/row and field), runs the sweep, and writes every table atomically.
+The numerical work is :mod:`layerscope.interventions.steering`; this module reads its inputs (with
+errors that name file, line/row and field), runs the sweep, and writes every table atomically.
 """
 
 from __future__ import annotations
@@ -36,11 +36,12 @@ def _records(path: PathLike) -> tuple[list[str], list[Any], str]:
 
 
 def load_prompts(path: PathLike, targets: Mapping[str, str] | None = None) -> pd.DataFrame:
-    """Steering prompts: ``prompt_id, prompt`` plus per-prompt ``positive, negative`` answer strings.
+    """Steering prompts: ``prompt_id, prompt`` plus per-prompt ``positive, negative`` answer
+    strings.
 
-    ``targets`` (``{"positive": " true", "negative": " false"}``) gives the same two answers to every
-    prompt instead; then the file must not have those columns (one source of truth). Values are kept
-    exactly as written (leading spaces matter for answers).
+    ``targets`` (``{"positive": " true", "negative": " false"}``) gives the same two answers to
+    every prompt instead; then the file must not have those columns (one source of truth). Values
+    are kept exactly as written (leading spaces matter for answers).
     """
     from layerscope.data.datasets import scalar_str as _scalar_str
 
@@ -108,7 +109,8 @@ def dataset_prompts(table_csv: PathLike, targets: Mapping[str, str]) -> pd.DataF
 
 
 def load_neutral(path: PathLike) -> list[str]:
-    """Neutral prompts: a text file, one prompt per line (blank lines and lines starting with # skipped)."""
+    """Neutral prompts: a text file, one prompt per line (blank lines and lines starting with #
+    skipped)."""
     shown = os.fspath(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -136,8 +138,8 @@ def _probe_doc(path: PathLike) -> dict[str, Any]:
 
 
 def _read_array_file(path: PathLike, layers: Sequence[int]) -> dict[int, np.ndarray] | np.ndarray:
-    """A user direction file: ``.npy`` ([d] or [n_layers, d]) or HDF5 (``layer_{L}`` datasets, or one
-    array ``directions``)."""
+    """A user direction file: ``.npy`` ([d] or [n_layers, d]) or HDF5 (``layer_{L}`` datasets, or
+    one array ``directions``)."""
     shown = os.fspath(path)
     if not Path(path).exists():
         raise InputError("file not found", file=shown)
@@ -227,7 +229,9 @@ def load_directions(
             data = read_layer(files["layers"][L], spec["component"], spec["pooling"])
             out[L] = _wrap(
                 files["layers"][L],
-                lambda p: S.mass_mean_direction(data.X, data.labels, positive, os.fspath(p)),
+                lambda p, data=data: S.mass_mean_direction(
+                    data.X, data.labels, positive, os.fspath(p)
+                ),
             )
         return out
     if src == "task_vector":
@@ -236,7 +240,7 @@ def load_directions(
         arrays = read_task_vectors(files["task_vectors"])
         path, task = files["task_vectors"], spec["task"]
         return {
-            L: _wrap(path, lambda p: S.task_vector_direction(arrays, L, task, os.fspath(p)))
+            L: _wrap(path, lambda p, L=L: S.task_vector_direction(arrays, L, task, os.fspath(p)))
             for L in layers
         }
     if src == "file":
@@ -282,7 +286,8 @@ def steering_experiment(
     else:
         prompts = load_prompts(files["prompts"], targets)
     neutral = load_neutral(files["neutral"])
-    # The native engine (plain HF model, hooks on its modules) or the bridge: the same hooks contract.
+    # The native engine (plain HF model, hooks on its modules) or the bridge: the same hooks
+    # contract.
     bridge, info = load_engine(
         model["source"],
         engine=engine,
@@ -322,7 +327,8 @@ def steering_experiment(
     write_csv(out["per_prompt"], res.per_prompt)
     write_csv(out["norms"], res.norms)
     write_csv(out["generations"], gens)
-    # Timings go to the log (and the benchmark file), not into summary.json: reruns give identical bytes.
+    # Timings go to the log (and the benchmark file), not into summary.json: reruns give identical
+    # bytes.
     log(f"sweep {time.perf_counter() - t1:.1f} s, whole job {wall:.1f} s")
     summary = dict(
         res.info,
@@ -345,7 +351,8 @@ def generations(
     experiment: Mapping[str, Any],
     batch_size: int,
 ) -> pd.DataFrame:
-    """Greedy continuations along the direction for every (layer, alpha), when ``max_new_tokens`` > 0."""
+    """Greedy continuations along the direction for every (layer, alpha), when ``max_new_tokens`` >
+    0."""
     import torch
 
     k = int(experiment.get("max_new_tokens", 0))
@@ -434,7 +441,8 @@ def resolve_experiment(
     layers_of: Mapping[str, Sequence[int]],
     n_layers_of: Mapping[str, int],
 ) -> dict[str, Any]:
-    """The experiment's settings for ``model``, defaults filled, layers resolved; ConfigError if invalid."""
+    """The experiment's settings for ``model``, defaults filled, layers resolved; ConfigError if
+    invalid."""
     from layerscope.errors import ConfigError
 
     exp = dict(config["steering"]["experiments"][name])
@@ -497,7 +505,8 @@ def resolve_experiment(
 
 
 def experiment_inputs(exp: Mapping[str, Any], model: str) -> dict[str, Any]:
-    """Input files of one steering job (so Snakemake orders it after probes / caching / task vectors)."""
+    """Input files of one steering job (so Snakemake orders it after probes / caching / task
+    vectors)."""
     d = exp["direction"]
     files: dict[str, Any] = {"neutral": exp["neutral"]}
     table = f"results/datasets/{exp.get('dataset')}/prompts.csv"
@@ -516,7 +525,8 @@ def experiment_inputs(exp: Mapping[str, Any], model: str) -> dict[str, Any]:
 
 
 def by_layer(paths: Sequence[PathLike], layers: Sequence[int]) -> dict[int, PathLike]:
-    """Per-layer input paths (in ``layers`` order, as :func:`experiment_inputs` lists them) by layer."""
+    """Per-layer input paths (in ``layers`` order, as :func:`experiment_inputs` lists them) by
+    layer."""
     if len(paths) != len(layers):
         raise LayerscopeError(f"{len(paths)} per-layer files for {len(layers)} layers")
     return dict(zip([int(L) for L in layers], paths))

@@ -1,8 +1,9 @@
-"""Figures of activation patching, drawn from the tables the patching job wrote (no model, no torch).
+"""Figures of activation patching, drawn from the tables the patching job wrote (no model, no
+torch).
 
-Draw functions return a matplotlib Figure; :func:`layerscope.plotting.plots.save_figure` (the one saver)
-writes it. Labels come from ``arrays.h5`` (:func:`read_position_labels`), so the plot job needs only
-the patching outputs.
+Draw functions return a matplotlib Figure; :func:`layerscope.plotting.plots.save_figure` (the one
+saver) writes it. Labels come from ``arrays.h5`` (:func:`read_position_labels`), so the plot job
+needs only the patching outputs.
 
 * :func:`draw_patching_heatmaps`: mean logit-difference recovery per (layer, position), one panel
   per component, one block of panels per prompt length, with a companion panel per block that draws
@@ -17,15 +18,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from layerscope.errors import LayerscopeError
 from layerscope.interventions.patching import merge_token_labels
+from layerscope.plotting.plots import new_figure, save_figure
 
 HEAD_COMPONENT = "z"
 COMPONENT_ORDER = ("resid_pre", "attn_out", "mlp_out", "resid_post", "resid_mid")
@@ -36,12 +38,6 @@ COMPONENT_TITLES = {
     "attn_out": "attention output",
     "mlp_out": "MLP output",
 }
-
-
-def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def display_token(label: str) -> str:
@@ -57,9 +53,9 @@ def display_token(label: str) -> str:
 def read_position_labels(h5_path: str | os.PathLike) -> tuple[dict[int, list[str]], pd.DataFrame]:
     """Axis labels per prompt length from a patching ``arrays.h5``, and where each pair differs.
 
-    Labels follow :meth:`layerscope.interventions.patching.PatchingResult.position_labels` (a token shared by
-    every pair of the length, ``#`` for digits that vary, a trailing ``*`` where some pair's clean
-    and corrupted tokens differ). The table has ``pair_id, n_tokens, diff_positions``.
+    Labels follow :meth:`layerscope.interventions.patching.PatchingResult.position_labels` (a token
+    shared by every pair of the length, ``#`` for digits that vary, a trailing ``*`` where some
+    pair's clean and corrupted tokens differ). The table has ``pair_id, n_tokens, diff_positions``.
     """
     import h5py
 
@@ -95,10 +91,12 @@ def _corrupted_where(pairs: pd.DataFrame | None, n_tok: int) -> str:
 
 
 def _tick(labels: Sequence[str], p: int) -> str:
+    """Tick label of position ``p``: its index and token (the index alone beyond them)."""
     return f"{p} {display_token(labels[p])}" if p < len(labels) else str(p)
 
 
 def _components(s: pd.DataFrame) -> list[str]:
+    """Components of the summary, in display order."""
     present = set(s["component"])
     return [c for c in COMPONENT_ORDER if c in present]
 
@@ -137,6 +135,7 @@ def _interval_panel(ax, g: pd.DataFrame, comps: Sequence[str], labels: Sequence[
 def _heat_panel(
     ax, m: pd.DataFrame, cmap, vlim: float, xlabels: Sequence[str], layers: Sequence[int]
 ):
+    """One heatmap of layer x position values on ``ax``; returns the image."""
     im = ax.imshow(
         m.to_numpy(dtype=float),
         cmap=cmap,
@@ -182,7 +181,7 @@ def draw_patching_heatmaps(
     layers = sorted(int(L) for L in s["layer"].unique())
     n_pos = max(s[s["n_tokens"] == n]["position"].nunique() for n in groups)
     pw, ph = max(3.0, 0.3 * n_pos + 1.0), 0.28 * len(layers) + 2.0
-    fig = _figure(pw * len(comps) + 3.6, ph * len(groups) + 1.0)
+    fig = new_figure(pw * len(comps) + 3.6, ph * len(groups) + 1.0)
     axes = fig.subplots(
         len(groups),
         len(comps) + 1,
@@ -226,7 +225,8 @@ def draw_patching_heatmaps(
     fig.suptitle(
         f"Activation patching (logit difference): {experiment}   (model: {model})\n"
         "clean activation patched into the corrupted run at one (layer, position); "
-        "red * = token that differs between clean and corrupted; # = digit that varies across pairs",
+        "red * = token that differs between clean and corrupted; "
+        "# = digit that varies across pairs",
         fontsize=9,
     )
     return fig
@@ -251,7 +251,7 @@ def draw_head_heatmap(
     groups = sorted(int(n) for n in s["n_tokens"].unique())
     layers = sorted(int(L) for L in s["layer"].unique())
     heads = sorted(int(h) for h in s["head"].unique())
-    fig = _figure((0.8 * len(heads) + 1.2) * len(groups) + 1.0, 0.45 * len(layers) + 2.2)
+    fig = new_figure((0.8 * len(heads) + 1.2) * len(groups) + 1.0, 0.45 * len(layers) + 2.2)
     axes = fig.subplots(1, len(groups), squeeze=False)
     cmap = colormaps["RdBu_r"].with_extremes(bad="#d0d0d0")
     im = None
@@ -296,6 +296,8 @@ def draw_head_heatmap(
 
 
 def _position_order(positions: Sequence[str]) -> list[str]:
+    """Generation position labels in display order: indices, diff, prompt, genK, ranges."""
+
     def key(p: str):
         if p.lstrip("-").isdigit():
             return (0, int(p), 0)
@@ -307,6 +309,59 @@ def _position_order(positions: Sequence[str]) -> list[str]:
         return (3 if len(nums) == 1 else 4, nums[0], nums[-1])
 
     return sorted(positions, key=key)
+
+
+def _rate_panel(ax, c: pd.DataFrame, layers, positions, xl: Sequence[str], cmap):
+    """One layer x position panel of recovery rates, each cell annotated ``k/n [lo,hi]``."""
+    values = ("recovery_rate", "ci_low", "ci_high", "n_clean", "n_pairs")
+    piv = {
+        v: c.pivot_table(
+            index="layer", columns="position", values=v, aggfunc="first", dropna=False
+        ).reindex(index=layers, columns=positions)
+        for v in values
+    }
+    rate = piv["recovery_rate"].to_numpy(dtype=float)
+    im = ax.imshow(
+        rate,
+        cmap=cmap,
+        vmin=0,
+        vmax=1,
+        origin="lower",
+        aspect="auto",
+        interpolation="nearest",
+    )
+    for (yi, xi), v in np.ndenumerate(rate):
+        if np.isfinite(v):
+            ax.text(
+                xi,
+                yi,
+                f"{int(piv['n_clean'].iat[yi, xi])}/{int(piv['n_pairs'].iat[yi, xi])}\n"
+                f"[{piv['ci_low'].iat[yi, xi]:.2f},{piv['ci_high'].iat[yi, xi]:.2f}]",
+                ha="center",
+                va="center",
+                fontsize=5,
+                color="black" if v > 0.6 else "white",
+            )
+    ax.set_xticks(range(len(xl)))
+    ax.set_xticklabels(xl, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(layers)))
+    ax.set_yticklabels([str(L) for L in layers], fontsize=7)
+    return im
+
+
+def _group_title(ax, g: pd.DataFrame, n_tok: int) -> None:
+    """Prefix the first panel's title with the group, its pairs and the rates to beat."""
+    first = g.iloc[0]
+    who = "every pair" if n_tok == 0 else f"{n_tok}-token prompts"
+    first_title = ax.get_title()
+    ax.set_title("")
+    ax.set_title(
+        f"{who}, {int(g['n_pairs'].max())} pairs; clean answer without patching: "
+        f"{first['unpatched_rate']:.2f} (clean run {first['clean_run_rate']:.2f})\n"
+        f"{first_title}",
+        fontsize=8,
+        loc="left",
+    )
 
 
 def draw_generation_heatmap(
@@ -323,7 +378,8 @@ def draw_generation_heatmap(
     unpatched corrupted run's rate (the rate to beat) and the clean run's rate are in the row title.
     """
     s = summary[summary["component"] != "unpatched"]
-    # cells that every pair has are drawn once, pooled (n_tokens 0); per length only prompt positions
+    # cells that every pair has are drawn once, pooled (n_tokens 0); per length only prompt
+    # positions
     s = s[(s["n_tokens"] == 0) | (s["position_kind"] == "prompt") | ~s["n_tokens"].eq(0).any()]
     if s.empty:
         raise LayerscopeError("no generation-patching cells to plot")
@@ -331,7 +387,7 @@ def draw_generation_heatmap(
     groups = sorted(int(n) for n in s["n_tokens"].unique())
     layers = sorted(int(L) for L in s["layer"].unique())
     n_pos = max(s[s["n_tokens"] == n]["position"].nunique() for n in groups)
-    fig = _figure(
+    fig = new_figure(
         max(3.2, 0.62 * n_pos + 1.2) * len(comps) + 1.2,
         (0.42 * len(layers) + 1.9) * len(groups) + 1.0,
     )
@@ -345,53 +401,10 @@ def draw_generation_heatmap(
         xl = [_tick(lab, int(p)) if p.lstrip("-").isdigit() else p for p in positions]
         for ci, comp in enumerate(comps):
             c = g[g["component"] == comp]
-            values = ("recovery_rate", "ci_low", "ci_high", "n_clean", "n_pairs")
-            piv = {
-                v: c.pivot_table(
-                    index="layer", columns="position", values=v, aggfunc="first", dropna=False
-                ).reindex(index=layers, columns=positions)
-                for v in values
-            }
-            ax = axes[gi][ci]
-            rate = piv["recovery_rate"].to_numpy(dtype=float)
-            im = ax.imshow(
-                rate,
-                cmap=cmap,
-                vmin=0,
-                vmax=1,
-                origin="lower",
-                aspect="auto",
-                interpolation="nearest",
-            )
-            for (yi, xi), v in np.ndenumerate(rate):
-                if np.isfinite(v):
-                    ax.text(
-                        xi,
-                        yi,
-                        f"{int(piv['n_clean'].iat[yi, xi])}/{int(piv['n_pairs'].iat[yi, xi])}\n"
-                        f"[{piv['ci_low'].iat[yi, xi]:.2f},{piv['ci_high'].iat[yi, xi]:.2f}]",
-                        ha="center",
-                        va="center",
-                        fontsize=5,
-                        color="black" if v > 0.6 else "white",
-                    )
-            ax.set_xticks(range(len(xl)))
-            ax.set_xticklabels(xl, rotation=90, fontsize=7)
-            ax.set_yticks(range(len(layers)))
-            ax.set_yticklabels([str(L) for L in layers], fontsize=7)
-            ax.set_ylabel("layer" if ci == 0 else "", fontsize=8)
-            ax.set_title(f"{COMPONENT_TITLES.get(comp, comp)} ({comp})", fontsize=8)
-        first = g.iloc[0]
-        who = "every pair" if n_tok == 0 else f"{n_tok}-token prompts"
-        first_title = axes[gi][0].get_title()
-        axes[gi][0].set_title("")
-        axes[gi][0].set_title(
-            f"{who}, {int(g['n_pairs'].max())} pairs; clean answer without patching: "
-            f"{first['unpatched_rate']:.2f} (clean run {first['clean_run_rate']:.2f})\n"
-            f"{first_title}",
-            fontsize=8,
-            loc="left",
-        )
+            im = _rate_panel(axes[gi][ci], c, layers, positions, xl, cmap)
+            axes[gi][ci].set_ylabel("layer" if ci == 0 else "", fontsize=8)
+            axes[gi][ci].set_title(f"{COMPONENT_TITLES.get(comp, comp)} ({comp})", fontsize=8)
+        _group_title(axes[gi][0], g, n_tok)
     cb = fig.colorbar(im, ax=axes, shrink=0.6, pad=0.01, location="left")
     cb.set_label(
         "recovery rate: share of pairs whose generated answer is the clean one", fontsize=8
@@ -404,3 +417,81 @@ def draw_generation_heatmap(
         fontsize=9,
     )
     return fig
+
+
+# --------------------------------------------------------------------------------------------
+# drawn and saved with the one saver
+
+
+def _first_target(out: str | os.PathLike, formats: Sequence[str]) -> Path:
+    """``out`` with the first format's extension (its own suffix dropped if it is a format)."""
+    out = Path(out)
+    stem = (
+        out.with_suffix("")
+        if out.suffix.lstrip(".").lower() in {f.lower() for f in formats}
+        else out
+    )
+    return stem.parent / f"{stem.name}.{formats[0]}"
+
+
+def _pairs_where(pairs: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The columns of ``pairs`` that say where each pair differs (None without them)."""
+    if pairs is None or "diff_positions" not in pairs.columns:
+        return None
+    return pairs[["pair_id", "n_tokens", "diff_positions"]]
+
+
+def plot_patching_heatmaps(
+    summary: pd.DataFrame,
+    tokens,
+    out: str | os.PathLike,
+    *,
+    model: str,
+    experiment: str,
+    formats: Sequence[str] = ("png",),
+    metric: str = "recovery",
+    vlim: float = 1.0,
+    pairs: pd.DataFrame | None = None,
+) -> list[Path]:
+    """Draw :func:`draw_patching_heatmaps` and save it; ``tokens``: labels per length
+    (``{n_tokens: labels}`` as from
+    :meth:`layerscope.interventions.patching.PatchingResult.position_labels`) or one list."""
+    if tokens is None:
+        labels: dict[int, list[str]] = {}
+    elif isinstance(tokens, Mapping):
+        labels = {int(k): list(v) for k, v in tokens.items()}
+    else:
+        labels = {len(tokens): list(tokens)}
+    fig = draw_patching_heatmaps(
+        summary,
+        labels,
+        model=model,
+        experiment=experiment,
+        pairs=_pairs_where(pairs),
+        metric=metric,
+        vlim=vlim,
+    )
+    try:  # the figure's artists are dropped once written
+        first = _first_target(out, formats)
+        return [Path(p) for p in save_figure(fig, first, formats, dpi=150, tight=True)]
+    finally:
+        fig.clear()
+
+
+def plot_head_heatmap(
+    summary: pd.DataFrame,
+    out: str | os.PathLike,
+    *,
+    model: str,
+    experiment: str,
+    formats: Sequence[str] = ("png",),
+    metric: str = "recovery",
+    vlim: float = 1.0,
+) -> list[Path]:
+    """Draw :func:`draw_head_heatmap` (last position) and save it."""
+    fig = draw_head_heatmap(summary, model=model, experiment=experiment, metric=metric, vlim=vlim)
+    try:  # the figure's artists are dropped once written
+        first = _first_target(out, formats)
+        return [Path(p) for p in save_figure(fig, first, formats, dpi=150, tight=True)]
+    finally:
+        fig.clear()
