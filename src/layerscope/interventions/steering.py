@@ -47,6 +47,7 @@ import pandas as pd
 from layerscope.analysis.power import mean_precision, rate_precision
 from layerscope.engine.activations import hook_name, tokenize_prompts
 from layerscope.errors import LayerscopeError
+from layerscope.settings import PrecisionSettings
 
 HOOK_COMPONENTS = ("resid_post", "resid_pre")
 METRICS = ("logit_diff", "flip_rate", "kl_neutral")
@@ -400,24 +401,7 @@ def flips(ld0: np.ndarray, ld: np.ndarray, alpha: float) -> np.ndarray:
     return np.zeros(np.shape(ld0), dtype=bool)
 
 
-@dataclass
-class Precision:
-    """Goals from the ``precision`` config section (see :mod:`layerscope.analysis.power`)."""
-
-    confidence: float = 0.95
-    half_width: float = 0.1
-    rate_effect: float = 0.2
-    effect_size: float = 0.5
-    power: float = 0.8
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | None) -> Precision:
-        cfg = dict(cfg or {})
-        keys = ("confidence", "half_width", "rate_effect", "effect_size", "power")
-        return cls(**{k: float(cfg[k]) for k in keys if k in cfg})
-
-
-def mean_row(values: np.ndarray, prec: Precision) -> dict[str, Any]:
+def mean_row(values: np.ndarray, prec: PrecisionSettings) -> dict[str, Any]:
     """Mean with t interval and the n a half-width / a Cohen's-d effect needs (0 exactly when all
     0)."""
     x = np.asarray(values, dtype=np.float64)
@@ -451,7 +435,9 @@ def mean_row(values: np.ndarray, prec: Precision) -> dict[str, Any]:
     )
 
 
-def rate_row(hits: np.ndarray, prec: Precision, *, intervened: bool = True) -> dict[str, Any]:
+def rate_row(
+    hits: np.ndarray, prec: PrecisionSettings, *, intervened: bool = True
+) -> dict[str, Any]:
     """Share with Wilson interval (rounding noise at 0 / n clipped), and the n two goals need.
 
     ``intervened=False`` (alpha = 0): nothing was changed, so the share is 0 by construction and
@@ -529,7 +515,9 @@ def _measure(model, sp: SteeringPrompts, base, hook, vector, starts, batch_size,
     return ld, next_token_kl(base[n:], logits[n:])
 
 
-def _metric_rows(keys: dict[str, Any], ld0, ld, kl, alpha, prec: Precision) -> list[dict[str, Any]]:
+def _metric_rows(
+    keys: dict[str, Any], ld0, ld, kl, alpha, prec: PrecisionSettings
+) -> list[dict[str, Any]]:
     """The three effect rows (LD change, flip rate, neutral KL) of one run."""
     return [
         {
@@ -607,7 +595,7 @@ class _SweepRun:
     starts: np.ndarray
     batch_size: int
     pad_id: int
-    prec: Precision
+    prec: PrecisionSettings
 
 
 def _unit_directions(model, directions, layers: Sequence[int], source: str) -> dict[int, Any]:
@@ -682,7 +670,7 @@ def steering_sweep(
     source: str = "direction",
     n_random: int = 10,
     seed: int = 0,
-    precision: Precision | None = None,
+    precision: PrecisionSettings | None = None,
     batch_size: int = 64,
     log: Callable[[str], Any] | None = None,
 ) -> SteeringResult:
@@ -710,7 +698,9 @@ def steering_sweep(
             pad_id=pad_id,
         )
         R = random_directions(n_random, int(model.cfg.d_model), seed)
-        run = _SweepRun(sp, base, ld0, starts, batch_size, pad_id, precision or Precision())
+        run = _SweepRun(
+            sp, base, ld0, starts, batch_size, pad_id, precision or PrecisionSettings.of({})
+        )
         records, per_prompt = [], []
         for L in layers:
             s = scale[hooks[L]]

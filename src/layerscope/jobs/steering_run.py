@@ -19,6 +19,7 @@ import pandas as pd
 from layerscope.atomic import write_csv, write_json
 from layerscope.errors import InputError, LayerscopeError
 from layerscope.interventions import steering as S
+from layerscope.settings import ModelSettings, PrecisionSettings
 
 PathLike = str | os.PathLike
 PROMPT_COLUMNS = ("prompt_id", "prompt")
@@ -263,20 +264,22 @@ def steering_experiment(
     files: Mapping[str, Any],
     out: Mapping[str, PathLike],
     *,
-    model: Mapping[str, Any],
+    model: ModelSettings | Mapping[str, Any],
     experiment: Mapping[str, Any],
-    precision: Mapping[str, Any],
+    precision: PrecisionSettings | Mapping[str, Any],
     device: str,
     batch_size: int,
     threads: int | None,
     engine: str = "auto",
     log=print,
 ) -> dict[str, Any]:
-    """Load the model, build the prompts and directions, run the sweep, write every table."""
+    """Load the model, build the prompts and directions, run the sweep, write every table.
+    ``model``, ``precision``: typed settings, or mappings completed from the schema's defaults."""
     import torch
 
     from layerscope.engine.activations import load_engine, resolve_bos
 
+    model, precision = ModelSettings.of(model), PrecisionSettings.of(precision)
     t0 = time.perf_counter()
     if threads and device in ("cpu", "auto"):
         torch.set_num_threads(int(threads))
@@ -289,13 +292,13 @@ def steering_experiment(
     # The native engine (plain HF model, hooks on its modules) or the bridge: the same hooks
     # contract.
     bridge, info = load_engine(
-        model["source"],
+        model.source,
         engine=engine,
         components=[experiment["hook"]],
-        dtype=model["dtype"],
+        dtype=model.dtype,
         device=device,
-        compatibility_mode=model["compatibility_mode"],
-        revision=model.get("revision"),
+        compatibility_mode=model.compatibility_mode,
+        revision=model.revision,
         log=log,
     )
     log(f"engine: {info.get('engine', 'bridge')}")
@@ -304,7 +307,7 @@ def steering_experiment(
     directions = load_directions(
         spec, files, layers, n_layers=info["n_layers"], d_model=info["d_model"]
     )
-    prepend = resolve_bos(bridge.tokenizer, model["bos"])
+    prepend = resolve_bos(bridge.tokenizer, model.bos)
     sp = S.prepare_prompts(bridge.tokenizer, prompts, neutral, prepend_bos=prepend)
     t1 = time.perf_counter()
     res = S.steering_sweep(
@@ -317,7 +320,7 @@ def steering_experiment(
         source=spec["source"],
         n_random=experiment["n_random"],
         seed=experiment["seed"],
-        precision=S.Precision.from_config(precision),
+        precision=precision,
         batch_size=batch_size,
         log=log,
     )
@@ -334,7 +337,7 @@ def steering_experiment(
         res.info,
         model=info,
         experiment=dict(experiment),
-        precision=dict(precision),
+        precision=precision.to_dict(),
         headline=headline(res.effects),
         notes=res.notes,
     )
