@@ -434,6 +434,15 @@ def _first_target(out: str | os.PathLike, formats: Sequence[str]) -> Path:
     return stem.parent / f"{stem.name}.{formats[0]}"
 
 
+def _write(fig, out: str | os.PathLike, formats: Sequence[str]) -> list[Path]:
+    """Write ``fig`` as ``out`` in every format (:func:`_first_target`), then drop its artists."""
+    try:
+        first = _first_target(out, formats)
+        return [Path(p) for p in save_figure(fig, first, formats, dpi=150, tight=True)]
+    finally:
+        fig.clear()
+
+
 def _pairs_where(pairs: pd.DataFrame | None) -> pd.DataFrame | None:
     """The columns of ``pairs`` that say where each pair differs (None without them)."""
     if pairs is None or "diff_positions" not in pairs.columns:
@@ -471,11 +480,7 @@ def plot_patching_heatmaps(
         metric=metric,
         vlim=vlim,
     )
-    try:  # the figure's artists are dropped once written
-        first = _first_target(out, formats)
-        return [Path(p) for p in save_figure(fig, first, formats, dpi=150, tight=True)]
-    finally:
-        fig.clear()
+    return _write(fig, out, formats)
 
 
 def plot_head_heatmap(
@@ -490,8 +495,4 @@ def plot_head_heatmap(
 ) -> list[Path]:
     """Draw :func:`draw_head_heatmap` (last position) and save it."""
     fig = draw_head_heatmap(summary, model=model, experiment=experiment, metric=metric, vlim=vlim)
-    try:  # the figure's artists are dropped once written
-        first = _first_target(out, formats)
-        return [Path(p) for p in save_figure(fig, first, formats, dpi=150, tight=True)]
-    finally:
-        fig.clear()
+    return _write(fig, out, formats)

@@ -49,6 +49,15 @@ def _targets(out: str | os.PathLike, formats: Sequence[str]) -> tuple[Path, list
     return targets[0], [t.suffix[1:] for t in targets]
 
 
+def _write(fig, out: str | os.PathLike, formats: Sequence[str]) -> list[Path]:
+    """Write ``fig`` as ``out`` in every format (see :func:`_targets`), then drop its artists."""
+    first, suffixes = _targets(out, formats)
+    try:
+        return [Path(p) for p in save_figure(fig, first, suffixes, dpi=150, tight=True)]
+    finally:
+        fig.clear()
+
+
 def _title(
     what: str,
     model: str | None,
@@ -74,11 +83,7 @@ def plot_separation(
 ) -> list[Path]:
     """Draw :func:`draw_separation` and write it in every format."""
     fig = draw_separation(scores, **kw)
-    first, suffixes = _targets(out, formats)
-    try:  # the figure's artists are dropped once written
-        return [Path(p) for p in save_figure(fig, first, suffixes, dpi=150, tight=True)]
-    finally:
-        fig.clear()
+    return _write(fig, out, formats)
 
 
 def draw_separation(
@@ -140,11 +145,7 @@ def plot_norms(
 ) -> list[Path]:
     """Draw :func:`draw_norms` and write it in every format."""
     fig = draw_norms(scores, **kw)
-    first, suffixes = _targets(out, formats)
-    try:  # the figure's artists are dropped once written
-        return [Path(p) for p in save_figure(fig, first, suffixes, dpi=150, tight=True)]
-    finally:
-        fig.clear()
+    return _write(fig, out, formats)
 
 
 def draw_norms(
@@ -190,11 +191,7 @@ def plot_prompt_cosine(
 ) -> list[Path]:
     """Draw :func:`draw_prompt_cosine` and write it in every format."""
     fig = draw_prompt_cosine(matrix, tasks, pairs, **kw)
-    first, suffixes = _targets(out, formats)
-    try:  # the figure's artists are dropped once written
-        return [Path(p) for p in save_figure(fig, first, suffixes, dpi=150, tight=True)]
-    finally:
-        fig.clear()
+    return _write(fig, out, formats)
 
 
 def _name_task_blocks(ax, tasks: Sequence[str], starts, ends, fs: float) -> None:
@@ -299,11 +296,7 @@ def plot_task_pca(
 ) -> list[Path]:
     """Draw :func:`draw_task_pca` and write it in every format."""
     fig = draw_task_pca(X, tasks, **kw)
-    first, suffixes = _targets(out, formats)
-    try:  # the figure's artists are dropped once written
-        return [Path(p) for p in save_figure(fig, first, suffixes, dpi=150, tight=True)]
-    finally:
-        fig.clear()
+    return _write(fig, out, formats)
 
 
 def draw_task_pca(
