@@ -255,6 +255,28 @@ def load_engine(
     return model, info
 
 
+def load_from_settings(
+    model: ModelSettings,
+    components: Sequence[str],
+    *,
+    engine: str,
+    device: str,
+    log: Callable[[str], Any] | None,
+):
+    """:func:`load_engine` for a model's typed settings (source, revision, dtype, compatibility
+    mode): what every job that runs a model loads it with."""
+    return load_engine(
+        model.source,
+        engine=engine,
+        components=list(components),
+        dtype=model.dtype,
+        device=device,
+        compatibility_mode=model.compatibility_mode,
+        revision=model.revision,
+        log=log,
+    )
+
+
 def _native_refusal(source, revision, components, compatibility_mode) -> str | None:
     """Why the native engine cannot serve this request (None if it can)."""
     from layerscope.engine import native
@@ -1376,15 +1398,8 @@ def cache_from_table(
 def _load_for_cache(model: ModelSettings, act: ActivationSettings, engine, device, log):
     """Load the engine for ``model`` (see :func:`load_engine`) and log what was loaded."""
     t = time.perf_counter()
-    bridge, info = load_engine(
-        model.source,
-        engine=engine or "auto",
-        components=list(act.components),
-        dtype=model.dtype,
-        device=device or "auto",
-        compatibility_mode=model.compatibility_mode,
-        revision=model.revision,
-        log=log,
+    bridge, info = load_from_settings(
+        model, act.components, engine=engine or "auto", device=device or "auto", log=log
     )
     attn = ", attention " + info["attn_implementation"] if "attn_implementation" in info else ""
     log(

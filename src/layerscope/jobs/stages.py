@@ -550,18 +550,9 @@ def _json_value(value: Any) -> Any:
 
 def _load_for_patching(model: ModelSettings, engine: str, components, device: str, log):
     """The model on ``engine`` with hooks for ``components``; logs which engine it got."""
-    from layerscope.engine.activations import load_engine
+    from layerscope.engine.activations import load_from_settings
 
-    loaded, info = load_engine(
-        model.source,
-        engine=engine,
-        components=list(components),
-        dtype=model.dtype,
-        device=device,
-        compatibility_mode=model.compatibility_mode,
-        revision=model.revision,
-        log=log,
-    )
+    loaded, info = load_from_settings(model, components, engine=engine, device=device, log=log)
     log(f"patching model: engine {info.get('engine', 'bridge')}")
     return loaded, info
 

@@ -277,7 +277,7 @@ def steering_experiment(
     ``model``, ``precision``: typed settings, or mappings completed from the schema's defaults."""
     import torch
 
-    from layerscope.engine.activations import load_engine, resolve_bos
+    from layerscope.engine.activations import load_from_settings, resolve_bos
 
     model, precision = ModelSettings.of(model), PrecisionSettings.of(precision)
     t0 = time.perf_counter()
@@ -291,15 +291,8 @@ def steering_experiment(
     neutral = load_neutral(files["neutral"])
     # The native engine (plain HF model, hooks on its modules) or the bridge: the same hooks
     # contract.
-    bridge, info = load_engine(
-        model.source,
-        engine=engine,
-        components=[experiment["hook"]],
-        dtype=model.dtype,
-        device=device,
-        compatibility_mode=model.compatibility_mode,
-        revision=model.revision,
-        log=log,
+    bridge, info = load_from_settings(
+        model, [experiment["hook"]], engine=engine, device=device, log=log
     )
     log(f"engine: {info.get('engine', 'bridge')}")
     layers = list(experiment["layers"])
