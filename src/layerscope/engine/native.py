@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -111,6 +111,11 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 
+def _no_taps(lay: Layout, note: str) -> Layout:
+    """``lay`` with no attn/mlp/mid tap point: only the residual stream is read natively."""
+    return replace(lay, attn=None, mlp=None, mid=None, mlp_inplace=False, note=note)
+
+
 def layout_for(config) -> Layout:
     """The layout of ``config.model_type``, adjusted for the config's parallel / post-LN flags."""
     mt = getattr(config, "model_type", "")
@@ -124,27 +129,16 @@ def layout_for(config) -> Layout:
         mt in ("gpt_neox", "stablelm") and getattr(config, "use_parallel_residual", False)
     ) or (mt == "falcon" and (config.parallel_attn or config.new_decoder_architecture))
     if parallel:
-        lay = Layout(
-            lay.layers, lay.attn, lay.mlp, None, lay.mlp_inplace, "parallel attention and MLP"
-        )
+        lay = replace(lay, mid=None, note="parallel attention and MLP")
     if mt == "opt" and not getattr(config, "do_layer_norm_before", True):
-        lay = Layout(
-            lay.layers,
-            None,
-            None,
-            None,
-            False,
+        lay = _no_taps(
+            lay,
             "OPT with do_layer_norm_before=False normalises the residual itself "
             "after each sublayer",
         )
     if mt == "bloom" and getattr(config, "apply_residual_connection_post_layernorm", False):
-        lay = Layout(
-            lay.layers,
-            None,
-            None,
-            None,
-            False,
-            "BLOOM with apply_residual_connection_post_layernorm adds a normed residual",
+        lay = _no_taps(
+            lay, "BLOOM with apply_residual_connection_post_layernorm adds a normed residual"
         )
     return lay
 
