@@ -1110,22 +1110,29 @@ def _phase2_options(spec: _Spec) -> tuple[dict[str, str], list[str], str]:
     return fields, variants, text_mode
 
 
+def _first_occurrence(table, rec, field: str, first_line: dict[str, int], what: str) -> str:
+    """``rec``'s value of ``field``, its line noted in ``first_line``; a value seen on an earlier
+    line is an error naming both lines."""
+    value = table.get_str(rec, field)
+    if value in first_line:
+        raise InputError(
+            f"duplicate {what} {_clip(value)} "
+            f"(first on line {first_line[value]}, again on line {rec.line})",
+            file=table.file,
+            line=rec.line,
+            field=field,
+        )
+    first_line[value] = rec.line
+    return value
+
+
 def _phase2_pair_labels(scores, filters, f_pid, f_faith) -> tuple[dict[str, str], dict[str, int]]:
     """Label and line of every kept scored pair id, in scores order (duplicates are errors)."""
     kept = _apply_filters(scores, filters, note=" (phase2 filters apply to the scores table)")
     pair_label: dict[str, str] = {}
     pair_line: dict[str, int] = {}
     for rec in kept:
-        pid = scores.get_str(rec, f_pid)
-        if pid in pair_line:
-            raise InputError(
-                f"duplicate pair_id {_clip(pid)} "
-                f"(first on line {pair_line[pid]}, again on line {rec.line})",
-                file=scores.file,
-                line=rec.line,
-                field=f_pid,
-            )
-        pair_line[pid] = rec.line
+        pid = _first_occurrence(scores, rec, f_pid, pair_line, "pair_id")
         pair_label[pid] = "faithful" if scores.get_bool(rec, f_faith) else "unfaithful"
     return pair_label, pair_line
 
@@ -1381,16 +1388,7 @@ def _build_labelled(spec: _Spec) -> _Built:
     id_line: dict[str, int] = {}
     if id_field is not None:  # ids must be unique across the whole file
         for rec in table.records:
-            pid = table.get_str(rec, id_field)
-            if pid in id_line:
-                raise InputError(
-                    f"duplicate id {_clip(pid)} (first on line {id_line[pid]}, again on line "
-                    f"{rec.line})",
-                    file=table.file,
-                    line=rec.line,
-                    field=id_field,
-                )
-            id_line[pid] = rec.line
+            _first_occurrence(table, rec, id_field, id_line, "id")
     kept = _apply_filters(table, filters)
     by_class: dict[str, list[dict[str, Any]]] = {}
     for rec in kept:
