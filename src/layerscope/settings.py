@@ -32,6 +32,10 @@ def _schema() -> dict[str, Any]:
     return yaml.safe_load(SCHEMA_PATH.read_text(encoding="utf-8"))
 
 
+# A section's field types, resolved once per class (not once per field of every section built).
+_type_hints = functools.cache(typing.get_type_hints)
+
+
 def section_schema(path: tuple[str, ...]) -> dict[str, Any]:
     """The schema of one section (``path`` of keys into the schema), able to resolve ``#/$defs``."""
     node = _schema()
@@ -75,7 +79,7 @@ class Section:
 
     @classmethod
     def _field(cls, name: str, value: Any) -> Any:
-        hint = typing.get_type_hints(cls)[name]
+        hint = _type_hints(cls)[name]
         if isinstance(hint, type) and issubclass(hint, Section):
             return hint.of(value)
         return _frozen(value)
