@@ -694,10 +694,6 @@ def _primary(k: int) -> str:
     return "auroc" if k == 2 else "balanced_accuracy"
 
 
-def _score_primary(y_true: np.ndarray, model, X: np.ndarray, k: int) -> float:
-    return _primary_score(y_true, model.predict_proba(X), k)
-
-
 def _primary_score(y_true: np.ndarray, proba: np.ndarray, k: int) -> float:
     """``fold_metrics(y_true, proba, k)[_primary(k)]`` without computing the other metrics."""
     y_true = np.asarray(y_true, dtype=np.int64)
@@ -840,13 +836,6 @@ def _cv_fixed_C_many(
         v = v[np.isfinite(v)]
         out.append(float(v.mean()) if (lab is not None and v.size) else math.nan)
     return out
-
-
-def _cv_fixed_C(
-    X: np.ndarray, codes: np.ndarray, ids: np.ndarray, k: int, C: float, fitter: _Fitter
-) -> float:
-    """Mean primary metric over the folds ``ids`` (1-D) with a fixed C."""
-    return _cv_fixed_C_many(X, [(codes, ids)], k, C, fitter)[0]
 
 
 # --------------------------------------------------------------------------------------
