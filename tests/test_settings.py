@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from layerscope import settings as S
+from layerscope.config import SCHEMA_PATH
 from layerscope.errors import ConfigError
 
 SECTIONS = [
@@ -33,7 +34,7 @@ WORKFLOW_ONLY = {
 
 
 def schema_of(cls) -> dict:
-    node = yaml.safe_load(S.SCHEMA_PATH.read_text())
+    node = yaml.safe_load(SCHEMA_PATH.read_text())
     for key in cls.SCHEMA:
         node = node[key]
     return node
@@ -106,7 +107,7 @@ def test_json_is_what_the_params_always_were(repo):
     from layerscope.config import validate_config
 
     config = yaml.safe_load((repo / "config/config.yaml").read_text())
-    validate_config(config, S.SCHEMA_PATH, base_dir=repo)
+    validate_config(config, SCHEMA_PATH, base_dir=repo)
 
     def stable(obj):
         return json.dumps(obj, sort_keys=True)

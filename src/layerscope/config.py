@@ -189,11 +189,16 @@ def check_schema(config: dict[str, Any], schema: str | os.PathLike | dict[str, A
     import jsonschema
 
     if not isinstance(schema, dict):
-        schema = _load_schema(os.path.abspath(schema), os.stat(schema).st_mtime_ns)
+        schema = load_schema(schema)
     validator = _defaulting_validator(jsonschema.Draft202012Validator)(schema)
     errors = list(validator.iter_errors(config))
     if errors:
         raise _config_error(max(errors, key=_relevance))
+
+
+def load_schema(path: str | os.PathLike = SCHEMA_PATH) -> dict[str, Any]:
+    """The parsed schema file, read once per version of it (callers must not modify it)."""
+    return _load_schema(os.path.abspath(path), os.stat(path).st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=4)

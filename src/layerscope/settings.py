@@ -20,16 +20,9 @@ import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
-from layerscope.config import SCHEMA_PATH, check_schema
+from layerscope.config import check_schema, load_schema
 
 S = TypeVar("S", bound="Section")
-
-
-@functools.cache
-def _schema() -> dict[str, Any]:
-    import yaml
-
-    return yaml.safe_load(SCHEMA_PATH.read_text(encoding="utf-8"))
 
 
 # A section's field types, resolved once per class (not once per field of every section built).
@@ -37,11 +30,13 @@ _type_hints = functools.cache(typing.get_type_hints)
 
 
 def section_schema(path: tuple[str, ...]) -> dict[str, Any]:
-    """The schema of one section (``path`` of keys into the schema), able to resolve ``#/$defs``."""
-    node = _schema()
+    """The schema of one section (``path`` of keys into the schema), able to resolve ``#/$defs``.
+    Validation only reads it (defaults are copied out), so the loaded schema is shared."""
+    schema = load_schema()
+    node = schema
     for key in path:
         node = node[key]
-    return {**copy.deepcopy(node), "$defs": _schema()["$defs"]}
+    return {**node, "$defs": schema["$defs"]}
 
 
 def _frozen(value: Any) -> Any:
@@ -71,8 +66,8 @@ class Section:
         """``value`` as this section: itself, or a mapping / JSON text completed from the schema."""
         if isinstance(value, cls):
             return value
-        raw = json.loads(value) if isinstance(value, str) else dict(value or {})
-        filled = copy.deepcopy(raw)
+        # The schema's defaults are filled in place: into a copy, never the caller's mapping.
+        filled = json.loads(value) if isinstance(value, str) else copy.deepcopy(dict(value or {}))
         check_schema(filled, section_schema(cls.SCHEMA))
         # Workflow-only keys of the section (experiments, shards, generalization) are not fields.
         return cls(**{f.name: cls._field(f.name, filled[f.name]) for f in dataclasses.fields(cls)})
