@@ -503,8 +503,9 @@ def _stop_exception(model) -> type:
     return exc
 
 
-def _model_device(model):
-    """The device of the wrapped HF model's parameters."""
+def model_device(model):
+    """The device of a model's weights: a TransformerBridge's (its original_model) or the native
+    engine's (its HF model); every sweep places its inputs there."""
     hf = getattr(model, "original_model", None) or getattr(model, "model", None)
     return next(iter(hf.parameters())).device
 
@@ -670,7 +671,7 @@ def cache_store(
     state: dict[str, Any] = {}
     fwd_hooks = _make_hooks(req, plan, state, stop_exc)
     attrs = _store_attrs(bridge, req, plan)
-    device = _model_device(bridge)
+    device = model_device(bridge)
     _log_plan(req, plan, device, log)
     _check_disk_space(req, plan, out_path)
     t0 = time.perf_counter()
@@ -1190,7 +1191,7 @@ def _reference_model(model, info: Mapping[str, Any]):
     kw = {"revision": rev} if rev and rev != "local" else {}
     dtype = torch_dtype(info.get("dtype", "float32"))
     hf = AutoModelForCausalLM.from_pretrained(info["model"], dtype=dtype, **kw)
-    return hf.to(_model_device(model)).eval()
+    return hf.to(model_device(model)).eval()
 
 
 def _self_check(

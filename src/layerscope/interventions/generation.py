@@ -60,7 +60,13 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from layerscope.engine.activations import HOOKS, hook_name, resolve_bos, tokenize_prompts
+from layerscope.engine.activations import (
+    HOOKS,
+    hook_name,
+    model_device,
+    resolve_bos,
+    tokenize_prompts,
+)
 from layerscope.errors import InputError, LayerscopeError
 from layerscope.interventions.patching import TokenPair
 
@@ -122,7 +128,7 @@ class BridgeStepper:
 
     @property
     def device(self):
-        return next(iter(self.bridge.original_model.parameters())).device
+        return model_device(self.bridge)
 
     @property
     def n_layers(self) -> int:

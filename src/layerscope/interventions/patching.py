@@ -73,6 +73,7 @@ from layerscope.engine.activations import (
     HOOKS,
     describe_model,
     hook_name,
+    model_device,
     resolve_bos,
     tokenize_prompts,
 )
@@ -353,13 +354,6 @@ def _component_hook(component: str, layer: int) -> str:
     return hook_name(component, layer)
 
 
-def _device(model):
-    """Device of a TransformerBridge or of the native engine (both run these sweeps)."""
-    if hasattr(model, "original_model"):
-        return next(iter(model.original_model.parameters())).device
-    return model.device
-
-
 def _forward_logits_last(bridge, input_ids, fwd_hooks=()):
     """Logits at the last position, float64, shape [B, V]; explicit all-ones attention mask."""
     import torch
@@ -377,7 +371,7 @@ def _cache_runs(bridge, ids_rows: Sequence[Sequence[int]], hooks: Sequence[str])
     """
     import torch
 
-    device = _device(bridge)
+    device = model_device(bridge)
     input_ids = torch.tensor([list(r) for r in ids_rows], dtype=torch.long, device=device)
     cache: dict[str, Any] = {}
 
@@ -408,7 +402,7 @@ def _patched_runs(
     """
     import torch
 
-    device = _device(bridge)
+    device = model_device(bridge)
     input_ids = torch.tensor(
         [list(corrupted_rows[c.slot]) for c in cells], dtype=torch.long, device=device
     )

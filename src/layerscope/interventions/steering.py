@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 
 from layerscope.analysis.power import mean_precision, rate_precision
-from layerscope.engine.activations import hook_name, tokenize_prompts
+from layerscope.engine.activations import hook_name, model_device, tokenize_prompts
 from layerscope.errors import LayerscopeError
 from layerscope.settings import PrecisionSettings
 
@@ -278,14 +278,6 @@ def row_starts(lengths: Sequence[int], position: int | str) -> np.ndarray:
     return np.maximum(L + p, 0) if p < 0 else np.full_like(L, p)
 
 
-def _device(model):
-    """Device of the native engine or of a TransformerBridge."""
-    dev = getattr(model, "device", None)
-    if dev is not None and not callable(dev):
-        return dev
-    return next(iter(model.original_model.parameters())).device
-
-
 def padded(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Any, Any]:
     """Right-padded ``input_ids`` and an explicit attention mask (padding never inferred from
     ids)."""
@@ -311,7 +303,7 @@ def forward_logits(
     """
 
     out: list[Any] = []
-    device = _device(model)
+    device = model_device(model)
     for b in range(0, len(rows), batch_size):
         chunk = rows[b : b + batch_size]
         ids, mask = padded(chunk, pad_id, device)
@@ -346,7 +338,7 @@ def residual_norms(
 
     sums = {h: 0.0 for h in hooks}
     count = 0
-    device = _device(model)
+    device = model_device(model)
     for b in range(0, len(rows), batch_size):
         chunk = rows[b : b + batch_size]
         ids, mask = padded(chunk, pad_id, device)
@@ -834,7 +826,7 @@ def generate(
 
     if max_new_tokens < 1:
         return [[] for _ in rows], False
-    device = _device(model)
+    device = model_device(model)
     out: list[list[int]] = [[] for _ in rows]
     by_len: dict[int, list[int]] = {}
     for i, r in enumerate(rows):
