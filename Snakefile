@@ -1,7 +1,7 @@
 # layerscope: labelled prompts -> per-layer activation caches -> probes, geometry, patching, steering, figures.
 from snakemake.utils import min_version
 
-from layerscope.config import check_yaml_syntax
+from layerscope.config import check_yaml_syntax, stop_run
 from layerscope.errors import LayerscopeError
 
 min_version("9.0")
@@ -14,7 +14,7 @@ if not workflow.overwrite_configfiles:
     try:
         check_yaml_syntax("config/config.yaml")
     except LayerscopeError as exc:
-        raise WorkflowError(str(exc)) from None
+        stop_run(exc)
 
     configfile: "config/config.yaml"
 

@@ -14,9 +14,10 @@ import functools
 import json
 import os
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from layerscope.errors import ConfigError, InputError, LayerscopeError
 
@@ -49,6 +50,14 @@ _UNSAFE_NAME = (
     "not safe as a path part: use letters, digits, '_', '.', '-', "
     "starting with a letter or digit (at most 80)"
 )
+
+
+def stop_run(exc: BaseException) -> NoReturn:
+    """End the parse of the workflow with the message alone and exit status 1. Snakemake prints a
+    WorkflowError raised in a .smk file with a ``File ".../common.smk", line 36, in <module>``
+    line, which points at the workflow's code rather than at the user's key or file."""
+    print(f"WorkflowError:\n{exc}", file=sys.stderr, flush=True)
+    raise SystemExit(1)
 
 
 def key_path(parts: Iterable[Any]) -> str:
@@ -428,6 +437,21 @@ def read_n_layers(source: str, base_dir: str | Path = ".") -> int | None:
             return cfg[key]
     text_cfg = cfg.get("text_config") or {}
     return text_cfg.get("num_hidden_layers")
+
+
+def read_d_model(source: str, base_dir: str | Path = ".") -> int | None:
+    """Residual width from a local model's config.json (None for hub ids or when not given)."""
+    if not is_local_model(source, base_dir):
+        return None
+    try:
+        cfg = json.loads((Path(base_dir) / source / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    cfg = cfg if "text_config" not in cfg else {**cfg, **cfg["text_config"]}
+    for key in ("hidden_size", "n_embd", "d_model"):
+        if isinstance(cfg.get(key), int):
+            return cfg[key]
+    return None
 
 
 def resolve_layers(name: str, model: dict[str, Any], base_dir: str | Path = ".") -> list[int]:

@@ -9,6 +9,7 @@ from layerscope.config import (
     fast_tokenizer_file,
     model_files,
     read_n_layers,
+    stop_run,
     validate_config,
 )
 from layerscope.data.datasets import dry_run_check
@@ -33,7 +34,7 @@ try:
         base_dir=".",
     )
 except ConfigError as exc:
-    raise WorkflowError(str(exc)) from None
+    stop_run(exc)
 
 MODELS = sorted(config["models"])
 DATASETS = sorted(config["datasets"])
@@ -67,7 +68,7 @@ try:
     for d in DATASETS:
         check_prompt_lengths(d, CHECKED[d]["longest"], config["models"])
 except LayerscopeError as exc:
-    raise WorkflowError(str(exc)) from None
+    stop_run(exc)
 # Typed, frozen settings of every section, built once from the validated config; rules' params
 # carry the part of a section that their job depends on, as canonical JSON.
 MODEL_SETTINGS = {m: ModelSettings.of(config["models"][m]) for m in MODELS}

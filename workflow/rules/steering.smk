@@ -11,7 +11,7 @@ try:
         for e in STEER_EXPERIMENTS
     }
 except ConfigError as exc:
-    raise WorkflowError(str(exc)) from None
+    stop_run(exc)
 
 
 rule steering:

@@ -497,7 +497,56 @@ def resolve_experiment(
         )
         raise ConfigError(f"{key}.layers", f"{bad} are not {what} {model!r}: {allowed}")
     exp.update(direction=d, layers=layers)
+    check_experiment_files(exp, key, int(n_layers_of[model]), d_model_of(config, model))
     return exp
+
+
+def d_model_of(config: Mapping[str, Any], model: str) -> int | None:
+    """The residual width of a local model (its config.json), None for a hub id."""
+    from layerscope.config import read_d_model
+
+    return read_d_model(config["models"][model]["source"])
+
+
+def check_experiment_files(
+    exp: Mapping[str, Any], key: str, n_layers: int, d_model: int | None
+) -> None:
+    """Read every file the experiment names, as the job will, so a missing or malformed one stops
+    the dry run (Snakemake keeps an existing output whose input is missing, so a job-time check
+    would never run). ConfigError names the key; its reason names the file, line and field."""
+    from layerscope.errors import ConfigError
+
+    targets = exp.get("targets")
+    if targets and targets.get("positive") == targets.get("negative"):
+        raise ConfigError(
+            f"{key}.targets", f"positive and negative are identical ({targets.get('positive')!r})"
+        )
+    d = exp["direction"]
+    checks = [("neutral", lambda: load_neutral(exp["neutral"]))]
+    if "prompts" in exp:
+        checks.append(("prompts", lambda: load_prompts(exp["prompts"], targets)))
+    if d["source"] == "file":
+        checks.append(
+            ("direction.path", lambda: _check_direction_file(d["path"], exp, n_layers, d_model))
+        )
+    for sub, check in checks:
+        try:
+            check()
+        except LayerscopeError as exc:
+            raise ConfigError(f"{key}.{sub}", str(exc)) from None
+
+
+def _check_direction_file(path: PathLike, exp, n_layers: int, d_model: int | None) -> None:
+    """Shape and finiteness of a user direction file (the width only when the model is local)."""
+    if d_model is not None:
+        file_directions(path, exp["layers"], n_layers, d_model)
+        return
+    arr = _read_array_file(path, exp["layers"])
+    for L, a in arr.items() if isinstance(arr, dict) else [("array", arr)]:
+        try:
+            S.unit(a, f"layer {L}" if isinstance(arr, dict) else "array")
+        except S.SteeringError as exc:
+            raise InputError(str(exc), file=path) from None
 
 
 def experiment_inputs(exp: Mapping[str, Any], model: str) -> dict[str, Any]:
