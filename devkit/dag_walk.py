@@ -1,9 +1,9 @@
-"""Every job of a workflow's full DAG with its inputs and params, as JSON (for tests/test_staleness.py).
+"""Every job of a workflow's full DAG with its inputs and params (for tests/test_staleness.py).
 
 Run as ``python -m devkit.dag_walk WORKDIR [CONFIGFILE]``: it builds the DAG as ``snakemake
---forceall -n`` would (so every job of the config is listed, done or not) through Snakemake's API and
-prints one JSON list of ``{"rule", "input", "params"}``. A subprocess, because Snakemake changes the
-working directory and its logging while it runs.
+--forceall -n`` would (so every job of the config is listed, done or not) through Snakemake's API
+and prints one JSON list of ``{"rule", "input", "params"}``. A subprocess, because Snakemake changes
+the working directory and its logging while it runs.
 """
 
 from __future__ import annotations

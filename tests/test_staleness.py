@@ -23,7 +23,8 @@ RECORD_ONLY = {("manifest", "config_json")}
 
 
 def dag_jobs(work: Path, configfile: str | None = None) -> list[dict]:
-    cmd = [sys.executable, "-m", "devkit.dag_walk", str(work)] + ([configfile] if configfile else [])
+    extra = [configfile] if configfile else []
+    cmd = [sys.executable, "-m", "devkit.dag_walk", str(work), *extra]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("DAG-JOBS "))
@@ -91,7 +92,7 @@ def _walk_config(work: Path) -> dict:
 
 
 def test_every_file_a_job_setting_names_is_a_declared_input(tmp_path):
-    """Walks every job of the demo config (plus file, dataset, mass-mean and task-vector steering)."""
+    """Every job of the demo config plus file, dataset, mass-mean and task-vector steering."""
     work = copy_workflow(tmp_path)
     (work / "walk.yaml").write_text(yaml.safe_dump(_walk_config(work)))
     jobs = dag_jobs(work, "walk.yaml")

@@ -606,12 +606,65 @@ def check_config(config: dict[str, Any], base_dir: str | Path = ".") -> dict[str
             raise ConfigError(
                 f"patching.experiments.{name}.pairs", f"file not found: {exp['pairs']}"
             )
+    _check_pairs_files(config, base)
     _check_cached_views(config, layers)
+    _check_generation(config, base)
     for group, members in config.get("probes", {}).get("generalization", {}).items():
         unknown = [d for d in members if d not in config["datasets"]]
         if unknown:
             raise ConfigError(f"probes.generalization.{group}", f"unknown dataset(s) {unknown}")
     return layers
+
+
+_GEN_STEP = re.compile(r"^gen(\d+)(?:-(\d+))?$")
+
+
+def _check_generation(config: dict[str, Any], base: Path) -> None:
+    """Generation patching settings that used to fail only after the logit sweep: the answer
+    rule compiles, every genK / genA-B step is a generated step (A <= B), the layers exist, and
+    every pairs file has the columns generation patching reads."""
+    gen = config.get("patching", {}).get("generation", {})
+    if not gen.get("enabled") or not config["patching"].get("experiments"):
+        return
+    key = "patching.generation"
+    try:
+        re.compile(gen["answer_regex"])
+    except re.error as exc:
+        raise ConfigError(f"{key}.answer_regex", f"not a regular expression: {exc}") from None
+    n = int(gen["max_new_tokens"])
+    labels = [("positions", p) for p in gen["positions"] if isinstance(gen["positions"], list)]
+    for sub, label in labels + [("ranges", r) for r in gen["ranges"]]:
+        m = _GEN_STEP.match(str(label).strip())
+        if not m:
+            continue
+        a, b = int(m.group(1)), int(m.group(2) or m.group(1))
+        if a > b:
+            raise ConfigError(f"{key}.{sub}", f"{label!r} is reversed: write gen{b}-{a}")
+        if a < 1 or b > n - 1:
+            raise ConfigError(
+                f"{key}.{sub}",
+                f"{label!r}: generation steps run from 1 to max_new_tokens - 1 = {n - 1} (step K "
+                f"is read when token K + 1 is generated); raise {key}.max_new_tokens to {b + 1}",
+            )
+    if gen["layers"] != "all":
+        for name, model in config["models"].items():
+            n_layers = model.get("n_layers") or read_n_layers(model["source"], base)
+            bad = [L for L in gen["layers"] if n_layers is not None and not 0 <= L < n_layers]
+            if bad:
+                raise ConfigError(
+                    f"{key}.layers", f"{bad} are not layers of model '{name}' (0-{n_layers - 1})"
+                )
+
+
+def _check_pairs_files(config: dict[str, Any], base: Path) -> None:
+    """Every pairs file reads as a pairs table (columns, empty cells), errors naming the key."""
+    from layerscope.interventions.patching import load_pairs
+
+    for name, exp in config["patching"]["experiments"].items():
+        try:
+            load_pairs(base / exp["pairs"])
+        except LayerscopeError as exc:
+            raise ConfigError(f"patching.experiments.{name}.pairs", str(exc)) from None
 
 
 def _check_names(config: dict[str, Any]) -> None:

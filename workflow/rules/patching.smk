@@ -25,6 +25,8 @@ rule patching:
             if GENERATION_PATCHING
             else {}
         ),
+        # n_pairs, notes and the named warnings of the run (the figures' subtitles show them).
+        run="results/patching/{model}/{experiment}/run.json",
         cells="results/patching/{model}/{experiment}/cells.csv",
         arrays="results/patching/{model}/{experiment}/arrays.h5",
         summary=report(
@@ -62,6 +64,7 @@ rule plot_patching:
         ),
         summary=rules.patching.output.summary,
         arrays=rules.patching.output.arrays,
+        run=rules.patching.output.run,
     output:
         **(
             {

@@ -54,6 +54,7 @@ rule steering:
 rule plot_steering:
     input:
         effects=rules.steering.output.effects,
+        summary=rules.steering.output.summary,
     output:
         figure=report(
             "results/figures/{model}/steering_{steer}.png",

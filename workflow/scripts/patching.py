@@ -21,4 +21,9 @@ with job_logging(snakemake.log[0]) as log:
         threads=snakemake.threads,
         log=log.info,
     )
-    log.info("%d pairs; %s", info["n_pairs"], "; ".join(info["notes"]) or "no notes")
+    log.info(
+        "%d pairs; notes: %s; warnings: %s",
+        info["n_pairs"],
+        "; ".join(info["notes"]) or "none",
+        "; ".join(info["warnings"]) or "none",
+    )

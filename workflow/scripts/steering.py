@@ -23,6 +23,7 @@ with job_logging(snakemake.log[0]) as log:
         batch_size=max(runtime.batch_size, 64),
         threads=snakemake.threads,
         engine=runtime.engine,
+        name=snakemake.wildcards.steer,
         log=log.info,
     )
     for h in summary["headline"]:

@@ -1009,6 +1009,24 @@ def _log_plan(req: CacheRequest, plan: CachePlan, device, log: Callable[[str], A
         f"BOS {'prepended' if plan.prepend else 'not prepended'} (policy {req.bos_policy!r})"
         f"{', left out of pooling' if plan.skip else ''}; device {device}"
     )
+    over = batches_over_cap(plan.lengths, plan.batches, mtpb)
+    if over:
+        log(
+            f"WARNING max_tokens_per_batch_exceeded: {len(over)} of {len(plan.batches)} batches "
+            f"hold one prompt longer than max_tokens_per_batch {mtpb} (the longest has "
+            f"{max(plan.lengths)} tokens); a prompt is never split, so those batches exceed it: "
+            f"raise models.<model>.max_tokens_per_batch to at least {max(plan.lengths)}"
+        )
+
+
+def batches_over_cap(
+    lengths: Sequence[int], batches: Sequence[Sequence[int]], cap: int | None
+) -> list[int]:
+    """Indices of batches whose padded size (prompts x longest) exceeds ``cap`` (a batch of one
+    prompt longer than the cap: :func:`make_batches` never splits a prompt)."""
+    if not cap:
+        return []
+    return [i for i, b in enumerate(batches) if len(b) * max(int(lengths[j]) for j in b) > int(cap)]
 
 
 def _overflow_hint(model_dtype: str, dtype_out: str) -> str:

@@ -746,6 +746,72 @@ def _check_settings(stepper, components, max_new_tokens, batch_size, source, ans
 
 
 # --------------------------------------------------------------------------------------------
+# pre-flight: the clean runs alone, before any patching
+
+
+def clean_run_check(
+    stepper: Stepper,
+    tokenizer,
+    pairs: pd.DataFrame,
+    *,
+    max_new_tokens: int,
+    answer_regex: str = DEFAULT_ANSWER_REGEX,
+    prepend_bos: bool | str = "auto",
+    batch_size: int = 64,
+) -> list[str]:
+    """Generate from the clean prompts only (one unpatched run per pair) and judge the setup.
+
+    Refuses (:class:`LayerscopeError`) when every recovery rate could only be 0 whatever the model
+    does: every clean generation blank (``max_new_tokens`` too small), or the answer rule reading
+    nothing from any of them. Returns named warnings (``clean_run_never_clean``: the clean prompt
+    never gives the clean answer, so recovery has nothing to recover). Cheap next to the sweeps,
+    so the patching job runs it before them."""
+    import torch
+
+    gpairs = tokenize_pairs(
+        tokenizer, pairs, prepend_bos=resolve_bos(tokenizer, prepend_bos), answer_regex=answer_regex
+    )
+    texts = {}
+    with torch.inference_mode(), _session(stepper):
+        for chunk in _chunks(gpairs, max(1, int(batch_size))):
+            ids = torch.tensor([gpairs[i].clean_ids for i in chunk], device=stepper.device)
+            toks, _ = greedy_generate(stepper, ids, max_new_tokens)
+            for i, t in zip(chunk, toks.cpu().numpy()):
+                texts[i] = decode_generated(tokenizer, t)
+    texts = [texts[i] for i in range(len(gpairs))]
+    return judge_clean_runs(gpairs, texts, max_new_tokens, answer_regex)
+
+
+def judge_clean_runs(
+    gpairs: Sequence[GenPair], texts: Sequence[str], max_new_tokens: int, answer_regex: str
+) -> list[str]:
+    """The refusals and warnings of :func:`clean_run_check` from the clean generations."""
+    n, key = len(texts), "patching.generation"
+    answers = [extract_answer(t, answer_regex) for t in texts]
+    if all(t.strip() == "" for t in texts):
+        raise LayerscopeError(
+            f"every one of {n} clean generations is blank within max_new_tokens={max_new_tokens} "
+            f"(first: {texts[0]!r}), so every answer is empty and every recovery rate 0; "
+            f"raise {key}.max_new_tokens"
+        )
+    if not any(answers):
+        raise LayerscopeError(
+            f"answer_regex {answer_regex!r} matched none of {n} clean generations "
+            f"(first: {texts[0]!r}), so every answer is empty and every recovery rate 0; "
+            f"set {key}.answer_regex"
+        )
+    hits = sum(a == p.clean_answer for a, p in zip(answers, gpairs))
+    if hits:
+        return []
+    return [
+        f"clean_run_never_clean: the clean prompt gave the clean answer in 0 of {n} pairs "
+        f"(first: generated {texts[0]!r}, read {answers[0]!r}, expected "
+        f"{gpairs[0].clean_answer!r}); recovery rates are then 0 by construction: check the "
+        f"pairs file's clean_answer column, {key}.max_new_tokens and {key}.answer_regex"
+    ]
+
+
+# --------------------------------------------------------------------------------------------
 # summary: recovery rate with its interval and the n a goal needs
 
 SUMMARY_COLUMNS = (

@@ -200,6 +200,8 @@ class SteeringPrompts:
     negative_id: np.ndarray
     neutral_ids: list[list[int]]
     prepend_bos: bool
+    # prompt ids whose positive or negative answer has tokens after the compared one (not scored)
+    multi_token: list[str] = field(default_factory=list)
 
 
 def prepare_prompts(
@@ -214,7 +216,7 @@ def prepare_prompts(
     """
     from layerscope.interventions.patching import answer_ids
 
-    ids, pos, neg = [], [], []
+    ids, pos, neg, multi = [], [], [], []
     source = prompts.attrs.get("source", "prompts")
     for i, rec in enumerate(prompts.itertuples(index=False)):
         base = tokenize_prompts(tokenizer, [rec.prompt], prepend_bos=prepend_bos)[0]
@@ -229,6 +231,8 @@ def prepare_prompts(
         ids.append(base + a[:k])
         pos.append(a[k])
         neg.append(b[k])
+        if max(len(a), len(b)) > k + 1:
+            multi.append(str(rec.prompt_id))
     neutral_ids = tokenize_prompts(tokenizer, list(neutral), prepend_bos=prepend_bos)
     if any(len(x) < 2 for x in neutral_ids):
         raise SteeringError(
@@ -241,6 +245,7 @@ def prepare_prompts(
         np.asarray(neg),
         neutral_ids,
         prepend_bos,
+        multi,
     )
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 
 from layerscope.analysis.probes import cross_dataset_matrix, transfer_metric
 from layerscope.analysis.stats import activation_stats, prompt_norms
-from layerscope.atomic import write_csv
+from layerscope.atomic import write_csv, write_json
 from layerscope.data.consistency import check_files_against_table
 from layerscope.data.h5cache import layer_attrs, read_layers
 from layerscope.errors import LayerscopeError
@@ -518,6 +518,7 @@ def patching_experiment(
     # default).
     sweep_engine = "bridge" if settings.heads else engine
     bridge, info = _load_for_patching(model, sweep_engine, settings.components, device, log)
+    warnings = _clean_run_warnings(bridge, pairs, settings, model, batch_size, log)
     result = patching.patch_sweep(
         bridge,
         pairs,
@@ -539,7 +540,32 @@ def patching_experiment(
             bridge, _ = _load_for_patching(model, engine, gen_components, device, log)
         run = PatchingRun(bridge, pairs, result, summary, out, model, batch_size, log)
         _generation_patching(run, settings, PrecisionSettings.of(precision))
-    return {"n_pairs": len(pairs), "notes": list(result.notes)}
+    done = {"n_pairs": len(pairs), "notes": list(result.notes), "warnings": warnings}
+    if "run" in out:
+        write_json(out["run"], done)
+    return done
+
+
+def _clean_run_warnings(bridge, pairs, settings: PatchingSettings, model, batch_size, log) -> list:
+    """Generation patching's pre-flight on the clean prompts (refuses a setup whose recovery rates
+    could only be 0), run before the logit sweep: a bad answer rule costs seconds, not the sweep."""
+    if not settings.generation.enabled:
+        return []
+    from layerscope.interventions import generation as G
+
+    gen = settings.generation
+    warnings = G.clean_run_check(
+        G.stepper_for(bridge),
+        bridge.tokenizer,
+        pairs,
+        max_new_tokens=gen.max_new_tokens,
+        answer_regex=gen.answer_regex,
+        prepend_bos=model.bos,
+        batch_size=batch_size,
+    )
+    for w in warnings:
+        log(f"WARNING {w}")
+    return warnings
 
 
 def _json_value(value: Any) -> Any:

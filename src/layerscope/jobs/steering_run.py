@@ -271,9 +271,11 @@ def steering_experiment(
     batch_size: int,
     threads: int | None,
     engine: str = "auto",
+    name: str = "<name>",
     log=print,
 ) -> dict[str, Any]:
     """Load the model, build the prompts and directions, run the sweep, write every table.
+    ``name``: the experiment's key under steering.experiments (named in refusals and warnings).
     ``model``, ``precision``: typed settings, or mappings completed from the schema's defaults."""
     import torch
 
@@ -302,6 +304,9 @@ def steering_experiment(
     )
     prepend = resolve_bos(bridge.tokenizer, model.bos)
     sp = S.prepare_prompts(bridge.tokenizer, prompts, neutral, prepend_bos=prepend)
+    warnings = setup_warnings(sp, experiment, name)
+    for w in warnings:
+        log(f"WARNING {w}")
     t1 = time.perf_counter()
     res = S.steering_sweep(
         bridge,
@@ -333,9 +338,50 @@ def steering_experiment(
         precision=precision.to_dict(),
         headline=headline(res.effects),
         notes=res.notes,
+        warnings=warnings,
     )
     write_json(out["summary"], summary)
     return summary
+
+
+def setup_warnings(sp: S.SteeringPrompts, experiment: Mapping[str, Any], name: str) -> list[str]:
+    """Named warnings about what the setup makes of the results, checked before the sweep.
+
+    Refuses (InputError) a ``positions`` past the end of every prompt: every effect would be exactly
+    0 by construction. Warns when it is past some prompts (those effects are 0), and when an answer
+    has tokens after the first one where the two answers differ (only that token is compared)."""
+    key, pos = f"steering.experiments.{name}", experiment["positions"]
+    lengths = np.asarray([len(r) for r in sp.ids])
+    idle = S.row_starts(lengths, pos) >= lengths
+    idle_neutral = S.row_starts([len(r) for r in sp.neutral_ids], pos) >= [
+        len(r) for r in sp.neutral_ids
+    ]
+    if idle.all() or idle_neutral.all():
+        what = "prompt" if idle.all() else "neutral prompt"
+        longest = max(lengths) if idle.all() else max(len(r) for r in sp.neutral_ids)
+        raise InputError(
+            f"positions {pos} is past the end of every {what} (the longest has {longest} tokens), "
+            f"so every effect would be exactly 0; set {key}.positions to a smaller or negative "
+            "(from the end) position, or 'all'",
+            field="positions",
+        )
+    out = []
+    if idle.any():
+        first = int(np.flatnonzero(idle)[0])
+        out.append(
+            f"positions_past_prompt: positions {pos} is past the end of {int(idle.sum())} of "
+            f"{len(idle)} prompts (first: {sp.prompt_ids[first]}, {lengths[first]} tokens), whose "
+            f"effects are 0 by construction; set {key}.positions"
+        )
+    if sp.multi_token:
+        out.append(
+            f"targets_multi_token: in {len(sp.multi_token)} of {len(idle)} prompts (first: "
+            f"{sp.multi_token[0]}) an answer has tokens after the first token where the positive "
+            "and negative answers differ; only that token is compared, the rest is not scored: "
+            f"shorten {key}.targets (or the prompts file's positive/negative) to tell them apart "
+            "by one token"
+        )
+    return out
 
 
 def generations(

@@ -165,6 +165,7 @@ def draw_patching_heatmaps(
     pairs: pd.DataFrame | None = None,
     metric: str = "recovery",
     vlim: float = 1.0,
+    warnings: Sequence[str] = (),
 ) -> Figure:
     """Mean ``metric`` per (layer, position), one panel per component, plus an interval panel.
 
@@ -226,7 +227,7 @@ def draw_patching_heatmaps(
         f"Activation patching (logit difference): {experiment}   (model: {model})\n"
         "clean activation patched into the corrupted run at one (layer, position); "
         "red * = token that differs between clean and corrupted; "
-        "# = digit that varies across pairs",
+        "# = digit that varies across pairs" + _warning_lines(warnings),
         fontsize=9,
     )
     return fig
@@ -370,6 +371,7 @@ def draw_generation_heatmap(
     *,
     model: str,
     experiment: str,
+    warnings: Sequence[str] = (),
 ) -> Figure:
     """Recovery rate of generation patching per (layer, position), one panel per component.
 
@@ -405,18 +407,40 @@ def draw_generation_heatmap(
             axes[gi][ci].set_ylabel("layer" if ci == 0 else "", fontsize=8)
             axes[gi][ci].set_title(f"{COMPONENT_TITLES.get(comp, comp)} ({comp})", fontsize=8)
         _group_title(axes[gi][0], g, n_tok)
-    cb = fig.colorbar(im, ax=axes, shrink=0.6, pad=0.01, location="left")
+    # Right of the panels: on the left it sat between the layer labels and their axis title.
+    cb = fig.colorbar(im, ax=axes, shrink=0.6, pad=0.01, location="right")
     cb.set_label(
         "recovery rate: share of pairs whose generated answer is the clean one", fontsize=8
     )
     fig.suptitle(
         f"Generation patching: {experiment}   (model: {model})\n"
         "clean activation patched into the corrupted run, then greedy generation; "
-        "cell = pairs with the clean answer / pairs [95% Wilson interval]; "
-        "genK = position of the K-th generated token",
+        "cell = pairs with the clean answer / pairs [95% Wilson interval]"
+        + _kinds_shown(s)
+        + _warning_lines(warnings),
         fontsize=9,
     )
     return fig
+
+
+_KIND_DEFINITIONS = {
+    "diff": "diff = the positions where clean and corrupted differ",
+    "gen": "genK = position of the K-th generated token",
+    "range": "genA-B = generated steps A to B patched at once",
+}
+
+
+def _kinds_shown(s: pd.DataFrame) -> str:
+    """Definitions of the position kinds the figure shows, and only those."""
+    kinds = set(s["position_kind"]) if "position_kind" in s.columns else set()
+    defs = [text for kind, text in _KIND_DEFINITIONS.items() if kind in kinds]
+    return "\n" + "; ".join(defs) if defs else ""
+
+
+def _warning_lines(warnings: Sequence[str]) -> str:
+    from layerscope.plotting.plots import warning_text
+
+    return "\n" + warning_text(warnings) if warnings else ""
 
 
 # --------------------------------------------------------------------------------------------

@@ -288,6 +288,11 @@ def _title(
     return text
 
 
+def warning_text(warnings: Sequence[str], width: int = 110) -> str:
+    """The named warnings of a job's summary as subtitle lines ("" when there are none)."""
+    return "\n".join(textwrap.fill(f"WARNING {w}", width) for w in warnings)
+
+
 def _suptitle(fig: Figure, text: str) -> None:
     width_chars = max(30, int(fig.get_figwidth() * 72 / (FONT_SIZE * 0.6)))
     lines = [textwrap.fill(line, width_chars) for line in text.split("\n")]
@@ -1790,11 +1795,13 @@ def best_layer_vs_depth(
 _STEER_METRICS = {
     "logit_diff": "change in logit difference\n(positive - negative answer)",
     "flip_rate": "share flipped to the\nintended answer",
-    "kl_neutral": "KL on neutral prompts\n(damage guard)",
+    "kl_neutral": "KL on neutral prompts (nats)\n(damage guard)",
 }
 
 
-def _draw_steering_dose_response(effects: pd.DataFrame, *, model=None, experiment=None) -> Figure:
+def _draw_steering_dose_response(
+    effects: pd.DataFrame, *, model=None, experiment=None, warnings: Sequence[str] = ()
+) -> Figure:
     """Metrics (rows) x layers (columns): the direction's value against alpha, with the random
     band."""
     need = {"layer", "alpha", "source", "direction", "metric", "value", "ci_low", "ci_high"}
@@ -1873,12 +1880,12 @@ def _draw_steering_dose_response(effects: pd.DataFrame, *, model=None, experimen
             ncol=min(4, len(seen)),
             fontsize=TICK_SIZE,
         )
+        extra = _steering_counts(main, band)
         _suptitle(
             fig,
             _title(
-                f"Steering dose-response: {experiment}",
-                model=model,
-                extra=_steering_counts(main, band),
+                f"Steering dose-response: {experiment}" + (f"   (model: {model})" if model else ""),
+                extra="\n".join(x for x in (extra, warning_text(warnings)) if x),
             ),
         )
     return fig
@@ -1910,8 +1917,11 @@ def steering_dose_response(
     experiment=None,
     formats: Sequence[str] = ("png",),
     dpi: float = DEFAULT_DPI,
+    warnings: Sequence[str] = (),
 ) -> list[str]:
     """Dose-response figure of a steering experiment (``effects.csv`` of
-    :mod:`layerscope.jobs.steering_run`)."""
-    fig = _draw_steering_dose_response(effects, model=model, experiment=experiment)
+    :mod:`layerscope.jobs.steering_run`); ``warnings`` (its summary's) go into the subtitle."""
+    fig = _draw_steering_dose_response(
+        effects, model=model, experiment=experiment, warnings=warnings
+    )
     return _finish(fig, out, formats, dpi)
