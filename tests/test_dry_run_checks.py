@@ -43,11 +43,64 @@ def _case(work, case):
             work, [("short a", "x"), ("short b", "x"), (long_text, "y"), ("c", "y")]
         )
         return cfg, ["datasets.d", "row_0002", "128-token context", "model 'demo'"]
+    if case in GENERATION_CASES:
+        edit, words = GENERATION_CASES[case]
+        gen = {"enabled": True, "max_new_tokens": 4, "positions": ["diff"], "ranges": []}
+        cfg["patching"] = {"experiments": {"p": {"pairs": "demo/data/patching_pairs.csv"}}}
+        cfg["patching"]["generation"] = {**gen, **edit}
+        return cfg, words
+    if case == "pairs_columns":
+        (work / "bad_pairs.csv").write_text("pair_id,clean,corrupted,clean_answer\na,x y,x z, 1\n")
+        cfg["patching"] = {"experiments": {"p": {"pairs": "bad_pairs.csv"}}}
+        return cfg, ["patching.experiments.p.pairs", "bad_pairs.csv", "corrupted_answer"]
+    if case in STEERING_CASES:
+        return _steering_case(work, cfg, case)
     raise AssertionError(case)
 
 
+GENERATION_CASES = {
+    "answer_regex": ({"answer_regex": "([0-9"}, ["patching.generation.answer_regex"]),
+    "reversed_range": ({"ranges": ["gen2-1"]}, ["patching.generation.ranges", "reversed"]),
+    "gen_step": ({"positions": ["gen5"]}, ["patching.generation.positions", "max_new_tokens"]),
+    "gen_layers": ({"layers": [99]}, ["patching.generation.layers", "99"]),
+}
+STEERING_CASES = ("direction_shape", "missing_direction", "empty_neutral", "identical_targets")
+
+
+def _steering_case(work, cfg, case):
+    import numpy as np
+
+    np.save(work / "dir.npy", np.ones(7 if case == "direction_shape" else 128))
+    (work / "neutral.txt").write_text("# nothing\n" if case == "empty_neutral" else "Hello there\n")
+    exp = {
+        "prompts": "demo/data/steering/numbers.csv",
+        "direction": {"source": "file", "path": "dir.npy"},
+        "layers": [1],
+        "alphas": [-1, 1],
+        "neutral": "neutral.txt",
+    }
+    key = "steering.experiments.s"
+    if case == "missing_direction":
+        exp["direction"]["path"] = "nodir.npy"
+        words = [f"{key}.direction.path", "nodir.npy", "file not found"]
+    elif case == "direction_shape":
+        words = [f"{key}.direction.path", "dir.npy", "d_model is 128"]
+    elif case == "empty_neutral":
+        words = [f"{key}.neutral", "neutral.txt", "no neutral prompts"]
+    else:
+        (work / "p.csv").write_text("prompt_id,prompt\na,Which is larger: 1 or 2? Answer:\n")
+        exp.update(prompts="p.csv", targets={"positive": " 2", "negative": " 2"})
+        words = [f"{key}.targets", "identical"]
+    cfg["steering"] = {"experiments": {"s": exp}}
+    return cfg, words
+
+
 @pytest.mark.parametrize(
-    "case", ["missing_model", "corrupt_model", "template_typo", "single_class", "prompt_too_long"]
+    "case",
+    ["missing_model", "corrupt_model", "template_typo", "single_class", "prompt_too_long"]
+    + list(GENERATION_CASES)
+    + ["pairs_columns"]
+    + list(STEERING_CASES),
 )
 def test_dry_run_stops_before_any_job(tmp_path, case):
     work = copy_workflow(tmp_path)
@@ -59,4 +112,5 @@ def test_dry_run_stops_before_any_job(tmp_path, case):
     for word in words:
         assert word in out, f"{word!r} not in:\n{out}"
     assert "Traceback" not in out
+    assert 'File "' not in out, out  # no stray line of the workflow's own code (issue 23)
     assert not (work / "results").exists()
