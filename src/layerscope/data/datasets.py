@@ -1362,7 +1362,9 @@ def _task_grid_filter(spec: _Spec, filters, all_rows, columns) -> list[dict[str,
 
 
 def _build_labelled(spec: _Spec) -> _Built:
-    spec.check_keys({"path", "text_field", "label_field", "group_field", "id_field"})
+    spec.check_keys(
+        {"path", "text_field", "label_field", "group_field", "id_field", "positive_class"}
+    )
     text_field = spec.str_opt("text_field", "text")
     label_field = spec.str_opt("label_field", "label")
     group_field = spec.str_opt("group_field", None)
@@ -1413,12 +1415,31 @@ def _build_labelled(spec: _Spec) -> _Built:
         rows=rows,
         columns=["source_file", "source_line"],
         classes=sorted(by_class),
-        positive=None,
+        positive=_labelled_positive(spec, sorted(by_class), table.given, label_field),
         inputs={table.given: table.sha256},
         min_file=table.file,
         min_per_class=min_n,
         label_field=label_field,
     )
+
+
+def _labelled_positive(spec: _Spec, classes: list[str], file: str, field: str) -> str | None:
+    """The configured positive class of a labelled dataset: one of exactly two classes (a
+    direction then points towards it; without it, mass-mean steering has no side to take)."""
+    positive = spec.str_opt("positive_class", None)
+    if positive is None:
+        return None
+    if len(classes) != 2:
+        raise ConfigError(
+            spec.key("positive_class"),
+            f"applies to two classes; {file} (field '{field}') has {len(classes)}: {classes}",
+        )
+    if positive not in classes:
+        raise ConfigError(
+            spec.key("positive_class"),
+            f"{positive!r} is not a class of {file} (field '{field}'): {classes}",
+        )
+    return positive
 
 
 _BUILDERS = {

@@ -249,6 +249,29 @@ def load_directions(
     raise LayerscopeError(f"unknown direction source {src!r}")
 
 
+def points_towards(spec: Mapping[str, Any], files: Mapping[str, Any]) -> str:
+    """What alpha > 0 pushes towards: the positive class of a probe or mass-mean direction (the
+    probe's ``classes[1]``, the dataset's ``positive_class``), the task of a task vector, or the
+    user file's own sign."""
+    src = spec["source"]
+    if src == "probe":
+        first = files["probes"][min(files["probes"])]
+        for probe in _probe_doc(first).get("probes", []):
+            if (probe.get("component"), probe.get("pooling")) == (
+                spec["component"],
+                spec["pooling"],
+            ):
+                classes = (probe.get("result") or {}).get("classes") or [None, None]
+                return f"class {classes[-1]!r} of dataset {spec['dataset']!r}"
+    if src == "mass_mean":
+        from layerscope.jobs.probe_runs import positive_class
+
+        return f"class {positive_class(files['summary'])!r} of dataset {spec['dataset']!r}"
+    if src == "task_vector":
+        return f"task {spec['task']!r} of dataset {spec['dataset']!r}"
+    return "the direction as stored in the file (its sign is the user's)"
+
+
 def _wrap(path, fn: Callable):
     try:
         return fn(path)
@@ -339,6 +362,7 @@ def steering_experiment(
         headline=headline(res.effects),
         notes=res.notes,
         warnings=warnings,
+        points_towards=points_towards(spec, files),
     )
     write_json(out["summary"], summary)
     return summary
