@@ -277,3 +277,122 @@ def test_wilson_bounds_are_exact_at_0_and_n():
     lo, hi = wilson_interval([0, 16, 5], [16, 16, 16])
     assert lo[0] == 0.0 and hi[1] == 1.0 and 0 < lo[2] < hi[2] < 1
     assert rate_precision(0, 16, half_width=0.1, effect=0.2, p0=0.0)["ci_low"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# labelled data with two classes: positive_class
+
+
+def _labelled(tmp_path, **extra):
+    rows = [("a cat sat", "cat"), ("a dog ran", "dog")] * 4
+    path = tmp_path / "two.csv"
+    path.write_text("text,label\n" + "".join(f"{t} {i},{c}\n" for i, (t, c) in enumerate(rows)))
+    return {"kind": "labelled", "path": str(path), **extra}
+
+
+def test_labelled_positive_class_orders_the_classes_and_reaches_mass_mean(tmp_path):
+    from layerscope.data.datasets import build_prompt_table
+
+    table, summary = build_prompt_table("two", _labelled(tmp_path, positive_class="cat"))
+    assert summary["positive_class"] == "cat" and summary["classes"] == ["dog", "cat"]
+    _, default = build_prompt_table("two", _labelled(tmp_path))
+    assert default["positive_class"] is None
+    # mass-mean points from the other class towards the positive one
+    X = np.where((table["label"] == "cat").to_numpy()[:, None], 1.0, -1.0) * np.ones((1, 3))
+    d = S.mass_mean_direction(X, table["label"].tolist(), summary["positive_class"])
+    assert np.allclose(d, np.ones(3) / np.sqrt(3))
+
+
+@pytest.mark.parametrize(
+    "value, words", [("bird", "is not a class"), (1, "expected a non-empty string")]
+)
+def test_labelled_positive_class_errors_name_the_key(tmp_path, value, words):
+    from layerscope.data.datasets import build_prompt_table
+    from layerscope.errors import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        build_prompt_table("two", _labelled(tmp_path, positive_class=value))
+    assert "datasets.two.positive_class" in str(exc.value) and words in str(exc.value)
+
+
+def test_steering_summary_says_what_alpha_points_towards(tmp_path):
+    probe = tmp_path / "layer_1.json"
+    doc = {
+        "probes": [
+            {
+                "component": "resid_post",
+                "pooling": "last",
+                "result": {"classes": ["unfaithful", "faithful"], "coef": [[1.0, 0.0]]},
+            }
+        ]
+    }
+    probe.write_text(json.dumps(doc))
+    spec = {"source": "probe", "dataset": "d", "component": "resid_post", "pooling": "last"}
+    assert R.points_towards(spec, {"probes": {1: probe}}) == "class 'faithful' of dataset 'd'"
+    task = {"source": "task_vector", "dataset": "t", "task": "sum"}
+    assert R.points_towards(task, {}) == "task 'sum' of dataset 't'"
+    assert "file" in R.points_towards({"source": "file", "path": "x.npy"}, {})
+
+
+# ------------------------------------------------------------------------------------------------
+# figures
+
+
+def _effects():
+    rows = []
+    for a in (-1.0, 0.0, 1.0):
+        for m in S.METRICS:
+            v = a if m == "logit_diff" else abs(a) / 10
+            common = dict(layer=1, alpha=a, metric=m)
+            rows.append(
+                dict(
+                    common,
+                    source="probe",
+                    direction="probe",
+                    value=v,
+                    ci_low=v - 0.1,
+                    ci_high=v + 0.1,
+                    n=12,
+                    beyond_random=m == "logit_diff" and a != 0,
+                )
+            )
+            rows.append(
+                dict(
+                    common,
+                    source="random",
+                    direction="band",
+                    value=0.0,
+                    ci_low=-0.2,
+                    ci_high=0.2,
+                    n=10,
+                    beyond_random=None,
+                )
+            )
+    return pd.DataFrame(rows)
+
+
+def test_steering_figure_says_the_side_of_the_band_and_the_kl_unit():
+    fig = plots._draw_steering_dose_response(_effects(), model="demo", experiment="e")
+    labels = {t.get_text() for leg in fig.legends for t in leg.get_texts()}
+    assert {"above the random band", "below the random band"} <= labels
+    assert any("(nats)" in ax.get_ylabel() for ax in fig.axes)
+    assert fig._suptitle.get_text().splitlines()[0] == "Steering dose-response: e   (model: demo)"
+
+
+def test_generation_heatmap_cell_text_reads_at_8pt_on_a_page_and_colorbar_is_right():
+    rows = []
+    for comp in ("resid_pre", "resid_post", "attn_out", "mlp_out"):
+        for L in range(6):
+            for pos in ("diff", "gen1", "gen2", "gen3", "gen1-2", "gen2-3"):
+                row = dict.fromkeys(G.SUMMARY_COLUMNS, 0)
+                row.update(component=comp, layer=L, position=pos, n_pairs=16, n_clean=3)
+                row.update(position_kind=G.position_kind(pos), recovery_rate=3 / 16)
+                rows.append(row)
+    fig = pp.draw_generation_heatmap(pd.DataFrame(rows), model="demo", experiment="x")
+    width = fig.get_figwidth()
+    panels = [ax for ax in fig.axes if ax.images]
+    sizes = {t.get_fontsize() for ax in panels for t in ax.texts}
+    assert min(sizes) * (17 / 2.54) / width >= 8.0, (sizes, width)
+    fig.canvas.draw()
+    colorbar = [ax for ax in fig.axes if not ax.images and ax not in panels][-1]
+    assert colorbar.get_position().x0 > max(ax.get_position().x1 for ax in panels)

@@ -323,7 +323,7 @@ class NativeEngine:
         self, input_ids, attention_mask=None, *, return_type: str | None = "logits", **kwargs: Any
     ):
         """Forward pass. ``return_type``: "logits" (tensor), "output" (the HF output, e.g. with
-        ``past_key_values`` when ``use_cache=True``) or None (runs the base model, no LM head).
+        ``cache`` when ``use_cache=True``) or None (runs the base model, no LM head).
         A hook raising :class:`StopForward` ends the pass; the call then returns None."""
         self._batch_shape = tuple(input_ids.shape[:2])
         try:

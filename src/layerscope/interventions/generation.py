@@ -160,10 +160,12 @@ class BridgeStepper:
         B, n = input_ids.shape
         mask = torch.ones((B, start + n), dtype=torch.long, device=input_ids.device)
         pos = torch.arange(start, start + n, device=input_ids.device).expand(B, n)
+        # ``cache=``, as the pinned transformers names it (``past_key_values=`` is deprecated and
+        # warns on every step); the session's hand-over passes it on to the bridge's attention.
         logits, past = self.bridge(
             input_ids,
             return_type="logits_and_cache",
-            past_key_values=past,
+            cache=past,
             use_cache=True,
             attention_mask=mask,
             position_ids=pos,
@@ -209,11 +211,11 @@ class NativeStepper:
             input_ids,
             attention_mask=mask,
             position_ids=pos,
-            past_key_values=past,
+            cache=past,
             use_cache=True,
             return_type="output",
         )
-        return out.logits[:, -1, :], out.past_key_values
+        return out.logits[:, -1, :], out.cache
 
 
 def stepper_for(model) -> BridgeStepper | NativeStepper:

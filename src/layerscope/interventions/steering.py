@@ -752,7 +752,7 @@ def _prefill_with_cache(model, ids):
         )
     else:
         out = model(ids, attention_mask=mask, use_cache=True, return_type="output")
-        logits, cache = out.logits, out.past_key_values
+        logits, cache = out.logits, out.cache
     ok = (
         cache is not None
         and hasattr(cache, "get_seq_length")
@@ -769,13 +769,13 @@ def _step_with_cache(model, token, cache, total_len: int):
     kw = dict(
         attention_mask=torch.ones((B, total_len), dtype=torch.long, device=token.device),
         position_ids=torch.full((B, 1), total_len - 1, dtype=torch.long, device=token.device),
-        past_key_values=cache,
+        cache=cache,  # the pinned transformers' name; past_key_values= is deprecated
         use_cache=True,
     )
     if hasattr(model, "adapter"):
         return model(token, return_type="logits_and_cache", **kw)
     out = model(token, return_type="output", **kw)
-    return out.logits, out.past_key_values
+    return out.logits, out.cache
 
 
 def _greedy_group(model, ids, steps: int, hooks_for: Callable, use_cache: bool) -> tuple[Any, bool]:

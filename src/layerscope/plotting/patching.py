@@ -17,6 +17,7 @@ needs only the patching outputs.
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -128,7 +129,8 @@ def _interval_panel(ax, g: pd.DataFrame, comps: Sequence[str], labels: Sequence[
     ax.set_xlabel("layer", fontsize=8)
     ax.set_ylabel("recovery (95% bootstrap interval)", fontsize=8)
     ax.set_title("best position of each component, with intervals", fontsize=8)
-    ax.legend(fontsize=6, loc="lower right")
+    # Outside the axes, right of the panel: inside it hid the points of the layers it covered.
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     ax.tick_params(labelsize=7)
 
 
@@ -312,7 +314,19 @@ def _position_order(positions: Sequence[str]) -> list[str]:
     return sorted(positions, key=key)
 
 
-def _rate_panel(ax, c: pd.DataFrame, layers, positions, xl: Sequence[str], cmap):
+# Generation heatmap cells: this wide, with text that reads at 8 pt or more when the figure is
+# scaled to 17 cm (a page width); the panels are stacked, one per row, to keep the figure narrow.
+_CELL_IN = 0.95
+_PAGE_IN = 17 / 2.54
+_MIN_PT = 8.0
+
+
+def _cell_font(fig_width_in: float) -> float:
+    """Cell text size (pt) that is at least 8 pt once the figure is scaled to page width."""
+    return round(_MIN_PT * max(1.0, fig_width_in / _PAGE_IN) + 0.05, 1)
+
+
+def _rate_panel(ax, c: pd.DataFrame, layers, positions, xl: Sequence[str], cmap, fontsize=5):
     """One layer x position panel of recovery rates, each cell annotated ``k/n [lo,hi]``."""
     values = ("recovery_rate", "ci_low", "ci_high", "n_clean", "n_pairs")
     piv = {
@@ -340,7 +354,7 @@ def _rate_panel(ax, c: pd.DataFrame, layers, positions, xl: Sequence[str], cmap)
                 f"[{piv['ci_low'].iat[yi, xi]:.2f},{piv['ci_high'].iat[yi, xi]:.2f}]",
                 ha="center",
                 va="center",
-                fontsize=5,
+                fontsize=fontsize,
                 color="black" if v > 0.6 else "white",
             )
     ax.set_xticks(range(len(xl)))
@@ -354,8 +368,8 @@ def _group_title(ax, g: pd.DataFrame, n_tok: int) -> None:
     """Prefix the first panel's title with the group, its pairs and the rates to beat."""
     first = g.iloc[0]
     who = "every pair" if n_tok == 0 else f"{n_tok}-token prompts"
-    first_title = ax.get_title()
-    ax.set_title("")
+    first_title = ax.get_title(loc="left")
+    ax.set_title("", loc="left")
     ax.set_title(
         f"{who}, {int(g['n_pairs'].max())} pairs; clean answer without patching: "
         f"{first['unpatched_rate']:.2f} (clean run {first['clean_run_rate']:.2f})\n"
@@ -389,11 +403,10 @@ def draw_generation_heatmap(
     groups = sorted(int(n) for n in s["n_tokens"].unique())
     layers = sorted(int(L) for L in s["layer"].unique())
     n_pos = max(s[s["n_tokens"] == n]["position"].nunique() for n in groups)
-    fig = new_figure(
-        max(3.2, 0.62 * n_pos + 1.2) * len(comps) + 1.2,
-        (0.42 * len(layers) + 1.9) * len(groups) + 1.0,
-    )
-    axes = fig.subplots(len(groups), len(comps), squeeze=False)
+    width = max(4.5, _CELL_IN * n_pos + 2.2)
+    fs = _cell_font(width)
+    fig = new_figure(width, (0.4 * fs / 8 * len(layers) + 1.3) * len(groups) * len(comps) + 1.6)
+    axes = fig.subplots(len(groups) * len(comps), 1, squeeze=False)
     cmap = colormaps["viridis"].with_extremes(bad="#d0d0d0")
     im = None
     for gi, n_tok in enumerate(groups):
@@ -402,24 +415,25 @@ def draw_generation_heatmap(
         lab = list((labels or {}).get(n_tok, []))
         xl = [_tick(lab, int(p)) if p.lstrip("-").isdigit() else p for p in positions]
         for ci, comp in enumerate(comps):
-            c = g[g["component"] == comp]
-            im = _rate_panel(axes[gi][ci], c, layers, positions, xl, cmap)
-            axes[gi][ci].set_ylabel("layer" if ci == 0 else "", fontsize=8)
-            axes[gi][ci].set_title(f"{COMPONENT_TITLES.get(comp, comp)} ({comp})", fontsize=8)
-        _group_title(axes[gi][0], g, n_tok)
+            ax = axes[gi * len(comps) + ci][0]
+            im = _rate_panel(ax, g[g["component"] == comp], layers, positions, xl, cmap, fs)
+            ax.set_ylabel("layer", fontsize=8)
+            ax.set_title(f"{COMPONENT_TITLES.get(comp, comp)} ({comp})", fontsize=8, loc="left")
+        _group_title(axes[gi * len(comps)][0], g, n_tok)
     # Right of the panels: on the left it sat between the layer labels and their axis title.
     cb = fig.colorbar(im, ax=axes, shrink=0.6, pad=0.01, location="right")
     cb.set_label(
         "recovery rate: share of pairs whose generated answer is the clean one", fontsize=8
     )
-    fig.suptitle(
+    text = (
         f"Generation patching: {experiment}   (model: {model})\n"
         "clean activation patched into the corrupted run, then greedy generation; "
         "cell = pairs with the clean answer / pairs [95% Wilson interval]"
         + _kinds_shown(s)
-        + _warning_lines(warnings),
-        fontsize=9,
+        + _warning_lines(warnings)
     )
+    chars = int(width * 72 / (9 * 0.55))  # 9-pt characters across the figure
+    fig.suptitle("\n".join(textwrap.fill(line, chars) for line in text.split("\n")), fontsize=9)
     return fig
 
 

@@ -1854,16 +1854,7 @@ def _draw_steering_dose_response(
                     label=f"{source} direction (95% interval over prompts)",
                 )
                 if "beyond_random" in g.columns:
-                    out = g[g["beyond_random"].astype(str) == "True"]
-                    ax.scatter(
-                        out["alpha"],
-                        out["value"],
-                        s=36,
-                        facecolors="none",
-                        edgecolors=OKABE_ITO[1],
-                        zorder=5,
-                        label="outside the random band",
-                    )
+                    _mark_beyond_band(ax, g, b)
                 ax.axhline(0, color="black", lw=0.6)
                 if i == 0:
                     ax.set_title(f"layer {L}")
@@ -1889,6 +1880,30 @@ def _draw_steering_dose_response(
             ),
         )
     return fig
+
+
+def _mark_beyond_band(ax, g: pd.DataFrame, b: pd.DataFrame) -> None:
+    """Ring the direction's points outside the random band, with the side they lie on: an upward
+    triangle above the band's upper edge, a downward one below its lower edge."""
+    out = g[g["beyond_random"].astype(str) == "True"]
+    edges = b.set_index("alpha")[["ci_low", "ci_high"]] if len(b) else None
+    above = [
+        edges is not None and a in edges.index and v > edges.at[a, "ci_high"]
+        for a, v in zip(out["alpha"], out["value"])
+    ]
+    above = np.asarray(above, dtype=bool)
+    for side, mask, marker in (("above", above, "^"), ("below", ~above, "v")):
+        if mask.any():
+            ax.scatter(
+                out["alpha"][mask],
+                out["value"][mask],
+                s=46,
+                marker=marker,
+                facecolors="none",
+                edgecolors=OKABE_ITO[1],
+                zorder=5,
+                label=f"{side} the random band",
+            )
 
 
 def _steering_counts(main: pd.DataFrame, band: pd.DataFrame) -> str:
