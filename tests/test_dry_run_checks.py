@@ -53,6 +53,19 @@ def _case(work, case):
         (work / "bad_pairs.csv").write_text("pair_id,clean,corrupted,clean_answer\na,x y,x z, 1\n")
         cfg["patching"] = {"experiments": {"p": {"pairs": "bad_pairs.csv"}}}
         return cfg, ["patching.experiments.p.pairs", "bad_pairs.csv", "corrupted_answer"]
+    if case == "pair_lengths":
+        (work / "bad_pairs.csv").write_text(
+            "pair_id,clean,corrupted,clean_answer,corrupted_answer\n"
+            "a,Which is larger: 1 or 2?,Which is larger: 1 or 22?, 2, 22\n"
+        )
+        cfg["patching"] = {"experiments": {"p": {"pairs": "bad_pairs.csv"}}}
+        return cfg, ["patching.experiments.p.pairs", "bad_pairs.csv, line 2", "different lengths"]
+    if case == "patching_position":
+        cfg["patching"] = {
+            "experiments": {"p": {"pairs": "demo/data/patching_pairs.csv"}},
+            "positions": [0, 99],
+        }
+        return cfg, ["patching.positions", "position 99", "patching_pairs.csv, line 2"]
     if case in STEERING_CASES:
         return _steering_case(work, cfg, case)
     raise AssertionError(case)
@@ -99,7 +112,7 @@ def _steering_case(work, cfg, case):
     "case",
     ["missing_model", "corrupt_model", "template_typo", "single_class", "prompt_too_long"]
     + list(GENERATION_CASES)
-    + ["pairs_columns"]
+    + ["pairs_columns", "pair_lengths", "patching_position"]
     + list(STEERING_CASES),
 )
 def test_dry_run_stops_before_any_job(tmp_path, case):

@@ -667,6 +667,57 @@ def _check_pairs_files(config: dict[str, Any], base: Path) -> None:
             raise ConfigError(f"patching.experiments.{name}.pairs", str(exc)) from None
 
 
+def check_pair_tokens(config: dict[str, Any], tokenizers: dict[str, str | None]) -> None:
+    """Dry-run checks of every pairs file under each local model's fast tokenizer: clean and
+    corrupted prompts of equal token length, and every listed patching position inside every
+    prompt. Counts leave out special tokens; a BOS the model may prepend only adds room, so these
+    checks never refuse what the job would accept (the job checks again with the model's BOS)."""
+    if not any(tokenizers.values()):
+        return  # hub models only, or no tokenizers package: the job checks
+    from tokenizers import Tokenizer
+
+    from layerscope.interventions.patching import load_pairs
+
+    patching = config.get("patching", {})
+    for model, path in sorted((m, t) for m, t in tokenizers.items() if t):
+        tok = Tokenizer.from_file(os.fspath(path))
+        bos = 0 if config["models"][model].get("bos") is False else 1
+        for name, exp in sorted(patching.get("experiments", {}).items()):
+            pairs = load_pairs(exp["pairs"])
+            for rec in pairs.itertuples(index=False):
+                where = f"{pairs.attrs['source']}, line {rec.source_line}"
+                n_clean, n_corr = (
+                    len(e.ids)
+                    for e in tok.encode_batch([rec.clean, rec.corrupted], add_special_tokens=False)
+                )
+                if n_clean != n_corr:
+                    raise ConfigError(
+                        f"patching.experiments.{name}.pairs",
+                        f"{where}: field 'corrupted': pair {rec.pair_id!r}: clean and corrupted "
+                        f"prompts tokenize to different lengths under model '{model}' "
+                        f"({n_clean} and {n_corr} tokens); patching needs position-aligned prompts",
+                    )
+                _check_positions(patching, n_clean + bos, rec.pair_id, where)
+
+
+def _check_positions(patching: dict[str, Any], n: int, pair_id: str, where: str) -> None:
+    """Listed prompt positions (negative: from the end) exist in an ``n``-token prompt."""
+    gen = patching.get("generation", {})
+    lists = [("patching.positions", patching.get("positions"))]
+    if gen.get("enabled"):
+        lists.append(("patching.generation.positions", gen.get("positions")))
+    for key, positions in lists:
+        if not isinstance(positions, list):
+            continue
+        for p in positions:
+            if isinstance(p, int) and not isinstance(p, bool) and not -n <= p < n:
+                raise ConfigError(
+                    key,
+                    f"position {p} does not exist in pair {pair_id!r} ({where}; {n} tokens "
+                    "counting a BOS)",
+                )
+
+
 def _check_names(config: dict[str, Any]) -> None:
     """Every name of a named section (datasets, models, ...) is safe as a path part."""
     for section in NAMED_SECTIONS:

@@ -4,6 +4,7 @@ import os
 import re
 
 from layerscope.config import (
+    check_pair_tokens,
     check_prompt_lengths,
     dataset_files,
     fast_tokenizer_file,
@@ -67,6 +68,8 @@ try:
     }
     for d in DATASETS:
         check_prompt_lengths(d, CHECKED[d]["longest"], config["models"])
+    # Pairs files under each local model's tokenizer (equal lengths, positions inside prompts).
+    check_pair_tokens(config, TOKENIZERS)
 except LayerscopeError as exc:
     stop_run(exc)
 # Typed, frozen settings of every section, built once from the validated config; rules' params
