@@ -660,7 +660,7 @@ def _check_pairs_files(config: dict[str, Any], base: Path) -> None:
     """Every pairs file reads as a pairs table (columns, empty cells), errors naming the key."""
     from layerscope.interventions.patching import load_pairs
 
-    for name, exp in config["patching"]["experiments"].items():
+    for name, exp in config.get("patching", {}).get("experiments", {}).items():
         try:
             load_pairs(base / exp["pairs"])
         except LayerscopeError as exc:

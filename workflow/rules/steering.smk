@@ -1,6 +1,11 @@
 # Stage 6: steering along found directions (probe, mass-mean, task vector or a user file), with a
 # random-direction null band and a damage guard; one GPU job per (model, experiment), one plot job.
-from layerscope.jobs.steering_run import experiment_inputs, resolve_experiment
+from layerscope.jobs.steering_run import (
+    check_experiment_files,
+    d_model_of,
+    experiment_inputs,
+    resolve_experiment,
+)
 
 STEER_EXPERIMENTS = sorted(config["steering"]["experiments"])
 try:
@@ -10,6 +15,10 @@ try:
         for m in MODELS
         for e in STEER_EXPERIMENTS
     }
+    # Every file an experiment names is read here as the job will read it: Snakemake keeps an
+    # existing output whose input file is gone, so only the dry run can catch a missing one.
+    for (m, e), exp in sorted(STEER.items()):
+        check_experiment_files(exp, f"steering.experiments.{e}", N_LAYERS[m], d_model_of(config, m))
 except ConfigError as exc:
     stop_run(exc)
 

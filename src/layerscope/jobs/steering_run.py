@@ -567,7 +567,6 @@ def resolve_experiment(
         )
         raise ConfigError(f"{key}.layers", f"{bad} are not {what} {model!r}: {allowed}")
     exp.update(direction=d, layers=layers)
-    check_experiment_files(exp, key, int(n_layers_of[model]), d_model_of(config, model))
     return exp
 
 
@@ -575,7 +574,8 @@ def d_model_of(config: Mapping[str, Any], model: str) -> int | None:
     """The residual width of a local model (its config.json), None for a hub id."""
     from layerscope.config import read_d_model
 
-    return read_d_model(config["models"][model]["source"])
+    source = config.get("models", {}).get(model, {}).get("source")
+    return read_d_model(source) if source else None
 
 
 def check_experiment_files(
