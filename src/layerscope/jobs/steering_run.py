@@ -401,9 +401,9 @@ def setup_warnings(sp: S.SteeringPrompts, experiment: Mapping[str, Any], name: s
         out.append(
             f"targets_multi_token: in {len(sp.multi_token)} of {len(idle)} prompts (first: "
             f"{sp.multi_token[0]}) an answer has tokens after the first token where the positive "
-            "and negative answers differ; only that token is compared, the rest is not scored: "
-            f"shorten {key}.targets (or the prompts file's positive/negative) to tell them apart "
-            "by one token"
+            "and negative answers differ; only that token is compared, the rest is not scored "
+            f"(if the rest matters, set {key}.targets, or the prompts file's positive/negative, "
+            "to answers whose first differing token decides them)"
         )
     return out
 
