@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import h5py
@@ -283,8 +284,10 @@ def bootstrap_summary(df: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
             if n > 1:
                 W = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float)
                 boot = (W @ Xz) / (W @ ok.astype(float))
-                lo = np.nanquantile(boot, 0.025, axis=0)
-                hi = np.nanquantile(boot, 0.975, axis=0)
+                with warnings.catch_warnings():  # cells undefined for every pair stay NaN
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    lo = np.nanquantile(boot, 0.025, axis=0)
+                    hi = np.nanquantile(boot, 0.975, axis=0)
             else:
                 lo = hi = np.full(X.shape[1], np.nan)
         cells = wide.columns.to_frame(index=False)
@@ -321,6 +324,13 @@ def check_patching(results: Path, experiment: str, pairs_file, model, tok, bos, 
     return problems
 
 
+def recorded_bos(results: Path, model_name: str) -> bool:
+    """The BOS decision, recorded in every activation file (methods: Caching and pooling)."""
+    layer_file = next((results / f"activations/{model_name}").rglob("layer_*.h5"))
+    with h5py.File(layer_file) as f:
+        return bool(f.attrs["prepend_bos"])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default="results")
@@ -341,10 +351,7 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(opts.model_dir)
     results = Path(opts.results)
     problems = check_stats(results, opts.model_name, opts.stats_dataset, model, tok)
-    # the BOS decision is recorded in every activation file (methods: Caching and pooling)
-    layer_file = next((results / f"activations/{opts.model_name}").rglob("layer_*.h5"))
-    with h5py.File(layer_file) as f:
-        bos = bool(f.attrs["prepend_bos"])
+    bos = recorded_bos(results, opts.model_name)
     problems += check_patching(results, opts.experiment, opts.pairs, model, tok, bos, opts)
     for p in problems:
         print("MISMATCH:", p)

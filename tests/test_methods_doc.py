@@ -250,3 +250,41 @@ def test_steering_generation_and_generalization_tables_are_defined(test_config_r
     assert summary["logit_recovery_note"].fillna("").ne("").any()  # diff cells: says why
     assert undocumented(results, METHODS.read_text(encoding="utf-8")) == []
     shutil.rmtree(results)
+
+
+# --------------------------------------------------------------------------------------------
+# two tables recomputed from the doc alone
+
+
+def test_tables_recomputed_from_the_doc_alone_match(test_config_run):
+    """bench/recompute_from_methods.py (imports nothing from layerscope) recomputes the activation
+    statistics and the patching summary of the .test run from docs/methods.md's definitions, with
+    plain transformers; they must match the workflow's tables (about 10 s)."""
+    import ast
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location(
+        "recompute_from_methods", REPO / "bench" / "recompute_from_methods.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not any(m.split(".")[0] in ("layerscope", "devkit") for m in imported), imported
+    model = bench.GPT2LMHeadModel.from_pretrained(DEMO / "model", attn_implementation="eager")
+    tok = bench.AutoTokenizer.from_pretrained(DEMO / "model")
+    results = test_config_run / "results"
+    assert bench.check_stats(results, "demo", "numbers_phase2", model.eval(), tok) == []
+    opts = SimpleNamespace(
+        model_name="demo", components=["resid_post"], positions=2, heads=False, n_boot=1000, seed=0
+    )
+    pairs = DEMO / "data" / "patching_pairs.csv"
+    bos = bench.recorded_bos(results, "demo")
+    threads = bench.torch.get_num_threads()
+    bench.torch.set_num_threads(1)  # hundreds of tiny single-prompt passes: threads only contend
+    try:
+        assert bench.check_patching(results, "numbers", pairs, model, tok, bos, opts) == []
+    finally:
+        bench.torch.set_num_threads(threads)
