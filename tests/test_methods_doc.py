@@ -1,9 +1,9 @@
 """docs/methods.md defines every column of every table the workflow writes.
 
 The doc declares each table with a line ``Columns of `results/...csv```` (or ``Keys of
-`results/...summary.json```) followed by a markdown table whose first cell names the columns in
+`results/...json```) followed by a markdown table whose first cell names the columns in
 backticks (``{placeholder}`` parts match any text: ``norm_{task}``). :func:`undocumented` walks a
-results tree and lists every CSV column and every summary.json key that no such table defines,
+results tree and lists every CSV column and every top-level JSON key that no such table defines,
 and every table whose path matches no declared pattern; the tests run it on real outputs of the
 workflow's own writers, so a column added to any table without a definition fails here.
 """
@@ -56,7 +56,7 @@ def _pattern(template: str) -> re.Pattern:
 
 
 def table_columns(path: Path) -> list[str]:
-    """A CSV's header, or a summary.json's top-level keys."""
+    """A CSV's header, or a JSON file's top-level keys."""
     if path.suffix == ".json":
         with open(path, encoding="utf-8") as f:
             return list(json.load(f))
@@ -65,8 +65,13 @@ def table_columns(path: Path) -> list[str]:
 
 
 def results_tables(results: Path) -> list[Path]:
-    """Every table of a results tree: each CSV and each summary.json."""
-    return sorted(p for p in results.rglob("*") if p.suffix == ".csv" or p.name == "summary.json")
+    """Every table of a results tree: each CSV and each JSON (top-level keys), except the run
+    record ``results/manifest.json`` (the config and versions, not numbers of a method)."""
+    return sorted(
+        p
+        for p in results.rglob("*")
+        if p.suffix in (".csv", ".json") and p != results / "manifest.json"
+    )
 
 
 def undocumented(results: Path, text: str) -> list[str]:
