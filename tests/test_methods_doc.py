@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = REPO / "docs" / "methods.md"
@@ -293,3 +294,62 @@ def test_tables_recomputed_from_the_doc_alone_match(test_config_run):
         assert bench.check_patching(results, "numbers", pairs, model, tok, bos, opts) == []
     finally:
         bench.torch.set_num_threads(threads)
+
+
+def test_steering_scale_positions_and_kl_as_the_doc_defines_them():
+    """methods, Steering: the scale is the token-weighted mean norm without BOS over the inputs,
+    BOS is never steered, and the neutral KL averages the steered positions only; recomputed with
+    a plain-transformers hook loop (about 20 s, most of it loading the model twice)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from layerscope.engine.activations import load_engine
+    from layerscope.interventions import steering as S
+    from layerscope.jobs.steering_run import load_neutral, load_prompts
+
+    bridge, _ = load_engine(
+        str(DEMO / "model"), engine="native", components=["resid_post"], device="cpu"
+    )
+    hf = AutoModelForCausalLM.from_pretrained(DEMO / "model", attn_implementation="eager").eval()
+    prompts = load_prompts(DEMO / "data" / "steering" / "numbers.csv").iloc[:5]
+    neutral = load_neutral(DEMO / "data" / "steering" / "neutral.txt")[:3]
+    sp = S.prepare_prompts(bridge.tokenizer, prompts, neutral, prepend_bos=True)
+    d = np.random.default_rng(7).standard_normal(128)
+    res = S.steering_sweep(bridge, sp, {2: d}, alphas=[1.0], n_random=1, position="all")
+    row = res.effects.set_index(["source", "alpha", "metric"]).loc[("direction", 1.0)]
+
+    block = hf.transformer.h[2]
+
+    def logits(ids, vec=None):
+        grabbed = []
+
+        def hook(m, args, out):
+            grabbed.append(out[0].double())
+            if vec is None:
+                return None
+            out = out.clone()
+            out[:, 1:] += vec.to(out.dtype)  # every position but BOS
+            return out
+
+        handle = block.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                return hf(torch.tensor([ids])).logits[0].double(), grabbed[0]
+        finally:
+            handle.remove()
+
+    norms = [logits(ids)[1][1:].norm(dim=-1) for ids in sp.ids]  # BOS left out
+    scale = float(torch.cat(norms).mean())  # over tokens, not a mean of per-prompt means
+    assert float(res.norms["scale"].iloc[0]) == pytest.approx(scale, rel=1e-5)
+    vec = torch.as_tensor(scale * d / np.linalg.norm(d))
+    kls = []
+    for ids in sp.neutral_ids:
+        p0 = torch.log_softmax(logits(ids)[0], -1)[1:]
+        p1 = torch.log_softmax(logits(ids, vec)[0], -1)[1:]
+        kls.append(float((p0.exp() * (p0 - p1)).sum(-1).mean()))
+    assert row.loc["kl_neutral", "value"] == pytest.approx(np.mean(kls), rel=1e-3)
+    change = []
+    for ids, a, b in zip(sp.ids, sp.positive_id, sp.negative_id):
+        z0, z1 = logits(ids)[0][-1], logits(ids, vec)[0][-1]
+        change.append(float((z1[a] - z1[b]) - (z0[a] - z0[b])))
+    assert row.loc["logit_diff", "value"] == pytest.approx(np.mean(change), rel=1e-3, abs=1e-4)
