@@ -427,3 +427,8 @@ def test_logit_recovery_beside_the_rate(demo, demo_sweep):
     ]
     assert float(row.logit_recovery.iloc[0]) == pytest.approx(float(want["mean"].iloc[0]))
     assert s[s.position_kind == "gen"].logit_recovery.isna().all()
+    # every empty logit_recovery says why, every filled one has no note (docs/methods.md)
+    empty = s.logit_recovery.isna()
+    assert (s.loc[empty, "logit_recovery_note"] != "").all()
+    assert (s.loc[~empty, "logit_recovery_note"] == "").all() and (~empty).any()
+    assert s[s.position_kind == "gen"].logit_recovery_note.str.contains("gen cell").all()

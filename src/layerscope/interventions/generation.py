@@ -930,7 +930,8 @@ def add_logit_recovery(
     """Beside each prompt-position cell, the logit-difference recovery of the same cell (mean and
     bootstrap interval from :func:`layerscope.interventions.patching.summarize`); ``lengths`` from
     :func:`length_map`. NaN where the forward sweep has no such cell (``diff``, generation steps,
-    ranges, positions it did not sweep)."""
+    ranges, positions it did not sweep); ``logit_recovery_note`` then says why (empty where the
+    value is there)."""
     ld = ld_summary[(ld_summary["metric"] == "recovery") & (ld_summary["head"] == -1)]
     ld = ld[["n_tokens", "component", "layer", "position", "mean", "ci_low", "ci_high"]].rename(
         columns={
@@ -943,6 +944,31 @@ def add_logit_recovery(
     ld = ld.assign(position=ld["position"].astype(int).astype(str), position_kind="prompt")
     out = summary.assign(sweep_n_tokens=summary["n_tokens"].map(lambda n: lengths.get(int(n), -1)))
     out = out.merge(
-        ld, on=["sweep_n_tokens", "component", "layer", "position", "position_kind"], how="left"
+        ld,
+        on=["sweep_n_tokens", "component", "layer", "position", "position_kind"],
+        how="left",
+        indicator="_found",
     )
-    return out.drop(columns="sweep_n_tokens")
+    out["logit_recovery_note"] = [
+        _logit_recovery_note(kind, found == "both", value, n_tok, lengths)
+        for kind, found, value, n_tok in zip(
+            out["position_kind"], out["_found"], out["logit_recovery"], out["n_tokens"]
+        )
+    ]
+    return out.drop(columns=["sweep_n_tokens", "_found"])
+
+
+def _logit_recovery_note(
+    kind: str, found: bool, value: float, n_tokens: int, lengths: Mapping[int, int]
+) -> str:
+    """Why a generation cell has no logit-difference recovery beside it ("" when it has one)."""
+    if kind != "prompt":
+        what = "an unpatched run" if kind == "none" else f"a {kind} cell"
+        return f"{what}: the logit-difference sweep patches one prompt position at a time"
+    if int(n_tokens) not in lengths:
+        return "the pairs of this prompt length have several sweep lengths"
+    if not found:
+        return "the logit-difference sweep did not patch this cell (patching.positions/components)"
+    if not np.isfinite(value):
+        return "recovery undefined: clean and corrupted logit differences are equal for every pair"
+    return ""

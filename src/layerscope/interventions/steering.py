@@ -13,7 +13,8 @@ activation: the direction along which the probe's score rises fastest per unit o
 used as is (no second division by the scale).
 
 Intervention (:func:`steering_hook`): at hook ``blocks.L.hook_resid_post`` (or ``hook_resid_pre``)
-every row gets ``alpha * scale_L * u`` added at every position ``>= start`` of that row, where
+every row gets ``alpha * scale_L * u`` added at every position ``>= start`` of that row (never at
+a prepended BOS, which the scale leaves out too; see docs/methods.md, "Steering"), where
 ``u`` is the unit direction and ``scale_L`` the mean per-token L2 norm of the unsteered residual
 at that hook over the experiment's prompts (BOS left out), so ``alpha = 1`` means "a step as long
 as a typical residual vector at this layer" in every layer and model. The hook works on the
@@ -27,8 +28,8 @@ same for every run):
   answer token] - logit[negative answer token]`` at the answer position (t interval).
 * ``flip_rate``: share of prompts whose prediction (sign of LD) moves to the intended side (the
   positive answer for alpha > 0, the negative one for alpha < 0) from the other side (Wilson).
-* ``kl_neutral``: damage guard; mean over neutral prompts of the mean over their positions of
-  ``KL(p_unsteered || p_steered)`` of the next-token distributions (t interval).
+* ``kl_neutral``: damage guard; mean over neutral prompts of the mean over their steered
+  positions of ``KL(p_unsteered || p_steered)`` of the next-token distributions (t interval).
 
 Controls: ``n_random`` seeded Gaussian directions, unit-normalised, on the same grid. Their band
 per (layer, alpha, metric) is the 5 % and 95 % quantile across directions (value: the median).
@@ -274,13 +275,16 @@ def steering_hook(vector, starts, offset: list[int] | None = None) -> Callable:
     return hook
 
 
-def row_starts(lengths: Sequence[int], position: int | str) -> np.ndarray:
-    """First steered position per row: ``"all"`` -> 0; ``p >= 0`` -> p; ``p < 0`` -> length + p."""
+def row_starts(lengths: Sequence[int], position: int | str, first: int = 0) -> np.ndarray:
+    """First steered position per row: ``"all"`` -> 0; ``p >= 0`` -> p; ``p < 0`` -> length + p;
+    never before ``first`` (1 when BOS is prepended: BOS is not steered, see docs/methods.md)."""
     L = np.asarray(lengths, dtype=np.int64)
     if position == "all":
-        return np.zeros_like(L)
-    p = int(position)
-    return np.maximum(L + p, 0) if p < 0 else np.full_like(L, p)
+        starts = np.zeros_like(L)
+    else:
+        p = int(position)
+        starts = np.maximum(L + p, 0) if p < 0 else np.full_like(L, p)
+    return np.maximum(starts, int(first))
 
 
 def padded(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Any, Any]:
@@ -377,14 +381,22 @@ def logit_diffs(logits: Sequence[Any], pos_id: np.ndarray, neg_id: np.ndarray) -
     )
 
 
-def next_token_kl(base: Sequence[Any], steered: Sequence[Any]) -> np.ndarray:
-    """Per row: mean over positions of ``KL(softmax(base) || softmax(steered))`` (exactly 0 if
-    equal)."""
+def next_token_kl(
+    base: Sequence[Any], steered: Sequence[Any], starts: Sequence[int] | None = None
+) -> np.ndarray:
+    """Per row: mean over positions ``>= starts[row]`` (default: every position) of
+    ``KL(softmax(base) || softmax(steered))`` (exactly 0 if equal). Positions before the first
+    steered one cannot change (causal attention), so they are left out rather than averaged in as
+    zeros."""
     import torch
 
     out = []
-    for a, b in zip(base, steered):
-        la, lb = torch.log_softmax(a, dim=-1), torch.log_softmax(b, dim=-1)
+    for i, (a, b) in enumerate(zip(base, steered)):
+        s = 0 if starts is None else int(starts[i])
+        if s >= a.shape[0]:  # nothing of this row is steered
+            out.append(0.0)
+            continue
+        la, lb = torch.log_softmax(a[s:], dim=-1), torch.log_softmax(b[s:], dim=-1)
         out.append(float((la.exp() * (la - lb)).sum(dim=-1).mean()))
     return np.asarray(out)
 
@@ -509,7 +521,7 @@ def _measure(model, sp: SteeringPrompts, base, hook, vector, starts, batch_size,
     logits = run_rows(model, rows, hook, vector, starts, batch_size=batch_size, pad_id=pad_id)
     n = len(sp.ids)
     ld = logit_diffs(logits[:n], sp.positive_id, sp.negative_id)
-    return ld, next_token_kl(base[n:], logits[n:])
+    return ld, next_token_kl(base[n:], logits[n:], starts[n:])
 
 
 def _metric_rows(
@@ -680,7 +692,7 @@ def steering_sweep(
     units = _unit_directions(model, directions, layers, source)
     pad_id = int(getattr(model.tokenizer, "pad_token_id", None) or 0)
     rows = sp.ids + sp.neutral_ids
-    starts = row_starts([len(r) for r in rows], position)
+    starts = row_starts([len(r) for r in rows], position, first=int(sp.prepend_bos))
     n = len(sp.ids)
     hooks = {L: hook_name(component, L) for L in layers}
     with torch.inference_mode():
@@ -818,6 +830,7 @@ def generate(
     position: int | str = "all",
     batch_size: int = 64,
     use_cache: bool = True,
+    first: int = 0,
 ) -> tuple[list[list[int]], bool]:
     """Greedy generation of ``max_new_tokens`` for every row, steered by ``vector`` at ``hook`` (or
     not).
@@ -842,7 +855,7 @@ def generate(
             for b in range(0, len(idx), batch_size):
                 part = idx[b : b + batch_size]
                 ids = torch.tensor([list(rows[i]) for i in part], dtype=torch.long, device=device)
-                st = torch.as_tensor(row_starts([T] * len(part), position), dtype=torch.long)
+                st = torch.as_tensor(row_starts([T] * len(part), position, first), dtype=torch.long)
 
                 def hooks_for(offset, st=st):
                     return [] if hook is None else [(hook, steering_hook(vector, st, offset))]

@@ -447,6 +447,7 @@ def generations(
                 vector=vec,
                 position=experiment["positions"],
                 batch_size=batch_size,
+                first=int(sp.prepend_bos),
             )
             for pid, t, pos, neg in zip(
                 prompts["prompt_id"], toks, prompts["positive"], prompts["negative"]
