@@ -404,7 +404,7 @@ def _chunks(prepared, max_tokens: int | None) -> list[list[int]]:
 
 
 def _run_chunk(engine, cps, plan: _Plan, counts: dict):
-    """Scores of one chunk: ({cell kind: [k, ...] array}, {same for GradDrop}, clean LD, corr LD)."""
+    """Scores of one chunk: ({kind: [k, ...] array}, {same for GradDrop}, clean LD, corr LD)."""
     import torch
 
     dev = model_device(engine)
