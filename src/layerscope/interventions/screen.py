@@ -28,6 +28,7 @@ from layerscope.interventions import patching as P
 __all__ = [
     "ATTRIBUTION_COLUMNS",
     "attribution_table",
+    "attribution_table_from_means",
     "correlations",
     "miss_rate",
     "select_cells",
@@ -60,7 +61,18 @@ def attribution_table(cells: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFra
     summ = summ[summ["metric"] == "recovery"].rename(
         columns={"mean": "atp", "ci_low": "atp_ci_low", "ci_high": "atp_ci_high"}
     )
-    out = summ[KEY + ["token", "atp", "atp_ci_low", "atp_ci_high"]].reset_index(drop=True)
+    return attribution_table_from_means(
+        summ[KEY + ["token", "atp", "atp_ci_low", "atp_ci_high"]].reset_index(drop=True)
+    )
+
+
+def attribution_table_from_means(cells: pd.DataFrame) -> pd.DataFrame:
+    """Rank cells (``KEY``, ``token``, ``atp``, optional CIs) by ``|atp|`` and add the empty
+    ``exact``, ``verified`` and ``sample`` columns."""
+    out = cells.reset_index(drop=True).copy()
+    for col in ("atp_ci_low", "atp_ci_high"):
+        if col not in out:
+            out[col] = np.nan
     mag = out["atp"].abs().fillna(-1.0)
     order = np.lexsort((np.arange(len(out)), -mag.to_numpy()))
     rank = np.empty(len(out), dtype=np.int64)
