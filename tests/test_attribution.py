@@ -355,10 +355,11 @@ def test_verified_cells_equal_the_exact_sweep_bit_for_bit(native, bridge):
         components=["resid_pre", "attn_out", "mlp_out", "resid_post"],
         heads=True,
         head_positions="positions",
-        batch_size=1,
+        positions=6,
+        batch_size=64,
     )
     full = P.patch_sweep(bridge, PAIRS, **kw)
-    res = A.attribute(native, PAIRS, components=kw["components"], heads=True)
+    res = A.attribute(native, PAIRS, components=kw["components"], heads=True, positions=6)
     table = S.select_cells(S.attribution_table(res.cells(), 50, 0), 8, 12, seed=0)
     ver = P.patch_sweep(bridge, PAIRS, only=S.verify_keys(table), **kw)
     key = ["pair_id", "component", "layer", "position", "head", "metric"]
