@@ -460,3 +460,61 @@ def test_screen_job_writes_tables_and_figures(model_dir, tmp_path):
         PA.draw_attribution_scatter(table, summary, **names),
     ):
         assert fig.axes
+
+
+@pytest.fixture(scope="module")
+def attn_only_gqa(tmp_path_factory):
+    """A one-layer attention-only Qwen2 (4 query heads, 2 key/value heads, rotary), float64, no
+    final norm: LD is linear in the attention pattern here too."""
+    d = build_tiny_model(
+        tmp_path_factory.mktemp("gqa"), "qwen2", n_layers=1, d_model=32, n_heads=N_HEADS, seed=4
+    )
+    _sharpen(d, scale=6.0, attn_only=True)
+    eng = load_engine(str(d), engine="native")[0]
+    eng.model.double()
+    eng.model.model.norm = torch.nn.Identity()
+    return eng
+
+
+def _proj_patch(engine, pp, proj, head: int, p: int, d_head: int):
+    """Exact LD change from writing the clean output of ``proj`` (q_proj or k_proj, before the
+    rotary embedding, which acts per position) for one head at one position."""
+    box = {}
+    hook = proj.register_forward_hook(lambda m, a, o: box.setdefault("c", o.detach().clone()))
+    ids = torch.tensor([pp.clean_ids])
+    with torch.no_grad():
+        engine(ids, attention_mask=torch.ones_like(ids))
+    hook.remove()
+    sl = slice(head * d_head, (head + 1) * d_head)
+
+    def patch(m, a, o):
+        o = o.clone()
+        o[:, p, sl] = box["c"][:, p, sl]
+        return o
+
+    base = _ld_with(engine, pp)
+    hook = proj.register_forward_hook(patch)
+    try:
+        return _ld_with(engine, pp) - base
+    finally:
+        hook.remove()
+
+
+def test_qk_fix_with_grouped_query_attention_and_rotary(attn_only_gqa):
+    eng = attn_only_gqa
+    res = A.attribute(eng, PAIRS, components=[], heads=True, qk_fix=True)
+    assert res.scores["k"].shape[2] == 2 and res.scores["q"].shape[2] == N_HEADS
+    attn = eng.model.model.layers[0].self_attn
+    d_head = eng.cfg.d_model // N_HEADS
+    pp = _prepared(eng)[0]
+    j, last = pp.diff_positions[0], pp.n_tokens - 1
+    seen = []
+    for kv in range(2):
+        exact = _proj_patch(eng, pp, attn.k_proj, kv, j, d_head)
+        assert res.scores["k"][0, 0, kv, j] == pytest.approx(exact, rel=1e-7, abs=1e-9)
+        seen.append(abs(exact))
+    for head in range(N_HEADS):
+        exact = _proj_patch(eng, pp, attn.q_proj, head, last, d_head)
+        assert res.scores["q"][0, 0, head, last] == pytest.approx(exact, rel=1e-7, abs=1e-9)
+        seen.append(abs(exact))
+    assert max(seen) > 1e-4  # not vacuous

@@ -358,32 +358,50 @@ def _qk_scores(grad_z, corr, clean):
     """QK-fix scores of one layer: (q ``[B, T, H]``, k ``[B, T, H_kv]``), see the module doc.
 
     ``grad_z``: dLD/dz ``[B, T, H, d]``; ``corr`` / ``clean``: captured ``q [B, H, T, d]``,
-    ``k``, ``v`` ``[B, H_kv, T, d]`` and ``scaling``."""
+    ``k``, ``v`` ``[B, H_kv, T, d]`` and ``scaling``. One query head at a time, so the
+    ``[B, T, T]`` float64 temporaries of one head bound the memory (not ``[B, H, T, T]``)."""
     import torch
 
-    q, k, v = (corr[x].double() for x in "qkv")
-    s = corr["scaling"]
-    H, Hkv, T = q.shape[1], k.shape[1], q.shape[2]
+    H, Hkv, T = corr["q"].shape[1], corr["k"].shape[1], corr["q"].shape[2]
     rep = H // Hkv
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    kc = clean["k"].double().repeat_interleave(rep, 1)
-    qc = clean["q"].double()
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    A = _softmax_rows(q @ k.transpose(-1, -2) * s, causal)  # [B, H, T(query), T(key)]
-    g = grad_z.double().transpose(1, 2) @ v.transpose(-1, -2)  # dLD/dA, [B, H, T, T]
+    causal = torch.ones(T, T, dtype=torch.bool, device=grad_z.device).tril()
+    q_scores, k_scores = [], []
+    for h in range(H):
+        kv = h // rep  # grouped-query attention: the key/value head this query head reads
+        qs, ks = _qk_head(
+            grad_z[:, :, h].double(),
+            corr["q"][:, h].double(),
+            clean["q"][:, h].double(),
+            corr["k"][:, kv].double(),
+            clean["k"][:, kv].double(),
+            corr["v"][:, kv].double(),
+            corr["scaling"],
+            causal,
+        )
+        q_scores.append(qs)
+        k_scores.append(ks)
+    q_score = torch.stack(q_scores, -1)  # [B, T, H]
+    k_score = torch.stack(k_scores, -1).view(*q_score.shape[:2], Hkv, rep).sum(-1)
+    return q_score, k_score
+
+
+def _qk_head(gz, q, qc, k, kc, v, s, causal):
+    """Query and key scores ``[B, T]`` of one head (all float64 ``[B, T, d]`` inputs)."""
+    import torch
+
+    A = _softmax_rows(q @ k.transpose(-1, -2) * s, causal)  # [B, T(query), T(key)]
+    g = gz @ v.transpose(-1, -2)  # dLD/dA[t, j] = dLD/dz_t . v_j
     # query patched at t: row t recomputed with the clean query
-    A_q = _softmax_rows(qc @ k.transpose(-1, -2) * s, causal)
-    q_score = (g * (A_q - A)).sum(-1)  # [B, H, T]
-    # key patched at position j: one logit per row moves by delta[t, j]
-    delta = (q @ (kc - k).transpose(-1, -2)) * s  # [B, H, T(query), T(key)]
-    delta = delta.masked_fill(~causal, 0.0)
-    G = (g * A).sum(-1, keepdim=True)  # [B, H, T, 1]
-    z_new = 1.0 - A + A * torch.exp(delta)
-    dA = A * torch.exp(delta) / z_new - A
-    k_score = g * dA + (G - g * A) * (1.0 / z_new - 1.0)
-    k_score = k_score.masked_fill(~causal, 0.0).sum(2)  # over query positions -> [B, H, T]
-    k_score = k_score.view(k_score.shape[0], Hkv, rep, T).sum(2)  # query heads of one kv head
-    return q_score.transpose(1, 2), k_score.transpose(1, 2)
+    q_score = (g * (_softmax_rows(qc @ k.transpose(-1, -2) * s, causal) - A)).sum(-1)
+    # key patched at j: the logit (t, j) moves by delta[t, j] for every query t >= j; the new row
+    # is A with A_j * e^delta renormalised, written with m = max(0, delta) so nothing overflows
+    delta = ((q @ (kc - k).transpose(-1, -2)) * s).masked_fill(~causal, 0.0)
+    m = delta.clamp(min=0.0)
+    em, ed = torch.exp(-m), torch.exp(delta - m)
+    den = (1.0 - A) * em + A * ed
+    G = (g * A).sum(-1, keepdim=True)  # sum_j g[t, j] A[t, j]
+    k_cell = g * (A * ed / den - A) + (G - g * A) * (em / den - 1.0)
+    return q_score, k_cell.masked_fill(~causal, 0.0).sum(1)  # over query positions
 
 
 # --------------------------------------------------------------------------------------------

@@ -64,6 +64,21 @@ def _graddrop_column(res, table):
     return out
 
 
+def _graddrop_change(table) -> dict[str, Any]:
+    """What GradDrop changes on the verified cells: Spearman of |exact| with |atp| and with the
+    GradDrop magnitude, and how many of the top-k by each are among the top-k by |exact|."""
+    from scipy.stats import spearmanr
+
+    ver = table[table["verified"]]
+    out: dict[str, Any] = {"n_cells": int(len(ver))}
+    if len(ver) < 3:
+        return out
+    ex = ver["exact"].abs()
+    for name, col in (("abs_atp", ver["atp"].abs()), ("graddrop", ver["atp_graddrop"])):
+        out[f"spearman_abs_exact_vs_{name}"] = float(spearmanr(ex, col).statistic)
+    return out
+
+
 def attribution_experiment(
     pairs_path: PathLike,
     out: Mapping[str, PathLike],
@@ -122,6 +137,8 @@ def attribution_experiment(
     corr = S.correlations(table, settings.n_boot, settings.seed)
     miss = S.miss_rate(table)
     summary = S.summary(table, info, corr, miss) | {"notes": notes}
+    if a.grad_drop:
+        summary["graddrop"] = _graddrop_change(table)
     if summary["degenerate"]:
         log(f"WARNING {summary['degenerate']}")
     with atomic_path(out["table"]) as tmp:
