@@ -207,7 +207,7 @@ def run_shape(name: str, shape: dict, args, root: Path) -> dict:
     res, t_atp, mem_atp, n_atp = time_attribution(native, pairs, args.device, qk_fix=False)
     res_qk, t_qk, mem_qk, n_qk = time_attribution(native, pairs, args.device, qk_fix=True)
     _, t_gd, mem_gd, _ = time_attribution(native, pairs, args.device, qk_fix=False, grad_drop=True)
-    table = S.attribution_table(res.cells(), n_boot=0, seed=0)
+    table = S.attribution_table_from_means(res.means(n_boot=0).drop(columns="n_pairs"))
     done, t_sub, mem_ex, n_run, n_rows = time_exact_subset(
         bridge, pairs, table, args.exact_cells, args.batch_size, args.device, args.seed
     )

@@ -208,6 +208,28 @@ def test_batched_equals_unbatched(native):
     assert one.info["forward_passes_per_pair"] == 2 and one.info["backward_passes_per_pair"] == 1
 
 
+def test_means_on_arrays_equal_the_summary_of_the_tidy_cells(native):
+    """The array path (hundreds of pairs x 100,000 cells) gives summarize's numbers."""
+    df = PAIRS.copy()
+    df.loc[len(df)] = {
+        "pair_id": "p4",
+        "clean": "Which is larger: 1 or 2? Answer:",
+        "corrupted": "Which is larger: 3 or 2? Answer:",
+        "clean_answer": " 1",
+        "corrupted_answer": " 2",
+    }
+    res = A.attribute(native, df, components=["resid_pre", "mlp_out"], heads=True, positions=5)
+    fast = res.means(n_boot=200, seed=3)
+    slow = P.summarize(res.cells(), n_boot=200, seed=3)
+    slow = slow[slow.metric == "recovery"]
+    m = fast.merge(slow, on=S.KEY)
+    assert len(m) == len(fast) == len(slow) and fast["n_pairs"].max() > 1
+    assert (m["token_x"] == m["token_y"]).all() and (m["n_pairs_x"] == m["n_pairs_y"]).all()
+    for a, b in (("atp", "mean"), ("atp_ci_low", "ci_low"), ("atp_ci_high", "ci_high")):
+        assert np.allclose(m[a], m[b], rtol=1e-9, atol=1e-12, equal_nan=True)
+    assert np.isfinite(m["atp_ci_low"]).sum() > 10  # the bootstrap was compared, not only NaN
+
+
 def test_positions_and_unequal_lengths(native):
     res = A.attribute(native, PAIRS, components=["resid_post"], heads=True, positions=2)
     pp = _prepared(native)[0]

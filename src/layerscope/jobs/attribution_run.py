@@ -53,14 +53,11 @@ def _verify(model, settings, pairs, table, batch_size, device, engine, log):
 
 def _graddrop_column(res, table):
     """``atp_graddrop``: the mean over pairs of the GradDrop magnitude (recovery units)."""
-    from layerscope.interventions import patching as P
     from layerscope.interventions import screen as S
 
-    cells = res.cells_of(res.graddrop)
-    summ = P.summarize(cells, n_boot=0)
-    summ = summ[summ["metric"] == "recovery"].set_index(S.KEY)["mean"]
+    gd = res.means(n_boot=0, arrays=res.graddrop).set_index(S.KEY)["atp"]
     out = table.copy()
-    out["atp_graddrop"] = summ.reindex(pd.MultiIndex.from_frame(out[S.KEY])).to_numpy()
+    out["atp_graddrop"] = gd.reindex(pd.MultiIndex.from_frame(out[S.KEY])).to_numpy()
     return out
 
 
@@ -123,7 +120,8 @@ def attribution_experiment(
         prepend_bos=model.bos,
         log=log,
     )
-    table = S.attribution_table(res.cells(), settings.n_boot, settings.seed)
+    means = res.means(settings.n_boot, settings.seed)
+    table = S.attribution_table_from_means(means.drop(columns="n_pairs"))
     if a.grad_drop:
         table = _graddrop_column(res, table)
     notes = list(res.notes)
