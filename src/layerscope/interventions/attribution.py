@@ -550,7 +550,7 @@ def attribute(
     scores, gd = _alloc(shapes, n, n_pos), (_alloc(shapes, n, n_pos) if grad_drop else {})
     ld = np.full((n, 2), np.nan)
     counts = {"forward": 0, "backward": 0}
-    t0 = time.perf_counter()
+    t0, done = time.perf_counter(), 0
     for rows in _chunks(prepared, max_tokens_per_batch):
         cps = [prepared[i] for i in rows]
         with torch.enable_grad():
@@ -558,7 +558,8 @@ def attribute(
         _place(scores, plain, rows, cps, plan)
         _place(gd, drop, rows, cps, plan)
         ld[rows, 0], ld[rows, 1] = clean_ld, corr_ld
-        log(f"attribution: {rows[-1] + 1}/{n} pairs, {time.perf_counter() - t0:.1f} s")
+        done += len(rows)
+        log(f"attribution: {done}/{n} pairs, {time.perf_counter() - t0:.1f} s")
     seconds = time.perf_counter() - t0
     return _result(engine, prepared, plan, scores, gd, ld, counts, seconds, min_ld_gap, prepend)
 
