@@ -466,6 +466,12 @@ def _stack(scores: dict, plan: _Plan) -> dict[str, np.ndarray]:
     """Per cell kind, the chunk's scores stacked over layers: ``[k, L, T]`` or ``[k, L, H, T]``."""
     import torch
 
+    missing = [k for k in _expected(plan) if k not in scores]
+    if missing:
+        raise LayerscopeError(
+            f"attribution: no gradient reached {missing[:3]} (the tap is not on the path from "
+            "the input to the logits for this architecture)"
+        )
     out = {}
     for c in plan.components:
         out[c] = torch.stack([scores[(c, L)] for L in plan.layers], 1).cpu().numpy()
@@ -473,6 +479,11 @@ def _stack(scores: dict, plan: _Plan) -> dict[str, np.ndarray]:
         out[c] = torch.stack([scores[(c, L)] for L in plan.layers], 1).transpose(2, 3)
         out[c] = out[c].cpu().numpy()
     return out
+
+
+def _expected(plan: _Plan) -> list[tuple[str, int]]:
+    """Every (kind, layer) score the backward pass must deliver."""
+    return [(c, L) for c in plan.components + _head_kinds(plan) for L in plan.layers]
 
 
 def _head_kinds(plan: _Plan) -> list[str]:
@@ -536,6 +547,12 @@ def attribute(
     pairs_df = P.pairs_input(pairs)
     prepend = resolve_bos(engine.tokenizer, prepend_bos)
     prepared = P.prepare_pairs(engine.tokenizer, pairs_df, prepend_bos=prepend)
+    n_ctx = int(getattr(engine.cfg, "n_ctx", 0) or 0)
+    for pp in prepared:
+        if n_ctx and pp.n_tokens > n_ctx:
+            raise LayerscopeError(
+                f"pair {pp.pair_id!r} has {pp.n_tokens} tokens, more than the model context {n_ctx}"
+            )
     layers = list(range(int(engine.cfg.n_layers)))
     n_heads = _n_heads(engine) if heads else 0
     pos_of = {p.pair_id: P.resolve_positions(positions, p.n_tokens, p.pair_id) for p in prepared}
