@@ -289,7 +289,7 @@ def main(argv=None) -> int:
     rows = []
     for name in args.models:
         rows.append(run_shape(name, shapes[name], args, root))
-        print(f"{name}: done", file=sys.stderr, flush=True)
+        print(json.dumps(rows[-1], default=str), file=sys.stderr, flush=True)  # kept if cut short
     print(report(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2, default=str) + "\n")
