@@ -201,6 +201,24 @@ class GenerationSettings(Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class AttributionSettings(Section):
+    """Attribution patching and the screen (config ``patching.attribution``)."""
+
+    SCHEMA: ClassVar[tuple[str, ...]] = ("properties", "patching", "properties", "attribution")
+
+    qk_fix: bool
+    """AtP* QK fix: also estimate query and key cells with the softmax recomputed exactly."""
+    grad_drop: bool
+    """AtP* GradDrop: one more backward pass per layer, adds the atp_graddrop magnitude."""
+    top_k: int
+    """Screen: the top k cells by |atp| are patched exactly."""
+    n_random: int
+    """Screen: a seeded uniform sample of this many other cells is patched exactly."""
+    max_tokens_per_batch: int
+    """Tokens per side in one attribution batch."""
+
+
+@dataclasses.dataclass(frozen=True)
 class PatchingSettings(Section):
     """Activation patching (config ``patching``, less ``experiments``)."""
 
@@ -216,6 +234,10 @@ class PatchingSettings(Section):
     """Bootstrap resamples of the pairs for the summary intervals."""
     seed: int
     """Seed of the bootstrap."""
+    method: str
+    """exact, attribution or screen (an experiment's own method overrides it)."""
+    attribution: AttributionSettings
+    """Attribution patching and the screen."""
     generation: GenerationSettings
     """Generation-time patching."""
 

@@ -98,7 +98,15 @@ FIGURE_VIEW = {
 FORMATS = list(FIGURES.formats)
 TASK_GRIDS = sorted(d for d in DATASETS if config["datasets"][d]["kind"] == "task_grid")
 TASK_VECTOR_FIGURES = ["separation", "norms", "cosine_chosen", "cosine_best", "pca"]
-EXPERIMENTS = sorted(config["patching"]["experiments"])
+EXPERIMENTS_ALL = sorted(config["patching"]["experiments"])
+# Each experiment's method (its own key, else patching.method): exact experiments run the sweep,
+# attribution and screen experiments the attribution job.
+METHODS = {
+    e: config["patching"]["experiments"][e].get("method") or config["patching"]["method"]
+    for e in EXPERIMENTS_ALL
+}
+EXPERIMENTS = [e for e in EXPERIMENTS_ALL if METHODS[e] == "exact"]
+ATTRIBUTION_EXPERIMENTS = [e for e in EXPERIMENTS_ALL if METHODS[e] != "exact"]
 GENERATION_PATCHING = PATCHING.generation.enabled
 # Suffixes of the patching figures: heatmaps, per-head, generation recovery rate.
 PATCHING_FIGURES = (
@@ -113,6 +121,7 @@ wildcard_constraints:
     dataset="|".join(map(re.escape, DATASETS)),
     group="|".join(map(re.escape, GENERALIZATION)) or "(?!)",
     experiment="|".join(map(re.escape, EXPERIMENTS)) or "(?!)",
+    atp_experiment="|".join(map(re.escape, ATTRIBUTION_EXPERIMENTS)) or "(?!)",
     layer=r"\d+",
 
 
@@ -140,6 +149,14 @@ def names_regex(names):
     return "|".join(map(re.escape, sorted(names))) or "(?!)"
 
 
+def attribution_settings(experiment):
+    """What an attribution job computes from: the sweep's cells, the attribution keys and the
+    experiment's method (not the generation settings)."""
+    settings = {k: v for k, v in PATCHING.to_dict().items() if k != "generation"}
+    settings["method"] = METHODS[experiment]
+    return settings
+
+
 def model_identity(model):
     """The model settings that cached numbers depend on (not batch_size or device: float noise only)."""
     return MODEL_SETTINGS[model].identity()
@@ -154,7 +171,7 @@ def task_vector_compute_settings(model):
 
 def patching_settings(model):
     """What a patching job computes from (generation settings only when generation patching is on)."""
-    settings = PATCHING.to_dict()
+    settings = {k: v for k, v in PATCHING.to_dict().items() if k not in ("method", "attribution")}
     if not GENERATION_PATCHING:
         settings["generation"] = {"enabled": False}
     return settings
@@ -189,6 +206,9 @@ def figure_targets():
     if len(MODELS) > 1:
         targets += outputs_of(rules.depth_comparison, dataset=DATASETS)
     targets += outputs_of(rules.plot_patching, model=MODELS, experiment=EXPERIMENTS)
+    targets += outputs_of(
+        rules.plot_attribution, model=MODELS, atp_experiment=ATTRIBUTION_EXPERIMENTS
+    )
     targets += outputs_of(rules.plot_steering, model=MODELS, steer=STEER_EXPERIMENTS)
     return targets
 
@@ -205,6 +225,9 @@ def all_targets():
     targets += expand(rules.generalization.output.table, model=MODELS, group=GENERALIZATION)
     targets += expand(rules.task_vectors.output.scores, model=MODELS, dataset=TASK_GRIDS)
     targets += expand(rules.patching.output.summary, model=MODELS, experiment=EXPERIMENTS)
+    targets += expand(
+        rules.attribution.output.summary, model=MODELS, atp_experiment=ATTRIBUTION_EXPERIMENTS
+    )
     targets += expand(rules.steering.output.effects, model=MODELS, steer=STEER_EXPERIMENTS)
     targets.append(rules.manifest.output[0])
     return targets + figure_targets()

@@ -124,3 +124,70 @@ rule plot_patching:
         formats=FORMATS,
     script:
         "../scripts/plot_patching.py"
+
+
+# Attribution patching (method attribution or screen): every cell estimated from 2 forward passes
+# and 1 backward pass per pair; the screen verifies the top cells and a random sample exactly.
+rule attribution:
+    input:
+        pairs=lambda wc: config["patching"]["experiments"][wc.atp_experiment]["pairs"],
+        model=lambda wc: model_files(model_cfg(wc).source),
+    output:
+        table=report(
+            "results/patching/{model}/{atp_experiment}/attribution.csv",
+            category="Patching",
+            subcategory="{model}",
+            caption="../report/patching_attribution.rst",
+            labels={
+                "model": "{model}",
+                "experiment": "{atp_experiment}",
+                "table": "attribution patching",
+            },
+        ),
+        arrays="results/patching/{model}/{atp_experiment}/attribution.h5",
+        summary="results/patching/{model}/{atp_experiment}/attribution_summary.json",
+    log:
+        "logs/attribution/{model}/{atp_experiment}.log",
+    benchmark:
+        "benchmarks/attribution/{model}/{atp_experiment}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=120,
+    params:
+        model=lambda wc: stable(model_identity(wc.model)),
+        settings=lambda wc: stable(attribution_settings(wc.atp_experiment)),
+    script:
+        "../scripts/attribution.py"
+
+
+rule plot_attribution:
+    input:
+        table=rules.attribution.output.table,
+        summary=rules.attribution.output.summary,
+    output:
+        **(
+            {"heads": "results/figures/{model}/attribution_{atp_experiment}_heads.png"}
+            if PATCHING.heads
+            else {}
+        ),
+        heatmaps="results/figures/{model}/attribution_{atp_experiment}.png",
+        scatter="results/figures/{model}/attribution_{atp_experiment}_scatter.png",
+        extra=[
+            path
+            for name in ["", "_scatter"] + (["_heads"] if PATCHING.heads else [])
+            for path in extra_formats(
+                f"results/figures/{{model}}/attribution_{{atp_experiment}}{name}"
+            )
+        ],
+    log:
+        "logs/plot_attribution/{model}/{atp_experiment}.log",
+    conda:
+        "../../envs/core.yaml"
+    params:
+        formats=FORMATS,
+    script:
+        "../scripts/plot_attribution.py"

@@ -473,7 +473,7 @@ def _recovery(patched, clean, corrupted, min_gap):
     return float((patched - corrupted) / gap)
 
 
-def _resolve_positions(positions, n_tokens: int, pair_id: str) -> list[int]:
+def resolve_positions(positions, n_tokens: int, pair_id: str) -> list[int]:
     """Token indices of ``positions`` (``all``, ``last``, k or a list) in a pair."""
     if isinstance(positions, str):
         if positions == "all":
@@ -539,7 +539,7 @@ def heads_available(bridge) -> bool:
     return HEAD_HOOK.format(L=0) in bridge.hook_dict
 
 
-def _pairs_input(pairs) -> pd.DataFrame:
+def pairs_input(pairs) -> pd.DataFrame:
     """Pairs as a DataFrame: given, read from a path, or built from dicts."""
     if isinstance(pairs, pd.DataFrame):
         return pairs
@@ -578,7 +578,7 @@ def patch_cells(
         pos_list = (
             list(range(T))
             if pos == "all"
-            else _resolve_positions(
+            else resolve_positions(
                 list(pos) if not isinstance(pos, int) else [pos], T, pair.pair_id
             )
         )
@@ -689,6 +689,7 @@ class _SweepPlan:
     hooks: list[str]
     chunks: list[list[int]]
     n_groups: int
+    only: frozenset | None = None  # (n_tokens, component, layer, position, head) cells to run
 
 
 @dataclass
@@ -706,7 +707,7 @@ def _check_sweep(bridge, pairs, components, layers, heads, batch_size, head_posi
         raise LayerscopeError(f"batch_size must be >= 1, got {batch_size}")
     if head_positions not in ("last", "positions"):
         raise LayerscopeError(f"head_positions {head_positions!r}: expected 'last' or 'positions'")
-    pairs_df = _pairs_input(pairs)
+    pairs_df = pairs_input(pairs)
     if len(pairs_df) == 0:
         raise LayerscopeError("no pairs to patch")
     components = _check_components(bridge, components)
@@ -737,7 +738,16 @@ def _length_chunks(prepared: Sequence[PreparedPair], batch_size: int) -> tuple[l
 
 
 def _plan_sweep(
-    bridge, pairs_df, components, layers, do_heads, positions, head_positions, batch_size, bos
+    bridge,
+    pairs_df,
+    components,
+    layers,
+    do_heads,
+    positions,
+    head_positions,
+    batch_size,
+    bos,
+    only=None,
 ) -> _SweepPlan:
     """Tokenize the pairs, resolve every pair's positions and list the hooks to cache."""
     tokenizer = bridge.tokenizer
@@ -749,7 +759,7 @@ def _plan_sweep(
             raise LayerscopeError(
                 f"pair {pp.pair_id!r} has {pp.n_tokens} tokens, more than the model context {n_ctx}"
             )
-    pos_of = {pp.pair_id: _resolve_positions(positions, pp.n_tokens, pp.pair_id) for pp in prepared}
+    pos_of = {pp.pair_id: resolve_positions(positions, pp.n_tokens, pp.pair_id) for pp in prepared}
     head_pos_of = {
         pp.pair_id: ([pp.n_tokens - 1] if head_positions == "last" else pos_of[pp.pair_id])
         for pp in prepared
@@ -770,6 +780,7 @@ def _plan_sweep(
         hooks=hooks,
         chunks=chunks,
         n_groups=n_groups,
+        only=None if only is None else frozenset(only),
     )
 
 
@@ -801,15 +812,22 @@ def _chunk_cells(cps: Sequence[PreparedPair], plan: _SweepPlan) -> tuple[list[_C
         for comp in plan.components:
             for L in plan.layers:
                 for p in plan.pos_of[pp.pair_id]:
-                    cells.append(_Cell(slot, _component_hook(comp, L), (p,)))
-                    meta.append((comp, L, p, -1))
+                    if _selected(plan, pp, (comp, L, p, -1)):
+                        cells.append(_Cell(slot, _component_hook(comp, L), (p,)))
+                        meta.append((comp, L, p, -1))
         if plan.heads:
             for L in plan.layers:
                 for h in range(plan.n_heads):
                     for p in plan.head_pos_of[pp.pair_id]:
-                        cells.append(_Cell(slot, _component_hook(HEAD_COMPONENT, L), (p,), h))
-                        meta.append((HEAD_COMPONENT, L, p, h))
+                        if _selected(plan, pp, (HEAD_COMPONENT, L, p, h)):
+                            cells.append(_Cell(slot, _component_hook(HEAD_COMPONENT, L), (p,), h))
+                            meta.append((HEAD_COMPONENT, L, p, h))
     return cells, meta
+
+
+def _selected(plan: _SweepPlan, pp: PreparedPair, cell: tuple) -> bool:
+    """Whether ``cell`` (component, layer, position, head) of ``pp`` is run (``only``)."""
+    return plan.only is None or (pp.n_tokens, *cell) in plan.only
 
 
 def _run_cells(bridge, cps, cells, base, clean_src, same, *, skip_identical, batch_size, counts):
@@ -838,7 +856,7 @@ def _run_cells(bridge, cps, cells, base, clean_src, same, *, skip_identical, bat
     return values
 
 
-def _pair_row(tokenizer, pp: PreparedPair, clean_ld: float, corr_ld: float) -> dict[str, Any]:
+def pair_row(tokenizer, pp: PreparedPair, clean_ld: float, corr_ld: float) -> dict[str, Any]:
     """One row of :attr:`PatchingResult.pairs`: baseline LDs, answer tokens and tokens."""
     return {
         "pair_id": pp.pair_id,
@@ -892,7 +910,7 @@ def _sweep_chunk(bridge, cps, plan: _SweepPlan, settings: Mapping[str, Any], cou
     pair_rows = []
     for slot, pp in enumerate(cps):
         clean_ld, corr_ld = float(base[slot]), float(base[k + slot])
-        pair_rows.append(_pair_row(bridge.tokenizer, pp, clean_ld, corr_ld))
+        pair_rows.append(pair_row(bridge.tokenizer, pp, clean_ld, corr_ld))
         if abs(clean_ld - corr_ld) < settings["min_ld_gap"]:
             notes.append(
                 f"pair {pp.pair_id!r}: clean and corrupted logit differences are equal "
@@ -963,6 +981,7 @@ def patch_sweep(
     skip_identical: bool = True,
     log: Callable[[str], Any] | None = None,
     model_info: Mapping[str, Any] | None = None,
+    only: Iterable[tuple] | None = None,
 ) -> PatchingResult:
     """Patch clean activations into corrupted runs, one (component, layer, position) at a time.
 
@@ -975,6 +994,9 @@ def patch_sweep(
     (e.g. every position before the first differing token, by causality) are not run; the patch
     would write the values already there, so their LD is the corrupted LD (recovery 0).
     ``min_ld_gap``: recovery is NaN for a pair with ``|LD_clean - LD_corrupted| < min_ld_gap``.
+    ``only``: run just these ``(n_tokens, component, layer, position, head)`` cells (head -1 for
+    components) of the sweep, with the same baselines and batching rules (the screen's
+    verification); every other cell is left out of the result.
     """
     log = log or (lambda msg: None)
     notes: list[str] = []
@@ -991,6 +1013,7 @@ def patch_sweep(
         head_positions,
         batch_size,
         prepend_bos,
+        only,
     )
     settings = dict(skip_identical=skip_identical, batch_size=batch_size, min_ld_gap=min_ld_gap)
     log(
