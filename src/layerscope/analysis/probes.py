@@ -904,6 +904,11 @@ def _baselines(codes: np.ndarray, k: int) -> tuple[dict[str, float], dict[str, f
     return majority, chance
 
 
+def jsonable(obj: Any) -> Any:
+    """``obj`` made JSON-safe: numpy -> Python, NaN/inf -> None, tuples -> lists, keys -> str."""
+    return _jsonable(obj)
+
+
 def _jsonable(obj: Any) -> Any:
     """Recursively: numpy -> Python, NaN/inf -> None, tuples -> lists, keys -> str."""
     if isinstance(obj, dict):

@@ -20,6 +20,7 @@ from layerscope.atomic import write_csv
 from layerscope.data.consistency import check_files_against_table
 from layerscope.data.h5cache import layer_attrs, read_layers
 from layerscope.errors import LayerscopeError
+from layerscope.jobs.probe_runs import probe_rows
 from layerscope.plotting import plots
 from layerscope.settings import ModelSettings, PatchingSettings, PrecisionSettings, ProbeSettings
 
@@ -28,6 +29,7 @@ PathLike = str | os.PathLike
 
 def best_layer(summary: pd.DataFrame, *, metric: str, component: str, pooling: str) -> int:
     """Layer with the highest mean ``metric`` for one (component, pooling); earliest on ties."""
+    summary = probe_rows(summary)  # the best layer is the logistic probe's
     rows = summary[
         (summary.metric == metric) & (summary.component == component) & (summary.pooling == pooling)
     ]
@@ -47,7 +49,7 @@ def probe_figure(
     n_layers: int | None,
     formats: Sequence[str],
 ) -> list[str]:
-    summary = pd.read_csv(summary_csv)
+    summary = probe_rows(pd.read_csv(summary_csv))
     return plots.metric_vs_layer(
         summary,
         out,
@@ -276,7 +278,7 @@ def _summary_cells(
     """(dataset, layer) -> the probe summary's mean and interval for one view and metric."""
     out = {}
     for name, path in summaries.items():
-        s = pd.read_csv(path)
+        s = probe_rows(pd.read_csv(path))
         s = s[(s.metric == metric) & (s.component == component) & (s.pooling == pooling)]
         for _, r in s.iterrows():
             out[(name, int(r["layer"]))] = {
@@ -339,7 +341,7 @@ def depth_comparison(
     """Every model's probe curve on a relative-depth axis, best layer marked."""
     frames = []
     for model, path in summaries.items():
-        s = pd.read_csv(path)
+        s = probe_rows(pd.read_csv(path))
         s = s[(s.metric == metric) & (s.component == component) & (s.pooling == pooling)].copy()
         s["model"] = model
         s["n_layers"] = n_layers[model]
