@@ -19,6 +19,7 @@ from layerscope.settings import (
     ModelSettings,
     PatchingSettings,
     PrecisionSettings,
+    ProbeCausalSettings,
     ProbeSettings,
     TaskVectorSettings,
 )
@@ -195,6 +196,7 @@ def all_targets():
     for output in (
         rules.layer_index.output[0],
         rules.probe_summary.output[0],
+        rules.probe_card.output[0],
         rules.activation_stats.output[0],
     ):
         targets += expand(output, model=MODELS, dataset=DATASETS)
