@@ -541,9 +541,12 @@ def _draw_metric_vs_layer(
 ) -> Figure:
     """One curve per (component, pooling) with its interval band and best layer starred, the
     chance and majority-baseline lines, and a legend below the axes."""
+    if "probe" in summary.columns:  # the curves are the logistic probe's
+        summary = summary[summary["probe"] == "logistic"]
     df = _filter_summary(summary, metric, model, dataset)
     keys = [k for k in ("component", "pooling") if k in df.columns]
     groups = list(df.groupby(keys, sort=True)) if keys else [((), df)]
+    passing = _passing_layers(summary, keys)
     with style():
         fig = new_figure(6.4 if len(groups) <= 4 else 7.8, 4.2)
         ax = fig.add_subplot()
@@ -552,13 +555,13 @@ def _draw_metric_vs_layer(
         for i, (key, g) in enumerate(groups):
             key = key if isinstance(key, tuple) else (key,)
             name = " / ".join(str(k) for k in key) if keys else metric_name(metric)
-            handles.append(
-                _probe_curve(
-                    ax, g.sort_values("layer"), name, colors[i], MARKERS[i % len(MARKERS)], all_y
-                )
-            )
+            g = g.sort_values("layer")
+            handles.append(_probe_curve(ax, g, name, colors[i], MARKERS[i % len(MARKERS)], all_y))
+            _mark_passing(ax, g, passing.get(key, set()), colors[i])
         handles += _chance_lines(ax, df, all_y)
         handles += _curve_legend_keys()
+        if "passes_checks" in summary.columns:
+            handles.append(_passing_key())
         ax.set_xlabel("layer")
         ax.set_ylabel(metric_axis_label(metric, _n_classes(df)))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -580,6 +583,50 @@ def _draw_metric_vs_layer(
             or _title(f"Linear probe {metric_name(metric)} by layer", model=model, dataset=dataset)
         )
     return fig
+
+
+def _passing_layers(summary: pd.DataFrame, keys: list[str]) -> dict[tuple, set[int]]:
+    """(component, pooling) -> layers whose primary row passes every validity check (logistic)."""
+    if "passes_checks" not in summary.columns or "primary" not in summary.columns:
+        return {}
+    rows = summary[summary["primary"].astype(bool) & (summary["passes_checks"] == True)]  # noqa: E712
+    if "probe" in rows.columns:
+        rows = rows[rows["probe"] == "logistic"]
+    out: dict[tuple, set[int]] = {}
+    for _, r in rows.iterrows():
+        out.setdefault(tuple(r[k] for k in keys), set()).add(int(r["layer"]))
+    return out
+
+
+def _mark_passing(ax, g: pd.DataFrame, layers: set[int], color) -> None:
+    """A ring around each point of a layer that passes every check."""
+    sel = g[g["layer"].astype(int).isin(layers)]
+    if sel.empty:
+        return
+    ax.plot(
+        sel["layer"].to_numpy(dtype=float),
+        pd.to_numeric(sel["mean"], errors="coerce").to_numpy(dtype=float),
+        marker="o",
+        markersize=11,
+        markerfacecolor="none",
+        markeredgecolor=color,
+        markeredgewidth=1.4,
+        linestyle="none",
+        zorder=5,
+    )
+
+
+def _passing_key() -> Line2D:
+    return Line2D(
+        [],
+        [],
+        marker="o",
+        markersize=9,
+        markerfacecolor="none",
+        markeredgecolor="#555555",
+        linestyle="none",
+        label="passes every check (interval, selectivity, Holm p, random band)",
+    )
 
 
 def _probe_curve(ax, g: pd.DataFrame, name: str, color, marker: str, all_y: list) -> Line2D:
