@@ -225,3 +225,23 @@ def run_summary():
         f"  snakemake --report results/report.html {configfiles}".rstrip(),
     ]
     return "\n".join(lines)
+
+
+def causal_inputs(wc):
+    """Inputs of a probe_causal job: the steering experiment's files, every layer's probe file and
+    the probe summary of the direction's dataset (the best layer is read from it)."""
+    exp = STEER[(wc.model, wc.steer)]
+    ds = exp["direction"]["dataset"]
+    files = experiment_inputs(exp, wc.model)
+    files["probes"] = per_layer(rules.train_probe.output[0], wc.model, ds)
+    files["summary"] = expand(rules.probe_summary.output[0], model=wc.model, dataset=ds)[0]
+    return files
+
+
+def causal_of_dataset(wc):
+    """The causal-test tables of the experiments whose direction is this dataset's probe."""
+    return [
+        f"results/probes/{wc.model}/causal_{e}.csv"
+        for e in CAUSAL_STEER
+        if STEER[(wc.model, e)]["direction"]["dataset"] == wc.dataset
+    ]

@@ -95,23 +95,6 @@ for _m in MODELS:
         )
 
 
-def causal_inputs(wc):
-    exp = STEER[(wc.model, wc.steer)]
-    ds = exp["direction"]["dataset"]
-    files = experiment_inputs(exp, wc.model)
-    files["probes"] = per_layer(rules.train_probe.output[0], wc.model, ds)
-    files["summary"] = expand(rules.probe_summary.output[0], model=wc.model, dataset=ds)[0]
-    return files
-
-
-def causal_of_dataset(wc):
-    return [
-        f"results/probes/{wc.model}/causal_{e}.csv"
-        for e in CAUSAL_STEER
-        if STEER[(wc.model, e)]["direction"]["dataset"] == wc.dataset
-    ]
-
-
 rule probe_causal:
     input:
         unpack(causal_inputs),
