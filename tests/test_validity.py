@@ -239,3 +239,13 @@ def test_holm_and_bh_against_scipy_and_by_hand():
     assert np.allclose(V.benjamini_hochberg(q), false_discovery_control(q, method="bh"))
     with_nan = V.holm([0.01, None, 0.02])
     assert np.isnan(with_nan[1]) and np.allclose(with_nan[[0, 2]], [0.02, 0.02])
+
+
+def test_reliability_diagram_draws(tmp_path):
+    from layerscope.plotting import plots
+
+    rng = np.random.default_rng(10)
+    y, p = rng.integers(0, 2, 50), rng.random(50)
+    curves = {"logistic": {"bins": V.reliability_bins(y, p, 5), "ece": V.ece_equal_mass(y, p, 5)}}
+    paths = plots.reliability_diagram(curves, tmp_path / "rel.png")
+    assert (tmp_path / "rel.png").stat().st_size > 5_000 and len(paths) == 1

@@ -177,7 +177,7 @@ def outputs_of(rule, **wildcards):
 def figure_targets():
     """Every figure the config asks for, in every format (rules are defined when this is called)."""
     targets = []
-    for rule in (rules.plot_probes, rules.plot_geometry) + (
+    for rule in (rules.plot_probes, rules.plot_geometry, rules.plot_reliability) + (
         (rules.plot_tsne,) if FIGURES.tsne else ()
     ):
         targets += outputs_of(rule, model=MODELS, dataset=DATASETS)

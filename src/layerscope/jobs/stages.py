@@ -607,3 +607,38 @@ def _generation_patching(
         f"({rows.attrs['n_skipped_identical']} skipped as identical) "
         f"in {time.perf_counter() - t0:.1f} s"
     )
+
+
+def reliability_figure(
+    probe_jsons: Sequence[PathLike],
+    summary_csv: PathLike,
+    out: PathLike,
+    *,
+    metric: str,
+    component: str,
+    pooling: str,
+    model: str,
+    dataset: str,
+    formats: Sequence[str],
+) -> int:
+    """The reliability diagram of every probe family at the best layer of one view (repeat 0's
+    held-out probabilities, equal-mass bins, from the layer's probe JSON). Returns that layer."""
+    import json
+
+    best = best_layer(pd.read_csv(summary_csv), metric=metric, component=component, pooling=pooling)
+    for path in probe_jsons:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+        if int(doc["layer"]) != best:
+            continue
+        probe = next(
+            p for p in doc["probes"] if p["component"] == component and p["pooling"] == pooling
+        )
+        curves = {
+            fam: {"bins": e["calibration"]["reliability"], "ece": e["calibration"]["ece"]["value"]}
+            for fam, e in probe["validity"]["families"].items()
+        }
+        title = f"{model} / {dataset}: calibration at layer {best} ({component}/{pooling})"
+        plots.reliability_diagram(curves, out, title=title, formats=formats)
+        return best
+    raise LayerscopeError(f"no probe file for the best layer {best} among the inputs")

@@ -28,7 +28,7 @@ import json
 import math
 import os
 import textwrap
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -1962,3 +1962,44 @@ def steering_dose_response(
     :mod:`layerscope.jobs.steering_run`)."""
     fig = _draw_steering_dose_response(effects, model=model, experiment=experiment)
     return _finish(fig, out, formats, dpi)
+
+
+# ------------------------------------------------------------------------------------------
+# reliability diagram (probe calibration, issue 20)
+# ------------------------------------------------------------------------------------------
+
+
+def _draw_reliability(curves: Mapping[str, Any], *, title: str) -> Figure:
+    """One line per probe family: observed rate against mean predicted probability per
+    equal-mass bin, the diagonal of perfect calibration, ECE in the legend.
+    ``curves``: family -> {"bins": [{"p_mean", "y_mean", "n"}], "ece": float}."""
+    with style():
+        fig = new_figure(4.8, 4.6)
+        ax = fig.add_subplot()
+        ax.plot([0, 1], [0, 1], color="#555555", linestyle="--", linewidth=1.0, label="calibrated")
+        colors = palette(len(curves))
+        for i, (name, c) in enumerate(curves.items()):
+            p = [b["p_mean"] for b in c["bins"]]
+            y = [b["y_mean"] for b in c["bins"]]
+            ece = c.get("ece")
+            label = name + (f" (ECE {ece:.3f})" if ece is not None else "")
+            ax.plot(p, y, color=colors[i], marker=MARKERS[i % len(MARKERS)], label=label)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("mean predicted probability (equal-mass bin)")
+        ax.set_ylabel("observed rate")
+        ax.legend(loc="upper left", fontsize="small")
+        ax.set_title(title)
+    return fig
+
+
+def reliability_diagram(
+    curves: Mapping[str, Any],
+    out,
+    *,
+    title: str = "Reliability of held-out probe probabilities",
+    formats: Sequence[str] = ("png",),
+    dpi: float = DEFAULT_DPI,
+) -> list[str]:
+    """Draw and save :func:`_draw_reliability`; returns the written paths."""
+    return _finish(_draw_reliability(curves, title=title), out, formats, dpi)
