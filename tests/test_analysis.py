@@ -212,3 +212,39 @@ def test_task_vector_analysis_on_a_cached_grid(cached, tmp_path):
             dataset="grid",
             formats=["png"],
         )
+
+
+def test_summary_has_families_validity_columns_and_corrected_p(cached, tmp_path):
+    """Issue 20: the logistic rows are what they always were (summary_rows of the stored result),
+    each family adds its rows, the corrected p-values are Holm/BH of the logistic primary rows, and
+    the probe card holds every family at the best layer."""
+    from layerscope.analysis.probes import summary_rows
+    from layerscope.analysis.validity import benjamini_hochberg, holm
+    from layerscope.jobs.probe_causal_run import probe_card
+
+    root, files = cached
+    summary, jsons = _probe_summary(root, files, "a")
+    assert set(summary.probe) == {"logistic", "mass_mean", "lda"}
+    doc = json.loads(jsons[0].read_text())
+    view = doc["probes"][0]
+    keys = dict(model="tiny", dataset="a", layer=0, component=view["component"])
+    old = summary_rows(view["result"], (0.55, 0.65), **keys, pooling=view["pooling"])
+    logistic = [r for r in view["rows"] if r["probe"] == "logistic"]
+    assert [{c: r[c] for c in old[0]} for r in logistic] == old
+    assert set(old[0]) <= set(summary.columns)
+    prim = summary[(summary.probe == "logistic") & summary.primary.astype(bool)]
+    assert np.allclose(prim.p_holm, holm(prim.p_permutation), equal_nan=True)
+    assert np.allclose(prim.p_bh, benjamini_hochberg(prim.p_permutation), equal_nan=True)
+    fam = summary[summary.primary.astype(bool)]
+    for col in ("selectivity", "selectivity_ci_low", "ece", "recall_fpr_1pct", "cos_logistic"):
+        assert fam[col].notna().all(), col
+    assert set(view["validity"]["families"]) == {"logistic", "mass_mean", "lda"}
+    card = probe_card(
+        root / "a" / "summary.csv",
+        [],
+        tmp_path / "card.csv",
+        model="tiny",
+        dataset="a",
+        metric="auroc",
+    )
+    assert len(card) == 2 * 3 and card.causal.str.startswith("not tested").all()

@@ -19,6 +19,7 @@ SECTIONS = [
     S.ModelSettings,
     S.ActivationSettings,
     S.ProbeSettings,
+    S.ProbeCausalSettings,
     S.GenerationSettings,
     S.PatchingSettings,
     S.PrecisionSettings,
@@ -28,7 +29,7 @@ SECTIONS = [
 # Keys of a section that only the Snakefile reads (what runs, how it is split), not any job.
 WORKFLOW_ONLY = {
     "ActivationSettings": {"shards"},
-    "ProbeSettings": {"generalization"},
+    "ProbeSettings": {"generalization", "causal"},
     "PatchingSettings": {"experiments"},
 }
 
@@ -119,7 +120,7 @@ def test_json_is_what_the_params_always_were(repo):
         less("activations", {"shards"})
     )
     assert S.ProbeSettings.of(config["probes"]).to_json() == stable(
-        less("probes", {"generalization"})
+        less("probes", {"generalization", "causal"})
     )
     assert S.PrecisionSettings.of(config["precision"]).to_json() == stable(config["precision"])
     patching = S.PatchingSettings.of(config["patching"]).to_dict()

@@ -113,6 +113,8 @@ def test_demo_run_and_rerun_only_changed_layers(tmp_path):
     per_layer_aggregates = {
         "layer_index": 2,
         "probe_summary": 2,
+        "probe_card": 2,
+        "plot_reliability": 2,
         "activation_stats": 2,
         "plot_probes": 2,
         "plot_geometry": 2,

@@ -175,6 +175,38 @@ class ProbeSettings(Section):
     """Seed of folds, permutations and random directions."""
     thresholds: tuple[float, float]
     """Interval bounds for "weak" and "direction exists" (shifted to each metric's baseline)."""
+    families: tuple[str, ...]
+    """Probe families fitted on the same folds (always including logistic)."""
+    shrinkages: tuple[float, ...]
+    """Covariance shrinkage grid of the lda probe, chosen by the inner cross-validation."""
+    control_task: bool
+    """Also fit every family on a control labelling and report selectivity."""
+    n_boot: int
+    """Bootstrap resamples of the selectivity and calibration intervals."""
+    calibration_bins: int
+    """Equal-mass bins of the expected calibration error."""
+    fprs: tuple[float, ...]
+    """False-positive rates at which recall is reported."""
+    alpha: float
+    """Level of the Holm-corrected permutation p-value in the probe card and the layer checks."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeCausalSettings(Section):
+    """Causal test of the probe directions (config ``probes.causal``)."""
+
+    SCHEMA: ClassVar[tuple[str, ...]] = ("properties", "probes", "properties", "causal")
+
+    enabled: bool
+    """Run the causal test for every steering experiment whose direction is a probe."""
+    layers: tuple[int, ...]
+    """Layers tested besides the best probe layer."""
+    alpha: float
+    """Step added (+alpha and -alpha) in units of the layer's mean residual norm."""
+    n_random: int
+    """Random directions of the null band."""
+    seed: int
+    """Seed of the random directions."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ from layerscope.settings import (
     ModelSettings,
     PatchingSettings,
     PrecisionSettings,
+    ProbeCausalSettings,
     ProbeSettings,
     TaskVectorSettings,
 )
@@ -197,7 +198,7 @@ def outputs_of(rule, **wildcards):
 def figure_targets():
     """Every figure the config asks for, in every format (rules are defined when this is called)."""
     targets = []
-    for rule in (rules.plot_probes, rules.plot_geometry) + (
+    for rule in (rules.plot_probes, rules.plot_geometry, rules.plot_reliability) + (
         (rules.plot_tsne,) if FIGURES.tsne else ()
     ):
         targets += outputs_of(rule, model=MODELS, dataset=DATASETS)
@@ -219,6 +220,7 @@ def all_targets():
     for output in (
         rules.layer_index.output[0],
         rules.probe_summary.output[0],
+        rules.probe_card.output[0],
         rules.activation_stats.output[0],
     ):
         targets += expand(output, model=MODELS, dataset=DATASETS)
@@ -250,3 +252,23 @@ def run_summary():
         f"  snakemake --report results/report.html {configfiles}".rstrip(),
     ]
     return "\n".join(lines)
+
+
+def causal_inputs(wc):
+    """Inputs of a probe_causal job: the steering experiment's files, every layer's probe file and
+    the probe summary of the direction's dataset (the best layer is read from it)."""
+    exp = STEER[(wc.model, wc.steer)]
+    ds = exp["direction"]["dataset"]
+    files = experiment_inputs(exp, wc.model)
+    files["probes"] = per_layer(rules.train_probe.output[0], wc.model, ds)
+    files["summary"] = expand(rules.probe_summary.output[0], model=wc.model, dataset=ds)[0]
+    return files
+
+
+def causal_of_dataset(wc):
+    """The causal-test tables of the experiments whose direction is this dataset's probe."""
+    return [
+        f"results/probes/{wc.model}/causal_{e}.csv"
+        for e in CAUSAL_STEER
+        if STEER[(wc.model, e)]["direction"]["dataset"] == wc.dataset
+    ]

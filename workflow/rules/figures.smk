@@ -132,3 +132,27 @@ rule depth_comparison:
         formats=FORMATS,
     script:
         "../scripts/depth_comparison.py"
+
+
+rule plot_reliability:
+    input:
+        probes=lambda wc: per_layer(rules.train_probe.output[0], wc.model, wc.dataset),
+        summary=rules.probe_summary.output[0],
+    output:
+        figure=report(
+            "results/figures/{model}/{dataset}/reliability.png",
+            category="Probes",
+            subcategory="{model}",
+            caption="../report/reliability.rst",
+            labels={"model": "{model}", "dataset": "{dataset}", "figure": "reliability diagram"},
+        ),
+        extra=extra_formats("results/figures/{model}/{dataset}/reliability"),
+    log:
+        "logs/plot_reliability/{model}/{dataset}.log",
+    conda:
+        "../../envs/core.yaml"
+    params:
+        view=stable(FIGURE_VIEW),
+        formats=FORMATS,
+    script:
+        "../scripts/plot_reliability.py"

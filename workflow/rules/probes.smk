@@ -41,6 +41,8 @@ rule probe_summary:
         "logs/probe_summary/{model}/{dataset}.log",
     conda:
         "../../envs/core.yaml"
+    params:
+        alpha=PROBES.alpha,
     script:
         "../scripts/probe_summary.py"
 

@@ -87,3 +87,69 @@ rule plot_steering:
         formats=FORMATS,
     script:
         "../scripts/plot_steering.py"
+
+
+# Causal test of the probe families' directions (issue 20): for every steering experiment whose
+# direction is a probe, at the dataset's best probe layer (and probes.causal.layers).
+CAUSAL = ProbeCausalSettings.of(config["probes"].get("causal", {}))
+CAUSAL_STEER = (
+    sorted(e for e in STEER_EXPERIMENTS if STEER[(MODELS[0], e)]["direction"]["source"] == "probe")
+    if CAUSAL.enabled and MODELS
+    else []
+)
+for _m in MODELS:
+    _bad = sorted(set(CAUSAL.layers) - set(LAYERS[_m]))
+    if _bad:
+        raise WorkflowError(
+            f"probes.causal.layers: {_bad} are not configured layers of model {_m!r}: {LAYERS[_m]}"
+        )
+
+
+rule probe_causal:
+    input:
+        unpack(causal_inputs),
+        model=lambda wc: model_files(model_cfg(wc).source),
+    output:
+        "results/probes/{model}/causal_{steer}.csv",
+    log:
+        "logs/probe_causal/{model}/{steer}.log",
+    benchmark:
+        "benchmarks/probe_causal/{model}/{steer}.tsv"
+    wildcard_constraints:
+        steer=names_regex(CAUSAL_STEER) if CAUSAL_STEER else "^$",
+    conda:
+        "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=30,
+    params:
+        model=lambda wc: stable(model_identity(wc.model)),
+        experiment=lambda wc: stable(STEER[(wc.model, wc.steer)]),
+        causal=CAUSAL.to_json(),
+        metric=FIGURES.metric,
+    script:
+        "../scripts/probe_causal.py"
+
+
+rule probe_card:
+    input:
+        summary=rules.probe_summary.output[0],
+        causal=causal_of_dataset,
+    output:
+        report(
+            "results/probes/{model}/{dataset}/probe_card.csv",
+            category="Probes",
+            subcategory="{model}",
+            caption="../report/probe_card.rst",
+            labels={"model": "{model}", "dataset": "{dataset}", "table": "probe card"},
+        ),
+    log:
+        "logs/probe_card/{model}/{dataset}.log",
+    conda:
+        "../../envs/core.yaml"
+    params:
+        view=stable({"metric": FIGURES.metric}),
+    script:
+        "../scripts/probe_card.py"

@@ -52,7 +52,7 @@ import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -863,6 +863,16 @@ def _summarise(values: Sequence[float], test_train_ratio: float) -> dict[str, An
     }
 
 
+def summarise_scores(values: Sequence[float], test_train_ratio: float) -> dict[str, Any]:
+    """Mean, std and the corrected repeated k-fold interval (``CI_METHOD``) of fold scores."""
+    return _summarise(values, test_train_ratio)
+
+
+def baselines(codes: Any, k: int) -> tuple[dict[str, float], dict[str, float]]:
+    """(majority, chance) scores per metric of integer labels ``0..k-1`` (see the summary)."""
+    return _baselines(np.asarray(codes, dtype=np.int64), k)
+
+
 def _baselines(codes: np.ndarray, k: int) -> tuple[dict[str, float], dict[str, float]]:
     """(majority, chance) scores per metric, from the overall class frequencies.
 
@@ -892,6 +902,11 @@ def _baselines(codes: np.ndarray, k: int) -> tuple[dict[str, float], dict[str, f
         "f1": f1_chance,
     }
     return majority, chance
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` made JSON-safe: numpy -> Python, NaN/inf -> None, tuples -> lists, keys -> str."""
+    return _jsonable(obj)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -955,6 +970,9 @@ class ProbeResult:
     n_fits: int
     n_not_converged: int
     notes: list[str] = field(default_factory=list)
+    #: held-out ``predict_proba`` (n_repeats, n, k): row ``i`` of repeat ``r`` from the probe of
+    #: the fold that left it out (calibration and the selectivity bootstrap read it)
+    oof_proba: list = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
@@ -1011,6 +1029,7 @@ def fit_probe(
     positive_class: Any = None,
     blas_threads: int | None = 1,
     stream: Sequence[int] = (),
+    fold_ids: Any = None,
 ) -> ProbeResult:
     """Cross-validated linear probe of ``y`` from ``X`` with intervals and controls.
 
@@ -1050,6 +1069,9 @@ def fit_probe(
     positive_class : binary only; default the last class in sorted order.
     blas_threads : BLAS/OpenMP threads while fitting (1 avoids heavy oversubscription for
         the many tiny fits here; None leaves the libraries' defaults).
+    fold_ids : optional (n_repeats, n) outer test-fold ids to use instead of building them (the
+        control task reuses the real labelling's folds, see :mod:`layerscope.analysis.validity`);
+        every training part must hold every class.
 
     Returns
     -------
@@ -1058,11 +1080,29 @@ def fit_probe(
     """
     Cs = _check_settings(n_splits, n_repeats, inner_splits, Cs, n_permutations, n_random_directions)
     data, notes = _probe_data(X, y, groups, positive_class, n_splits)
+    given = None
+    if fold_ids is not None:
+        given = _check_given_folds(fold_ids, data, n_repeats)
+        data = replace(data, k_eff=int(given.max()) + 1)
     cfg = _ProbeSettings(
         n_splits, n_repeats, inner_splits, Cs, n_permutations, n_random_directions, seed, max_iter
     )
     with _blas_limits(blas_threads):
-        return _fit_probe(data, cfg, notes, tuple(int(x) for x in stream))
+        return _fit_probe(data, cfg, notes, tuple(int(x) for x in stream), given)
+
+
+def _check_given_folds(fold_ids: Any, data: _ProbeData, n_repeats: int) -> np.ndarray:
+    """Given outer folds as an int array (n_repeats, n) whose training parts hold every class."""
+    ids = np.asarray(fold_ids, dtype=np.int64)
+    if ids.shape != (n_repeats, data.X.shape[0]) or ids.min() < 0:
+        raise ProbeInputError(
+            f"fold_ids must be non-negative with shape ({n_repeats}, {data.X.shape[0]}), "
+            f"got {ids.shape}"
+        )
+    for r in range(n_repeats):
+        if not _folds_ok(data.codes, ids[r], data.k)[0]:
+            raise ProbeInputError(f"fold_ids: a training part of repeat {r} lacks a class")
+    return ids
 
 
 def _blas_limits(blas_threads: int | None):
@@ -1212,14 +1252,20 @@ class _OuterCV:
     fold_C: list[float]
     fold_src: list[str]
     metrics: dict[str, dict[str, Any]]
+    oof: np.ndarray  # (n_repeats, n, k) held-out predict_proba of every row in every repeat
 
 
-def _fit_probe(data: _ProbeData, cfg: _ProbeSettings, notes: list[str], stream) -> ProbeResult:
+def _fit_probe(
+    data: _ProbeData, cfg: _ProbeSettings, notes: list[str], stream, given_folds=None
+) -> ProbeResult:
     """Run :func:`fit_probe`'s steps on checked inputs: CV, controls, final probe."""
     fitter = _Fitter(cfg.max_iter)
-    fold_ids, states = _make_fold_ids(
-        data.codes, data.gcodes, data.k, data.k_eff, cfg.n_repeats, cfg.seed
-    )
+    if given_folds is None:
+        fold_ids, states = _make_fold_ids(
+            data.codes, data.gcodes, data.k, data.k_eff, cfg.n_repeats, cfg.seed
+        )
+    else:
+        fold_ids, states = given_folds, [-1] * given_folds.shape[0]
     for r in range(cfg.n_repeats):
         if not _folds_ok(data.codes, fold_ids[r], data.k)[1]:
             notes.append(
@@ -1283,13 +1329,15 @@ def _outer_cv(data: _ProbeData, cfg: _ProbeSettings, fold_ids, chosen, fitter) -
     fold_C: list[float] = []
     fold_src: list[str] = []
     ratios: list[float] = []
+    oof = np.full((cfg.n_repeats, X.shape[0], k), np.nan)
     for r in range(cfg.n_repeats):
         for f in range(data.k_eff):
             te = fold_ids[r] == f
             tr = ~te
             C, src = chosen[r * data.k_eff + f]
             model = fitter.fit(X[tr], codes[tr], C)
-            fm = fold_metrics(codes[te], model.predict_proba(X[te]), k)
+            oof[r, te] = model.predict_proba(X[te])
+            fm = fold_metrics(codes[te], oof[r, te], k)
             for m in METRICS:
                 scores[m].append(fm[m])
             fold_C.append(C)
@@ -1297,7 +1345,7 @@ def _outer_cv(data: _ProbeData, cfg: _ProbeSettings, fold_ids, chosen, fitter) -
             ratios.append(te.sum() / tr.sum())
     ratio = float(np.mean(ratios))
     metrics = {m: _summarise(scores[m], ratio) for m in METRICS}
-    return _OuterCV(scores, fold_C, fold_src, metrics)
+    return _OuterCV(scores, fold_C, fold_src, metrics, oof)
 
 
 def _random_direction_control(
@@ -1381,6 +1429,7 @@ def _probe_result(data, cfg, fold_ids, states, cv, perm, rand, final, fitter, no
         n_fits=fitter.n_fits,
         n_not_converged=fitter.n_not_converged,
         notes=notes,
+        oof_proba=cv.oof.tolist(),
     )
 
 

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pandas as pd
 
-from layerscope.analysis.probes import fit_probe, summary_rows
+from layerscope.analysis.probes import fit_probe, jsonable, summary_rows
+from layerscope.analysis.validity import (
+    benjamini_hochberg,
+    holm,
+    probe_validity,
+    validity_columns,
+)
 from layerscope.atomic import write_csv, write_json
 from layerscope.data.consistency import check_files_against_table
 from layerscope.data.h5cache import layer_attrs, read_layer
@@ -48,6 +55,7 @@ def train_layer_probes(
     layer = int(attrs["layer"])
     thresholds = settings.thresholds
     fit_kwargs = _fit_kwargs(settings)
+    checks = _validity_kwargs(settings)
     probes = []
     for ci, component in enumerate(attrs["components"]):
         for pi, pooling in enumerate(attrs["poolings"]):
@@ -56,7 +64,7 @@ def train_layer_probes(
             )
             probes.append(
                 _view_probe(
-                    layer_path, keys, (layer, ci, pi), positive, fit_kwargs, thresholds, log
+                    layer_path, keys, (layer, ci, pi), positive, fit_kwargs, thresholds, log, checks
                 )
             )
     doc = {
@@ -89,8 +97,23 @@ def _fit_kwargs(settings: ProbeSettings) -> dict[str, Any]:
     return {name: getattr(settings, name) for name in names}
 
 
-def _view_probe(layer_path, keys, stream, positive, fit_kwargs, thresholds, log) -> dict[str, Any]:
-    """Fit, log and describe the probe of one (component, pooling) view of a layer file."""
+def _validity_kwargs(settings: ProbeSettings) -> dict[str, Any]:
+    """The :func:`probe_validity` keyword arguments of the probe ``settings``."""
+    return dict(
+        families=settings.families,
+        shrinkages=settings.shrinkages,
+        control_task=settings.control_task,
+        n_boot=settings.n_boot,
+        n_bins=settings.calibration_bins,
+        fprs=settings.fprs,
+    )
+
+
+def _view_probe(
+    layer_path, keys, stream, positive, fit_kwargs, thresholds, log, checks
+) -> dict[str, Any]:
+    """Fit, log and describe the probe of one (component, pooling) view of a layer file: the
+    logistic probe, then the other families and the validity checks on the same folds."""
     layer, component, pooling = keys["layer"], keys["component"], keys["pooling"]
     data = read_layer(layer_path, component, pooling)
     groups = data.groups if data.groups is not None else data.prompt_ids
@@ -103,25 +126,59 @@ def _view_probe(layer_path, keys, stream, positive, fit_kwargs, thresholds, log)
         stream=stream,
         **fit_kwargs,
     )
+    t0 = time.perf_counter()
+    validity = probe_validity(data.X, data.labels, groups, result, **checks)
     rows = summary_rows(result, thresholds, **keys)
     primary = next(r for r in rows if r["primary"])
     log(
         f"layer {layer} {component}/{pooling}: {primary['metric']} {primary['mean']:.3f} "
         f"[{primary['ci_low']:.3f}, {primary['ci_high']:.3f}] p={primary['p_permutation']} "
-        f"(Monte-Carlo s.e. {primary['p_permutation_se']})"
+        f"(Monte-Carlo s.e. {primary['p_permutation_se']}); validity checks "
+        f"{time.perf_counter() - t0:.2f} s"
     )
+    rows = _with_validity(rows, result.to_dict(), validity, thresholds, keys)
     return {
         "component": component,
         "pooling": pooling,
         "rows": rows,
         "result": result.to_dict(),
+        "validity": jsonable(validity),
     }
 
 
+def _with_validity(rows, result, validity, thresholds, keys) -> list[dict[str, Any]]:
+    """The logistic rows with the validity columns added, then each other family's rows."""
+    out = []
+    for fam, entry in validity["families"].items():
+        if fam == "logistic":
+            fam_rows = [dict(r) for r in rows]
+        else:
+            as_result = dict(
+                result,
+                metrics=entry["metrics"],
+                permutation={"p_value": None, "mc_se": None},
+                random_directions={"p95": None},
+                C=None,
+            )
+            fam_rows = summary_rows(as_result, thresholds, **keys)
+        cos = 1.0 if fam == "logistic" else validity["cosines"].get(f"logistic~{fam}")
+        extra = validity_columns(entry, cos)
+        for r in fam_rows:
+            r["probe"] = fam
+            r["shrinkage"] = entry["shrinkage"]
+            r.update({c: (v if r["primary"] else None) for c, v in extra.items()})
+        out.extend(fam_rows)
+    return out
+
+
 def summarize_probes(
-    json_paths: Iterable[str | os.PathLike], out_csv: str | os.PathLike
+    json_paths: Iterable[str | os.PathLike], out_csv: str | os.PathLike, *, alpha: float = 0.05
 ) -> pd.DataFrame:
-    """Concatenate the tidy rows of every probe file into one summary table, sorted by keys."""
+    """Concatenate the tidy rows of every probe file into one summary table, sorted by keys.
+
+    Adds the multiple-testing columns (``p_holm``, ``p_bh``: the logistic probes' permutation
+    p-values corrected across every layer, component and pooling of the dataset) and
+    ``passes_checks`` (see :func:`passes_checks`)."""
     rows = []
     for path in json_paths:
         with open(path, encoding="utf-8") as f:
@@ -134,5 +191,49 @@ def summarize_probes(
     if table.empty:
         raise LayerscopeError("no probe results to summarize")
     table = table.sort_values(SUMMARY_KEYS + ["metric"], kind="stable").reset_index(drop=True)
+    table = corrected_pvalues(table)
+    table["passes_checks"] = passes_checks(table, alpha)
     write_csv(out_csv, table)
     return table
+
+
+def probe_rows(summary: pd.DataFrame, probe: str = "logistic") -> pd.DataFrame:
+    """The rows of one probe family (a summary without a ``probe`` column is all logistic)."""
+    if "probe" not in summary.columns:
+        return summary if probe == "logistic" else summary.iloc[:0]
+    return summary[summary["probe"] == probe]
+
+
+def corrected_pvalues(table: pd.DataFrame) -> pd.DataFrame:
+    """``p_holm`` and ``p_bh`` on the logistic primary rows (the tests of one dataset), else NaN."""
+    table = table.copy()
+    if "probe" not in table.columns:
+        table["probe"] = "logistic"
+    tested = (table["probe"] == "logistic") & table["primary"].astype(bool)
+    p = pd.to_numeric(table.loc[tested, "p_permutation"], errors="coerce").to_numpy()
+    table["p_holm"] = float("nan")
+    table["p_bh"] = float("nan")
+    table.loc[tested, "p_holm"] = holm(p)
+    table.loc[tested, "p_bh"] = benjamini_hochberg(p)
+    return table
+
+
+def passes_checks(table: pd.DataFrame, alpha: float) -> pd.Series:
+    """Per primary row: does the probe pass every per-layer check?
+
+    The interval reads "direction exists", the selectivity interval lies above 0, and, for the
+    logistic probe (the only one with a permutation test and random directions), the
+    Holm-corrected p-value is below ``alpha`` and the mean beats the random directions' 95th
+    percentile. Non-primary rows: False. (The causal test runs at the best layer only; the probe
+    card reports it.)"""
+
+    def num(col):
+        if col not in table.columns:
+            return pd.Series(float("nan"), index=table.index)
+        return pd.to_numeric(table[col], errors="coerce")
+
+    ok = table["primary"].astype(bool) & (table["interpretation"] == "direction exists")
+    ok &= num("selectivity_ci_low") > 0
+    logistic = table["probe"] == "logistic"
+    ok &= ~logistic | ((num("p_holm") < alpha) & (num("mean") > num("random_direction_p95")))
+    return ok

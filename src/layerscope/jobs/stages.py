@@ -20,6 +20,7 @@ from layerscope.atomic import write_csv, write_json
 from layerscope.data.consistency import check_files_against_table
 from layerscope.data.h5cache import layer_attrs, read_layers
 from layerscope.errors import LayerscopeError
+from layerscope.jobs.probe_runs import probe_rows
 from layerscope.plotting import plots
 from layerscope.settings import ModelSettings, PatchingSettings, PrecisionSettings, ProbeSettings
 
@@ -28,6 +29,7 @@ PathLike = str | os.PathLike
 
 def best_layer(summary: pd.DataFrame, *, metric: str, component: str, pooling: str) -> int:
     """Layer with the highest mean ``metric`` for one (component, pooling); earliest on ties."""
+    summary = probe_rows(summary)  # the best layer is the logistic probe's
     rows = summary[
         (summary.metric == metric) & (summary.component == component) & (summary.pooling == pooling)
     ]
@@ -47,7 +49,7 @@ def probe_figure(
     n_layers: int | None,
     formats: Sequence[str],
 ) -> list[str]:
-    summary = pd.read_csv(summary_csv)
+    summary = probe_rows(pd.read_csv(summary_csv))
     return plots.metric_vs_layer(
         summary,
         out,
@@ -276,7 +278,7 @@ def _summary_cells(
     """(dataset, layer) -> the probe summary's mean and interval for one view and metric."""
     out = {}
     for name, path in summaries.items():
-        s = pd.read_csv(path)
+        s = probe_rows(pd.read_csv(path))
         s = s[(s.metric == metric) & (s.component == component) & (s.pooling == pooling)]
         for _, r in s.iterrows():
             out[(name, int(r["layer"]))] = {
@@ -339,7 +341,7 @@ def depth_comparison(
     """Every model's probe curve on a relative-depth axis, best layer marked."""
     frames = []
     for model, path in summaries.items():
-        s = pd.read_csv(path)
+        s = probe_rows(pd.read_csv(path))
         s = s[(s.metric == metric) & (s.component == component) & (s.pooling == pooling)].copy()
         s["model"] = model
         s["n_layers"] = n_layers[model]
@@ -631,3 +633,38 @@ def _generation_patching(
         f"({rows.attrs['n_skipped_identical']} skipped as identical) "
         f"in {time.perf_counter() - t0:.1f} s"
     )
+
+
+def reliability_figure(
+    probe_jsons: Sequence[PathLike],
+    summary_csv: PathLike,
+    out: PathLike,
+    *,
+    metric: str,
+    component: str,
+    pooling: str,
+    model: str,
+    dataset: str,
+    formats: Sequence[str],
+) -> int:
+    """The reliability diagram of every probe family at the best layer of one view (repeat 0's
+    held-out probabilities, equal-mass bins, from the layer's probe JSON). Returns that layer."""
+    import json
+
+    best = best_layer(pd.read_csv(summary_csv), metric=metric, component=component, pooling=pooling)
+    for path in probe_jsons:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+        if int(doc["layer"]) != best:
+            continue
+        probe = next(
+            p for p in doc["probes"] if p["component"] == component and p["pooling"] == pooling
+        )
+        curves = {
+            fam: {"bins": e["calibration"]["reliability"], "ece": e["calibration"]["ece"]["value"]}
+            for fam, e in probe["validity"]["families"].items()
+        }
+        title = f"{model} / {dataset}: calibration at layer {best} ({component}/{pooling})"
+        plots.reliability_diagram(curves, out, title=title, formats=formats)
+        return best
+    raise LayerscopeError(f"no probe file for the best layer {best} among the inputs")

@@ -28,7 +28,7 @@ import json
 import math
 import os
 import textwrap
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -546,9 +546,12 @@ def _draw_metric_vs_layer(
 ) -> Figure:
     """One curve per (component, pooling) with its interval band and best layer starred, the
     chance and majority-baseline lines, and a legend below the axes."""
+    if "probe" in summary.columns:  # the curves are the logistic probe's
+        summary = summary[summary["probe"] == "logistic"]
     df = _filter_summary(summary, metric, model, dataset)
     keys = [k for k in ("component", "pooling") if k in df.columns]
     groups = list(df.groupby(keys, sort=True)) if keys else [((), df)]
+    passing = _passing_layers(summary, keys)
     with style():
         fig = new_figure(6.4 if len(groups) <= 4 else 7.8, 4.2)
         ax = fig.add_subplot()
@@ -557,13 +560,13 @@ def _draw_metric_vs_layer(
         for i, (key, g) in enumerate(groups):
             key = key if isinstance(key, tuple) else (key,)
             name = " / ".join(str(k) for k in key) if keys else metric_name(metric)
-            handles.append(
-                _probe_curve(
-                    ax, g.sort_values("layer"), name, colors[i], MARKERS[i % len(MARKERS)], all_y
-                )
-            )
+            g = g.sort_values("layer")
+            handles.append(_probe_curve(ax, g, name, colors[i], MARKERS[i % len(MARKERS)], all_y))
+            _mark_passing(ax, g, passing.get(key, set()), colors[i])
         handles += _chance_lines(ax, df, all_y)
         handles += _curve_legend_keys()
+        if "passes_checks" in summary.columns:
+            handles.append(_passing_key())
         ax.set_xlabel("layer")
         ax.set_ylabel(metric_axis_label(metric, _n_classes(df)))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -585,6 +588,50 @@ def _draw_metric_vs_layer(
             or _title(f"Linear probe {metric_name(metric)} by layer", model=model, dataset=dataset)
         )
     return fig
+
+
+def _passing_layers(summary: pd.DataFrame, keys: list[str]) -> dict[tuple, set[int]]:
+    """(component, pooling) -> layers whose primary row passes every validity check (logistic)."""
+    if "passes_checks" not in summary.columns or "primary" not in summary.columns:
+        return {}
+    rows = summary[summary["primary"].astype(bool) & (summary["passes_checks"] == True)]  # noqa: E712
+    if "probe" in rows.columns:
+        rows = rows[rows["probe"] == "logistic"]
+    out: dict[tuple, set[int]] = {}
+    for _, r in rows.iterrows():
+        out.setdefault(tuple(r[k] for k in keys), set()).add(int(r["layer"]))
+    return out
+
+
+def _mark_passing(ax, g: pd.DataFrame, layers: set[int], color) -> None:
+    """A ring around each point of a layer that passes every check."""
+    sel = g[g["layer"].astype(int).isin(layers)]
+    if sel.empty:
+        return
+    ax.plot(
+        sel["layer"].to_numpy(dtype=float),
+        pd.to_numeric(sel["mean"], errors="coerce").to_numpy(dtype=float),
+        marker="o",
+        markersize=11,
+        markerfacecolor="none",
+        markeredgecolor=color,
+        markeredgewidth=1.4,
+        linestyle="none",
+        zorder=5,
+    )
+
+
+def _passing_key() -> Line2D:
+    return Line2D(
+        [],
+        [],
+        marker="o",
+        markersize=9,
+        markerfacecolor="none",
+        markeredgecolor="#555555",
+        linestyle="none",
+        label="passes every check (interval, selectivity, Holm p, random band)",
+    )
 
 
 def _probe_curve(ax, g: pd.DataFrame, name: str, color, marker: str, all_y: list) -> Line2D:
@@ -1940,3 +1987,44 @@ def steering_dose_response(
         effects, model=model, experiment=experiment, warnings=warnings
     )
     return _finish(fig, out, formats, dpi)
+
+
+# ------------------------------------------------------------------------------------------
+# reliability diagram (probe calibration, issue 20)
+# ------------------------------------------------------------------------------------------
+
+
+def _draw_reliability(curves: Mapping[str, Any], *, title: str) -> Figure:
+    """One line per probe family: observed rate against mean predicted probability per
+    equal-mass bin, the diagonal of perfect calibration, ECE in the legend.
+    ``curves``: family -> {"bins": [{"p_mean", "y_mean", "n"}], "ece": float}."""
+    with style():
+        fig = new_figure(4.8, 4.6)
+        ax = fig.add_subplot()
+        ax.plot([0, 1], [0, 1], color="#555555", linestyle="--", linewidth=1.0, label="calibrated")
+        colors = palette(len(curves))
+        for i, (name, c) in enumerate(curves.items()):
+            p = [b["p_mean"] for b in c["bins"]]
+            y = [b["y_mean"] for b in c["bins"]]
+            ece = c.get("ece")
+            label = name + (f" (ECE {ece:.3f})" if ece is not None else "")
+            ax.plot(p, y, color=colors[i], marker=MARKERS[i % len(MARKERS)], label=label)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("mean predicted probability (equal-mass bin)")
+        ax.set_ylabel("observed rate")
+        ax.legend(loc="upper left", fontsize="small")
+        ax.set_title(title)
+    return fig
+
+
+def reliability_diagram(
+    curves: Mapping[str, Any],
+    out,
+    *,
+    title: str = "Reliability of held-out probe probabilities",
+    formats: Sequence[str] = ("png",),
+    dpi: float = DEFAULT_DPI,
+) -> list[str]:
+    """Draw and save :func:`_draw_reliability`; returns the written paths."""
+    return _finish(_draw_reliability(curves, title=title), out, formats, dpi)
