@@ -85,7 +85,11 @@ def reference_pass(hf_model, token_ids: Sequence[int]) -> dict[tuple[str, int], 
             base = getattr(
                 hf_model, hf_model.base_model_prefix, hf_model
             )  # no LM head: not compared
-            out = base(input_ids=ids, output_hidden_states=True)
+            # One unpadded prompt, but the mask is given: without it transformers warns on every
+            # call whose ids contain the pad id (here the BOS, which GPT-2 uses as its pad token).
+            out = base(
+                input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True
+            )
     finally:
         for h in handles:
             h.remove()
