@@ -121,7 +121,7 @@ def test_batched_directions_equal_one_at_a_time():
     rng = np.random.default_rng(1)
     U = rng.standard_normal((4, D))
     U /= np.linalg.norm(U, axis=1, keepdims=True)
-    kw = dict(alpha=0.7, scale=1.3, ld0=ld0, batch_size=5, pad_id=0)
+    kw = dict(alpha=0.7, scale=1.3, ld0=ld0, batch_size=24, pad_id=0)  # 2 directions a batch
     together = C.direction_effects(toy, sp, HOOK, U, **kw)
     alone = [C.direction_effects(toy, sp, HOOK, U[i : i + 1], **kw)[0] for i in range(4)]
     for t, a in zip(together, alone):

@@ -68,11 +68,16 @@ def ablation_hook(vector) -> Any:
 
 
 def _batched_ld(model, sp: SteeringPrompts, hook: str, U: np.ndarray, make, batch_size, pad_id):
-    """LD (n_dirs, n_prompts) with every prompt run once per direction row of ``U``, all
-    directions in the same batches (``make(vectors)`` builds the hook for a batch's rows)."""
+    """LD (n_dirs, n_prompts) with every prompt run once per direction row of ``U``, directions
+    sharing batches (``make(vectors)`` builds the hook for a batch's rows). Directions go in
+    chunks of about ``batch_size`` rows: ``forward_logits`` keeps every row's full logits."""
+    n = len(sp.ids)
+    step = max(1, batch_size // n)
+    if len(U) > step:
+        parts = [U[i : i + step] for i in range(0, len(U), step)]
+        return np.vstack([_batched_ld(model, sp, hook, P, make, batch_size, pad_id) for P in parts])
     import torch
 
-    n = len(sp.ids)
     rows = [r for _ in range(len(U)) for r in sp.ids]
     V = torch.as_tensor(np.repeat(U, n, axis=0))
     logits = forward_logits(
