@@ -109,3 +109,20 @@ def test_verdict_words():
     assert C.verdict(["intended", "inside"]) == "causal"
     assert C.verdict(["opposite", "inside"]) == "opposite"
     assert C.verdict(["opposite", "intended"]) == "mixed"
+
+
+def test_batched_directions_equal_one_at_a_time():
+    """All directions share the batches; each must get exactly what it gets alone."""
+    toy = _Toy()
+    sp = _prompts()
+    from layerscope.interventions.steering import forward_logits, logit_diffs
+
+    ld0 = logit_diffs(forward_logits(toy, sp.ids, batch_size=5), sp.positive_id, sp.negative_id)
+    rng = np.random.default_rng(1)
+    U = rng.standard_normal((4, D))
+    U /= np.linalg.norm(U, axis=1, keepdims=True)
+    kw = dict(alpha=0.7, scale=1.3, ld0=ld0, batch_size=24, pad_id=0)  # 2 directions a batch
+    together = C.direction_effects(toy, sp, HOOK, U, **kw)
+    alone = [C.direction_effects(toy, sp, HOOK, U[i : i + 1], **kw)[0] for i in range(4)]
+    for t, a in zip(together, alone):
+        assert t == pytest.approx(a, rel=1e-12, abs=1e-12)

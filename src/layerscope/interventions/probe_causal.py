@@ -35,7 +35,6 @@ from layerscope.interventions.steering import (
     forward_logits,
     logit_diffs,
     random_directions,
-    run_rows,
     unit,
 )
 
@@ -57,47 +56,54 @@ CAUSAL_COLUMNS = (
 
 
 def ablation_hook(vector) -> Any:
-    """A hook projecting ``vector`` (unit, [d]) out of the residual at every position."""
+    """A hook projecting ``vector`` (unit; [d], or [B, d] one per batch row) out of the residual
+    at every position."""
 
     def hook(tensor, hook=None):
         u = vector.to(tensor.device, tensor.dtype)
-        return tensor - (tensor @ u)[..., None] * u
+        u = u[None, :] if u.dim() == 1 else u
+        return tensor - (tensor * u[:, None, :]).sum(-1, keepdim=True) * u[:, None, :]
 
     return hook
 
 
-def _ablated_ld(model, sp: SteeringPrompts, hook: str, u, batch_size: int, pad_id: int):
+def _batched_ld(model, sp: SteeringPrompts, hook: str, U: np.ndarray, make, batch_size, pad_id):
+    """LD (n_dirs, n_prompts) with every prompt run once per direction row of ``U``, directions
+    sharing batches (``make(vectors)`` builds the hook for a batch's rows). Directions go in
+    chunks of about ``batch_size`` rows: ``forward_logits`` keeps every row's full logits."""
+    n = len(sp.ids)
+    step = max(1, batch_size // n)
+    if len(U) > step:
+        parts = [U[i : i + step] for i in range(0, len(U), step)]
+        return np.vstack([_batched_ld(model, sp, hook, P, make, batch_size, pad_id) for P in parts])
     import torch
 
-    v = torch.as_tensor(u)
+    rows = [r for _ in range(len(U)) for r in sp.ids]
+    V = torch.as_tensor(np.repeat(U, n, axis=0))
     logits = forward_logits(
-        model, sp.ids, [(hook, lambda a, b: ablation_hook(v))], batch_size=batch_size, pad_id=pad_id
+        model, rows, [(hook, lambda a, b: make(V[a:b]))], batch_size=batch_size, pad_id=pad_id
     )
-    return logit_diffs(logits, sp.positive_id, sp.negative_id)
+    pos, neg = np.tile(sp.positive_id, len(U)), np.tile(sp.negative_id, len(U))
+    return logit_diffs(logits, pos, neg).reshape(len(U), n)
 
 
-def _added_ld(model, sp, hook, u, step: float, batch_size: int, pad_id: int):
+def direction_effects(model, sp, hook, U, *, alpha, scale, ld0, batch_size, pad_id) -> list[dict]:
+    """Per row of ``U`` (unit directions): ``{"ablation": mean dLD, "addition": (mean dLD(+a) -
+    mean dLD(-a)) / 2}``."""
     import torch
 
-    starts = np.zeros(len(sp.ids), dtype=np.int64)
-    logits = run_rows(
-        model,
-        sp.ids,
-        hook,
-        torch.as_tensor(step * u),
-        starts,
-        batch_size=batch_size,
-        pad_id=pad_id,
-    )
-    return logit_diffs(logits, sp.positive_id, sp.negative_id)
+    from layerscope.interventions.steering import steering_hook
 
+    zeros = torch.zeros(batch_size, dtype=torch.long)
+    run = dict(batch_size=batch_size, pad_id=pad_id)
+    abl = _batched_ld(model, sp, hook, U, ablation_hook, **run) - ld0
 
-def direction_effects(model, sp, hook, u, *, alpha, scale, ld0, batch_size, pad_id) -> dict:
-    """``{"ablation": mean dLD, "addition": (mean dLD(+a) - mean dLD(-a)) / 2}`` of one ``u``."""
-    abl = _ablated_ld(model, sp, hook, u, batch_size, pad_id) - ld0
-    plus = _added_ld(model, sp, hook, u, alpha * scale, batch_size, pad_id) - ld0
-    minus = _added_ld(model, sp, hook, u, -alpha * scale, batch_size, pad_id) - ld0
-    return {"ablation": float(abl.mean()), "addition": float((plus.mean() - minus.mean()) / 2)}
+    def added(step):
+        make = lambda v: steering_hook(v, zeros[: len(v)])  # noqa: E731
+        return _batched_ld(model, sp, hook, step * U, make, **run)
+
+    diff = (added(alpha * scale) - added(-alpha * scale)) / 2
+    return [{"ablation": float(a.mean()), "addition": float(d.mean())} for a, d in zip(abl, diff)]
 
 
 def causal_test(
@@ -123,15 +129,13 @@ def causal_test(
         sp.negative_id,
     )
     kw = dict(alpha=alpha, scale=scale, ld0=ld0, batch_size=batch_size, pad_id=pad_id)
-    found = {
-        name: direction_effects(model, sp, hook, unit(v, name), **kw)
-        for name, v in directions.items()
-    }  # noqa: E501
-    d_model = len(next(iter(directions.values())))
-    rand = [
-        direction_effects(model, sp, hook, r, **kw)
-        for r in random_directions(n_random, d_model, seed)
-    ]
+    names = list(directions)
+    d_model = len(directions[names[0]])
+    U = np.vstack(
+        [[unit(directions[k], k) for k in names], random_directions(n_random, d_model, seed)]
+    )
+    effects = direction_effects(model, sp, hook, U, **kw)
+    found, rand = dict(zip(names, effects[: len(names)])), effects[len(names) :]
     rows = []
     for eff, sign in EFFECTS.items():
         lo, hi = np.quantile([r[eff] for r in rand], BAND_QUANTILES)
