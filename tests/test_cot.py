@@ -179,7 +179,9 @@ def test_logit_lens_last_layer_is_the_models_own_logprobs(demo):
         np.testing.assert_allclose(
             last["answer_logprob"][n_layers - 1], own[:, p.answer_token], atol=1e-4
         )
-        np.testing.assert_allclose(last["topk_logprobs"][n_layers - 1], -np.sort(-own)[:, :3], atol=1e-4)
+        np.testing.assert_allclose(
+            last["topk_logprobs"][n_layers - 1], -np.sort(-own)[:, :3], atol=1e-4
+        )
         rank = 1 + (own > own[:, [p.answer_token]]).sum(1)
         np.testing.assert_array_equal(last["answer_rank"][n_layers - 1], rank)
         np.testing.assert_allclose(last["kl_to_final"][n_layers - 1], 0, atol=1e-5)
@@ -205,7 +207,9 @@ def test_batched_equals_unbatched(demo):
     for a, b in zip(one, many):
         for key in ("answer_logprob", "kl_to_final", "topk_logprobs"):
             np.testing.assert_allclose(a.lens["logit"][key], b.lens["logit"][key], atol=1e-4)
-        np.testing.assert_array_equal(a.lens["logit"]["answer_rank"], b.lens["logit"]["answer_rank"])
+        np.testing.assert_array_equal(
+            a.lens["logit"]["answer_rank"], b.lens["logit"]["answer_rank"]
+        )
 
 
 def test_lens_table_positions(demo):
@@ -388,8 +392,13 @@ def test_fraction_one_reproduces_the_full_chain_answer(demo):
     for p, rec in zip(prompts, full.itertuples(index=False)):
         x = torch.tensor([p.ids[: p.answer_start]])
         with torch.no_grad():
-            gen = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=4,
-                              do_sample=False, pad_token_id=0)[0, x.shape[1] :]
+            gen = hf.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=4,
+                do_sample=False,
+                pad_token_id=0,
+            )[0, x.shape[1] :]
         text = model.tokenizer.decode(gen)
         assert rec.generated_text == text
         assert rec.answer == EA.read_answer(text, MARKER, r"[-+]?\d+(?:\.\d+)?|\w+")

@@ -75,7 +75,6 @@ def cot_marker(dataset):
     return dataset_spec_of(dataset)["answer_marker"]
 
 
-
 # Every dataset is built here as prepare_dataset will build it (labels, classes, templates, input
 # files), so those mistakes stop even a dry run; remembered under .snakemake/ by input size and time.
 def texts_file(dataset):
@@ -179,6 +178,16 @@ def task_vector_compute_settings(model):
     tv = {k: v for k, v in TASK_VECTORS.to_dict().items() if k != "layer"}
     tv["component"] = tv["component"] or ACTIVATIONS.components[0]
     return tv
+
+
+def cot_job_settings(*drop):
+    """The cot settings a job computes from (less the parts it never reads)."""
+    return stable({k: v for k, v in COT.to_dict().items() if k not in drop})
+
+
+def cot_probe_files(wc):
+    """The probe JSONs the trajectories job applies, in cot.probes order."""
+    return [f"results/probes/{wc.model}/{p['dataset']}/layer_{p['layer']}.json" for p in COT.probes]
 
 
 def patching_settings(model):

@@ -1,44 +1,7 @@
-# Stage 7: along the chain of thought. `trajectories` (GPU) reads every lens and probe at every layer
-# and position in one forward pass and computes lead times; `tuned_lens` trains the tuned lens's
-# translators; `early_answering` (GPU) truncates the reasoning and lets the model answer; plot_* draw.
-
-
-def cot_job_settings(*drop):
-    """The cot settings a job computes from (less the parts it never reads)."""
-    return stable({k: v for k, v in COT.to_dict().items() if k not in drop})
-
-
-def cot_probe_files(wc):
-    """The probe JSONs the trajectories job applies, in cot.probes order."""
-    return [
-        f"results/probes/{wc.model}/{p['dataset']}/layer_{p['layer']}.json" for p in COT.probes
-    ]
-
-
-rule tuned_lens:
-    input:
-        table=rules.prepare_dataset.output.table,
-        model=lambda wc: model_files(model_cfg(wc).source),
-    output:
-        "results/trajectories/{model}/{dataset}/tuned_lens.npz",
-    log:
-        "logs/tuned_lens/{model}/{dataset}.log",
-    benchmark:
-        "benchmarks/tuned_lens/{model}/{dataset}.tsv"
-    wildcard_constraints:
-        dataset=names_regex(COT_DATASETS),
-    conda:
-        "../../envs/torch.yaml"
-    threads: 1
-    resources:
-        gpu=1,
-        mem_mb=8000,
-        runtime=60,
-    params:
-        model=lambda wc: stable(model_identity(wc.model)),
-        cot=cot_job_settings("early_answering", "probes", "top_k", "chunk", "bins", "n_boot"),
-    script:
-        "../scripts/tuned_lens.py"
+# Stage 7: along the chain of thought. `trajectories` (GPU) trains the tuned lens's translators (when
+# asked), reads every lens and probe at every layer and position in one forward pass per batch and
+# computes lead times; `early_answering` (GPU) truncates the reasoning and lets the model answer;
+# plot_* draw.
 
 
 rule trajectories:
@@ -46,10 +9,12 @@ rule trajectories:
         table=rules.prepare_dataset.output.table,
         model=lambda wc: model_files(model_cfg(wc).source),
         probes=cot_probe_files,
-        tuned_lens=(
-            [rules.tuned_lens.output[0]] if "tuned" in COT.lens else []
-        ),
     output:
+        **(
+            {"tuned_lens": "results/trajectories/{model}/{dataset}/tuned_lens.npz"}
+            if "tuned" in COT.lens
+            else {}
+        ),
         h5="results/trajectories/{model}/{dataset}/lens.h5",
         positions="results/trajectories/{model}/{dataset}/positions.csv",
         lens="results/trajectories/{model}/{dataset}/lens.csv",

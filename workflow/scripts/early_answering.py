@@ -19,5 +19,6 @@ with job_logging(snakemake.log[0]) as log:
         device=runtime.device,
         batch_size=max(runtime.batch_size, 64),
         engine=runtime.engine,
+        threads=snakemake.threads,
         log=log.info,
     )

@@ -11,8 +11,6 @@ with job_logging(snakemake.log[0]) as log:
         "table": snakemake.input.table,
         "probes": list(zip(snakemake.input.probes, cot.probes)),
     }
-    if snakemake.input.tuned_lens:
-        files["tuned_lens"] = snakemake.input.tuned_lens[0]
     trajectories_job(
         files,
         dict(snakemake.output.items()),
@@ -22,5 +20,6 @@ with job_logging(snakemake.log[0]) as log:
         device=runtime.device,
         batch_size=runtime.batch_size,
         engine=runtime.engine,
+        threads=snakemake.threads,
         log=log.info,
     )

@@ -187,9 +187,7 @@ def _prompt_lens(resid, row: int, p: Prompt, readout, translators, top_k: int, c
     parts: dict[str, dict[str, list]] = {name: {} for name in ["logit", *translators]}
     with torch.no_grad():
         _fill_lens(parts, resid, row, p, readout, translators, top_k, chunk, n_layers)
-    return {
-        name: {k: np.concatenate(v, axis=1) for k, v in d.items()} for name, d in parts.items()
-    }
+    return {name: {k: np.concatenate(v, axis=1) for k, v in d.items()} for name, d in parts.items()}
 
 
 def _fill_lens(parts, resid, row, p, readout, translators, top_k, chunk, n_layers) -> None:
@@ -266,7 +264,9 @@ def run_readouts(
     keys = {("resid_post", L) for L in range(n_layers)} | {(p.component, p.layer) for p in probes}
     for _, L in keys:
         if not 0 <= L < n_layers:
-            raise LayerscopeError(f"probe layer {L} is not a layer of the model (0..{n_layers - 1})")
+            raise LayerscopeError(
+                f"probe layer {L} is not a layer of the model (0..{n_layers - 1})"
+            )
     out: list[Readouts | None] = [None] * len(prompts)
     for batch, captured in capture_batches(
         model,
@@ -386,16 +386,12 @@ def probe_table(
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
 
 
-def bin_edges(n_bins: int) -> np.ndarray:
-    """Edges of the rel_position bins over [0, 1]; the question (rel < 0) is bin -1."""
-    return np.linspace(0.0, 1.0, n_bins + 1)
-
-
 def rel_bin(rel: np.ndarray, n_bins: int) -> np.ndarray:
     """Bin index of each rel_position: -1 for the question, 0 .. n_bins - 1 over the reasoning
-    (1.0, the answer-writing position, falls in the last bin)."""
-    b = np.floor(np.asarray(rel) * n_bins).astype(int)
-    return np.where(np.asarray(rel) < 0, -1, np.clip(b, 0, n_bins - 1))
+    [0, 1), and n_bins for the answer-writing position (rel_position 1) on its own."""
+    rel = np.asarray(rel, dtype=float)
+    b = np.clip(np.floor(rel * n_bins).astype(int), 0, n_bins - 1)
+    return np.where(rel < 0, -1, np.where(rel >= 1.0, n_bins, b))
 
 
 def summarize_lens(lens: pd.DataFrame, n_bins: int, conf: float) -> pd.DataFrame:
@@ -416,7 +412,7 @@ def summarize_lens(lens: pd.DataFrame, n_bins: int, conf: float) -> pd.DataFrame
         x = g["logprob"].to_numpy()
         n = len(x)
         hw = t_half_width(float(x.std(ddof=1)), n, conf) if n > 1 else math.nan
-        lo, hi = (-math.inf, 0.0) if b < 0 else (b / n_bins, (b + 1) / n_bins)
+        lo, hi = (-math.inf, 0.0) if b < 0 else (b / n_bins, min(b + 1, n_bins) / n_bins)
         rows.append(
             {
                 "lens": name,

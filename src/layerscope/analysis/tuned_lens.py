@@ -54,9 +54,7 @@ def train_translators(
             last[L] = float(kl.detach())
         total.backward()
         opt.step()
-    out = {
-        L: ((eye + A[L]).detach().cpu().numpy(), b[L].detach().cpu().numpy()) for L in layers
-    }
+    out = {L: ((eye + A[L]).detach().cpu().numpy(), b[L].detach().cpu().numpy()) for L in layers}
     return out, last
 
 

@@ -1,7 +1,7 @@
 """Chain-of-thought prompts: where the reasoning starts and where the answer starts.
 
 A chain-of-thought prompt is a question followed by a response that ends in an answer after a
-marker (a regex, default ``Answer:``): ``"Which is larger: 12 or 71?\\nBoth ... So 71. Answer: 71"``.
+marker (a regex, default ``Answer:``), e.g. ``"Which is larger: 12 or 71?\\nSo 71. Answer: 71"``.
 The prompt table (:mod:`layerscope.data.datasets`) records the two places in characters:
 
 ``reasoning_start_char``  the first non-space character of the response in the text

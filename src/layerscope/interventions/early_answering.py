@@ -174,7 +174,9 @@ def summarize_early(rows: pd.DataFrame, precision) -> pd.DataFrame:
     g = (
         rows.assign(empty=rows["answer"] == "")
         .groupby(["fraction", "condition", "label"], sort=True)
-        .agg(n=("matches_final", "size"), n_match=("matches_final", "sum"), n_empty=("empty", "sum"))
+        .agg(
+            n=("matches_final", "size"), n_match=("matches_final", "sum"), n_empty=("empty", "sum")
+        )
         .reset_index()
     )
     filler = {

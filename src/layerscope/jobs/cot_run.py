@@ -136,9 +136,12 @@ def trajectories_job(
     device: str = "auto",
     batch_size: int = 8,
     engine: str = "auto",
+    threads: int | None = None,
     log: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
-    """Every lens and probe readout of a chain-of-thought dataset, and the lead times."""
+    """Every lens and probe readout of a chain-of-thought dataset, and the lead times; with the
+    tuned lens, its translators are trained first (on the training groups' prompts)."""
+    _threads(threads)
     table = read_cot_table(files["table"], dataset)
     probes = load_probes(files.get("probes", []))
     m, info, tok, bos = _load(model, {p.component for p in probes}, device, engine, log)
@@ -150,7 +153,8 @@ def trajectories_job(
     log(f"logit lens: last layer vs the model's own log-probs, largest gap {gap:.2e}")
     translators, split = {}, {}
     if "tuned" in cot.lens:
-        tr, meta = TL.load_translators(files["tuned_lens"])
+        tr, meta = train_tuned_lens(m, positions, prompts, n_layers, cot, batch_size, tok, log)
+        TL.save_translators(outputs["tuned_lens"], tr, {"model": model.source, **meta})
         translators["tuned"] = TL.translator_fn(tr, TR.model_device(m))
         split = {pid: "train" for pid in meta["train_prompts"]}
     results = TR.run_readouts(
@@ -224,31 +228,25 @@ def write_positions_h5(path: PathLike, results, positions: pd.DataFrame, probes)
         f.attrs["complete"] = True
 
 
-def tuned_lens_job(
-    table_path: PathLike,
-    out_path: PathLike,
-    *,
-    model: ModelSettings,
-    cot: CotSettings,
-    dataset: str,
-    device: str = "auto",
-    batch_size: int = 8,
-    engine: str = "auto",
-    log: Callable[[str], Any] = print,
-) -> dict[str, Any]:
-    """Train the tuned lens's translators on the training groups' token-level residuals."""
+def _threads(threads: int | None) -> None:
+    """Torch's CPU threads = the job's threads (a shared machine is otherwise oversubscribed)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+def train_tuned_lens(m, positions, prompts, n_layers, cot, batch_size, tok, log):
+    """The tuned lens's translators, trained on the token-level residuals of the training groups'
+    prompts (one forward pass over them); returns (translators, meta)."""
     import torch
 
-    table = read_cot_table(table_path, dataset)
-    m, info, tok, bos = _load(model, [], device, engine, log)
-    n_layers = int(info["n_layers"])
-    positions, ids = cot_layout(tok, table, bos)
-    train = split_groups(positions["group"].tolist(), cot.tuned_lens.train_fraction, cot.seed)
-    keep = positions["group"].isin(train).to_numpy()
-    prompts = [p for p, k in zip(_prompts(positions, ids), keep) if k]
-    resid = _token_residuals(m, prompts, n_layers, batch_size, _pad_id(tok), cot, log)
-    TR.hf_model(m).requires_grad_(False)
     s = cot.tuned_lens
+    train = split_groups(positions["group"].tolist(), s.train_fraction, cot.seed)
+    keep = positions["group"].isin(train).to_numpy()
+    chosen = [p for p, k in zip(prompts, keep) if k]
+    resid = _token_residuals(m, chosen, n_layers, batch_size, _pad_id(tok), cot, log)
+    TR.hf_model(m).requires_grad_(False)
     final = resid.pop(n_layers)
     with torch.enable_grad():
         tr, last = TL.train_translators(
@@ -261,16 +259,14 @@ def tuned_lens_job(
             seed=cot.seed,
         )
     meta = {
-        "model": model.source,
-        "dataset": dataset,
         "train_prompts": positions.loc[keep, "prompt_id"].tolist(),
         "n_tokens": int(final.shape[0]),
         "settings": s.to_dict(),
         "train_kl": {str(L): v for L, v in last.items()},
     }
-    TL.save_translators(out_path, tr, meta)
-    log(f"tuned lens: {len(prompts)} training prompts, {final.shape[0]} positions; last KL {last}")
-    return meta
+    kl = ", ".join(f"{v:.3g}" for v in last.values())
+    log(f"tuned lens: {len(chosen)} training prompts, {final.shape[0]} positions; train KL {kl}")
+    return tr, meta
 
 
 def _token_residuals(m, prompts, n_layers, batch_size, pad_id, cot, log) -> dict:
@@ -313,9 +309,11 @@ def early_answering_job(
     device: str = "auto",
     batch_size: int = 32,
     engine: str = "auto",
+    threads: int | None = None,
     log: Callable[[str], Any] = print,
 ) -> pd.DataFrame:
     """early_answering.csv and its summary for one chain-of-thought dataset."""
+    _threads(threads)
     from layerscope.interventions import early_answering as EA
     from layerscope.interventions.generation import stepper_for
 

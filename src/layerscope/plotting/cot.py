@@ -27,6 +27,14 @@ def _finish(fig: Figure, out, formats, dpi) -> list[str]:
         fig.clear()
 
 
+def _bin_tick(b: int, bins: Sequence[int]) -> str:
+    """Q (the question), the reasoning bins' centres, A (the position that writes the answer)."""
+    n = max(bins)
+    if b < 0:
+        return "Q"
+    return "A" if b == n else f"{(b + 0.5) / n:.2f}"
+
+
 def draw_lens_heatmap(summary: pd.DataFrame, *, title: str = "") -> Figure:
     """Mean answer log-prob, layers x relative-position bins, one panel per (lens, label)."""
     lenses = list(pd.unique(summary["lens"]))
@@ -46,14 +54,13 @@ def draw_lens_heatmap(summary: pd.DataFrame, *, title: str = "") -> Figure:
                 for r in g.itertuples(index=False):
                     M[layers.index(r.layer), bins.index(r.bin)] = r.mean_logprob
                 im = ax.imshow(M, aspect="auto", origin="lower", vmin=vmin, vmax=vmax)
-                ticks = [
-                    "Q" if b < 0 else f"{(b + 0.5) / max(len(bins) - 1, 1):.1f}" for b in bins
-                ]
+                ax.grid(False)
+                ticks = [_bin_tick(b, bins) for b in bins]
                 step = max(1, len(bins) // 6)
                 ax.set_xticks(range(0, len(bins), step), ticks[::step])
                 ax.set_yticks(range(len(layers)), [str(L) for L in layers])
                 ax.set_title(f"{name} lens, {label} (n={int(g['n_prompts'].max())})", fontsize=9)
-                ax.set_xlabel("relative position (Q = question; 1 = answer)")
+                ax.set_xlabel("relative position (Q question, A answer)")
                 ax.set_ylabel("layer")
         fig.colorbar(im, ax=axes, label="answer log-prob (mean over prompts)", shrink=0.8)
         if title:
@@ -77,14 +84,22 @@ def draw_lead_time(lead: pd.DataFrame, summary: pd.DataFrame, *, title: str = ""
             for k, label in enumerate(labels):
                 off = (k - (len(labels) - 1) / 2) * 0.3
                 x = [layers.index(L) + off for L in d.loc[d["label"] == label, "layer"]]
-                ax.scatter(x, d.loc[d["label"] == label, "lead_tokens"], s=8, alpha=0.35,
-                           color=colors[k])
+                ax.scatter(
+                    x, d.loc[d["label"] == label, "lead_tokens"], s=8, alpha=0.35, color=colors[k]
+                )
                 sl = s[s["label"] == label].set_index("layer").reindex(layers)
                 xs = np.arange(len(layers)) + off
-                ax.errorbar(xs, sl["median"], yerr=[sl["median"] - sl["ci_low"],
-                            sl["ci_high"] - sl["median"]], fmt="o", color=colors[k],
-                            label=f"{label} median", capsize=2)
+                ax.errorbar(
+                    xs,
+                    sl["median"],
+                    yerr=[sl["median"] - sl["ci_low"], sl["ci_high"] - sl["median"]],
+                    fmt="o",
+                    color=colors[k],
+                    label=f"{label} median",
+                    capsize=2,
+                )
             ax.set_xticks(range(len(layers)), [str(L) for L in layers])
+            ax.set_xlim(-0.5, len(layers) - 0.5)
             ax.set_xlabel("layer")
             ax.set_ylabel("lead time (tokens before the answer)")
             ax.set_title(name, fontsize=9)
@@ -108,8 +123,9 @@ def draw_early_answering(summary: pd.DataFrame, *, title: str = "") -> Figure:
                 g = summary[(summary["label"] == label) & (summary["condition"] == c)]
                 g = g.sort_values("fraction")
                 ax.plot(g["fraction"], g["rate"], marker="o", color=colors[k], label=c)
-                ax.fill_between(g["fraction"], g["ci_low"], g["ci_high"], color=colors[k],
-                                alpha=0.2)
+                ax.fill_between(
+                    g["fraction"], g["ci_low"], g["ci_high"], color=colors[k], alpha=0.2
+                )
             n = int(summary.loc[summary["label"] == label, "n"].max())
             ax.set_title(f"{label} (n={n})", fontsize=9)
             ax.set_xlabel("share of the reasoning kept")
