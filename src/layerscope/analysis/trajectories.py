@@ -166,7 +166,9 @@ def _lens_rows(lp, final, tok: int, top_k: int) -> dict[str, Any]:
     """Answer log-prob, rank, top-k and KL(final || lens) of log-probs ``lp`` ``[c, V]``."""
     import torch
 
-    target = lp[:, tok]
+    # A copy, not a view: a view would keep this layer's [chunk, vocabulary] log-probs alive
+    # until the chunk is done.
+    target = lp[:, tok].clone()
     rank = 1 + (lp > target[:, None]).sum(dim=-1)
     top = torch.topk(lp, top_k, dim=-1)
     kl = (final.exp() * (final - lp)).sum(dim=-1)
