@@ -2,7 +2,6 @@
 mistakes that stop the dry run, and which jobs a config edit reruns. Takes ~1-2 min (one real run
 of caching, one probe, trajectories and early answering on 8 chains of thought)."""
 
-
 import pandas as pd
 import pytest
 import yaml
