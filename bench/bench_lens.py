@@ -149,6 +149,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--vocabs", default=None, help="comma-separated vocabulary sizes (narrow model)"
+    )
+    ap.add_argument("--lengths", default=None, help="comma-separated prompt lengths in tokens")
     ap.add_argument("--worker", nargs=3, metavar=("METHOD", "VOCAB", "LENGTH"))
     args = ap.parse_args()
     if args.worker:
@@ -159,6 +163,10 @@ def main() -> None:
         args.repeats = 1
     vocabs = [151936] if args.full else ([8192] if args.quick else [8192, 32768])
     lengths = [1000] if args.quick else [1000, 2000]
+    if args.vocabs and not args.full:
+        vocabs = [int(v) for v in args.vocabs.split(",")]
+    if args.lengths:
+        lengths = [int(n) for n in args.lengths.split(",")]
     passed = [a for a in sys.argv[1:] if a not in ("--quick",)]
     if args.quick:
         passed += ["--repeats", "1"]
