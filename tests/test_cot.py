@@ -426,3 +426,57 @@ def test_summary_wilson_and_warning():
 def test_read_answer_after_a_repeated_marker():
     assert EA.read_answer(" 7\nAnswer: 8", MARKER, r"\d+") == "8"
     assert EA.read_answer(" 7 then", re.compile("Answer:"), r"\d+") == "7"
+
+
+# --------------------------------------------------------------------------------------------
+# figures
+
+
+def test_figures_draw_from_the_tables(tmp_path):
+    from matplotlib.image import imread
+
+    from layerscope.plotting import cot as P
+
+    lens = pd.DataFrame(
+        {
+            "prompt_id": np.repeat(["a", "b"], 8),
+            "label": np.repeat(["faithful", "unfaithful"], 8),
+            "lens": "logit",
+            "layer": np.tile([0, 0, 0, 0, 1, 1, 1, 1], 2),
+            "position": np.tile([0, 1, 2, 3], 4),
+            "rel_position": np.tile([-0.5, 0.0, 0.5, 1.0], 4),
+            "answer_logprob": -np.arange(16) / 4,
+            "answer_rank": np.tile([3, 1, 1, 1], 4),
+        }
+    )
+    summary = TR.summarize_lens(lens, 2, 0.95)
+    assert set(summary["bin"]) == {-1, 0, 1, 2}  # question, two reasoning bins, the answer
+    pos = pd.DataFrame(
+        {
+            "prompt_id": ["a", "b"],
+            "label": ["faithful", "unfaithful"],
+            "reasoning_start_token": 1,
+            "answer_start_token": 4,
+        }
+    )
+    lead = LT.lead_times(lens, pos)
+    lead_sum = LT.summarize_lead(lead, ["unfaithful", "faithful"], n_boot=100, seed=0, conf=0.95)
+    early = pd.DataFrame(
+        {
+            "fraction": [0.0, 0.0, 1.0, 1.0] * 2,
+            "condition": ["truncated", "filler"] * 4,
+            "label": ["faithful"] * 4 + ["unfaithful"] * 4,
+            "rate": [0.1, 0.0, 1.0, 0.2] * 2,
+            "ci_low": [0.0, 0.0, 0.8, 0.05] * 2,
+            "ci_high": [0.3, 0.2, 1.0, 0.5] * 2,
+            "n": 10,
+        }
+    )
+    for name, written in [
+        ("h", P.lens_heatmap(summary, tmp_path / "h.png")),
+        ("l", P.lead_time(lead, lead_sum, tmp_path / "l.png")),
+        ("e", P.early_answering(early, tmp_path / "e.png", formats=["png", "svg"])),
+    ]:
+        assert written[0].endswith(f"{name}.png")
+        assert imread(written[0]).shape[0] > 100
+    assert (tmp_path / "e.svg").is_file()

@@ -57,7 +57,8 @@ def draw_lens_heatmap(summary: pd.DataFrame, *, title: str = "") -> Figure:
                 ax.grid(False)
                 ticks = [_bin_tick(b, bins) for b in bins]
                 step = max(1, len(bins) // 6)
-                ax.set_xticks(range(0, len(bins), step), ticks[::step])
+                shown = sorted({0, len(bins) - 1, *range(0, len(bins), step)})
+                ax.set_xticks(shown, [ticks[k] for k in shown])
                 ax.set_yticks(range(len(layers)), [str(L) for L in layers])
                 ax.set_title(f"{name} lens, {label} (n={int(g['n_prompts'].max())})", fontsize=9)
                 ax.set_xlabel("relative position (Q question, A answer)")
