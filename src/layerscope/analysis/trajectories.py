@@ -288,14 +288,19 @@ def run_readouts(
     return out  # type: ignore[return-value]
 
 
-def check_readout(model, prompts: Sequence[Prompt], readout, n_layers: int, atol: float) -> float:
-    """Largest |final-layer lens log-prob - the model's own log-prob| over the first prompts'
-    lens positions (one at a time, full forward pass with the LM head); raises above ``atol``."""
+def check_readout(
+    model, prompts: Sequence[Prompt], readout, n_layers: int, atol: float, max_positions: int = 256
+) -> float:
+    """Largest |final-layer lens log-prob - the model's own log-prob| over the first
+    ``max_positions`` lens positions of ``prompts`` (one at a time, the model's own forward pass
+    with its LM head: vocabulary x ``max_positions`` logits); raises above ``atol``."""
     import torch
 
     worst = 0.0
     device = model_device(model)
     for p in prompts:
+        n = min(p.n_lens, max_positions)
+        p = Prompt(p.ids[:n], n, p.answer_token)
         ids = torch.as_tensor(p.ids[: p.n_lens], device=device)[None]
         own = torch.log_softmax(_own_logits(model, ids)[0].float(), dim=-1)
         got = run_readouts(model, [p], n_layers=n_layers, top_k=1, readout=readout)[0]
