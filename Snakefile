@@ -30,6 +30,7 @@ include: "workflow/rules/figures.smk"
 include: "workflow/rules/patching.smk"
 include: "workflow/rules/steering.smk"
 include: "workflow/rules/task_vectors.smk"
+include: "workflow/rules/cot.smk"
 include: "workflow/rules/manifest.smk"
 
 

@@ -25,12 +25,16 @@ SECTIONS = [
     S.PrecisionSettings,
     S.TaskVectorSettings,
     S.FigureSettings,
+    S.CotSettings,
+    S.TunedLensSettings,
+    S.EarlyAnsweringSettings,
 ]
 # Keys of a section that only the Snakefile reads (what runs, how it is split), not any job.
 WORKFLOW_ONLY = {
     "ActivationSettings": {"shards"},
     "ProbeSettings": {"generalization", "causal"},
     "PatchingSettings": {"experiments"},
+    "CotSettings": {"datasets"},
 }
 
 

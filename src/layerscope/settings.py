@@ -326,3 +326,69 @@ class FigureSettings(Section):
     """Component of the geometry figures; None = the first of activations.components."""
     pooling: str | None
     """Pooling of the geometry figures; None = the first of activations.poolings."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TunedLensSettings(Section):
+    """The tuned lens's affine translators (config ``cot.tuned_lens``)."""
+
+    SCHEMA: ClassVar[tuple[str, ...]] = ("properties", "cot", "properties", "tuned_lens")
+
+    train_fraction: float
+    """Share of the dataset's groups the translators are trained on; the rest is held out."""
+    steps: int
+    """Optimizer steps per layer."""
+    lr: float
+    """Adam learning rate."""
+    batch_tokens: int
+    """Token positions per step."""
+    max_tokens: int
+    """Training token positions kept (a seeded sample when there are more)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyAnsweringSettings(Section):
+    """Early answering (config ``cot.early_answering``)."""
+
+    SCHEMA: ClassVar[tuple[str, ...]] = ("properties", "cot", "properties", "early_answering")
+
+    enabled: bool
+    """Run early answering for every chain-of-thought dataset."""
+    fractions: tuple[float, ...]
+    """Shares of the reasoning tokens kept (1 is always added)."""
+    max_new_tokens: int
+    """Tokens generated per variant."""
+    filler: str
+    """Text whose tokens replace the reasoning in the filler control."""
+    answer_regex: str
+    """The answer is the first match after the marker in the generated text."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CotSettings(Section):
+    """Chain-of-thought readouts (config ``cot``, less ``datasets``)."""
+
+    SCHEMA: ClassVar[tuple[str, ...]] = ("properties", "cot")
+
+    answer_marker: str
+    """Regex that marks the answer in a response (the last match)."""
+    lens: tuple[str, ...]
+    """Lenses applied at every layer and position: logit, tuned."""
+    top_k: int
+    """Top tokens kept per (layer, position)."""
+    chunk: int
+    """Positions read out at once (vocabulary-sized logits exist for these only)."""
+    bins: int
+    """Relative-position bins over the reasoning in the lens summary."""
+    probes: tuple[Any, ...]
+    """Trained probes ({dataset, layer, component, pooling}) applied at every position."""
+    n_boot: int
+    """Bootstrap resamples of the prompts for the lead-time medians."""
+    seed: int
+    """Seed of the bootstrap and of the tuned-lens split."""
+    check_atol: float
+    """Largest allowed gap between the last layer's logit lens and the model's own log-probs."""
+    tuned_lens: TunedLensSettings
+    """The tuned lens's translators."""
+    early_answering: EarlyAnsweringSettings
+    """Early answering."""

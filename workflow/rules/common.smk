@@ -17,6 +17,7 @@ from layerscope.data.datasets import dry_run_check
 from layerscope.errors import ConfigError, LayerscopeError
 from layerscope.settings import (
     ActivationSettings,
+    CotSettings,
     FigureSettings,
     ModelSettings,
     PatchingSettings,
@@ -40,6 +41,41 @@ except ConfigError as exc:
 
 MODELS = sorted(config["models"])
 DATASETS = sorted(config["datasets"])
+# Chain-of-thought datasets are read along positions (rules in cot.smk), not cached pooled or probed.
+COT = CotSettings.of({k: v for k, v in config["cot"].items() if k != "datasets"})
+COT_DATASETS = sorted(config["cot"]["datasets"])
+POOLED_DATASETS = [d for d in DATASETS if d not in COT_DATASETS]
+for _d in COT_DATASETS:
+    if _d not in DATASETS:
+        raise WorkflowError(
+            f"cot.datasets: {_d!r} is not a configured dataset (datasets: {', '.join(DATASETS)})"
+        )
+for _p in COT.probes:
+    if _p["dataset"] not in POOLED_DATASETS:
+        raise WorkflowError(
+            f"cot.probes: dataset {_p['dataset']!r} is not a configured dataset with probes "
+            f"({', '.join(POOLED_DATASETS)})"
+        )
+    for _m in MODELS:
+        if _p["layer"] not in LAYERS[_m]:
+            raise WorkflowError(
+                f"cot.probes: layer {_p['layer']} of {_p['dataset']!r} is not a probed layer of "
+                f"model {_m!r} ({LAYERS[_m]})"
+            )
+
+
+def dataset_spec_of(dataset):
+    """How to build the prompt table (shards only splits caching, so it is left out); a
+    chain-of-thought dataset gets cot.answer_marker unless it has its own."""
+    spec = {k: v for k, v in config["datasets"][dataset].items() if k != "shards"}
+    if dataset in COT_DATASETS:
+        spec.setdefault("answer_marker", COT.answer_marker)
+    return spec
+
+
+def cot_marker(dataset):
+    """The answer marker of a chain-of-thought dataset."""
+    return dataset_spec_of(dataset)["answer_marker"]
 
 
 # Every dataset is built here as prepare_dataset will build it (labels, classes, templates, input
@@ -59,7 +95,7 @@ try:
     CHECKED = {
         d: dry_run_check(
             d,
-            {k: v for k, v in config["datasets"][d].items() if k != "shards"},
+            dataset_spec_of(d),
             ".",
             ".snakemake/layerscope/datasets",
             tokenizers={m: t for m, t in TOKENIZERS.items() if t},
@@ -137,12 +173,8 @@ def model_cfg(wildcards):
 
 
 def dataset_spec(wildcards):
-    """How to build the prompt table (shards only splits caching, so it is left out)."""
+    """How to build the prompt table (see dataset_spec_of)."""
     return dataset_spec_of(wildcards.dataset)
-
-
-def dataset_spec_of(dataset):
-    return {k: v for k, v in config["datasets"][dataset].items() if k != "shards"}
 
 
 def names_regex(names):
@@ -168,6 +200,16 @@ def task_vector_compute_settings(model):
     tv = {k: v for k, v in TASK_VECTORS.to_dict().items() if k != "layer"}
     tv["component"] = tv["component"] or ACTIVATIONS.components[0]
     return tv
+
+
+def cot_job_settings(*drop):
+    """The cot settings a job computes from (less the parts it never reads)."""
+    return stable({k: v for k, v in COT.to_dict().items() if k not in drop})
+
+
+def cot_probe_files(wc):
+    """The probe JSONs the trajectories job applies, in cot.probes order."""
+    return [f"results/probes/{wc.model}/{p['dataset']}/layer_{p['layer']}.json" for p in COT.probes]
 
 
 def patching_settings(model):
@@ -201,16 +243,19 @@ def figure_targets():
     for rule in (rules.plot_probes, rules.plot_geometry, rules.plot_reliability) + (
         (rules.plot_tsne,) if FIGURES.tsne else ()
     ):
-        targets += outputs_of(rule, model=MODELS, dataset=DATASETS)
+        targets += outputs_of(rule, model=MODELS, dataset=POOLED_DATASETS)
     targets += outputs_of(rules.plot_task_vectors, model=MODELS, dataset=TASK_GRIDS)
     targets += outputs_of(rules.plot_generalization, model=MODELS, group=GENERALIZATION)
     if len(MODELS) > 1:
-        targets += outputs_of(rules.depth_comparison, dataset=DATASETS)
+        targets += outputs_of(rules.depth_comparison, dataset=POOLED_DATASETS)
     targets += outputs_of(rules.plot_patching, model=MODELS, experiment=EXPERIMENTS)
     targets += outputs_of(
         rules.plot_attribution, model=MODELS, atp_experiment=ATTRIBUTION_EXPERIMENTS
     )
     targets += outputs_of(rules.plot_steering, model=MODELS, steer=STEER_EXPERIMENTS)
+    targets += outputs_of(rules.plot_trajectories, model=MODELS, dataset=COT_DATASETS)
+    if COT.early_answering.enabled:
+        targets += outputs_of(rules.plot_early_answering, model=MODELS, dataset=COT_DATASETS)
     return targets
 
 
@@ -223,7 +268,7 @@ def all_targets():
         rules.probe_card.output[0],
         rules.activation_stats.output[0],
     ):
-        targets += expand(output, model=MODELS, dataset=DATASETS)
+        targets += expand(output, model=MODELS, dataset=POOLED_DATASETS)
     targets += expand(rules.generalization.output.table, model=MODELS, group=GENERALIZATION)
     targets += expand(rules.task_vectors.output.scores, model=MODELS, dataset=TASK_GRIDS)
     targets += expand(rules.patching.output.summary, model=MODELS, experiment=EXPERIMENTS)
@@ -231,6 +276,9 @@ def all_targets():
         rules.attribution.output.summary, model=MODELS, atp_experiment=ATTRIBUTION_EXPERIMENTS
     )
     targets += expand(rules.steering.output.effects, model=MODELS, steer=STEER_EXPERIMENTS)
+    targets += expand(rules.trajectories.output.lens, model=MODELS, dataset=COT_DATASETS)
+    if COT.early_answering.enabled:
+        targets += expand(rules.early_answering.output.rows, model=MODELS, dataset=COT_DATASETS)
     targets.append(rules.manifest.output[0])
     return targets + figure_targets()
 

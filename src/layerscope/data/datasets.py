@@ -54,6 +54,7 @@ import numpy as np
 import pandas as pd
 
 from layerscope.atomic import atomic_path, write_json
+from layerscope.data.cot import OFFSET_COLUMNS, compile_marker, response_offsets
 from layerscope.errors import ConfigError, InputError
 
 __all__ = [
@@ -71,7 +72,13 @@ __all__ = [
 
 CORE_COLUMNS = ("prompt_id", "text", "label", "group")
 #: Provenance columns that hold integers (read back as int by :func:`read_prompt_table`).
-INT_COLUMNS = ("source_line", "scores_line")
+INT_COLUMNS = (
+    "source_line",
+    "scores_line",
+    "reasoning_start_char",
+    "marker_start_char",
+    "answer_start_char",
+)
 KINDS = ("phase2", "facts", "task_grid", "labelled")
 
 DEFAULT_TASK_TEMPLATE = "Answer minimally: Given the numbers {a} and {b} calculate the {task}"
@@ -1018,6 +1025,7 @@ class _Built:
 def _build_phase2(spec: _Spec) -> _Built:
     """Build the faithful/unfaithful dataset of a phase2 scores table and its responses."""
     fields, variants, text_mode = _phase2_options(spec)
+    marker = _marker_of(spec, text_mode == "question_response")
     filters = spec.filters()
     classes = ["unfaithful", "faithful"]
     cap_of = spec.caps({"faithful": 30, "unfaithful": 20}, classes)
@@ -1048,22 +1056,26 @@ def _build_phase2(spec: _Spec) -> _Built:
             continue
         for variant in variants:
             rec = by_key[(pid, variant)]
-            rows.append(
-                {
-                    "prompt_id": f"{pid}:{variant}",
-                    "text": _phase2_text(responses, rec, fields, text_mode),
-                    "label": pair_label[pid],
-                    "group": pid,
-                    "pair_id": pid,
-                    "variant": variant,
-                    "source_file": responses.given,
-                    "source_line": rec.line,
-                    "scores_line": pair_line[pid],
-                }
-            )
+            text = _phase2_text(responses, rec, fields, text_mode)
+            row = {
+                "prompt_id": f"{pid}:{variant}",
+                "text": text,
+                "label": pair_label[pid],
+                "group": pid,
+                "pair_id": pid,
+                "variant": variant,
+                "source_file": responses.given,
+                "source_line": rec.line,
+                "scores_line": pair_line[pid],
+            }
+            if marker is not None:
+                question = responses.get_str(rec, fields["question"])
+                row.update(_offsets(responses, rec, fields["response"], text, question, marker))
+            rows.append(row)
     return _Built(
         rows=rows,
-        columns=["pair_id", "variant", "source_file", "source_line", "scores_line"],
+        columns=["pair_id", "variant", "source_file", "source_line", "scores_line"]
+        + (list(OFFSET_COLUMNS) if marker is not None else []),
         classes=classes,
         positive="faithful",
         label_field=f_faith,
@@ -1075,7 +1087,7 @@ def _build_phase2(spec: _Spec) -> _Built:
 
 def _phase2_options(spec: _Spec) -> tuple[dict[str, str], list[str], str]:
     """Check the phase2 options: (field -> column, variant names, text mode)."""
-    spec.check_keys({"scores", "responses", "fields", "variants", "text"})
+    spec.check_keys({"scores", "responses", "fields", "variants", "text", "answer_marker"})
     fields = dict(PHASE2_DEFAULT_FIELDS)
     raw_fields = spec.spec.get("fields") or {}
     if not isinstance(raw_fields, dict):
@@ -1194,6 +1206,33 @@ def _phase2_text(responses, rec, fields, text_mode) -> str:
             field=f_resp,
         )
     return question + "\n" + response
+
+
+def _marker_of(spec: _Spec, has_response: bool) -> re.Pattern | None:
+    """The compiled answer marker of a dataset whose text holds a response (None: no offsets).
+
+    Offsets are recorded when ``answer_marker`` is set (the workflow sets it, default
+    ``Answer:``, for every dataset in ``cot.datasets``); a marker without a response is an error."""
+    marker = spec.spec.get("answer_marker")
+    if marker is None:
+        return None
+    if not has_response:
+        raise ConfigError(
+            spec.key("answer_marker"),
+            "an answer marker needs the response in the text (phase2: text: question_response; "
+            "labelled: response_field)",
+        )
+    if not isinstance(marker, str) or not marker:
+        raise ConfigError(spec.key("answer_marker"), f"expected a regex, got {marker!r}")
+    return compile_marker(marker, spec.key("answer_marker"))
+
+
+def _offsets(table, rec, field: str, text: str, question: str, marker) -> dict[str, Any]:
+    """Reasoning and answer offsets of ``text`` = question + "\\n" + response."""
+    response = text[len(question) + 1 :]
+    return response_offsets(
+        len(question) + 1, response, marker, file=table.file, line=rec.line, field=field
+    )
 
 
 def _build_facts(spec: _Spec) -> _Built:
@@ -1364,8 +1403,11 @@ def _task_grid_filter(spec: _Spec, filters, all_rows, columns) -> list[dict[str,
 def _build_labelled(spec: _Spec) -> _Built:
     spec.check_keys(
         {"path", "text_field", "label_field", "group_field", "id_field", "positive_class"}
+        | {"response_field", "answer_marker"}
     )
     text_field = spec.str_opt("text_field", "text")
+    response_field = spec.str_opt("response_field", None)
+    marker = _marker_of(spec, response_field is not None)
     label_field = spec.str_opt("label_field", "label")
     group_field = spec.str_opt("group_field", None)
     id_field = spec.str_opt("id_field", None)
@@ -1375,7 +1417,11 @@ def _build_labelled(spec: _Spec) -> _Built:
 
     table = _load_table(spec.required("path"), spec.base_dir, spec.key("path"))
     table.require_columns(
-        [f for f in (text_field, label_field, group_field, id_field) if f is not None]
+        [
+            f
+            for f in (text_field, label_field, group_field, id_field, response_field)
+            if f is not None
+        ]
     )
     # One spelling per class (see normalise_labels); class names known to the file (before
     # filters) catch typos in max_per_class.
@@ -1395,25 +1441,30 @@ def _build_labelled(spec: _Spec) -> _Built:
     by_class: dict[str, list[dict[str, Any]]] = {}
     for rec in kept:
         i = index_of[id(rec)]
-        text = table.get_str(rec, text_field)
+        question = table.get_str(rec, text_field)
+        text = question
+        if response_field is not None:
+            text = question + "\n" + table.get_str(rec, response_field)
         label = label_of[id(rec)]
         pid = table.get_str(rec, id_field) if id_field is not None else f"row_{i:04d}"
         group = table.get_str(rec, group_field) if group_field is not None else pid
-        by_class.setdefault(label, []).append(
-            {
-                "prompt_id": pid,
-                "text": text,
-                "label": label,
-                "group": group,
-                "source_file": table.given,
-                "source_line": rec.line,
-                "_order": i,
-            }
-        )
+        row = {
+            "prompt_id": pid,
+            "text": text,
+            "label": label,
+            "group": group,
+            "source_file": table.given,
+            "source_line": rec.line,
+            "_order": i,
+        }
+        if marker is not None:
+            row.update(_offsets(table, rec, response_field, text, question, marker))
+        by_class.setdefault(label, []).append(row)
     rows = _select_rows(by_class, cap_of, seed)
     return _Built(
         rows=rows,
-        columns=["source_file", "source_line"],
+        columns=["source_file", "source_line"]
+        + (list(OFFSET_COLUMNS) if marker is not None else []),
         classes=sorted(by_class),
         positive=_labelled_positive(spec, sorted(by_class), table.given, label_field),
         inputs={table.given: table.sha256},
