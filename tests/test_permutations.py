@@ -75,3 +75,28 @@ def test_summary_rows_carry_the_monte_carlo_error():
         primary["p_permutation_se"] == pytest.approx(result.permutation["mc_se"])
         and primary["p_permutation_se"] > 0
     )
+
+
+def test_a_clear_signal_draws_until_settled_at_the_corrected_level():
+    # alpha / m for m = 12 tests: after 100 permutations p >= 1/101 is not clearly below it, so a
+    # strong signal keeps drawing until it is (and then passes Holm over 12 tests).
+    X, y = _data(3.0)
+    level = 0.05 / 12
+    perm = fit_probe(X, y, None, n_permutations=1000, permutation_level=level, **FAST).permutation
+    assert perm["level"] == level and perm["n_drawn"] > PERMUTATION_BATCH
+    assert perm["p_value"] + PERMUTATION_Z * perm["mc_se"] < level or perm["n_drawn"] == 1000
+    assert 12 * perm["p_value"] < 0.05
+    with pytest.raises(Exception, match="permutation_level"):
+        fit_probe(X, y, None, n_permutations=10, permutation_level=0.0, **FAST)
+
+
+def test_holm_floor_warning_names_the_key_and_the_count():
+    import pandas as pd
+
+    from layerscope.jobs.probe_runs import holm_floor_warning
+
+    table = pd.DataFrame({"probe": ["logistic"] * 24 + ["lda"] * 24, "primary": [True, False] * 24})
+    assert holm_floor_warning(table, 1000, 0.05) is None  # 12 / 1001 < 0.05
+    warning = holm_floor_warning(table, 100, 0.05)  # 12 / 101 = 0.119
+    assert warning.startswith("holm_floor:") and "probes.n_permutations to at least 240" in warning
+    assert holm_floor_warning(table, 0, 0.05) is None  # no permutation test at all

@@ -43,6 +43,7 @@ rule probe_summary:
         "../../envs/core.yaml"
     params:
         alpha=PROBES.alpha,
+        n_permutations=PROBES.n_permutations,
     script:
         "../scripts/probe_summary.py"
 

@@ -1027,6 +1027,7 @@ def fit_probe(
     seed: int = 0,
     max_iter: int = 1000,
     positive_class: Any = None,
+    permutation_level: float = 0.05,
     blas_threads: int | None = 1,
     stream: Sequence[int] = (),
     fold_ids: Any = None,
@@ -1047,7 +1048,7 @@ def fit_probe(
         is used, recorded in ``fold_C_source``.
     n_permutations : label-permutation test of the primary metric (0 to skip): the most
         permutations drawn. They are drawn in batches of ``PERMUTATION_BATCH`` and stop early once
-        the p-value is clearly on one side of ``PERMUTATION_ALPHA`` (see :func:`_permutation_test`);
+        the p-value is clearly on one side of ``permutation_level`` (see :func:`_permutation_test`);
         ``permutation["mc_se"]`` is the Monte-Carlo standard error of the p-value. To keep the
         cost down each permutation runs ONE repeat of outer CV with a FIXED C, the C most
         often chosen by the inner CV (ties -> smaller C). The observed statistic is computed
@@ -1084,11 +1085,15 @@ def fit_probe(
     if fold_ids is not None:
         given = _check_given_folds(fold_ids, data, n_repeats)
         data = replace(data, k_eff=int(given.max()) + 1)
+    if not 0 < permutation_level < 1:
+        raise ProbeInputError(f"permutation_level must be in (0, 1), got {permutation_level}")
     cfg = _ProbeSettings(
         n_splits, n_repeats, inner_splits, Cs, n_permutations, n_random_directions, seed, max_iter
     )
     with _blas_limits(blas_threads):
-        return _fit_probe(data, cfg, notes, tuple(int(x) for x in stream), given)
+        return _fit_probe(
+            data, cfg, notes, tuple(int(x) for x in stream), given, level=permutation_level
+        )
 
 
 def _check_given_folds(fold_ids: Any, data: _ProbeData, n_repeats: int) -> np.ndarray:
@@ -1159,9 +1164,12 @@ def _probe_data(X, y, groups, positive_class, n_splits) -> tuple[_ProbeData, lis
 
 #: Permutations are drawn in batches of this size (one batched solve each) ...
 PERMUTATION_BATCH = 100
-#: ... and stop once the p-value's distance from this level exceeds PERMUTATION_Z Monte-Carlo
-#: standard errors: the decision at this level is then settled, and only borderline p-values
-#: pay for many permutations (up to n_permutations).
+#: ... and stop once the p-value's distance from the decision level (``permutation_level``: the
+#: workflow passes alpha / the most tests its correction can hold, so that a clearly significant
+#: probe can pass the Holm correction) exceeds PERMUTATION_Z Monte-Carlo standard errors: the
+#: decision at that level is then settled, and only borderline p-values pay for many permutations
+#: (up to n_permutations).
+#: fit_probe's default decision level (a single test at 0.05).
 PERMUTATION_ALPHA = 0.05
 PERMUTATION_Z = 3.0
 
@@ -1199,7 +1207,20 @@ def _permuted_labellings(codes, gcodes, k, k_eff, seed, rng, count):
 
 
 def _permutation_test(
-    X, codes, gcodes, k, k_eff, fold_ids, C_fixed, fitter, *, primary, n_permutations, seed, stream
+    X,
+    codes,
+    gcodes,
+    k,
+    k_eff,
+    fold_ids,
+    C_fixed,
+    fitter,
+    *,
+    primary,
+    n_permutations,
+    seed,
+    stream,
+    level=0.05,
 ) -> dict[str, Any]:
     """Sequential label-permutation test of the primary metric (see ``fit_probe``'s docstring)."""
     perm: dict[str, Any] = {
@@ -1214,6 +1235,7 @@ def _permutation_test(
         "p_value": None,
         "mc_se": None,
         "stopped_early": False,
+        "level": float(level),
     }
     if n_permutations <= 0:
         perm["scheme"] = _permuted_labellings(codes, gcodes, k, k_eff, seed, None, 0)[1]
@@ -1237,7 +1259,7 @@ def _permutation_test(
             else len(scores)
         )
         p, se = permutation_p(hits, len(scores))
-        if len(scores) < n_permutations and abs(p - PERMUTATION_ALPHA) > PERMUTATION_Z * se:
+        if len(scores) < n_permutations and abs(p - level) > PERMUTATION_Z * se:
             perm["stopped_early"] = True
             break
     perm.update(observed=observed, scores=scores, n_drawn=len(scores), p_value=p, mc_se=se)
@@ -1256,7 +1278,7 @@ class _OuterCV:
 
 
 def _fit_probe(
-    data: _ProbeData, cfg: _ProbeSettings, notes: list[str], stream, given_folds=None
+    data: _ProbeData, cfg: _ProbeSettings, notes: list[str], stream, given_folds=None, level=0.05
 ) -> ProbeResult:
     """Run :func:`fit_probe`'s steps on checked inputs: CV, controls, final probe."""
     fitter = _Fitter(cfg.max_iter)
@@ -1295,6 +1317,7 @@ def _fit_probe(
         n_permutations=cfg.n_permutations,
         seed=cfg.seed,
         stream=stream,
+        level=level,
     )
     rand = _random_direction_control(data, cfg, fold_ids[0], C_fixed, fitter)
     C_final, C_src = chosen[-1]

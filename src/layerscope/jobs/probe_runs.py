@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -55,6 +56,12 @@ def train_layer_probes(
     layer = int(attrs["layer"])
     thresholds = settings.thresholds
     fit_kwargs = _fit_kwargs(settings)
+    # The summary corrects p across every (layer, component, pooling) of the dataset; deciding
+    # each sequential test at alpha / (the most such tests: every layer of the model) lets a
+    # clearly significant probe pass that correction. From the file, not the configured layers,
+    # so adding a layer reruns only that layer.
+    n_tests = int(attrs["n_layers"]) * len(attrs["components"]) * len(attrs["poolings"])
+    fit_kwargs["permutation_level"] = settings.alpha / n_tests
     checks = _validity_kwargs(settings)
     probes = []
     for ci, component in enumerate(attrs["components"]):
@@ -195,6 +202,22 @@ def summarize_probes(
     table["passes_checks"] = passes_checks(table, alpha)
     write_csv(out_csv, table)
     return table
+
+
+def holm_floor_warning(table: pd.DataFrame, n_permutations: int, alpha: float) -> str | None:
+    """The named warning ``holm_floor`` when no permutation test of the dataset can pass the
+    Holm correction: the smallest p-value n permutations can give is 1 / (n + 1), and Holm
+    multiplies the smallest of m p-values by m."""
+    m = int(((table["probe"] == "logistic") & table["primary"].astype(bool)).sum())
+    if n_permutations <= 0 or m == 0 or m / (n_permutations + 1) < alpha:
+        return None
+    need = math.ceil(m / alpha)
+    return (
+        f"holm_floor: {m} permutation tests are corrected together, and with at most "
+        f"{n_permutations} permutations the smallest Holm-corrected p is {m}/{n_permutations + 1}"
+        f" = {m / (n_permutations + 1):.3g} >= alpha {alpha}: no logistic probe can pass; set "
+        f"probes.n_permutations to at least {need} (or probe fewer layers, components, poolings)"
+    )
 
 
 def probe_rows(summary: pd.DataFrame, probe: str = "logistic") -> pd.DataFrame:
