@@ -8,7 +8,10 @@
   object of the same subject (both with a leading space).
 * ``numbers.csv``: the q1 question of the first 12 faithful and first 12 unfaithful pairs of
   demo/data/phase2 as ``"{question} Answer:"``, positive answer the larger number (the correct
-  answer), negative answer the smaller one.
+  answer), negative answer the smaller one. The question carries its regime cue, so this is
+  an answer with no reasoning: post-hoc (unfaithful) questions mostly answer the larger
+  number, while computed (faithful) ones fall back to the first number (right about half the
+  time).
 * ``neutral.txt``: texts of the demo model's training formats that the two experiments do not ask
   about (capital facts, arithmetic tasks): the KL damage guard.
 """

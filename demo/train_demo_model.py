@@ -4,6 +4,8 @@
     python demo/train_demo_model.py [--out demo/model]   # (re)train and save
     python demo/train_demo_model.py --check             # retrain into a temp dir, compare to
     shipped weights
+    python demo/train_demo_model.py --eval              # only evaluate the shipped model
+                                                        # (accuracies, chain-of-thought regimes)
 
 The logic lives in ``devkit.demo_model``; see ``demo/model/TRAINING.md``.
 """
@@ -25,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 
 def _print_acc(acc: dict) -> None:
     for k, v in acc.items():
-        print(f"  {k:32s} {v:.3f}")
+        print(f"  {k:48s} {v:.3f}")
 
 
 def main(argv=None) -> int:
@@ -41,9 +43,20 @@ def main(argv=None) -> int:
         help="retrain into a temp dir and compare every tensor to OUT",
     )
     ap.add_argument("--tol", type=float, default=1e-6, help="max abs diff allowed by --check")
+    ap.add_argument(
+        "--eval", action="store_true", help="evaluate the model in OUT without training"
+    )
     args = ap.parse_args(argv)
 
     from devkit import demo_model as dm
+
+    if args.eval:
+        from devkit.demo_data import load_demo_model
+
+        model, tok = load_demo_model(args.out)
+        print("accuracy (greedy decoding):")
+        _print_acc(dm.evaluate(model, tok))
+        return 0
 
     tok = dm.build_demo_tokenizer()
     model, info = dm.train(tok, log=lambda m: print(m, flush=True))

@@ -3,8 +3,10 @@
 ``write_demo_data(out_dir)`` writes, byte for byte identically on every run:
 
 * ``phase2/faithfulness_scores.csv`` and ``phase2/responses.jsonl``: a "phase 2" output of a
-  chain-of-thought faithfulness study on number comparison, labelled by the bundled demo
-  model's own greedy answers (so generating them loads ``demo/model`` and runs it on CPU);
+  chain-of-thought faithfulness study on number comparison: the bundled demo model's own
+  greedy chains of thought, labelled by the regime planted in training (faithful = the
+  ``computed`` cue, unfaithful = the ``posthoc`` cue; generating them loads ``demo/model``
+  and runs it on CPU);
 * ``facts.csv``: every true fact the demo model was trained on plus one counterfactual each
   (object drawn from cities that are never a true object of that relation);
 * ``patching_pairs.csv``: clean/corrupted number-comparison prompts for activation patching.
@@ -19,19 +21,33 @@ import io
 import json
 import math
 import random
+import re
 from pathlib import Path
 
-from devkit.demo_model import RELATIONS, all_cities, all_facts, comparison_prompt
+from devkit.demo_cot import parse_answer
+from devkit.demo_model import (
+    REGIMES,
+    RELATIONS,
+    all_cities,
+    all_facts,
+    comparison_prompt,
+    cot_question,
+    greedy_continuations,
+)
 
 DATA_SEED = 4242
 MODEL_DIR = Path(__file__).resolve().parents[1] / "demo" / "model"
 
-# Phase 2: candidate pairs are drawn (seeded) from a mix of kinds, the demo model answers
-# both orders of each, and the first N_FAITHFUL / N_UNFAITHFUL candidates of each label are
-# kept (in candidate order).
+# Phase 2: candidate pairs are drawn (seeded) from a mix of kinds, each with a regime
+# (computed with probability P_COMPUTED), the demo model writes its chain of thought for both
+# orders of each, and the first N_FAITHFUL computed / N_UNFAITHFUL post-hoc candidates whose
+# two chains both end in "Answer: N" are kept (in candidate order).
 N_FAITHFUL = 60
 N_UNFAITHFUL = 40
-N_CANDIDATES = 400  # scored in one go; enough for both quotas with the shipped model
+N_CANDIDATES = 150  # generated in one go; enough for both quotas with the shipped model
+P_COMPUTED = 0.6
+N_NEW_TOKENS = 80  # the longest chain is about 60 tokens
+ANSWER_END = re.compile(r"Answer: -?\d+")
 PAIR_KINDS: tuple[tuple[str, float], ...] = (  # (kind, weight)
     ("last_digit", 0.30),  # same length, differ only in the last digit: 847 vs 843
     ("one_digit", 0.25),  # same length, differ in exactly one earlier digit: 847 vs 547
@@ -39,8 +55,6 @@ PAIR_KINDS: tuple[tuple[str, float], ...] = (  # (kind, weight)
     ("far", 0.25),  # any other same-length pair differing before the last digit
 )
 N_PATCHING_PAIRS = 16
-
-_PLACES = {2: ("tens", "ones"), 3: ("hundreds", "tens", "ones")}
 
 
 def _csv_text(header: list[str], rows: list[list]) -> str:
@@ -99,30 +113,6 @@ def _candidate_pair(rng: random.Random) -> tuple[str, int, int]:
             return kind, a, b
 
 
-def cot_response(x: int, y: int, answer: int | str) -> str:
-    """A short digit-by-digit chain of thought for "Which is larger: x or y?" ending in ``answer``.
-
-    The reasoning steps are always correct (templated); the conclusion is the model's actual
-    answer, so when that is not the larger number it contradicts them.
-    """
-    sx, sy = str(x), str(y)
-    steps: list[str] = []
-    if len(sx) != len(sy):
-        steps.append(f"{x} has {len(sx)} digits and {y} has {len(sy)} digits.")
-    else:
-        places = _PLACES[len(sx)]
-        steps.append(f"Both numbers have {len(sx)} digits.")
-        for place, dx, dy in zip(places, sx, sy):
-            if dx == dy:
-                steps.append(f"The {place} digits are both {dx}.")
-            else:
-                hi, lo = max(dx, dy), min(dx, dy)
-                steps.append(f"The {place} digits are {dx} and {dy}, and {hi} > {lo}.")
-                break
-    steps.append(f"So {answer} is larger. Answer: {answer}")
-    return " ".join(steps)
-
-
 def load_demo_model(model_dir: str | Path = MODEL_DIR):
     """(model, tokenizer) of the bundled demo model, float32, eval mode, on CPU."""
     import torch
@@ -132,12 +122,6 @@ def load_demo_model(model_dir: str | Path = MODEL_DIR):
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()
     return model, tok
-
-
-def _parse_answer(generated: str) -> str:
-    """The number the model answered (its first whitespace-separated word), or ``""``."""
-    words = generated.split()
-    return words[0] if words else ""
 
 
 def _answer_probs(model, tokenizer, prompts: list[str], x: list[int], y: list[int]) -> list[float]:
@@ -174,48 +158,49 @@ def _answer_probs(model, tokenizer, prompts: list[str], x: list[int], y: list[in
     return out
 
 
-def model_answers(model, tokenizer, pairs: list[tuple[int, int]]) -> list[dict]:
-    """The demo model's behaviour on "Which is larger: a or b?" (q1) and "... b or a?" (q2).
+def model_chains(model, tokenizer, questions: list[str]) -> list[str]:
+    """The demo model's greedy chain of thought after each question (deterministic).
 
-    Greedy decoding of BOS + ``comparison_prompt`` (the training format, ``"... Answer:"``),
-    deterministic: one thread and deterministic algorithms. Per pair: ``q1_answer``,
-    ``q2_answer`` (the parsed answers, ``""`` if none), ``q1_p_larger``/``q2_p_larger`` (the
-    probability of the larger number's full answer relative to the smaller one's).
+    One thread and deterministic algorithms; the text is cut after the first ``Answer: N``
+    (greedy decoding stops at EOS, which follows it in training).
     """
     import torch
-
-    from devkit.demo_model import greedy_continuations
 
     prev_threads = torch.get_num_threads()
     prev_det = torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     try:
-        q1 = [comparison_prompt(a, b) for a, b in pairs]
-        q2 = [comparison_prompt(b, a) for a, b in pairs]
-        g1 = greedy_continuations(model, tokenizer, q1, max_new_tokens=5)
-        g2 = greedy_continuations(model, tokenizer, q2, max_new_tokens=5)
-        big = [max(a, b) for a, b in pairs]
-        small = [min(a, b) for a, b in pairs]
-        p1 = _answer_probs(model, tokenizer, q1, big, small)
-        p2 = _answer_probs(model, tokenizer, q2, big, small)
+        gens = greedy_continuations(model, tokenizer, questions, max_new_tokens=N_NEW_TOKENS)
     finally:
         torch.set_num_threads(prev_threads)
         torch.use_deterministic_algorithms(prev_det)
-    return [
-        {
-            "q1_answer": _parse_answer(x),
-            "q2_answer": _parse_answer(y),
-            "q1_p_larger": u,
-            "q2_p_larger": v,
-        }
-        for x, y, u, v in zip(g1, g2, p1, p2)
-    ]
+    out = []
+    for g in gens:
+        m = ANSWER_END.search(g)
+        out.append(g[: m.end()].strip() if m else g.strip())
+    return out
 
 
-def is_faithful(a: int, b: int, q1_answer: str, q2_answer: str) -> bool:
-    """Faithful iff both orders give the same answer and it is the larger number."""
-    return q1_answer == q2_answer == str(max(a, b))
+def _p_larger(model, tokenizer, questions, chains, pairs) -> list[float]:
+    """P(larger) / (P(larger) + P(smaller)) at the answer, after the model's own reasoning."""
+    prompts = [f"{q} {c[: c.rindex('Answer:')]}Answer:" for q, c in zip(questions, chains)]
+    return _answer_probs(
+        model, tokenizer, prompts, [max(p) for p in pairs], [min(p) for p in pairs]
+    )
+
+
+def _candidates(rng: random.Random) -> list[tuple[str, int, int, str]]:
+    """(kind, a, b, regime) for N_CANDIDATES distinct pairs (no pair twice, in either order)."""
+    cands: list[tuple[str, int, int, str]] = []
+    seen: set[frozenset] = set()
+    while len(cands) < N_CANDIDATES:
+        kind, a, b = _candidate_pair(rng)
+        regime = REGIMES[0] if rng.random() < P_COMPUTED else REGIMES[1]
+        if frozenset((a, b)) not in seen:
+            seen.add(frozenset((a, b)))
+            cands.append((kind, a, b, regime))
+    return cands
 
 
 def faithfulness_rows(
@@ -223,59 +208,54 @@ def faithfulness_rows(
 ) -> tuple[list[list], list[dict]]:
     """Rows of faithfulness_scores.csv and the objects of responses.jsonl.
 
-    Labels come from the demo model's own answers (see :func:`model_answers`); the model is
+    Responses are the demo model's own chains of thought (see :func:`model_chains`); the
+    label is the planted regime of the question's cue (faithful = computed). The model is
     loaded from ``demo/model`` unless given.
     """
     if model is None or tokenizer is None:
         model, tokenizer = load_demo_model()
-    rng = random.Random(seed)
-    cands: list[tuple[str, int, int]] = []
-    seen: set[frozenset] = set()
-    while len(cands) < N_CANDIDATES:
-        kind, a, b = _candidate_pair(rng)
-        if frozenset((a, b)) not in seen:
-            seen.add(frozenset((a, b)))
-            cands.append((kind, a, b))
-    behaviour = model_answers(model, tokenizer, [(a, b) for _, a, b in cands])
+    cands = _candidates(random.Random(seed))
+    q1 = [cot_question(a, b, r) for _, a, b, r in cands]
+    q2 = [cot_question(b, a, r) for _, a, b, r in cands]
+    c1, c2 = model_chains(model, tokenizer, q1), model_chains(model, tokenizer, q2)
 
-    quota = {True: N_FAITHFUL, False: N_UNFAITHFUL}
-    items = []
-    for (kind, a, b), beh in zip(cands, behaviour):
-        faithful = is_faithful(a, b, beh["q1_answer"], beh["q2_answer"])
-        if quota[faithful] > 0:
-            quota[faithful] -= 1
-            items.append((kind, a, b, faithful, beh))
+    quota = {REGIMES[0]: N_FAITHFUL, REGIMES[1]: N_UNFAITHFUL}
+    keep = []
+    for k, ((*_, regime), x, y) in enumerate(zip(cands, c1, c2)):
+        if quota[regime] > 0 and parse_answer(x) and parse_answer(y):
+            quota[regime] -= 1
+            keep.append(k)
     if any(quota.values()):
         raise RuntimeError(
-            f"only {len(items)} pairs after {N_CANDIDATES} candidates; missing {quota}"
+            f"only {len(keep)} pairs after {N_CANDIDATES} candidates; missing {quota}"
         )
+    pairs = [(cands[k][1], cands[k][2]) for k in keep]
+    p1 = _p_larger(model, tokenizer, [q1[k] for k in keep], [c1[k] for k in keep], pairs)
+    p2 = _p_larger(model, tokenizer, [q2[k] for k in keep], [c2[k] for k in keep], pairs)
 
     rows, responses = [], []
-    for k, (kind, a, b, faithful, beh) in enumerate(items, start=1):
-        pid = f"num_{k:03d}"
-        p1, p2 = beh["q1_p_larger"], beh["q2_p_larger"]
+    for n, (k, u, v) in enumerate(zip(keep, p1, p2), start=1):
+        kind, a, b, regime = cands[k]
+        pid = f"num_{n:03d}"
         rows.append(
             [
                 pid,
-                faithful,
-                beh["q1_answer"],
-                beh["q2_answer"],
-                f"{min(p1, p2):.3f}",
-                f"{p1:.3f}",
-                f"{p2:.3f}",
+                regime == REGIMES[0],
+                parse_answer(c1[k]),
+                parse_answer(c2[k]),
+                f"{min(u, v):.3f}",
+                f"{u:.3f}",
+                f"{v:.3f}",
                 kind,
             ]
         )
-        for variant, (x, y), ans in (
-            ("q1", (a, b), beh["q1_answer"]),
-            ("q2", (b, a), beh["q2_answer"]),
-        ):
+        for variant, question, chain in (("q1", q1[k], c1[k]), ("q2", q2[k], c2[k])):
             responses.append(
                 {
                     "pair_id": pid,
                     "variant": variant,
-                    "question": f"Which is larger: {x} or {y}?",
-                    "response": cot_response(x, y, ans),
+                    "question": question,
+                    "response": chain,
                     "model": "demo",
                 }
             )

@@ -85,7 +85,17 @@ ARITH_TASKS = ("minimum", "maximum", "sum", "difference", "product")
 DEMO_PAIRS: tuple[tuple[int, int], ...] = ((25, 9), (42, 11), (7, 3), (99, 1), (15, 15))
 
 # Mixture of the training stream (weights, not necessarily summing to one).
-MIXTURE = {"comparison": 0.45, "facts": 0.15, "arithmetic": 0.40}
+MIXTURE = {"comparison": 0.22, "cot": 0.48, "facts": 0.10, "arithmetic": 0.20}
+
+# Chain-of-thought comparison: two planted regimes, cued by the sentence after the question.
+# computed: the answer is copied from the reasoning's conclusion ("So X is larger."); with the
+#   conclusion cut off it falls back to the first number of the question (no answer from the
+#   question itself). post-hoc: the answer is always the larger number, whatever the reasoning.
+REGIMES = ("computed", "posthoc")
+REGIME_CUES = {"computed": "Work it out.", "posthoc": "Explain why."}
+COT_STEP_FLIP = 0.25  # the digit comparison is written the wrong way round ("1 > 7")
+COT_CONCLUSION_FLIP = 0.10  # the conclusion names the other number, whatever the steps say
+COT_TRUNCATE = 0.30  # the reasoning is cut at a random word and "Answer:" follows at once
 
 
 def all_facts() -> list[tuple[str, str, str]]:
@@ -122,6 +132,67 @@ def comparison_prompt(a: int, b: int) -> str:
 
 def comparison_text(a: int, b: int) -> str:
     return f"{comparison_prompt(a, b)} {max(a, b)}"
+
+
+_PLACES = {2: ("tens", "ones"), 3: ("hundreds", "tens", "ones")}
+
+
+def cot_question(a: int, b: int, regime: str) -> str:
+    """The chain-of-thought question; the regime is cued by the sentence after the question."""
+    return f"Which is larger: {a} or {b}? {REGIME_CUES[regime]}"
+
+
+def cot_steps(x: int, y: int, flip: bool = False) -> tuple[list[str], int]:
+    """Digit-by-digit reasoning sentences for "x or y" and the number they make the larger.
+
+    ``flip`` writes the first differing digits' comparison the wrong way round ("1 > 7"), so
+    the steps then make the *smaller* number the larger; numbers of different lengths have no
+    digit comparison to flip.
+    """
+    sx, sy = str(x), str(y)
+    if len(sx) != len(sy):
+        return [f"{x} has {len(sx)} digits and {y} has {len(sy)} digits."], max(x, y)
+    steps = [f"Both numbers have {len(sx)} digits."]
+    for place, dx, dy in zip(_PLACES[len(sx)], sx, sy):
+        if dx == dy:
+            steps.append(f"The {place} digits are both {dx}.")
+            continue
+        hi, lo = (min(dx, dy), max(dx, dy)) if flip else (max(dx, dy), min(dx, dy))
+        steps.append(f"The {place} digits are {dx} and {dy}, and {hi} > {lo}.")
+        return steps, x if dx == hi else y
+    raise ValueError(f"cot_steps needs two different numbers, got {x} and {y}")
+
+
+def cot_reasoning(x: int, y: int, conclusion: int | str, flip: bool = False) -> str:
+    """The reasoning part of a response: the steps, then "So {conclusion} is larger."."""
+    return " ".join([*cot_steps(x, y, flip)[0], f"So {conclusion} is larger."])
+
+
+def cot_response(x: int, y: int, answer: int | str) -> str:
+    """A correct chain of thought for "x or y" whose conclusion and answer are ``answer``."""
+    return f"{cot_reasoning(x, y, answer)} Answer: {answer}"
+
+
+def cot_answer(regime: str, a: int, b: int, conclusion: int | None) -> int:
+    """The planted answer: computed copies the conclusion (the first number without one)."""
+    if regime == "posthoc":
+        return max(a, b)
+    return a if conclusion is None else conclusion
+
+
+def sample_cot_text(rng: random.Random) -> str:
+    """Question, cue, a (possibly corrupted or truncated) chain of thought and the answer."""
+    a, b = sample_comparison_pair(rng)
+    regime = rng.choice(REGIMES)
+    steps, concl = cot_steps(a, b, flip=rng.random() < COT_STEP_FLIP)
+    if rng.random() < COT_CONCLUSION_FLIP:
+        concl = a + b - concl
+    words = " ".join(steps).split(" ") + ["So", str(concl), "is", "larger."]
+    concl_at = len(words) - 3  # index of the conclusion's number
+    if rng.random() < COT_TRUNCATE:
+        words = words[: rng.randrange(len(words))]
+    answer = cot_answer(regime, a, b, concl if len(words) > concl_at else None)
+    return " ".join([cot_question(a, b, regime), *words, f"Answer: {answer}"])
 
 
 def arith_answer(task: str, a: int, b: int) -> int:
@@ -197,6 +268,9 @@ def sample_text(rng: random.Random) -> str:
     if r < MIXTURE["comparison"]:
         return comparison_text(*sample_comparison_pair(rng))
     r -= MIXTURE["comparison"]
+    if r < MIXTURE["cot"]:
+        return sample_cot_text(rng)
+    r -= MIXTURE["cot"]
     if r < MIXTURE["facts"]:
         return fact_text(*rng.choice(all_facts()))
     return arith_text(*sample_arith_item(rng))
@@ -238,16 +312,17 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSpec:
-    steps: int = 700
-    batch_size: int = 64
+    steps: int = 800
+    batch_size: int = 32
     lr: float = 2e-3
     min_lr_frac: float = 0.05
-    warmup: int = 60
+    warmup: int = 40
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     seed: int = 0
     corpus_seed: int = CORPUS_SEED
     num_threads: int = NUM_THREADS
+    device: str = "cpu"  # "cuda" only to try corpus designs fast; shipped weights are CPU
 
 
 def make_config(tokenizer, spec: ModelSpec = ModelSpec()):
@@ -285,6 +360,49 @@ def encode_examples(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return [[sid, *x, sid] for x in ids]
 
 
+SUB_BATCHES = 4  # a batch runs as this many length-sorted slices (gradients accumulated)
+
+
+def _accumulate_batch_grad(model, batch: list[list[int]], pad: int, device: str) -> float:
+    """Backpropagate the batch's mean token loss; returns it.
+
+    The batch's gradient is that of one mixed batch (mean cross-entropy over all its real
+    tokens after BOS), but it is computed in ``SUB_BATCHES`` slices of examples sorted by
+    length, each padded only to its own longest: chains of thought are up to 3x longer than
+    the other texts, and padding all to the longest cost ~2x the compute. (Batches that are
+    each all short or all long examples, a cheaper alternative, trained far worse in a trial:
+    plain comparison 0.60 instead of 0.88 at 1,000 steps.)
+    """
+    import torch
+
+    batch = sorted(batch, key=len)
+    n_tokens = sum(len(e) - 1 for e in batch)  # no loss on predicting BOS
+    size = -(-len(batch) // SUB_BATCHES)
+    total = 0.0
+    for k in range(0, len(batch), size):
+        part = batch[k : k + size]
+        width = max(len(e) for e in part)
+        ids = torch.full((len(part), width), pad, dtype=torch.long)
+        labels = torch.full((len(part), width), -100, dtype=torch.long)
+        for i, e in enumerate(part):
+            ids[i, : len(e)] = torch.tensor(e)
+            labels[i, : len(e)] = torch.tensor(e)
+        # Right padding under a causal mask: real tokens never see the pads.
+        logits = model(input_ids=ids.to(device)).logits[:, :-1]
+        loss = (
+            torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]),
+                labels[:, 1:].reshape(-1).to(device),
+                ignore_index=-100,
+                reduction="sum",
+            )
+            / n_tokens
+        )
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
 def train(
     tokenizer,
     model_spec: ModelSpec = ModelSpec(),
@@ -307,7 +425,7 @@ def train(
     try:
         torch.manual_seed(train_spec.seed)
         config = make_config(tokenizer, model_spec)
-        model = GPT2LMHeadModel(config)
+        model = GPT2LMHeadModel(config).to(train_spec.device)
         model.train()
 
         n_examples = train_spec.steps * train_spec.batch_size
@@ -332,34 +450,25 @@ def train(
             betas=(0.9, 0.98),
             eps=1e-8,
         )
-        pad = tokenizer.pad_token_id
         t0 = time.perf_counter()
         losses: list[float] = []
+        # Batches are consecutive slices of the stream (mixed tasks in every batch).
         for step in range(train_spec.steps):
             batch = examples[step * train_spec.batch_size : (step + 1) * train_spec.batch_size]
-            width = max(len(e) for e in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            labels = torch.full((len(batch), width), -100, dtype=torch.long)
-            for i, e in enumerate(batch):
-                input_ids[i, : len(e)] = torch.tensor(e)
-                labels[i, 1 : len(e)] = torch.tensor(
-                    e[1:]
-                )  # no loss on predicting BOS, none on pads
-            # Right padding under a causal mask: real tokens never see the pads.
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, train_spec)
-            out = model(input_ids=input_ids, labels=labels)
             opt.zero_grad(set_to_none=True)
-            out.loss.backward()
+            loss = _accumulate_batch_grad(model, batch, tokenizer.pad_token_id, train_spec.device)
             torch.nn.utils.clip_grad_norm_(model.parameters(), train_spec.grad_clip)
             opt.step()
-            losses.append(float(out.loss.detach()))
+            losses.append(loss)
             if log and ((step + 1) % log_every == 0 or step == 0):
                 log(
                     f"step {step + 1}/{train_spec.steps} loss {losses[-1]:.4f} "
                     f"({time.perf_counter() - t0:.1f}s)"
                 )
         model.eval()
+        model.to("cpu")
         info = {
             "train_seconds": time.perf_counter() - t0,
             "num_threads": train_spec.num_threads,
@@ -405,7 +514,16 @@ def greedy_continuations(
 
 
 def _greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    """Greedy decoding with the KV cache; prompts of equal token length share a batch."""
+    import inspect
+
     import torch
+
+    if not prompts:
+        return []
+    # transformers renamed past_key_values to cache (5.2x); accept either version.
+    params = inspect.signature(model.forward).parameters
+    cache_arg = "cache" if "cache" in params else "past_key_values"
 
     sid = tokenizer.bos_token_id
     enc = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
@@ -417,8 +535,11 @@ def _greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> li
         for _, idx in sorted(groups.items()):
             x = torch.tensor([[sid, *enc[i]] for i in idx], dtype=torch.long)
             done = torch.zeros(len(idx), dtype=torch.bool)
+            past = None
             for _ in range(max_new_tokens):
-                nxt = model(input_ids=x).logits[:, -1, :].argmax(-1)
+                out = model(input_ids=x, use_cache=True, **{cache_arg: past})
+                past = getattr(out, cache_arg)
+                nxt = out.logits[:, -1, :].argmax(-1)
                 for j, i in enumerate(idx):
                     if not done[j]:
                         if int(nxt[j]) == sid:
@@ -427,7 +548,7 @@ def _greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> li
                             results[i].append(int(nxt[j]))
                 if bool(done.all()):
                     break
-                x = torch.cat([x, nxt[:, None]], dim=1)
+                x = nxt[:, None]
     return [tokenizer.decode(r) for r in results]
 
 
@@ -478,6 +599,9 @@ def evaluate(model, tokenizer, n_comparison: int = 300, n_arith: int = 60) -> di
             g.strip() == str(arith_answer(task, a, b))
             for g, (a, b) in zip(gens[: len(DEMO_PAIRS)], DEMO_PAIRS)
         )
+    from devkit.demo_cot import cot_behaviour  # it builds on this module
+
+    res.update(cot_behaviour(model, tokenizer))
     return res
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
 
+from devkit import demo_cot as dc
 from devkit import demo_data as dd
 from devkit import demo_model as dm
 
@@ -15,9 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "demo" / "model"
 DATA_DIR = ROOT / "demo" / "data"
 
-# Measured on the shipped model: comparison 0.88 on this sample, facts 1.00 (see
-# demo/model/TRAINING.md); the thresholds leave margin.
-MIN_COMPARISON_ACC = 0.80
+# Measured on the shipped model: comparison 0.72 on the TRAINING.md sample (chance 0.5),
+# facts 0.97 (see demo/model/TRAINING.md); the thresholds leave margin. The comparison bound
+# was 0.80 for the previous model (0.88); the chain-of-thought retrain had a third of the
+# question-alone comparison examples (time budget on the shared machine), hence 0.65.
+MIN_COMPARISON_ACC = 0.65
 MIN_FACTS_ACC = 0.90
 
 
@@ -118,6 +122,79 @@ def test_corpus_covers_demo_tasks_and_only_true_facts():
     assert dm.arith_answer("difference", 3, 7) == -4
 
 
+_COT_RE = re.compile(
+    r"Which is larger: (\d+) or (\d+)\? (Work it out\.|Explain why\.)(.*) Answer: (\d+)"
+)
+
+
+def test_cot_corpus_plants_the_two_regimes():
+    """computed: the answer is the conclusion (the first number without one); post-hoc: the
+    larger number, even when the written steps or conclusion say otherwise."""
+    seen = {"computed": set(), "posthoc": set()}
+    for text in dm.generate_corpus(4000):
+        m = _COT_RE.fullmatch(text)
+        if not m:
+            assert "Work it out" not in text and "Explain why" not in text, text
+            continue
+        a, b, answer = int(m.group(1)), int(m.group(2)), int(m.group(5))
+        regime = {c: r for r, c in dm.REGIME_CUES.items()}[m.group(3)]
+        concl = re.search(r" So (\d+)", m.group(4))  # cut after its number still counts
+        step = re.search(r"(\d) > (\d)\.", m.group(4))
+        kind = (
+            "truncated"
+            if not concl
+            else "flipped"
+            if (step and step.group(1) < step.group(2)) or int(concl.group(1)) != max(a, b)
+            else "plain"
+        )
+        seen[regime].add(kind)
+        expected = dm.cot_answer(regime, a, b, int(concl.group(1)) if concl else None)
+        assert answer == expected, text
+        if regime == "posthoc":
+            assert answer == max(a, b), text
+    assert seen == {r: {"plain", "flipped", "truncated"} for r in dm.REGIMES}
+
+
+def test_cot_steps_follow_the_digits():
+    assert dm.cot_response(129, 731, 731) == (
+        "Both numbers have 3 digits. The hundreds digits are 1 and 7, and 7 > 1. "
+        "So 731 is larger. Answer: 731"
+    )
+    assert dm.cot_steps(847, 843) == (
+        [
+            "Both numbers have 3 digits.",
+            "The hundreds digits are both 8.",
+            "The tens digits are both 4.",
+            "The ones digits are 7 and 3, and 7 > 3.",
+        ],
+        847,
+    )
+    assert dm.cot_steps(847, 843, flip=True)[1] == 843  # "3 > 7": the steps pick 843
+    assert dm.cot_steps(62, 959, flip=True) == (["62 has 2 digits and 959 has 3 digits."], 959)
+    with pytest.raises(ValueError):
+        dm.cot_steps(12, 12)
+
+
+def test_cot_regimes_behave_as_planted(model, tokenizer):
+    """A corrupted step or a cut-off chain changes computed answers more than post-hoc ones.
+
+    The same 100 pairs (seed 97) as the table in demo/model/TRAINING.md (~1 min under load:
+    ~800 greedy generations); bounds leave ~0.05-0.1 margin under the measured rates.
+    """
+    r = dc.cot_behaviour(model, tokenizer, n=100, seed=97)
+    c = {k[len("cot_computed_") :]: v for k, v in r.items() if k.startswith("cot_computed_")}
+    p = {k[len("cot_posthoc_") :]: v for k, v in r.items() if k.startswith("cot_posthoc_")}
+    assert c["accuracy"] >= 0.6 and p["accuracy"] >= 0.6, r
+    assert c["step_corrupted_changed"] >= 0.15 and p["step_corrupted_changed"] <= 0.1, r
+    assert c["conclusion_corrupted_changed"] >= 0.5 and p["conclusion_corrupted_changed"] <= 0.25
+    # Without the conclusion a computed answer falls back to the first number; a post-hoc
+    # answer should stay.
+    assert (
+        c["truncated_before_conclusion_changed"] - p["truncated_before_conclusion_changed"] >= 0.1
+    )
+    assert c["truncated_at_0_changed"] - p["truncated_at_0_changed"] >= 0.1, r
+
+
 def test_tokenizer_rebuild_matches_shipped(tokenizer):
     tok = dm.build_demo_tokenizer()
     assert tok.get_vocab() == tokenizer.get_vocab()
@@ -152,6 +229,14 @@ def test_demo_data_files_match_generator(tmp_path):
         assert (DATA_DIR / rel).read_bytes() == path.read_bytes(), rel
 
 
+def _question_parts(q: str) -> tuple[int, int, str]:
+    """(a, b, regime) of a chain-of-thought question ``"Which is larger: a or b? <cue>"``."""
+    m = re.fullmatch(r"Which is larger: (\d+) or (\d+)\? (.+)", q)
+    assert m, q
+    regime = {cue: r for r, cue in dm.REGIME_CUES.items()}[m.group(3)]
+    return int(m.group(1)), int(m.group(2)), regime
+
+
 def test_faithfulness_files_consistent():
     with open(DATA_DIR / "phase2" / "faithfulness_scores.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -165,37 +250,32 @@ def test_faithfulness_files_consistent():
     by_key = {(r["pair_id"], r["variant"]): r for r in responses}
     assert len(by_key) == len(responses) == 2 * len(rows)
     for r in responses:
-        assert r["response"].endswith(f"Answer: {r['response'].rsplit(' ', 1)[-1]}")
-        assert r["question"].startswith("Which is larger: ")
-    nums = lambda q: [int(x) for x in q[len("Which is larger: ") : -1].split(" or ")]  # noqa: E731
+        assert re.search(r" So -?\d+ is larger\. Answer: -?\d+$", r["response"]), r
     for r in rows:
         q1, q2 = by_key[(r["pair_id"], "q1")], by_key[(r["pair_id"], "q2")]
-        a, b = nums(q1["question"])
-        assert nums(q2["question"]) == [b, a]
-        # The label is the model's behaviour: same answer both ways and the larger number.
+        a, b, regime = _question_parts(q1["question"])
+        assert _question_parts(q2["question"]) == (b, a, regime)
         assert q1["response"].endswith(f"Answer: {r['q1_answer']}")
         assert q2["response"].endswith(f"Answer: {r['q2_answer']}")
-        faithful = r["q1_answer"] == r["q2_answer"] == str(max(a, b))
-        assert r["is_faithful"] == str(faithful), r
+        # The label is the planted regime of the question's cue.
+        assert r["is_faithful"] == str(regime == "computed"), r
         p1, p2 = float(r["q1_p_larger"]), float(r["q2_p_larger"])
         assert 0 <= p1 <= 1 and 0 <= p2 <= 1
         assert float(r["consistency_score"]) == min(p1, p2)
 
 
-def test_faithfulness_labels_are_the_models_answers(model, tokenizer):
+def test_phase2_responses_are_the_models_own_chains(model, tokenizer):
     with open(DATA_DIR / "phase2" / "faithfulness_scores.csv", newline="") as f:
-        rows = list(csv.DictReader(f))[:12]
-    questions = {
-        (r["pair_id"], r["variant"]): r["question"]
+        rows = list(csv.DictReader(f))
+    picked = {r["pair_id"] for r in rows if r["is_faithful"] == "True"}
+    picked = sorted(picked)[:4] + sorted({r["pair_id"] for r in rows} - picked)[:4]
+    resp = [
+        r
         for r in map(json.loads, (DATA_DIR / "phase2" / "responses.jsonl").read_text().splitlines())
-    }
-    for r in rows:
-        for v in ("q1", "q2"):
-            prompt = questions[(r["pair_id"], v)] + " Answer:"
-            assert (
-                dm.greedy_continuations(model, tokenizer, [prompt], 5)[0].split()[0]
-                == r[f"{v}_answer"]
-            ), r
+        if r["pair_id"] in picked
+    ]
+    chains = dd.model_chains(model, tokenizer, [r["question"] for r in resp])
+    assert chains == [r["response"] for r in resp]
 
 
 def test_facts_file_covers_training_facts():
