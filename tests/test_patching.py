@@ -539,3 +539,35 @@ def test_summary_files_and_figures(gpt2, tmp_path):
     import matplotlib.pyplot as plt
 
     assert plt.get_fignums() == []
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_native_engine_patches_heads_like_the_bridge(models, arch):
+    """The workflow's exact sweep runs on the native engine, heads included (z read and replaced
+    at the attention output projection's input): every cell equals the bridge's sweep, whose cells
+    equal the hand-written hook loop above."""
+    from layerscope.engine.native import load_native
+
+    path, bridge, _ = models[arch]
+    native = load_native(str(path), dtype=torch.float32, device="cpu")
+    assert "blocks.1.attn.hook_z" in native.hook_dict and native.cfg.n_heads == N_HEADS
+    ids = torch.tensor([_prepared(bridge, "p1").clean_ids])
+    got = {}
+    for name, eng in (("bridge", bridge), ("native", native)):
+
+        def keep(z, hook, name=name):
+            got[name] = z
+
+        with eng.hooks(fwd_hooks=[("blocks.1.attn.hook_z", keep)]):
+            eng(ids)
+    assert got["native"].shape == got["bridge"].shape == (1, ids.shape[1], N_HEADS, 8)
+    assert torch.allclose(got["native"], got["bridge"], atol=1e-5)
+    kw = dict(heads=True, head_positions="positions", positions="all", batch_size=16)
+    a = P.patch_sweep(bridge, _pairs("p1", "p3"), **kw).df
+    b = P.patch_sweep(native, _pairs("p1", "p3"), **kw).df
+    key = ["pair_id", "component", "layer", "position", "head", "metric"]
+    a, b = (x.sort_values(key).reset_index(drop=True) for x in (a, b))
+    assert a[key].equals(b[key]) and (a.component == "z").sum() > 0
+    ld = a.metric == "logit_diff"
+    assert np.allclose(a.value[ld], b.value[ld], atol=1e-4)
+    assert np.allclose(a.value[~ld], b.value[~ld], atol=1e-3, equal_nan=True)

@@ -19,8 +19,12 @@ matrix test (tests/test_architectures.py) checks every entry against plain ``tra
 
 Hook functions follow TransformerLens: ``fn(tensor, hook=None)`` may return a replacement tensor.
 Replacement is exact for resid_pre, attn_out, mlp_out and resid_post (the replaced value is the one
-the model goes on with). Replacing resid_mid is refused: it is read at the input of the norm before
-the MLP, and changing that input would not change the residual the layer adds back.
+the model goes on with). ``blocks.L.attn.hook_z`` is TransformerLens's per-head attention output
+before the output projection, ``[batch, pos, head, d_head]``: here the input of the attention's
+output projection (``o_proj`` / ``c_proj`` / ``dense`` / ``out_proj``), which is that value with the
+heads concatenated; replacing it is exact too. Replacing resid_mid is refused: it is read at the
+input of the norm before the MLP, and changing that input would not change the residual the layer
+adds back.
 """
 
 from __future__ import annotations
@@ -166,6 +170,29 @@ def why_unsupported(config, component: str) -> str:
     return f"component '{component}' is not available for architecture {arch} ({why})"
 
 
+#: Attention modules and their output projections, by the names the supported families use.
+ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+OUT_PROJ_NAMES = ("o_proj", "c_proj", "dense", "out_proj")
+
+
+def attention_taps(block) -> tuple[Any, Any] | None:
+    """``(attention module, output projection)`` of a decoder layer, or None where it has none
+    by those names (then per-head values cannot be read natively)."""
+    attn = next((getattr(block, n) for n in ATTN_NAMES if hasattr(block, n)), None)
+    if attn is None:
+        return None
+    proj = next((getattr(attn, n) for n in OUT_PROJ_NAMES if hasattr(attn, n)), None)
+    return None if proj is None else (attn, proj)
+
+
+def n_heads_of(config) -> int:
+    """The number of query heads of a HF config (0 if it names none)."""
+    for key in ("num_attention_heads", "n_head", "num_heads"):
+        if isinstance(getattr(config, key, None), int):
+            return int(getattr(config, key))
+    return 0
+
+
 def submodule(module, path: str):
     """The submodule at dotted ``path`` (``"model.layers"``) of ``module``."""
     for part in path.split("."):
@@ -215,6 +242,7 @@ class NativeEngine:
             architecture=(getattr(config, "architectures", None) or [type(model).__name__])[0],
             model_type=config.model_type,
             device=str(self.device),
+            n_heads=n_heads_of(config),
         )
         self.attn_implementation = attn_implementation or getattr(
             config, "_attn_implementation", None
@@ -223,6 +251,10 @@ class NativeEngine:
         self.hook_dict = {
             f"blocks.{L}.hook_{c}": None for L in range(self.cfg.n_layers) for c in self.components
         }
+        # Per-head z only where every layer has an output projection to read it at.
+        if self.cfg.n_heads and all(attention_taps(layer) for layer in self.layers):
+            n = len(self.layers)
+            self.hook_dict.update({f"blocks.{L}.attn.hook_z": None for L in range(n)})
 
     @property
     def device(self):
@@ -233,6 +265,14 @@ class NativeEngine:
     def _parse(self, name: str) -> tuple[int, str]:
         """``(layer, component)`` of a ``blocks.L.hook_<component>`` name; raise if not served."""
         parts = name.split(".")
+        if len(parts) == 4 and parts[2] == "attn" and parts[3] == "hook_z" and parts[1].isdigit():
+            if name not in self.hook_dict:
+                raise LayerscopeError(
+                    f"hook {name!r}: the native engine cannot read per-head values of "
+                    f"{self.cfg.architecture} (no attention output projection among "
+                    f"{', '.join(OUT_PROJ_NAMES)})"
+                )
+            return int(parts[1]), "z"
         if (
             len(parts) != 3
             or parts[0] != "blocks"
@@ -259,6 +299,8 @@ class NativeEngine:
         layer = self.layers[L]
         hook = SimpleNamespace(name=name)
         lay = self.layout
+        if comp == "z":
+            return self._register_z(L, fn, hook)
         if comp == "resid_pre":
 
             def pre(module, args, kwargs):
@@ -304,6 +346,23 @@ class NativeEngine:
             return _replace_first(out, new.reshape(-1, new.shape[-1]) if flat else new)
 
         return target.register_forward_hook(post)
+
+    def _register_z(self, L: int, fn: Callable, hook):
+        """``fn`` on the output projection's input viewed as ``[batch, pos, head, d_head]``."""
+        n_heads = self.cfg.n_heads
+
+        def pre(module, args, kwargs):
+            flat = args[0] if args else kwargs["hidden_states"]
+            z = flat.view(*flat.shape[:-1], n_heads, flat.shape[-1] // n_heads)
+            new = fn(z, hook=hook)
+            if new is None:
+                return None
+            new = new.reshape(flat.shape)
+            if args:
+                return (new,) + tuple(args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": new}
+
+        return attention_taps(self.layers[L])[1].register_forward_pre_hook(pre, with_kwargs=True)
 
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: Sequence[tuple[str, Callable]] = ()) -> Iterator[NativeEngine]:

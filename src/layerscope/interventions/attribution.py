@@ -59,14 +59,13 @@ import numpy as np
 import pandas as pd
 
 from layerscope.engine.activations import hook_name, model_device, resolve_bos
+from layerscope.engine.native import OUT_PROJ_NAMES, attention_taps, n_heads_of
 from layerscope.errors import LayerscopeError
 from layerscope.interventions import patching as P
 
 __all__ = ["AttributionResult", "attribute", "head_taps", "write_arrays"]
 
 HEAD_COMPONENTS = ("z", "q", "k")
-_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
-_OUT_PROJ_NAMES = ("o_proj", "c_proj", "dense", "out_proj")
 _CAPTURE = "layerscope_capture"
 
 
@@ -115,27 +114,20 @@ class AttributionResult:
 
 def head_taps(engine, layer: int):
     """(attention module, output projection) of ``layer`` on the native engine."""
-    block = engine.layers[layer]
-    attn = next((getattr(block, n) for n in _ATTN_NAMES if hasattr(block, n)), None)
-    proj = (
-        next((getattr(attn, n) for n in _OUT_PROJ_NAMES if hasattr(attn, n)), None)
-        if attn is not None
-        else None
-    )
-    if proj is None:
+    taps = attention_taps(engine.layers[layer])
+    if taps is None:
         raise LayerscopeError(
             f"per-head attribution: layer {layer} of {engine.cfg.architecture} has no attention "
-            f"output projection among {_OUT_PROJ_NAMES}"
+            f"output projection among {OUT_PROJ_NAMES}"
         )
-    return attn, proj
+    return taps
 
 
 def _n_heads(engine) -> int:
-    cfg = engine.model.config
-    for k in ("num_attention_heads", "n_head", "num_heads"):
-        if isinstance(getattr(cfg, k, None), int):
-            return int(getattr(cfg, k))
-    raise LayerscopeError("per-head attribution: the model config names no number of heads")
+    n = n_heads_of(engine.model.config)
+    if not n:
+        raise LayerscopeError("per-head attribution: the model config names no number of heads")
+    return n
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,19 +21,16 @@ def _json_value(value: Any) -> Any:
 
 
 def _verify(model, settings, pairs, table, batch_size, device, engine, log):
-    """Exact patching of the cells the screen selected, in the exact sweep's machinery (on the
-    engine the exact sweep would use: the bridge when heads are patched). Returns (table with
+    """Exact patching of the cells the screen selected, in the exact sweep's machinery, on the
+    engine the exact sweep would use (:func:`stages.load_for_sweep`). Returns (table with
     ``exact``, seconds)."""
-    from layerscope.engine.activations import load_from_settings
     from layerscope.interventions import patching as P
     from layerscope.interventions import screen as S
+    from layerscope.jobs.stages import load_for_sweep
 
     a = settings.attribution
     table = S.select_cells(table, a.top_k, a.n_random, settings.seed)
-    sweep_engine = "bridge" if settings.heads else engine
-    bridge, info = load_from_settings(
-        model, settings.components, engine=sweep_engine, device=device, log=log
-    )
+    bridge, info = load_for_sweep(model, settings, engine, device, log)
     t0 = time.perf_counter()
     ex = P.patch_sweep(
         bridge,

@@ -516,10 +516,7 @@ def patching_experiment(
     if threads and device in ("cpu", "auto"):
         torch.set_num_threads(int(threads))
     pairs = patching.load_pairs(pairs_path)
-    # Per-head patching needs the bridge's hook_z; everything else runs on `engine` (native by
-    # default).
-    sweep_engine = "bridge" if settings.heads else engine
-    bridge, info = _load_for_patching(model, sweep_engine, settings.components, device, log)
+    bridge, info = load_for_sweep(model, settings, engine, device, log)
     warnings = _clean_run_warnings(bridge, pairs, settings, model, batch_size, log)
     result = patching.patch_sweep(
         bridge,
@@ -574,6 +571,24 @@ def _json_value(value: Any) -> Any:
     """A settings value as it reads in the config (tuples as lists), for functions that take
     those."""
     return list(value) if isinstance(value, tuple) else value
+
+
+def load_for_sweep(model: ModelSettings, settings: PatchingSettings, engine: str, device, log):
+    """The model the exact sweep runs on: ``engine`` (native by default), which reads per-head z
+    at the attention output projection's input; the bridge only where per-head patching is asked
+    for and the native engine has no such projection (``engine: native`` then refuses)."""
+    from layerscope.interventions.patching import heads_available
+
+    loaded, info = _load_for_patching(model, engine, settings.components, device, log)
+    if settings.heads and not heads_available(loaded) and info.get("engine") == "native":
+        if engine == "native":
+            raise LayerscopeError(
+                f"engine: native cannot patch heads of {model.source}: its attention has no "
+                "output projection to read per-head values at; use engine: auto or bridge"
+            )
+        log("per-head patching: the native engine has no output projection here; using the bridge")
+        loaded, info = _load_for_patching(model, "bridge", settings.components, device, log)
+    return loaded, info
 
 
 def _load_for_patching(model: ModelSettings, engine: str, components, device: str, log):
