@@ -16,6 +16,10 @@ PLOT_RULES = {
     "plot_generalization",
     "plot_patching",
     "plot_steering",
+    "plot_reliability",
+    "plot_attribution",
+    "plot_trajectories",
+    "plot_early_answering",
 }
 
 

@@ -399,7 +399,10 @@ def test_fraction_one_reproduces_the_full_chain_answer(demo):
                 do_sample=False,
                 pad_token_id=0,
             )[0, x.shape[1] :]
-        text = model.tokenizer.decode(gen)
+        # generate stops at EOS and keeps it; the pipeline cuts the text before the first EOS
+        gen = gen.tolist()
+        eos = model.tokenizer.eos_token_id
+        text = model.tokenizer.decode(gen[: gen.index(eos)] if eos in gen else gen)
         assert rec.generated_text == text
         assert rec.answer == EA.read_answer(text, MARKER, r"[-+]?\d+(?:\.\d+)?|\w+")
         assert rec.final_answer == rec.answer and rec.matches_final == (rec.answer != "")

@@ -184,7 +184,7 @@ def test_steering_positions_past_every_prompt_are_refused(bridge):
 
 
 def test_steering_positions_past_some_prompts_are_a_named_warning(bridge):
-    sp = _prompts(bridge.tokenizer, " Paris", " Tokyo")  # one-token answers: no other warning
+    sp = _prompts(bridge.tokenizer, " Paris", " Rome")  # one-token answers: no other warning
     sp.neutral_ids = [list(range(60))]  # neutral prompts longer than any position used here
     short, long_ = sorted(len(r) for r in sp.ids)
     assert short < long_
@@ -193,9 +193,12 @@ def test_steering_positions_past_some_prompts_are_a_named_warning(bridge):
 
 
 def test_multi_token_targets_are_a_named_warning(bridge):
-    # One token each in the demo tokenizer (nearly character-level: " good" is five tokens).
-    one = _prompts(bridge.tokenizer, " Paris", " Tokyo")
-    many = _prompts(bridge.tokenizer, " Paris is lovely", " Tokyo")
+    # One token each in the demo tokenizer (" Paris", " Rome"; " Tokyo" is four tokens).
+    assert all(
+        len(bridge.tokenizer.encode(w, add_special_tokens=False)) == 1 for w in (" Paris", " Rome")
+    )
+    one = _prompts(bridge.tokenizer, " Paris", " Rome")
+    many = _prompts(bridge.tokenizer, " Paris is lovely", " Rome")
     assert R.setup_warnings(one, {"positions": "all"}, "e") == []
     (w,) = R.setup_warnings(many, {"positions": "all"}, "e")
     assert w.startswith("targets_multi_token:") and "steering.experiments.e.targets" in w

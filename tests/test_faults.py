@@ -65,6 +65,7 @@ def prepared(tmp_path_factory):
     cfg["probes"]["generalization"] = {}
     cfg["patching"]["experiments"] = {}
     cfg["steering"]["experiments"] = {}
+    cfg.pop("cot", None)  # its chain-of-thought dataset is not in this config
     (work / "config/config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     run_snakemake(work, f"results/datasets/{DS}/prompts.csv", timeout=300)
     return work

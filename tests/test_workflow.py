@@ -33,9 +33,12 @@ def test_dry_run_lists_jobs_for_default_config(tmp_path):
     counts = job_counts(proc.stdout)
     config = yaml.safe_load((work / "config/config.yaml").read_text())
     n_datasets = len(config["datasets"])
+    # Chain-of-thought datasets are read along positions (trajectories), not cached pooled.
+    n_cot = len(config.get("cot", {}).get("datasets", []))
     assert counts["prepare_dataset"] == n_datasets
-    assert counts["cache_activations"] == n_datasets * len(config["models"])
-    assert counts["layer_index"] == n_datasets * len(config["models"])
+    assert counts["cache_activations"] == (n_datasets - n_cot) * len(config["models"])
+    assert counts["layer_index"] == (n_datasets - n_cot) * len(config["models"])
+    assert counts["trajectories"] == n_cot * len(config["models"])
     assert counts["extract_layer"] > 0
 
 
@@ -65,6 +68,7 @@ def _small_config(work, **model_overrides):
     cfg["steering"][
         "experiments"
     ] = {}  # covered by test_steering.py (its demo experiments need other datasets)
+    cfg.pop("cot", None)  # covered by test_cot_workflow.py (its dataset is not kept here)
     return cfg
 
 
