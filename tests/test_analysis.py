@@ -107,6 +107,8 @@ def test_probe_jobs_summary_and_index(cached):
     doc = json.loads(jsons[0].read_text())
     assert doc["layer"] == 0 and len(doc["probes"]) == 2
     assert doc["probes"][0]["result"]["classes"][-1] == "true"
+    # every row says which class its direction points towards (issue 23)
+    assert (summary["positive_class"] == "true").all()
     index = write_layer_index(files["a"], root / "a" / "layers.csv")
     assert list(index.layer.unique()) == LAYERS and (index.n_prompts == 8).all()
 

@@ -156,4 +156,6 @@ def test_demo_run_and_rerun_only_changed_layers(tmp_path):
         "train_probe": 6,
         "patching": 1,
         "plot_patching": 1,
+        "attribution": 1,  # the demo's numbers_screen experiment
+        "plot_attribution": 1,
     }

@@ -144,6 +144,10 @@ def _view_probe(
         f"{time.perf_counter() - t0:.2f} s"
     )
     rows = _with_validity(rows, result.to_dict(), validity, thresholds, keys)
+    # Which class a positive score (and every family's direction) points towards: binary only.
+    pos = result.classes[1] if len(result.classes) == 2 else None
+    for row in rows:
+        row["positive_class"] = None if pos is None else str(pos)
     return {
         "component": component,
         "pooling": pooling,
