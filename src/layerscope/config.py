@@ -439,13 +439,21 @@ def read_n_layers(source: str, base_dir: str | Path = ".") -> int | None:
     return text_cfg.get("num_hidden_layers")
 
 
-def read_d_model(source: str, base_dir: str | Path = ".") -> int | None:
-    """Residual width from a local model's config.json (None for hub ids or when not given)."""
+def _local_config_json(source: str, base_dir: str | Path) -> dict | None:
+    """A local model's config.json as a dict; None for hub ids or an unreadable file (the model
+    loader reports those when the job starts)."""
     if not is_local_model(source, base_dir):
         return None
     try:
-        cfg = json.loads((Path(base_dir) / source / "config.json").read_text(encoding="utf-8"))
+        return json.loads((Path(base_dir) / source / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return None
+
+
+def read_d_model(source: str, base_dir: str | Path = ".") -> int | None:
+    """Residual width from a local model's config.json (None for hub ids or when not given)."""
+    cfg = _local_config_json(source, base_dir)
+    if cfg is None:
         return None
     cfg = cfg if "text_config" not in cfg else {**cfg, **cfg["text_config"]}
     for key in ("hidden_size", "n_embd", "d_model"):
@@ -539,11 +547,8 @@ def check_model_dir(root: Path, key: str) -> None:
 
 def context_length(source: str, base_dir: str | Path = ".") -> int | None:
     """The longest input a local model takes (config.json), or None (hub id, or no limit given)."""
-    if not is_local_model(source, base_dir):
-        return None
-    try:
-        cfg = json.loads((Path(base_dir) / source / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    cfg = _local_config_json(source, base_dir)
+    if cfg is None:
         return None
     for key in ("n_positions", "max_position_embeddings", "n_ctx"):
         if isinstance(cfg.get(key), int):
