@@ -288,9 +288,16 @@ def _title(
     return text
 
 
-def warning_text(warnings: Sequence[str], width: int = 110) -> str:
-    """The named warnings of a job's summary as subtitle lines ("" when there are none)."""
-    return "\n".join(textwrap.fill(f"WARNING {w}", width) for w in warnings)
+def warning_text(warnings: Sequence[str], width: int = 90) -> str:
+    """The named warnings of a job's summary as subtitle lines ("" when there are none): each
+    warning's first clause (its name and what was found); the fix that follows the first ";"
+    stays in the summary and the log, so a long warning does not crowd out the panels."""
+    lines = []
+    for w in warnings:
+        head, sep, _ = w.partition(";")
+        text = f"WARNING {head}" + (" (the fix: see the job's summary)" if sep else "")
+        lines.append(textwrap.fill(text, width))
+    return "\n".join(lines)
 
 
 def _suptitle(fig: Figure, text: str) -> None:
