@@ -93,6 +93,10 @@ CI_METHOD = (
 )
 
 _MAX_FOLD_ATTEMPTS = 20
+# A permuted labelling's folds try fewer shuffles: with labels spread at random over the groups,
+# most labellings of a many-class dataset have no grouped split whose every test part holds every
+# class, and 20 failed attempts per permutation were a quarter of a 5-class probe job's time.
+_PERMUTATION_FOLD_ATTEMPTS = 4
 
 
 class ProbeInputError(InputError, ValueError):
@@ -307,12 +311,13 @@ def _make_fold_ids(
     n_repeats: int,
     seed: int,
     tag: int = 0,
+    attempts: int = _MAX_FOLD_ATTEMPTS,
 ) -> tuple[np.ndarray, list[int]]:
     """Fold ids (n_repeats, n) and the random_state used per repeat.
 
     The shuffle of repeat ``r`` uses ``random_state = derived(seed, tag, r, attempt)``; the
     first attempt whose folds all contain every class is kept (a later attempt is only
-    needed for awkward group structures). If none does within a few attempts, folds whose
+    needed for awkward group structures). If none does within ``attempts``, folds whose
     *test* part lacks a class are accepted (their AUROC is undefined); a *training* part
     lacking a class is an error.
     """
@@ -320,7 +325,7 @@ def _make_fold_ids(
     states: list[int] = []
     for r in range(n_repeats):
         fallback = None
-        for attempt in range(_MAX_FOLD_ATTEMPTS):
+        for attempt in range(attempts):
             rs = _derived_seed(seed, tag, r, attempt)
             ids = _fold_ids_once(codes, gcodes, n_splits, rs)
             train_ok, test_ok = _folds_ok(codes, ids, k)
@@ -1198,7 +1203,9 @@ def _permuted_labellings(codes, gcodes, k, k_eff, seed, rng, count):
             pc = codes[rng.permutation(codes.size)]
         try:
             kp = effective_n_splits(pc, gcodes, k_eff)
-            pids, _ = _make_fold_ids(pc, gcodes, k, kp, 1, seed)
+            pids, _ = _make_fold_ids(
+                pc, gcodes, k, kp, 1, seed, attempts=_PERMUTATION_FOLD_ATTEMPTS
+            )
         except ProbeInputError:  # row permutation left a class in < 2 groups: no valid CV
             out.append(None)
             continue
