@@ -29,6 +29,7 @@ def build_tiny_model(
     d_model: int = 32,
     n_heads: int = 2,
     d_mlp: int | None = None,
+    n_kv_heads: int | None = None,
     n_positions: int = 128,
     vocab_size: int = 300,
     seed: int = 0,
@@ -37,7 +38,8 @@ def build_tiny_model(
 ) -> Path:
     """Build a randomly initialised ``arch`` model ('gpt2', 'qwen2' or 'llama') in ``out_dir``;
     ``tokenizer_kind`` (see :data:`TOKENIZER_KINDS`) gives it a tokenizer with that BOS
-    convention."""
+    convention. ``n_kv_heads`` (qwen2/llama; default half the query heads) sets grouped-query
+    attention."""
     import torch
     from transformers import (
         GPT2Config,
@@ -75,7 +77,7 @@ def build_tiny_model(
             intermediate_size=d_mlp,
             num_hidden_layers=n_layers,
             num_attention_heads=n_heads,
-            num_key_value_heads=max(1, n_heads // 2),
+            num_key_value_heads=n_kv_heads or max(1, n_heads // 2),
             max_position_embeddings=n_positions,
             bos_token_id=special,
             eos_token_id=special,
