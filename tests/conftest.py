@@ -63,7 +63,22 @@ def repo() -> Path:
 
 @pytest.fixture(scope="session")
 def test_config_run(tmp_path_factory) -> Path:
-    """One local run of the .test config (shared by the reproducibility and SLURM tests)."""
-    work = copy_workflow(tmp_path_factory.mktemp("local_run"))
-    run_snakemake(work, "--directory", ".test")
+    """One local run of the .test config, read (never written) by the methods-doc, staleness,
+    reproducibility, asked-outputs and SLURM tests.
+
+    One run for the whole session, not one per xdist worker: the first worker to ask builds it
+    under a file lock in the directory all workers share, the others wait for it and read it (a
+    run is ~2 CPU minutes; the second one was the suite's largest duplicate cost)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by every worker of this session
+    work, ok = root / "local_run", root / "local_run.ok"
+    with FileLock(str(root / "local_run.lock")):
+        if not ok.exists():
+            shutil.rmtree(work, ignore_errors=True)  # a worker's failed attempt
+            work.mkdir()
+            run_snakemake(copy_workflow(work), "--directory", ".test")
+            ok.touch()
     return work / ".test"
