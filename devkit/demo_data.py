@@ -44,7 +44,7 @@ MODEL_DIR = Path(__file__).resolve().parents[1] / "demo" / "model"
 # two chains both end in "Answer: N" are kept (in candidate order).
 N_FAITHFUL = 60
 N_UNFAITHFUL = 40
-N_CANDIDATES = 150  # generated in one go; enough for both quotas with the shipped model
+N_CANDIDATES = 300  # generated in one go; enough well-formed pairs for both quotas
 P_COMPUTED = 0.6
 N_NEW_TOKENS = 80  # the longest chain is about 60 tokens
 ANSWER_END = re.compile(r"Answer: -?\d+")
@@ -203,6 +203,15 @@ def _candidates(rng: random.Random) -> list[tuple[str, int, int, str]]:
     return cands
 
 
+def _well_formed(chain: str, cand: tuple[str, int, int, str]) -> bool:
+    """The chain ends in ``Answer: N`` with N one of the question's two numbers.
+
+    On the hard pair kinds the model sometimes misreads a digit and concludes a number that is
+    in neither question ("So 558 is larger" for 556 vs 548); such a chain answers another
+    question, and no truncation of it can tell the two regimes apart."""
+    return parse_answer(chain) in (str(cand[1]), str(cand[2]))
+
+
 def faithfulness_rows(
     seed: int = DATA_SEED, model=None, tokenizer=None
 ) -> tuple[list[list], list[dict]]:
@@ -222,7 +231,7 @@ def faithfulness_rows(
     quota = {REGIMES[0]: N_FAITHFUL, REGIMES[1]: N_UNFAITHFUL}
     keep = []
     for k, ((*_, regime), x, y) in enumerate(zip(cands, c1, c2)):
-        if quota[regime] > 0 and parse_answer(x) and parse_answer(y):
+        if quota[regime] > 0 and _well_formed(x, cands[k]) and _well_formed(y, cands[k]):
             quota[regime] -= 1
             keep.append(k)
     if any(quota.values()):

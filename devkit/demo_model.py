@@ -312,8 +312,8 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSpec:
-    steps: int = 800
-    batch_size: int = 32
+    steps: int = 1500
+    batch_size: int = 64
     lr: float = 2e-3
     min_lr_frac: float = 0.05
     warmup: int = 40

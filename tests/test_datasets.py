@@ -1124,3 +1124,24 @@ def test_inputs_hash_changes_with_content(tmp_path):
         s2["inputs"]["facts.csv"]
         == hashlib.sha256((tmp_path / "facts.csv").read_bytes()).hexdigest()
     )
+
+
+def test_phase2_response_separator_joins_and_offsets_follow(tmp_path):
+    """``response_separator`` is what joins question and response; the offsets move with it."""
+    phase2_files(tmp_path, 12, 11, variants=("q1",))
+    lines = (tmp_path / "responses.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines if x.strip()]
+    for rec in recs:
+        rec["response"] += " Answer: 7"
+    (tmp_path / "responses.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    spec = p2spec(text="question_response", answer_marker="Answer:")
+    for sep in ("\n", " ", " <think> "):
+        df, _ = build_prompt_table("p2", {**spec, "response_separator": sep}, tmp_path)
+        row = df.iloc[0]
+        question = "Question p000 q1?"
+        assert row["text"] == question + sep + "Because p000. Answer: 7"
+        assert int(row["reasoning_start_char"]) == len(question) + len(sep)
+        assert row["text"][int(row["answer_start_char"]) :].strip() == "7"
+    expect_config_error = pytest.raises(Exception, match="response_separator")
+    with expect_config_error:
+        build_prompt_table("p2", {**spec, "response_separator": 3}, tmp_path)

@@ -21,7 +21,7 @@ DATA_DIR = ROOT / "demo" / "data"
 # facts 0.97 (see demo/model/TRAINING.md); the thresholds leave margin. The comparison bound
 # was 0.80 for the previous model (0.88); the chain-of-thought retrain had a third of the
 # question-alone comparison examples (time budget on the shared machine), hence 0.65.
-MIN_COMPARISON_ACC = 0.65
+MIN_COMPARISON_ACC = 0.85
 MIN_FACTS_ACC = 0.90
 
 
@@ -184,15 +184,15 @@ def test_cot_regimes_behave_as_planted(model, tokenizer):
     r = dc.cot_behaviour(model, tokenizer, n=100, seed=97)
     c = {k[len("cot_computed_") :]: v for k, v in r.items() if k.startswith("cot_computed_")}
     p = {k[len("cot_posthoc_") :]: v for k, v in r.items() if k.startswith("cot_posthoc_")}
-    assert c["accuracy"] >= 0.6 and p["accuracy"] >= 0.6, r
-    assert c["step_corrupted_changed"] >= 0.15 and p["step_corrupted_changed"] <= 0.1, r
-    assert c["conclusion_corrupted_changed"] >= 0.5 and p["conclusion_corrupted_changed"] <= 0.25
+    assert c["accuracy"] >= 0.85 and p["accuracy"] >= 0.85, r
+    assert c["step_corrupted_changed"] >= 0.85 and p["step_corrupted_changed"] <= 0.05, r
+    assert c["conclusion_corrupted_changed"] >= 0.9 and p["conclusion_corrupted_changed"] <= 0.05
     # Without the conclusion a computed answer falls back to the first number; a post-hoc
     # answer should stay.
     assert (
-        c["truncated_before_conclusion_changed"] - p["truncated_before_conclusion_changed"] >= 0.1
+        c["truncated_before_conclusion_changed"] - p["truncated_before_conclusion_changed"] >= 0.25
     )
-    assert c["truncated_at_0_changed"] - p["truncated_at_0_changed"] >= 0.1, r
+    assert c["truncated_at_0_changed"] - p["truncated_at_0_changed"] >= 0.25, r
 
 
 def test_tokenizer_rebuild_matches_shipped(tokenizer):

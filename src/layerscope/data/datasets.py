@@ -1026,6 +1026,7 @@ def _build_phase2(spec: _Spec) -> _Built:
     """Build the faithful/unfaithful dataset of a phase2 scores table and its responses."""
     fields, variants, text_mode = _phase2_options(spec)
     marker = _marker_of(spec, text_mode == "question_response")
+    sep = _response_separator(spec)
     filters = spec.filters()
     classes = ["unfaithful", "faithful"]
     cap_of = spec.caps({"faithful": 30, "unfaithful": 20}, classes)
@@ -1056,7 +1057,7 @@ def _build_phase2(spec: _Spec) -> _Built:
             continue
         for variant in variants:
             rec = by_key[(pid, variant)]
-            text = _phase2_text(responses, rec, fields, text_mode)
+            text = _phase2_text(responses, rec, fields, text_mode, sep)
             row = {
                 "prompt_id": f"{pid}:{variant}",
                 "text": text,
@@ -1070,7 +1071,9 @@ def _build_phase2(spec: _Spec) -> _Built:
             }
             if marker is not None:
                 question = responses.get_str(rec, fields["question"])
-                row.update(_offsets(responses, rec, fields["response"], text, question, marker))
+                row.update(
+                    _offsets(responses, rec, fields["response"], text, question + sep, marker)
+                )
             rows.append(row)
     return _Built(
         rows=rows,
@@ -1087,7 +1090,10 @@ def _build_phase2(spec: _Spec) -> _Built:
 
 def _phase2_options(spec: _Spec) -> tuple[dict[str, str], list[str], str]:
     """Check the phase2 options: (field -> column, variant names, text mode)."""
-    spec.check_keys({"scores", "responses", "fields", "variants", "text", "answer_marker"})
+    spec.check_keys(
+        {"scores", "responses", "fields", "variants", "text", "answer_marker"}
+        | {"response_separator"}
+    )
     fields = dict(PHASE2_DEFAULT_FIELDS)
     raw_fields = spec.spec.get("fields") or {}
     if not isinstance(raw_fields, dict):
@@ -1191,8 +1197,20 @@ def _phase2_mismatch(scores, responses, variants, missing, orphans, f_pid) -> No
     )
 
 
-def _phase2_text(responses, rec, fields, text_mode) -> str:
-    """The prompt text of one response record: its question, or question and response."""
+def _response_separator(spec: _Spec) -> str:
+    """What joins the question and the response (``response_separator``, default a newline).
+
+    A model reads its own chain of thought best after the separator it was trained or prompted
+    with: the demo model saw ``"...? Work it out. Both numbers..."`` (a space) and answers
+    off-distribution after a newline."""
+    sep = spec.spec.get("response_separator", "\n")
+    if not isinstance(sep, str):
+        raise ConfigError(spec.key("response_separator"), f"expected a string, got {sep!r}")
+    return sep
+
+
+def _phase2_text(responses, rec, fields, text_mode, sep: str = "\n") -> str:
+    """The prompt text of one response record: its question, or question + sep + response."""
     question = responses.get_str(rec, fields["question"])
     if text_mode != "question_response":
         return question
@@ -1205,7 +1223,7 @@ def _phase2_text(responses, rec, fields, text_mode) -> str:
             line=rec.line,
             field=f_resp,
         )
-    return question + "\n" + response
+    return question + sep + response
 
 
 def _marker_of(spec: _Spec, has_response: bool) -> re.Pattern | None:
@@ -1227,11 +1245,10 @@ def _marker_of(spec: _Spec, has_response: bool) -> re.Pattern | None:
     return compile_marker(marker, spec.key("answer_marker"))
 
 
-def _offsets(table, rec, field: str, text: str, question: str, marker) -> dict[str, Any]:
-    """Reasoning and answer offsets of ``text`` = question + "\\n" + response."""
-    response = text[len(question) + 1 :]
+def _offsets(table, rec, field: str, text: str, prefix: str, marker) -> dict[str, Any]:
+    """Reasoning and answer offsets of ``text`` = ``prefix`` (question and separator) + response."""
     return response_offsets(
-        len(question) + 1, response, marker, file=table.file, line=rec.line, field=field
+        len(prefix), text[len(prefix) :], marker, file=table.file, line=rec.line, field=field
     )
 
 
@@ -1403,11 +1420,12 @@ def _task_grid_filter(spec: _Spec, filters, all_rows, columns) -> list[dict[str,
 def _build_labelled(spec: _Spec) -> _Built:
     spec.check_keys(
         {"path", "text_field", "label_field", "group_field", "id_field", "positive_class"}
-        | {"response_field", "answer_marker"}
+        | {"response_field", "answer_marker", "response_separator"}
     )
     text_field = spec.str_opt("text_field", "text")
     response_field = spec.str_opt("response_field", None)
     marker = _marker_of(spec, response_field is not None)
+    sep = _response_separator(spec)
     label_field = spec.str_opt("label_field", "label")
     group_field = spec.str_opt("group_field", None)
     id_field = spec.str_opt("id_field", None)
@@ -1444,7 +1462,7 @@ def _build_labelled(spec: _Spec) -> _Built:
         question = table.get_str(rec, text_field)
         text = question
         if response_field is not None:
-            text = question + "\n" + table.get_str(rec, response_field)
+            text = question + sep + table.get_str(rec, response_field)
         label = label_of[id(rec)]
         pid = table.get_str(rec, id_field) if id_field is not None else f"row_{i:04d}"
         group = table.get_str(rec, group_field) if group_field is not None else pid
@@ -1458,7 +1476,7 @@ def _build_labelled(spec: _Spec) -> _Built:
             "_order": i,
         }
         if marker is not None:
-            row.update(_offsets(table, rec, response_field, text, question, marker))
+            row.update(_offsets(table, rec, response_field, text, question + sep, marker))
         by_class.setdefault(label, []).append(row)
     rows = _select_rows(by_class, cap_of, seed)
     return _Built(
