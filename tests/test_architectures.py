@@ -23,7 +23,9 @@ import numpy as np
 import pytest
 
 from devkit.tiny_models import FAMILIES, build_family_model
-from layerscope.engine.activations import cache_store, load_engine, resolve_bos, tokenize_prompts
+from layerscope.engine.loading import load_engine
+from layerscope.engine.store import cache_store
+from layerscope.engine.tokens import resolve_bos, tokenize_prompts
 from layerscope.errors import LayerscopeError
 
 pytest.importorskip("transformer_lens")

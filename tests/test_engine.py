@@ -10,14 +10,10 @@ import pytest
 import torch
 
 from devkit.tiny_models import TOKENIZER_KINDS, build_tiny_model, mimic_tokenizer
-from layerscope.engine import activations
-from layerscope.engine.activations import (
-    cache_from_table,
-    cache_store,
-    load_engine,
-    load_model,
-    resolve_bos,
-)
+from layerscope.engine import tokens
+from layerscope.engine.loading import load_engine, load_model
+from layerscope.engine.store import cache_from_table, cache_store
+from layerscope.engine.tokens import resolve_bos
 from layerscope.errors import LayerscopeError
 
 pytest.importorskip("transformer_lens")
@@ -54,7 +50,7 @@ def engines(dirs):
 
 
 def _ids(tok, text):
-    return torch.tensor([activations.tokenize_prompts(tok, [text], prepend_bos=True)[0]])
+    return torch.tensor([tokens.tokenize_prompts(tok, [text], prepend_bos=True)[0]])
 
 
 def test_engine_exposes_the_bridge_subset(engines):

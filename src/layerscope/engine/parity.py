@@ -15,12 +15,13 @@ pooling bug, or a bridge that computes a layout differently all show up as a dif
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from layerscope.errors import LayerscopeError
+from layerscope.engine.loading import model_device, torch_dtype
+from layerscope.errors import LayerscopeError, name_list
 
 #: Largest allowed difference, relative to max(1, largest |value| of that component and layer).
 TOLERANCE = {"float64": 1e-8, "float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
@@ -234,3 +235,92 @@ def compare(
                     if d >= worst.get(c, (-1.0, 0, 0))[0]:
                         worst[c] = (d, L, row)
     return worst
+
+
+def reference_model(model, info: Mapping[str, Any]):
+    """The plain HF model the self-check recomputes with: the native engine's own model (it is
+    not wrapped), or for the bridge a separately loaded copy (the bridge swaps the HF
+    submodules)."""
+    if hasattr(model, "layout"):
+        return model.model
+    from transformers import AutoModelForCausalLM
+
+    rev = info.get("model_revision")
+    kw = {"revision": rev} if rev and rev != "local" else {}
+    dtype = torch_dtype(info.get("dtype", "float32"))
+    hf = AutoModelForCausalLM.from_pretrained(info["model"], dtype=dtype, **kw)
+    return hf.to(model_device(model)).eval()
+
+
+def self_check(
+    model, f, ids, rows, sample_pids, prompt_ids, k, skip, components, poolings, attrs, log
+) -> dict:
+    """Recompute the sampled prompts (local ``rows`` of the open store ``f``) with plain
+    transformers and compare; raise naming architecture, component and difference beyond the
+    tolerance."""
+    arch = attrs["architecture"]
+    if attrs["compatibility_mode"]:
+        log(
+            "parity self-check skipped: compatibility_mode folds LayerNorm, "
+            "so values are not plain transformers'"
+        )
+        return {"self_check": "skipped (compatibility_mode)"}
+    tol = tolerance(attrs["dtype"], attrs["out_dtype"])
+    common = {"self_check": k, "self_check_tolerance": tol, "self_check_prompts": sample_pids}
+    if not rows:
+        log(f"parity self-check: none of its sample ({name_list(sample_pids)}) is in this shard")
+        return common
+    hf = reference_model(model, attrs)
+    try:
+        ref = {r: reference_pass(hf, [int(t) for t in ids[r]]) for r in rows}
+    except LayerscopeError:
+        raise
+    except Exception as exc:  # an architecture the reference cannot tap: say so, never a traceback
+        raise LayerscopeError(
+            f"parity self-check could not recompute architecture {arch}: "
+            f"{type(exc).__name__}: {exc}; set self_check: 0 to skip it"
+        ) from exc
+    missing = sorted({c for c in components for r in rows if (c, 0) not in ref[r]})
+    checked = [c for c in components if c not in missing]
+    cache: dict[tuple[str, str], np.ndarray] = {}
+
+    def stored(c, p, L, row):
+        if (c, p) not in cache:
+            cache[(c, p)] = f[f"{c}/{p}"][:, rows, :].astype(np.float64)
+        return cache[(c, p)][L, rows.index(row)]
+
+    worst = compare(stored, ref, checked, poolings, attrs["n_layers"], skip)
+    biggest = max((v[0] for v in worst.values()), default=0.0)
+    log(
+        f"parity self-check on {len(rows)} prompt(s) ({name_list([prompt_ids[r] for r in rows])}): "
+        f"largest relative difference from plain transformers {biggest:.3g} "
+        f"(tolerance {tol:g} for {attrs['dtype']}); "
+        + ", ".join(f"{c} {v[0]:.2g}" for c, v in worst.items())
+        + (f"; not checked (no plain-transformers tap point): {missing}" if missing else "")
+    )
+    for c, (d, L, r) in worst.items():
+        if d > tol:
+            raise LayerscopeError(
+                f"parity self-check failed: architecture {arch}, component {c}, layer {L}, "
+                f"prompt {prompt_ids[r]}: the {attrs.get('engine', 'model')} engine's values "
+                f"differ from plain transformers by {d:.3g} "
+                f"(relative; tolerance {tol:g} for {attrs['dtype']}). "
+                "These activations are not trustworthy; "
+                "try the other engine (models.<name>.engine) or report the architecture"
+            )
+    return {**common, "self_check_max_diff": biggest}
+
+
+def gather_max_diff(shard_paths, store_tmp) -> None:
+    """The store's self-check difference is the largest of its shards' (each checked the prompts of
+    the one table-wide sample that it holds), so it equals the unsharded job's."""
+    import h5py
+
+    diffs = []
+    for path in shard_paths:
+        with h5py.File(path, "r") as f:
+            if "self_check_max_diff" in f.attrs:
+                diffs.append(float(f.attrs["self_check_max_diff"]))
+    if diffs:
+        with h5py.File(store_tmp, "r+") as f:
+            f.attrs["self_check_max_diff"] = max(diffs)
