@@ -186,18 +186,27 @@ def load_engine(
     """The model to cache with: the native engine (plain HF model, SDPA, hooks on its modules;
     see :mod:`layerscope.engine.native`) or the TransformerBridge. ``engine: auto`` takes the
     native one unless compatibility_mode is on (folded LayerNorm exists only in the bridge) or the
-    layout has no native tap point for a requested component; ``native`` refuses those cases by
-    name. Returns ``(model, info)``.
+    architecture is not in the native layout table. A requested component that the native layout
+    has no tap point for is refused by name, whatever the engine asked for (not handed to the
+    bridge, which may not boot the layout, or compute it differently: docs/methods.md, "Component
+    definitions"); per-head values are the bridge's only where the native engine has no output
+    projection (:func:`layerscope.jobs.stages.load_for_sweep`). ``native`` refuses the other cases
+    by name too. Returns ``(model, info)``.
     """
     from layerscope.engine import native
 
     if engine not in ENGINES:
         raise LayerscopeError(f"engine {engine!r} not understood; expected one of {list(ENGINES)}")
-    reason = (
+    reason, missing = (
         _native_refusal(source, revision, components, compatibility_mode)
         if engine != "bridge"
-        else None
+        else (None, None)
     )
+    if missing:
+        raise LayerscopeError(
+            f"engine: {engine} cannot serve {source}: {missing}; "
+            "remove it from the requested components"
+        )
     if engine == "native" and reason:
         raise LayerscopeError(f"engine: native cannot run {source}: {reason}")
     if engine == "bridge" or reason:
@@ -242,19 +251,22 @@ def load_from_settings(
     )
 
 
-def _native_refusal(source, revision, components, compatibility_mode) -> str | None:
-    """Why the native engine cannot serve this request (None if it can)."""
+def _native_refusal(
+    source, revision, components, compatibility_mode
+) -> tuple[str | None, str | None]:
+    """``(why the native engine cannot run the model at all, why it cannot serve a requested
+    component)``, each None where it can."""
     from layerscope.engine import native
 
     if compatibility_mode:
-        return "compatibility_mode (folded LayerNorm) exists only in the bridge"
+        return "compatibility_mode (folded LayerNorm) exists only in the bridge", None
     try:
         config = _hf_config(source, revision)
         have = native.supported_components(config)
     except (OSError, ValueError, LayerscopeError) as exc:
-        return str(exc)
+        return str(exc), None
     missing = [c for c in components if c not in have]
-    return native.why_unsupported(config, missing[0]) if missing else None
+    return None, ("; ".join(native.why_unsupported(config, c) for c in missing) or None)
 
 
 def describe_model(

@@ -8,7 +8,7 @@ modules of the native layout table, and are only trusted after the per-token ide
 :func:`identities` (``resid_pre + attn_out + mlp_out == resid_post`` in parallel blocks;
 ``resid_pre + attn_out == resid_mid`` and ``resid_mid + mlp_out == resid_post`` in sequential
 ones, with the stream read around any norm that sits on it) hold on that same pass. Every
-component a job writes must have a reference (:func:`unchecked`): a component the reference
+component a job writes must have a reference (:func:`refuse_unchecked`): a component the reference
 cannot recompute is refused rather than written unverified. So a wrong tap point, a padding or
 pooling bug, or a bridge that computes a layout differently all show up as a difference here.
 """
@@ -175,17 +175,27 @@ def _check_identities(got, n_layers: int, layout, config) -> None:
                 )
 
 
-def unchecked(components: Sequence[str], references) -> list[str]:
-    """The components a reference pass (of :func:`reference_pass`, by row) does not recompute."""
-    return [c for c in components if any((c, 0) not in ref for ref in references.values())]
-
-
-def refuse_unchecked(components: Sequence[str], references, config, engine: str) -> None:
-    """Raise, naming each component, if the self-check could not verify every one the job
-    writes: an unverified component is how a wrong tap point would pass unnoticed."""
+def checkable(config) -> tuple[str, ...]:
+    """The components :func:`reference_pass` recomputes for ``config``: those the native layout
+    table defines for its placement, only the residuals for an architecture outside it."""
     from layerscope.engine import native
 
-    missing = unchecked(components, references)
+    try:
+        return native.supported_components(config)
+    except LayerscopeError:
+        return native.UNIVERSAL
+
+
+def refuse_unchecked(
+    components: Sequence[str], config, engine: str, have: Sequence[str] | None = None
+) -> None:
+    """Raise, naming each component, if the self-check cannot verify every one a job writes
+    (``have``: what the reference recomputed, default :func:`checkable`): an unverified component
+    is how a wrong tap point would pass unnoticed."""
+    from layerscope.engine import native
+
+    have = checkable(config) if have is None else have
+    missing = [c for c in components if c not in have]
     if not missing:
         return
     arch = (getattr(config, "architectures", None) or [config.model_type])[0]
@@ -196,9 +206,7 @@ def refuse_unchecked(components: Sequence[str], references, config, engine: str)
         whys = [f"component '{c}' has no plain-transformers reference ({exc})" for c in missing]
     raise LayerscopeError(
         f"parity self-check cannot verify {', '.join(missing)} on architecture {arch} "
-        f"(engine {engine}): "
-        + "; ".join(whys)
-        + ". Remove "
+        f"(engine {engine}): " + "; ".join(whys) + ". Remove "
         + ("it" if len(missing) == 1 else "them")
         + " from activations.components, or set the model's self_check: 0 to write "
         "unverified values"
@@ -280,8 +288,9 @@ def self_check(
             f"parity self-check could not recompute architecture {arch}: "
             f"{type(exc).__name__}: {exc}; set self_check: 0 to skip it"
         ) from exc
-    missing = sorted({c for c in components for r in rows if (c, 0) not in ref[r]})
-    checked = [c for c in components if c not in missing]
+    # every written component is checked: one without a reference is refused, not skipped
+    have = [c for c in components if all((c, 0) in ref[r] for r in rows)]
+    refuse_unchecked(components, hf.config, attrs.get("engine", "bridge"), have)
     cache: dict[tuple[str, str], np.ndarray] = {}
 
     def stored(c, p, L, row):
@@ -289,14 +298,13 @@ def self_check(
             cache[(c, p)] = f[f"{c}/{p}"][:, rows, :].astype(np.float64)
         return cache[(c, p)][L, rows.index(row)]
 
-    worst = compare(stored, ref, checked, poolings, attrs["n_layers"], skip)
+    worst = compare(stored, ref, components, poolings, attrs["n_layers"], skip)
     biggest = max((v[0] for v in worst.values()), default=0.0)
     log(
         f"parity self-check on {len(rows)} prompt(s) ({name_list([prompt_ids[r] for r in rows])}): "
         f"largest relative difference from plain transformers {biggest:.3g} "
         f"(tolerance {tol:g} for {attrs['dtype']}); "
         + ", ".join(f"{c} {v[0]:.2g}" for c, v in worst.items())
-        + (f"; not checked (no plain-transformers tap point): {missing}" if missing else "")
     )
     for c, (d, L, r) in worst.items():
         if d > tol:

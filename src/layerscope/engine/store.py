@@ -352,6 +352,10 @@ def _checked_model(bridge, req: CacheRequest, model_info) -> tuple[dict[str, Any
                 + ("; parallel-attention blocks have no resid_mid" if comp == "resid_mid" else "")
                 + "); remove it from activations.components"
             )
+    hf = bridge.model if hasattr(bridge, "layout") else getattr(bridge, "original_model", None)
+    if req.self_check and not info.get("compatibility_mode") and hf is not None:
+        # before any forward pass: a component the self-check could not verify is refused now
+        parity.refuse_unchecked(req.components, hf.config, str(info.get("engine", "bridge")))
     return info, n_layers, d_model
 
 
