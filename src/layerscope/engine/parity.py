@@ -206,7 +206,9 @@ def refuse_unchecked(
         whys = [f"component '{c}' has no plain-transformers reference ({exc})" for c in missing]
     raise LayerscopeError(
         f"parity self-check cannot verify {', '.join(missing)} on architecture {arch} "
-        f"(engine {engine}): " + "; ".join(whys) + ". Remove "
+        f"(engine {engine}): "
+        + "; ".join(whys)
+        + ". Remove "
         + ("it" if len(missing) == 1 else "them")
         + " from activations.components, or set the model's self_check: 0 to write "
         "unverified values"
