@@ -378,3 +378,24 @@ def test_auto_engine_choice(family_dirs):
         load_engine(d, engine="native", compatibility_mode=True, device="cpu")
     with pytest.raises(LayerscopeError, match="engine 'fast' not understood"):
         load_engine(d, engine="fast", device="cpu")
+
+
+@pytest.mark.parametrize("family", ["opt_post_ln", "bloom_post_ln"])
+def test_post_norm_resid_mid_replacement_is_exact(family, family_dirs):
+    """In post-norm layouts resid_mid is the output of the norm on the stream, which is both what
+    the MLP reads and what it adds to: replacing it is the same as replacing that norm's output."""
+    import torch
+
+    d = str(family_dirs(family))
+    model, _ = load_engine(d, engine="native", components=["resid_mid"], device="cpu")
+    ids = torch.tensor([tokenize_prompts(model.tokenizer, TEXTS[:1], prepend_bos=True)[0]])
+    with model.hooks([("blocks.0.hook_resid_mid", lambda x, hook=None: 1.5 * x)]):
+        got = model(ids)
+    norm = _module(model.layers[0], STREAM_NORMS[family]["attn"])
+    handle = norm.register_forward_hook(lambda mod, a, o: 1.5 * o)
+    try:
+        want = model.model(input_ids=ids).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert not torch.allclose(got, model(ids), atol=1e-3)
