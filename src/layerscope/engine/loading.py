@@ -34,7 +34,7 @@ _DTYPES = {
 }
 
 
-def _tl_version() -> str:
+def tl_version() -> str:
     """The installed TransformerLens version ("unknown" if it is not installed)."""
     try:
         return importlib.metadata.version("transformer-lens")
@@ -98,7 +98,7 @@ def load_model(
         raise LayerscopeError(f"could not load model {source!r}: {exc}") from exc
     except Exception as exc:  # an adapter that cannot map this layout: name it, no raw traceback
         raise LayerscopeError(
-            f"TransformerBridge {_tl_version()} cannot boot {source!r} "
+            f"TransformerBridge {tl_version()} cannot boot {source!r} "
             f"({_arch_name(source, revision)}): {type(exc).__name__}: {exc}; "
             "use engine: native"
         ) from exc
@@ -307,7 +307,7 @@ def describe_model(
         "dtype": str(dtype).replace("torch.", ""),
         "device": str(device if device is not None else getattr(bridge.cfg, "device", "cpu")),
         "compatibility_mode": bool(compatibility_mode),
-        "transformer_lens_version": _tl_version(),
+        "transformer_lens_version": tl_version(),
     }
 
 

@@ -40,11 +40,11 @@ from layerscope.data.datasets import read_texts_table
 from layerscope.engine import diskspace, parity
 from layerscope.engine.loading import (
     HOOKS,
-    _tl_version,
     describe_model,
     hook_name,
     load_from_settings,
     model_device,
+    tl_version,
 )
 from layerscope.engine.tokens import (
     batches_over_cap,
@@ -507,7 +507,7 @@ def _store_attrs(bridge, req: CacheRequest, plan: CachePlan) -> dict[str, Any]:
         "model": info.get("model", "unknown"),
         "model_revision": info.get("model_revision"),
         "architecture": info.get("architecture", "unknown"),
-        "transformer_lens_version": info.get("transformer_lens_version", _tl_version()),
+        "transformer_lens_version": info.get("transformer_lens_version", tl_version()),
         "layerscope_version": LAYERSCOPE_VERSION,
         "n_layers": plan.n_layers,
         "d_model": plan.d_model,
