@@ -207,7 +207,7 @@ def run_shape(name: str, shape: dict, args, root: Path) -> dict:
     import pandas as pd
     import torch
 
-    from layerscope.engine.activations import load_engine
+    from layerscope.engine.loading import load_engine
     from layerscope.interventions import screen as S
 
     path, pair = build(shape, args.tokens, root)

@@ -6,7 +6,7 @@ memory (RSS high-water mark) is separable:
 
   (a) seed   - ``bridge.run_with_cache(prompt)`` one prompt at a time, all hooks, mean of
                ``blocks.L.hook_resid_post`` over all tokens for L in 3, 6, 9, 11;
-  (b) store  - ``layerscope.engine.activations.cache_store`` (resid_post, mean, every layer: what
+  (b) store  - ``layerscope.engine.store.cache_store`` (resid_post, mean, every layer: what
   the
                workflow rule runs), then ``extract_layer`` for layers 3, 6, 9, 11 (timed apart);
   (c) plain  - ``transformers.GPT2Model`` (no LM head), length-sorted batches, right padding with
@@ -148,13 +148,9 @@ def worker(
     res: dict = {"method": method, "n_prompts": n, "threads": torch.get_num_threads()}
 
     if method in ("seed", "store"):
-        from layerscope.engine.activations import (
-            cache_store,
-            extract_layer,
-            load_engine,
-            load_model,
-            tokenize_prompts,
-        )
+        from layerscope.engine.loading import load_engine, load_model
+        from layerscope.engine.store import cache_store, extract_layer
+        from layerscope.engine.tokens import tokenize_prompts
 
         # the seed loop is TransformerLens's run_with_cache; the store takes the workflow's default
         # engine
@@ -211,7 +207,7 @@ def worker(
     elif method == "plain":
         from transformers import AutoTokenizer, GPT2Model
 
-        from layerscope.engine.activations import tokenize_prompts
+        from layerscope.engine.tokens import tokenize_prompts
 
         tok = AutoTokenizer.from_pretrained(model_dir)
         model = GPT2Model.from_pretrained(model_dir).eval()
@@ -245,7 +241,7 @@ def _record(res: dict, wall: float, cpu: float) -> None:
 def _plain_pass(model, ids, lengths, out) -> None:
     import torch
 
-    from layerscope.engine.activations import make_batches
+    from layerscope.engine.tokens import make_batches
 
     with torch.inference_mode():
         for batch in make_batches(lengths, BATCH):

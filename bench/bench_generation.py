@@ -33,7 +33,7 @@ def main() -> None:
     import pandas as pd
     import torch
 
-    from layerscope.engine.activations import load_model
+    from layerscope.engine.loading import load_model
     from layerscope.interventions import generation as G
     from layerscope.interventions.patching import load_pairs
 

@@ -10,7 +10,7 @@ tokens):
 
 Methods, each (case, method) in its own subprocess so that its peak RSS is its own:
 
-  store  ``layerscope.engine.activations.cache_store`` with the workflow's default engine (``auto``:
+  store  ``layerscope.engine.store.cache_store`` with the workflow's default engine (``auto``:
   the
          native engine), resid_post, mean and last, every layer; self-check off for the timed runs,
          then one run with the default self-check (4 prompts) reported apart.
@@ -179,7 +179,8 @@ def worker(
     texts = make_prompts(model_dir, n, lo, hi)
     res: dict = {"case": case, "method": method, "n_prompts": n, "threads": torch.get_num_threads()}
     if method in ("store", "bridge"):
-        from layerscope.engine.activations import cache_store, load_engine
+        from layerscope.engine.loading import load_engine
+        from layerscope.engine.store import cache_store
 
         engine = "bridge" if method == "bridge" else "auto"
         model, info = load_engine(str(model_dir), engine=engine, device=device, dtype=dtype)
@@ -211,7 +212,8 @@ def worker(
     elif method == "plain":
         from transformers import AutoModel, AutoTokenizer
 
-        from layerscope.engine.activations import make_batches, tokenize_prompts, torch_dtype
+        from layerscope.engine.loading import torch_dtype
+        from layerscope.engine.tokens import make_batches, tokenize_prompts
 
         tok = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModel.from_pretrained(
@@ -249,7 +251,7 @@ def worker(
         res["all_seconds"] = _time(run, repeats)
         out = out[:-1]  # the last hidden state has the final norm applied
     elif method == "seed":
-        from layerscope.engine.activations import load_model
+        from layerscope.engine.loading import load_model
 
         bridge, _ = load_model(str(model_dir), device=device, dtype=dtype)
         bridge.run_with_cache(texts[0])

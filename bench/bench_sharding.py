@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PER_SHARD = 2500
 WORKER = r"""
 import sys
-from layerscope.engine.activations import cache_from_table, gather_store
+from layerscope.engine.store import cache_from_table, gather_store
 mode, out = sys.argv[1], sys.argv[2]
 if mode == "gather":
     gather_store(sys.argv[3:], out, log=None)

@@ -156,10 +156,25 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     ),
     "stablelm_parallel": ("StableLmConfig", "StableLmForCausalLM", {"use_parallel_residual": True}),
     "bloom": ("BloomConfig", "BloomForCausalLM", {}),
+    "bloom_post_ln": (
+        "BloomConfig",
+        "BloomForCausalLM",
+        {"apply_residual_connection_post_layernorm": True},
+    ),
     "falcon_new_decoder": (
         "FalconConfig",
         "FalconForCausalLM",
         {"new_decoder_architecture": True, "num_kv_heads": 2, "parallel_attn": True},
+    ),
+    "falcon_new_decoder_one_ln": (
+        "FalconConfig",
+        "FalconForCausalLM",
+        {
+            "new_decoder_architecture": True,
+            "num_kv_heads": 2,
+            "parallel_attn": True,
+            "num_ln_in_parallel_attn": 1,
+        },
     ),
     "falcon_parallel": (
         "FalconConfig",

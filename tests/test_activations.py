@@ -13,15 +13,9 @@ torch = pytest.importorskip("torch")
 
 from devkit.tiny_models import build_tiny_model  # noqa: E402
 from layerscope.data.h5cache import read_layer, read_layers, read_tokens  # noqa: E402
-from layerscope.engine.activations import (  # noqa: E402
-    cache_from_table,
-    cache_store,
-    extract_layer,
-    load_model,
-    make_batches,
-    resolve_bos,
-    tokenize_prompts,
-)
+from layerscope.engine.loading import load_model  # noqa: E402
+from layerscope.engine.store import cache_from_table, cache_store, extract_layer  # noqa: E402
+from layerscope.engine.tokens import make_batches, resolve_bos, tokenize_prompts  # noqa: E402
 from layerscope.errors import LayerscopeError  # noqa: E402
 
 COMPONENTS = ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"]

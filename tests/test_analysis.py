@@ -10,7 +10,7 @@ from matplotlib.image import imread
 
 from devkit.tiny_models import build_tiny_model
 from layerscope.analysis.layer_index import write_layer_index
-from layerscope.engine.activations import cache_from_table, extract_layer
+from layerscope.engine.store import cache_from_table, extract_layer
 from layerscope.jobs import stages as analysis
 from layerscope.jobs.probe_runs import summarize_probes, train_layer_probes
 

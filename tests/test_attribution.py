@@ -14,7 +14,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformer_lens")
 
 from devkit.tiny_models import build_tiny_model  # noqa: E402
-from layerscope.engine.activations import load_engine, resolve_bos  # noqa: E402
+from layerscope.engine.loading import load_engine  # noqa: E402
+from layerscope.engine.tokens import resolve_bos  # noqa: E402
 from layerscope.errors import InputError, LayerscopeError  # noqa: E402
 from layerscope.interventions import attribution as A  # noqa: E402
 from layerscope.interventions import patching as P  # noqa: E402

@@ -23,11 +23,8 @@ from layerscope.analysis.power import wilson_interval  # noqa: E402
 from layerscope.analysis.tuned_lens import train_translators  # noqa: E402
 from layerscope.data.cot import compile_marker, token_offsets  # noqa: E402
 from layerscope.data.datasets import build_prompt_table  # noqa: E402
-from layerscope.engine.activations import (  # noqa: E402
-    cache_from_table,
-    extract_layer,
-    load_engine,
-)
+from layerscope.engine.loading import load_engine  # noqa: E402
+from layerscope.engine.store import cache_from_table, extract_layer  # noqa: E402
 from layerscope.errors import ConfigError, InputError  # noqa: E402
 from layerscope.interventions import early_answering as EA  # noqa: E402
 from layerscope.interventions.generation import stepper_for  # noqa: E402
@@ -260,7 +257,7 @@ def test_probe_trajectory_pooled_equals_stored_probe_score(tmp_path, repo):
         layer, tmp_path / "p.json", model="demo", dataset="q", settings=settings, log=lambda m: 0
     )
     from layerscope.data.h5cache import read_layer
-    from layerscope.engine.activations import resolve_bos, tokenize_prompts
+    from layerscope.engine.tokens import resolve_bos, tokenize_prompts
 
     model, _ = load_engine(source, device="cpu")
     bos = resolve_bos(model.tokenizer, "auto")

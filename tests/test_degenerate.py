@@ -16,8 +16,8 @@ import pytest
 from conftest import REPO
 
 from layerscope.analysis.power import rate_precision, wilson_interval
-from layerscope.engine import activations as A
-from layerscope.engine.activations import load_model
+from layerscope.engine import store, tokens
+from layerscope.engine.loading import load_model
 from layerscope.errors import InputError, LayerscopeError
 from layerscope.interventions import generation as G
 from layerscope.interventions import patching as P
@@ -255,9 +255,9 @@ def test_steering_summary_and_figure_carry_the_warnings(tmp_path):
 
 def test_max_tokens_per_batch_below_the_prompts_is_a_named_warning():
     lengths = [26, 26, 24, 20]
-    batches = A.make_batches(lengths, 32, 5)
-    assert A.batches_over_cap(lengths, batches, 5) == [0, 1, 2, 3]
-    assert A.batches_over_cap(lengths, A.make_batches(lengths, 32, 60), 60) == []
+    batches = tokens.make_batches(lengths, 32, 5)
+    assert tokens.batches_over_cap(lengths, batches, 5) == [0, 1, 2, 3]
+    assert tokens.batches_over_cap(lengths, tokens.make_batches(lengths, 32, 60), 60) == []
     logged = []
     req = SimpleNamespace(
         shard=None,
@@ -271,7 +271,7 @@ def test_max_tokens_per_batch_below_the_prompts_is_a_named_warning():
     plan = SimpleNamespace(
         n=4, lengths=lengths, batches=batches, n_layers=2, prepend=True, skip=1, n_total=4
     )
-    A._log_plan(req, plan, "cpu", logged.append)
+    store._log_plan(req, plan, "cpu", logged.append)
     (warning,) = [m for m in logged if m.startswith("WARNING")]
     assert "max_tokens_per_batch_exceeded: 4 of 4 batches" in warning and "at least 26" in warning
 

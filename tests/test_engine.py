@@ -10,14 +10,10 @@ import pytest
 import torch
 
 from devkit.tiny_models import TOKENIZER_KINDS, build_tiny_model, mimic_tokenizer
-from layerscope.engine import activations
-from layerscope.engine.activations import (
-    cache_from_table,
-    cache_store,
-    load_engine,
-    load_model,
-    resolve_bos,
-)
+from layerscope.engine import tokens
+from layerscope.engine.loading import load_engine, load_model
+from layerscope.engine.store import cache_from_table, cache_store
+from layerscope.engine.tokens import resolve_bos
 from layerscope.errors import LayerscopeError
 
 pytest.importorskip("transformer_lens")
@@ -54,7 +50,7 @@ def engines(dirs):
 
 
 def _ids(tok, text):
-    return torch.tensor([activations.tokenize_prompts(tok, [text], prepend_bos=True)[0]])
+    return torch.tensor([tokens.tokenize_prompts(tok, [text], prepend_bos=True)[0]])
 
 
 def test_engine_exposes_the_bridge_subset(engines):
@@ -343,7 +339,8 @@ def test_engine_settings_in_the_config():
 
 def test_self_check_of_a_layout_the_native_table_does_not_know(dirs, tmp_path, monkeypatch):
     """Bridge-only architectures are still checked: resid_pre/resid_post against plain
-    transformers."""
+    transformers; a component with no plain-transformers reference there is refused before any
+    forward pass (never written unverified) unless the self-check is turned off."""
     from layerscope.engine import native as engine
 
     monkeypatch.delitem(engine.LAYOUTS, "gpt2")
@@ -352,16 +349,29 @@ def test_self_check_of_a_layout_the_native_table_does_not_know(dirs, tmp_path, m
         str(dirs["gpt2"]), components=["resid_post", "attn_out"], device="cpu", log=logs.append
     )
     assert info["engine"] == "bridge" and "not in the native engine's layout table" in logs[0]
-    cache_store(
-        model,
-        PIDS,
-        TEXTS,
-        LABELS,
-        tmp_path / "s.h5",
-        components=["resid_post", "attn_out"],
-        model_info=info,
-        log=logs.append,
-    )
-    assert any("not checked (no plain-transformers tap point): ['attn_out']" in m for m in logs)
+
+    def cache(comps, path, **kw):
+        cache_store(
+            model,
+            PIDS,
+            TEXTS,
+            LABELS,
+            path,
+            components=comps,
+            model_info=info,
+            log=logs.append,
+            **kw,
+        )
+
+    with pytest.raises(
+        LayerscopeError,
+        match=r"self-check cannot verify attn_out on architecture GPT2LMHeadModel.*self_check: 0",
+    ):
+        cache(["resid_post", "attn_out"], tmp_path / "refused.h5")
+    assert not (tmp_path / "refused.h5").exists()
+    cache(["resid_post"], tmp_path / "s.h5")
     with h5py.File(tmp_path / "s.h5") as f:
         assert f.attrs["self_check_max_diff"] < 1e-4
+    cache(["resid_post", "attn_out"], tmp_path / "unchecked.h5", self_check=0)
+    with h5py.File(tmp_path / "unchecked.h5") as f:
+        assert "attn_out" in f and "self_check_max_diff" not in f.attrs

@@ -24,7 +24,7 @@ from conftest import copy_workflow, job_counts, run_snakemake
 
 from layerscope.atomic import atomic_path, remove_stale_temps, temp_pattern
 from layerscope.data import h5cache
-from layerscope.engine.activations import extract_layer
+from layerscope.engine.store import extract_layer
 from layerscope.errors import LayerscopeError
 
 DS = "big"
@@ -104,7 +104,7 @@ def reference(prepared, tmp_path_factory):
         "log": None,
     }
     code = (
-        "import json, sys\nfrom layerscope.engine.activations import cache_from_table\n"
+        "import json, sys\nfrom layerscope.engine.store import cache_from_table\n"
         "cache_from_table(**json.loads(sys.argv[1]))"
     )
     proc = subprocess.Popen(

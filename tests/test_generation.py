@@ -17,7 +17,8 @@ pytest.importorskip("transformer_lens")
 
 from devkit.tiny_models import build_tiny_model  # noqa: E402
 from layerscope.analysis import power  # noqa: E402
-from layerscope.engine.activations import load_model, resolve_bos, tokenize_prompts  # noqa: E402
+from layerscope.engine.loading import load_model  # noqa: E402
+from layerscope.engine.tokens import resolve_bos, tokenize_prompts  # noqa: E402
 from layerscope.errors import InputError, LayerscopeError  # noqa: E402
 from layerscope.interventions import generation as G  # noqa: E402
 from layerscope.interventions import patching as P  # noqa: E402
@@ -54,7 +55,7 @@ def demo_sweep(demo):
 def native_sweep(demo):
     """The same sweep on the native engine (plain HF model, SDPA, its own KV cache): what the
     workflow runs."""
-    from layerscope.engine.activations import load_engine
+    from layerscope.engine.loading import load_engine
 
     path, _, pairs = demo
     engine, info = load_engine(

@@ -94,7 +94,7 @@ def store(tmp_path):
 
 
 def _extract(store, layer, dest):
-    from layerscope.engine.activations import extract_layer
+    from layerscope.engine.store import extract_layer
 
     return extract_layer(store, layer, dest)
 

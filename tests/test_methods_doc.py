@@ -303,7 +303,7 @@ def test_steering_scale_positions_and_kl_as_the_doc_defines_them():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from layerscope.engine.activations import load_engine
+    from layerscope.engine.loading import load_engine
     from layerscope.interventions import steering as S
     from layerscope.jobs.steering_run import load_neutral, load_prompts
 

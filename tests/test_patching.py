@@ -13,7 +13,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformer_lens")
 
 from devkit.tiny_models import build_tiny_model  # noqa: E402
-from layerscope.engine.activations import load_model, resolve_bos, tokenize_prompts  # noqa: E402
+from layerscope.engine.loading import load_model  # noqa: E402
+from layerscope.engine.tokens import resolve_bos, tokenize_prompts  # noqa: E402
 from layerscope.errors import InputError, LayerscopeError  # noqa: E402
 from layerscope.interventions import patching as P  # noqa: E402
 from layerscope.plotting import patching as PF  # noqa: E402

@@ -8,7 +8,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from devkit.tiny_models import build_tiny_model  # noqa: E402
-from layerscope.engine.activations import cache_store, gather_store, make_batches, shard_batches  # noqa: E402
+from layerscope.engine.store import cache_store, gather_store  # noqa: E402
+from layerscope.engine.tokens import make_batches, shard_batches  # noqa: E402
 from layerscope.errors import LayerscopeError  # noqa: E402
 
 WORDS = (
@@ -25,7 +26,7 @@ GROUPS = [f"g{i % 4}" for i in range(len(TEXTS))]
 
 @pytest.fixture(scope="module")
 def bridge(tmp_path_factory):
-    from layerscope.engine.activations import load_model
+    from layerscope.engine.loading import load_model
 
     root = build_tiny_model(
         tmp_path_factory.mktemp("model") / "gpt2",

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import REPO, copy_workflow, run_snakemake
 
-from layerscope.engine.activations import load_model
+from layerscope.engine.loading import load_model
 from layerscope.errors import ConfigError, InputError
 from layerscope.interventions import steering as S
 from layerscope.jobs import steering_run as R
@@ -354,7 +354,7 @@ def test_mass_mean_from_the_pipeline_layer_file(tmp_path):
     """The mass-mean source reads the layer file through h5cache, the positive class from
     summary.json."""
     from layerscope.data.h5cache import copy_layer, read_layer
-    from layerscope.engine.activations import cache_store
+    from layerscope.engine.store import cache_store
 
     bridge, info = load_model(str(DEMO), device="cpu")
     texts = [
@@ -667,7 +667,7 @@ def test_native_engine_steering_matches_plain_transformers(hf_demo, demo_prompts
     bit the
     unsteered run, steered logits equal a plain-transformers hook, and generation takes the KV
     cache."""
-    from layerscope.engine.activations import load_engine
+    from layerscope.engine.loading import load_engine
 
     engine, info = load_engine(str(DEMO), engine="native", components=["resid_post"], device="cpu")
     assert info["engine"] == "native"

@@ -100,3 +100,10 @@ def environment_error(
             "save_pretrained) and rerun"
         )
     return None
+
+
+def name_list(ids: Sequence[str], limit: int = 10) -> str:
+    """The first ``limit`` ids, comma-separated, and how many more there are."""
+    ids = [str(i) for i in ids]
+    more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
+    return ", ".join(ids[:limit]) + more

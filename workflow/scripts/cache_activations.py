@@ -1,4 +1,4 @@
-from layerscope.engine.activations import cache_from_table
+from layerscope.engine.store import cache_from_table
 from layerscope.jobs.scripting import job_logging, log_visible_gpus
 from layerscope.settings import ActivationSettings, ModelSettings
 

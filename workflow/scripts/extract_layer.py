@@ -1,4 +1,4 @@
-from layerscope.engine.activations import extract_layer
+from layerscope.engine.store import extract_layer
 from layerscope.jobs.scripting import job_logging
 
 with job_logging(snakemake.log[0]) as log:

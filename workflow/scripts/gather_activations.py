@@ -1,4 +1,4 @@
-from layerscope.engine.activations import gather_store
+from layerscope.engine.store import gather_store
 from layerscope.jobs.scripting import job_logging
 
 with job_logging(snakemake.log[0]) as log:

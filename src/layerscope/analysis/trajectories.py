@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from layerscope.engine.activations import hook_name, make_batches, model_device
+from layerscope.engine.loading import hook_name, model_device
+from layerscope.engine.tokens import make_batches
 from layerscope.errors import LayerscopeError
 
 #: attribute names of the final norm on a causal LM's base model (first found wins)

@@ -87,7 +87,7 @@ class TokenOffsets:
 
 def char_spans(tokenizer, text: str, ids: Sequence[int], bos: bool) -> list[tuple[int, int]]:
     """(start, end) character span of every token of ``ids`` (the prompt's ids as
-    :func:`layerscope.engine.activations.tokenize_prompts` made them); BOS gets (0, 0).
+    :func:`layerscope.engine.tokens.tokenize_prompts` made them); BOS gets (0, 0).
 
     Needs a fast tokenizer (offset mapping); its ids must be exactly ``ids``."""
     try:

@@ -131,7 +131,7 @@ class TokenData:
 
 
 # --------------------------------------------------------------------------------------------
-# writing helpers (used by layerscope.engine.activations)
+# writing helpers (used by layerscope.engine.store)
 
 
 def _h5py():
@@ -608,7 +608,7 @@ def gather_shards(
     Checks that the shards come from one configuration and batch plan and cover every prompt
     exactly once, then copies their rows into table order in blocks of ``block_rows`` prompts,
     so memory does not grow with the dataset. Attributes and arrays equal those of an
-    unsharded :func:`layerscope.engine.activations.cache_store` run.
+    unsharded :func:`layerscope.engine.store.cache_store` run.
     """
     out_path = out_path or tmp_path
     if not shard_paths:

@@ -8,23 +8,29 @@ the bridge with SDPA does not help: the swapped-in components ignore it (field n
 engine loads the model separately (``AutoModelForCausalLM``, ``attn_implementation="sdpa"``) and
 hooks the HF modules directly.
 
-Tap points are defined as *what is added to the residual stream*, so that for every layout
-``resid_pre + attn_out (+ mlp_out) == resid_mid / resid_post`` holds exactly. That is why a small
-explicit table (:data:`LAYOUTS`) is used rather than the bridge adapter's component mapping: the
-adapter maps ``attn``/``mlp`` to the HF ``self_attn``/``mlp`` modules, but in post-norm layouts
-(Gemma 2/3, OLMo 2) the value added to the residual is the *output of a norm after* them, in
-BLOOM the attention and MLP modules add the residual themselves, and OPT has no MLP module at all.
-The table names the layer list and the HF module whose output (or input) each component is; the
-matrix test (tests/test_architectures.py) checks every entry against plain ``transformers``.
+Tap points follow the component definitions of docs/methods.md ("Component definitions"):
+resid_pre is what the block reads, resid_mid what the MLP sublayer reads (after the residual
+addition and any norm that sits on the stream), resid_post what the next block reads, attn_out and
+mlp_out what is added to the stream. A small explicit table (:data:`LAYOUTS`, adjusted for a
+config's placement flags by :func:`layout_for`) is used rather than the bridge adapter's component
+mapping: the adapter maps ``attn``/``mlp`` to the HF ``self_attn``/``mlp`` modules, but in
+sandwich layouts (Gemma 2/3, OLMo 2) the value added to the residual is the *output of a norm
+after* them, in BLOOM the attention and MLP modules add the residual themselves (the value added
+is their output projection's), OPT has no MLP module at all, and in post-norm layouts (OPT with
+``do_layer_norm_before=False``, BLOOM with ``apply_residual_connection_post_layernorm``) a norm
+sits on the stream itself, so resid_mid is that norm's *output*. The matrix test
+(tests/test_architectures.py) checks every family and placement against plain ``transformers``
+hooks written out independently of this table.
 
 Hook functions follow TransformerLens: ``fn(tensor, hook=None)`` may return a replacement tensor.
 Replacement is exact for resid_pre, attn_out, mlp_out and resid_post (the replaced value is the one
 the model goes on with). ``blocks.L.attn.hook_z`` is TransformerLens's per-head attention output
 before the output projection, ``[batch, pos, head, d_head]``: here the input of the attention's
 output projection (``o_proj`` / ``c_proj`` / ``dense`` / ``out_proj``), which is that value with the
-heads concatenated; replacing it is exact too. Replacing resid_mid is refused: it is read at the
-input of the norm before the MLP, and changing that input would not change the residual the layer
-adds back.
+heads concatenated; replacing it is exact too. Replacing resid_mid is refused where it is read at
+the input of the norm (or MLP) after the attention, as changing that input would not change the
+residual the layer adds back; in post-norm layouts, where it is the output of a norm on the stream,
+replacing it is exact.
 """
 
 from __future__ import annotations
@@ -53,7 +59,13 @@ class Layout:
 
     ``attn`` / ``mlp``: the module whose *output* is added to the residual (first element if it
     returns a tuple). ``mid``: the module whose *input* is the residual after attention (None for
-    parallel blocks, which have no resid_mid). ``None`` for attn/mlp means not available.
+    parallel blocks, which have no resid_mid), or with ``mid_out`` whose *output* is (a norm that
+    sits on the stream). ``None`` for attn/mlp means not available.
+
+    The stream norms say how the components add up, for the self-check's identities
+    (:func:`layerscope.engine.parity.reference_pass`): ``residual_norm``, the norm whose output
+    the attention's value is added to (default: the block input); ``attn_norm`` / ``mlp_norm``,
+    a norm applied to the stream after the attention / MLP addition.
     """
 
     layers: str
@@ -62,6 +74,16 @@ class Layout:
     mid: str | None = "post_attention_layernorm"
     mlp_inplace: bool = False  # the model adds to the MLP output in place: clone before reading
     note: str = ""
+    mid_out: bool = False
+    residual_norm: str | None = None
+    attn_norm: str | None = None
+    mlp_norm: str | None = None
+    heads: bool = True  # the attention's output projection is called as a module (per-head z)
+
+    @property
+    def parallel(self) -> bool:
+        """Attention and MLP read the same input (no resid_mid)."""
+        return self.mid is None and self.attn is not None and self.mlp is not None
 
 
 _LLAMA = Layout("model.layers")
@@ -103,25 +125,21 @@ LAYOUTS: dict[str, Layout] = {
     "gpt_neox": Layout("gpt_neox.layers", attn="attention"),
     "opt": Layout("model.decoder.layers", mlp="fc2", mid="final_layer_norm"),
     "falcon": Layout("transformer.h", attn="self_attention", mlp_inplace=True),
-    "bloom": Layout(
-        "transformer.h",
-        attn=None,
-        mlp=None,
-        note=(
-            "BLOOM's attention and MLP modules add the residual inside themselves, "
-            "so attn_out and mlp_out have no module output to read"
-        ),
-    ),
+    # BLOOM's attention and MLP modules add the residual inside themselves: what they add is the
+    # output of their output projections.
+    "bloom": Layout("transformer.h", attn="self_attention.dense", mlp="mlp.dense_4h_to_h"),
 }
 
 
-def _no_taps(lay: Layout, note: str) -> Layout:
-    """``lay`` with no attn/mlp/mid tap point: only the residual stream is read natively."""
-    return replace(lay, attn=None, mlp=None, mid=None, mlp_inplace=False, note=note)
+def _no_taps(lay: Layout, note: str, keep_mid: bool = False) -> Layout:
+    """``lay`` with no attn/mlp (nor, unless ``keep_mid``, mid) tap point."""
+    mid = lay.mid if keep_mid else None
+    return replace(lay, attn=None, mlp=None, mid=mid, mlp_inplace=False, heads=False, note=note)
 
 
 def layout_for(config) -> Layout:
-    """The layout of ``config.model_type``, adjusted for the config's parallel / post-LN flags."""
+    """The layout of ``config.model_type``, adjusted for the config's norm placement flags:
+    parallel attention and MLP, post-norm, a normed residual."""
     mt = getattr(config, "model_type", "")
     if mt not in LAYOUTS:
         raise LayerscopeError(
@@ -135,14 +153,33 @@ def layout_for(config) -> Layout:
     if parallel:
         lay = replace(lay, mid=None, note="parallel attention and MLP")
     if mt == "opt" and not getattr(config, "do_layer_norm_before", True):
-        lay = _no_taps(
+        # post-norm: the stream is self_attn_layer_norm(x + attn), then final_layer_norm(. + mlp)
+        lay = replace(
             lay,
-            "OPT with do_layer_norm_before=False normalises the residual itself "
-            "after each sublayer",
+            mid="self_attn_layer_norm",
+            mid_out=True,
+            attn_norm="self_attn_layer_norm",
+            mlp_norm="final_layer_norm",
         )
     if mt == "bloom" and getattr(config, "apply_residual_connection_post_layernorm", False):
+        # the attention adds to input_layernorm(x); the MLP reads, and adds to,
+        # post_attention_layernorm(. + attn): that norm sits on the stream
+        lay = replace(
+            lay,
+            mid_out=True,
+            residual_norm="input_layernorm",
+            attn_norm="post_attention_layernorm",
+        )
+    if (
+        mt == "bloom"
+        and getattr(config, "pretraining_tp", 1) > 1
+        and getattr(config, "slow_but_exact", False)
+    ):
         lay = _no_taps(
-            lay, "BLOOM with apply_residual_connection_post_layernorm adds a normed residual"
+            lay,
+            "BLOOM with slow_but_exact and pretraining_tp > 1 applies its output projections "
+            "slice by slice, never calling the modules",
+            keep_mid=True,
         )
     return lay
 
@@ -164,9 +201,13 @@ def why_unsupported(config, component: str) -> str:
     """The message saying why ``component`` cannot be tapped for ``config``'s architecture."""
     lay = layout_for(config)
     arch = (getattr(config, "architectures", None) or [getattr(config, "model_type", "?")])[0]
-    why = lay.note or (
-        "parallel attention and MLP" if component == "resid_mid" else "no such module"
-    )
+    if component == "resid_mid" and lay.parallel:
+        why = (
+            "parallel attention and MLP: both read the block input, so no residual lies "
+            "between them"
+        )
+    else:
+        why = lay.note or "no such module"
     return f"component '{component}' is not available for architecture {arch} ({why})"
 
 
@@ -252,7 +293,11 @@ class NativeEngine:
             f"blocks.{L}.hook_{c}": None for L in range(self.cfg.n_layers) for c in self.components
         }
         # Per-head z only where every layer has an output projection to read it at.
-        if self.cfg.n_heads and all(attention_taps(layer) for layer in self.layers):
+        if (
+            self.layout.heads
+            and self.cfg.n_heads
+            and all(attention_taps(layer) for layer in self.layers)
+        ):
             n = len(self.layers)
             self.hook_dict.update({f"blocks.{L}.attn.hook_z": None for L in range(n)})
 
@@ -313,7 +358,9 @@ class NativeEngine:
                 return args, {**kwargs, "hidden_states": new}
 
             return layer.register_forward_pre_hook(pre, with_kwargs=True)
-        if comp == "resid_mid":
+        if comp == "resid_mid" and lay.mid_out:
+            comp = "mid_out"  # the output of a norm on the stream: read and replaced as attn_out
+        elif comp == "resid_mid":
 
             def mid(module, args, kwargs):
                 x = args[0] if args else next(iter(kwargs.values()))
@@ -328,11 +375,8 @@ class NativeEngine:
                 return None
 
             return submodule(layer, lay.mid).register_forward_pre_hook(mid, with_kwargs=True)
-        target = (
-            layer
-            if comp == "resid_post"
-            else submodule(layer, lay.attn if comp == "attn_out" else lay.mlp)
-        )
+        where = {"attn_out": lay.attn, "mlp_out": lay.mlp, "mid_out": lay.mid}
+        target = layer if comp == "resid_post" else submodule(layer, where[comp])
         clone = comp == "mlp_out" and lay.mlp_inplace
 
         def post(module, args, out):

@@ -58,8 +58,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from layerscope.engine.activations import hook_name, model_device, resolve_bos
+from layerscope.engine.loading import hook_name, model_device
 from layerscope.engine.native import OUT_PROJ_NAMES, attention_taps, n_heads_of
+from layerscope.engine.tokens import resolve_bos
 from layerscope.errors import LayerscopeError
 from layerscope.interventions import patching as P
 
@@ -581,7 +582,7 @@ def _n_kv_heads(engine) -> int:
 
 def _result(engine, prepared, plan, scores, gd, ld, counts, seconds, min_ld_gap, prepend):
     """Assemble the :class:`AttributionResult` (pairs table, settings, passes and seconds)."""
-    from layerscope.engine.activations import describe_model
+    from layerscope.engine.loading import describe_model
 
     notes = []
     pairs = pd.DataFrame(

@@ -60,13 +60,8 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from layerscope.engine.activations import (
-    HOOKS,
-    hook_name,
-    model_device,
-    resolve_bos,
-    tokenize_prompts,
-)
+from layerscope.engine.loading import HOOKS, hook_name, model_device
+from layerscope.engine.tokens import resolve_bos, tokenize_prompts
 from layerscope.errors import InputError, LayerscopeError
 from layerscope.interventions.patching import TokenPair
 
@@ -219,7 +214,7 @@ class NativeStepper:
 
 
 def stepper_for(model) -> BridgeStepper | NativeStepper:
-    """The stepper of a model from :func:`layerscope.engine.activations.load_engine` (bridge or
+    """The stepper of a model from :func:`layerscope.engine.loading.load_engine` (bridge or
     native)."""
     return BridgeStepper(model) if hasattr(model, "original_model") else NativeStepper(model)
 

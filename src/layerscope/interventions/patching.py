@@ -31,7 +31,7 @@ naming the pair and both lengths.
 Components and hooks
 --------------------
 ``resid_pre``, ``resid_post``, ``attn_out``, ``mlp_out`` (and ``resid_mid``) use the legacy
-TransformerLens hook names (see :data:`layerscope.engine.activations.HOOKS`). Per-head patching uses
+TransformerLens hook names (see :data:`layerscope.engine.loading.HOOKS`). Per-head patching uses
 ``blocks.L.attn.hook_z`` (the per-head attention output *before* the output projection,
 shape ``[batch, pos, n_heads, d_head]``; query heads for grouped-query models): the clean z of
 one head at one position replaces the corrupted one. Heads are patched at the last position
@@ -69,14 +69,8 @@ import numpy as np
 import pandas as pd
 
 from layerscope.atomic import atomic_path
-from layerscope.engine.activations import (
-    HOOKS,
-    describe_model,
-    hook_name,
-    model_device,
-    resolve_bos,
-    tokenize_prompts,
-)
+from layerscope.engine.loading import HOOKS, describe_model, hook_name, model_device
+from layerscope.engine.tokens import resolve_bos, tokenize_prompts
 from layerscope.errors import InputError, LayerscopeError
 
 __all__ = [

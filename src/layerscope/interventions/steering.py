@@ -46,7 +46,8 @@ import numpy as np
 import pandas as pd
 
 from layerscope.analysis.power import mean_precision, rate_precision
-from layerscope.engine.activations import hook_name, model_device, tokenize_prompts
+from layerscope.engine.loading import hook_name, model_device
+from layerscope.engine.tokens import tokenize_prompts
 from layerscope.errors import LayerscopeError
 from layerscope.settings import PrecisionSettings
 

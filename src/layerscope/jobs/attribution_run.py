@@ -91,7 +91,7 @@ def attribution_experiment(
     ``out["summary"]`` (attribution_summary.json)."""
     import torch
 
-    from layerscope.engine.activations import load_from_settings
+    from layerscope.engine.loading import load_from_settings
     from layerscope.interventions import attribution as A
     from layerscope.interventions import patching as P
     from layerscope.interventions import screen as S

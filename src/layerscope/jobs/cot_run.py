@@ -16,7 +16,8 @@ from layerscope.analysis import tuned_lens as TL
 from layerscope.atomic import atomic_path, write_csv
 from layerscope.data.cot import OFFSET_COLUMNS, compile_marker, token_offsets
 from layerscope.data.datasets import read_prompt_table
-from layerscope.engine.activations import load_from_settings, resolve_bos, tokenize_prompts
+from layerscope.engine.loading import load_from_settings
+from layerscope.engine.tokens import resolve_bos, tokenize_prompts
 from layerscope.errors import LayerscopeError
 from layerscope.settings import CotSettings, ModelSettings, PrecisionSettings
 

@@ -67,7 +67,8 @@ def causal_job(
     """Ablation and +-alpha addition of every family's direction at the best layer (and
     ``causal.layers``) on the experiment's prompts; writes one table (``CAUSAL_COLUMNS`` plus
     ``best_layer`` and ``verdict``)."""
-    from layerscope.engine.activations import hook_name, load_from_settings, resolve_bos
+    from layerscope.engine.loading import hook_name, load_from_settings
+    from layerscope.engine.tokens import resolve_bos
 
     model, causal = ModelSettings.of(model), ProbeCausalSettings.of(causal)
     t0 = time.perf_counter()

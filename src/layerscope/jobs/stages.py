@@ -593,7 +593,7 @@ def load_for_sweep(model: ModelSettings, settings: PatchingSettings, engine: str
 
 def _load_for_patching(model: ModelSettings, engine: str, components, device: str, log):
     """The model on ``engine`` with hooks for ``components``; logs which engine it got."""
-    from layerscope.engine.activations import load_from_settings
+    from layerscope.engine.loading import load_from_settings
 
     loaded, info = load_from_settings(model, components, engine=engine, device=device, log=log)
     log(f"patching model: engine {info.get('engine', 'bridge')}")

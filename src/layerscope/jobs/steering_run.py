@@ -302,7 +302,8 @@ def steering_experiment(
     ``model``, ``precision``: typed settings, or mappings completed from the schema's defaults."""
     import torch
 
-    from layerscope.engine.activations import load_from_settings, resolve_bos
+    from layerscope.engine.loading import load_from_settings
+    from layerscope.engine.tokens import resolve_bos
 
     model, precision = ModelSettings.of(model), PrecisionSettings.of(precision)
     t0 = time.perf_counter()

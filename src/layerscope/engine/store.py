@@ -1,27 +1,27 @@
 """Cache pooled per-layer activations with one batched forward pass per (model, dataset).
 
-``cache_store`` runs every prompt through a TransformerLens ``TransformerBridge`` once and writes
-the pooled vectors of EVERY layer (for the configured components and poolings) to a *store*;
-``extract_layer`` then cuts one layer out of it into ``layer_{L}.h5``. Layout: see
-:mod:`layerscope.data.h5cache`.
+``cache_store`` runs every prompt through the model (native engine or TransformerBridge, see
+:mod:`layerscope.engine.loading`) once and writes the pooled vectors of EVERY layer (for the
+configured components and poolings) to a *store*; ``extract_layer`` then cuts one layer out of it
+into ``layer_{L}.h5``. Layout: see :mod:`layerscope.data.h5cache`.
 
 How prompts go through the model (all decided here, not left to the bridge):
 
-* Tokenization is ours: ``add_special_tokens=False`` and, by policy, the tokenizer's BOS id
-  prepended explicitly (never twice).
-* Prompts are sorted by token length into batches and padded on the RIGHT; the model gets
-  ``input_ids`` and an explicit ``attention_mask`` (padding is never inferred from token ids:
-  GPT-2's pad id is its BOS id). With right padding every real token keeps positions
-  ``0..n-1`` and, the attention being causal, never sees a pad, so batched results equal
-  one-prompt-at-a-time results up to float rounding.
+* Tokens, the BOS policy and the batch plan come from :mod:`layerscope.engine.tokens`.
+* Batches are padded on the RIGHT; the model gets ``input_ids`` and an explicit
+  ``attention_mask`` (padding is never inferred from token ids: GPT-2's pad id is its BOS id).
+  With right padding every real token keeps positions ``0..n-1`` and, the attention being
+  causal, never sees a pad, so batched results equal one-prompt-at-a-time results up to float
+  rounding.
 * Pooling uses the attention mask (minus the BOS position when ``exclude_bos_from_pooling``).
 * Hooks sit only on the needed hook points; the hook on the last needed one raises
   ``StopAtLayerException``, so the final norm and the full-vocabulary LM head never run.
+* The parity self-check (:mod:`layerscope.engine.parity`) recomputes a few prompts with plain
+  ``transformers`` before the file is renamed into place.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import math
 import os
 import time
@@ -37,462 +37,28 @@ from layerscope import __version__ as LAYERSCOPE_VERSION
 from layerscope.atomic import atomic_path
 from layerscope.data import h5cache
 from layerscope.data.datasets import read_texts_table
-from layerscope.engine import diskspace
-from layerscope.errors import LayerscopeError
+from layerscope.engine import diskspace, parity
+from layerscope.engine.loading import (
+    HOOKS,
+    describe_model,
+    hook_name,
+    load_from_settings,
+    model_device,
+    tl_version,
+)
+from layerscope.engine.tokens import (
+    batches_over_cap,
+    make_batches,
+    resolve_bos,
+    shard_batches,
+    token_arrays,
+)
+from layerscope.errors import LayerscopeError, name_list
 from layerscope.settings import ActivationSettings, ModelSettings
 
-#: component -> TransformerLens hook name (legacy aliases kept by TransformerLens 4).
-HOOKS = {
-    "resid_pre": "blocks.{L}.hook_resid_pre",
-    "attn_out": "blocks.{L}.hook_attn_out",
-    "resid_mid": "blocks.{L}.hook_resid_mid",
-    "mlp_out": "blocks.{L}.hook_mlp_out",
-    "resid_post": "blocks.{L}.hook_resid_post",
-}
 #: order in which the hooks of one block fire (the last one needed is where we stop).
 _FIRE_ORDER = {"resid_pre": 0, "attn_out": 1, "resid_mid": 2, "mlp_out": 3, "resid_post": 4}
-_DTYPES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "float": "float32",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float64": "float64",
-}
 _OUT_DTYPES = ("float32", "float16", "float64")
-
-
-def _tl_version() -> str:
-    """The installed TransformerLens version ("unknown" if it is not installed)."""
-    try:
-        return importlib.metadata.version("transformer-lens")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
-        return "unknown"
-
-
-# --------------------------------------------------------------------------------------------
-# model loading
-
-
-def resolve_device(device: str | None = "auto") -> str:
-    """``auto`` -> cuda if available, else cpu; refuse a cuda device on a machine without one."""
-    import torch
-
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise LayerscopeError(
-            f"device {device!r} requested but CUDA is not available on this machine"
-        )
-    return str(device)
-
-
-def torch_dtype(dtype: str | Any):
-    """The torch dtype named by ``dtype`` (float32, fp16, bf16, ...; a torch dtype passes)."""
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = _DTYPES.get(str(dtype).lower())
-    if name is None:
-        raise LayerscopeError(
-            f"unknown dtype {dtype!r}; expected one of float32, float16, bfloat16, float64"
-        )
-    return getattr(torch, name)
-
-
-def load_model(
-    source: str,
-    *,
-    dtype: str = "float32",
-    device: str = "auto",
-    compatibility_mode: bool = False,
-    revision: str | None = None,
-):
-    """Boot ``source`` (hub id or local ``save_pretrained`` directory) as a ``TransformerBridge``.
-
-    Returns ``(bridge, info)``; ``info`` describes what was loaded and is written into every cache
-    file (model, revision, n_layers, d_model, dtype, device, compatibility_mode, versions, ...).
-    """
-    from transformer_lens.model_bridge import TransformerBridge
-
-    dev = resolve_device(device)
-    tdtype = torch_dtype(dtype)
-    kwargs: dict[str, Any] = {"device": dev, "dtype": tdtype}
-    if revision:
-        kwargs["revision"] = revision
-    refusal = bridge_refusal(source, revision)
-    if refusal:
-        raise LayerscopeError(f"engine: bridge cannot run {source}: {refusal}")
-    try:
-        bridge = TransformerBridge.boot_transformers(os.fspath(source), **kwargs)
-    except (OSError, ValueError) as exc:
-        raise LayerscopeError(f"could not load model {source!r}: {exc}") from exc
-    except Exception as exc:  # an adapter that cannot map this layout: name it, no raw traceback
-        raise LayerscopeError(
-            f"TransformerBridge {_tl_version()} cannot boot {source!r} "
-            f"({_arch_name(source, revision)}): {type(exc).__name__}: {exc}; "
-            "use engine: native"
-        ) from exc
-    if compatibility_mode:
-        bridge.enable_compatibility_mode(disable_warnings=True)
-    bridge.eval()
-    bridge.original_model.eval()
-    # The bridge rewrites the tokenizer (Qwen: BOS := EOS); BOS decisions use the model's own files.
-    bridge.layerscope_tokenizer = _own_tokenizer(source, revision, fallback=bridge.tokenizer)
-    info = describe_model(
-        bridge,
-        source=source,
-        revision=revision,
-        dtype=tdtype,
-        device=dev,
-        compatibility_mode=compatibility_mode,
-    )
-    info["engine"] = "bridge"
-    return bridge, info
-
-
-def _hf_config(source, revision):
-    """The transformers config of ``source`` at ``revision``."""
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(
-        os.fspath(source), **({"revision": revision} if revision else {})
-    )
-
-
-def _arch_name(source, revision) -> str:
-    """The architecture name of ``source`` for messages ("unknown architecture" if unreadable)."""
-    try:
-        config = _hf_config(source, revision)
-    except (OSError, ValueError):
-        return "unknown architecture"
-    return (getattr(config, "architectures", None) or [config.model_type])[0]
-
-
-def bridge_refusal(source, revision=None) -> str | None:
-    """Layouts where the TransformerBridge (4.3) is known to be wrong or not to boot, found by the
-    architecture matrix (tests/test_architectures.py); None where it is fine or unknown."""
-    try:
-        config = _hf_config(source, revision)
-    except (OSError, ValueError):
-        return None  # let the boot itself report it
-    if config.model_type == "falcon" and config.new_decoder_architecture:
-        return (
-            "Falcon with new_decoder_architecture: the bridge's joint-QKV split does not fit its "
-            "grouped K/V heads and it cannot boot"
-        )
-    if config.model_type == "falcon" and config.alibi:
-        return (
-            "Falcon with ALiBi: the bridge's activations differ from transformers' "
-            "(relative 0.04-0.17 on a tiny random model)"
-        )
-    return None
-
-
-def _own_tokenizer(source, revision, fallback):
-    """The model's own tokenizer from its files (``fallback`` if it cannot be loaded)."""
-    from transformers import AutoTokenizer
-
-    try:
-        kw = {"revision": revision} if revision else {}
-        return AutoTokenizer.from_pretrained(os.fspath(source), **kw)
-    except (OSError, ValueError):
-        return fallback
-
-
-ENGINES = ("auto", "native", "bridge")
-
-
-def load_engine(
-    source: str,
-    *,
-    engine: str = "auto",
-    components: Sequence[str] = (),
-    dtype: str = "float32",
-    device: str = "auto",
-    compatibility_mode: bool = False,
-    revision: str | None = None,
-    log: Callable[[str], Any] | None = None,
-):
-    """The model to cache with: the native engine (plain HF model, SDPA, hooks on its modules;
-    see :mod:`layerscope.engine.native`) or the TransformerBridge. ``engine: auto`` takes the
-    native one unless compatibility_mode is on (folded LayerNorm exists only in the bridge) or the
-    layout has no native tap point for a requested component; ``native`` refuses those cases by
-    name. Returns ``(model, info)``.
-    """
-    from layerscope.engine import native
-
-    if engine not in ENGINES:
-        raise LayerscopeError(f"engine {engine!r} not understood; expected one of {list(ENGINES)}")
-    reason = (
-        _native_refusal(source, revision, components, compatibility_mode)
-        if engine != "bridge"
-        else None
-    )
-    if engine == "native" and reason:
-        raise LayerscopeError(f"engine: native cannot run {source}: {reason}")
-    if engine == "bridge" or reason:
-        if reason and log:
-            log(f"engine: bridge ({reason})")
-        return load_model(
-            source,
-            dtype=dtype,
-            device=device,
-            compatibility_mode=compatibility_mode,
-            revision=revision,
-        )
-    dev = resolve_device(device)
-    tdtype = torch_dtype(dtype)
-    model = native.load_native(source, dtype=tdtype, device=dev, revision=revision)
-    info = describe_model(
-        model, source=source, revision=revision, dtype=tdtype, device=dev, compatibility_mode=False
-    )
-    info.update(engine="native", attn_implementation=str(model.attn_implementation))
-    return model, info
-
-
-def load_from_settings(
-    model: ModelSettings,
-    components: Sequence[str],
-    *,
-    engine: str,
-    device: str,
-    log: Callable[[str], Any] | None,
-):
-    """:func:`load_engine` for a model's typed settings (source, revision, dtype, compatibility
-    mode): what every job that runs a model loads it with."""
-    return load_engine(
-        model.source,
-        engine=engine,
-        components=list(components),
-        dtype=model.dtype,
-        device=device,
-        compatibility_mode=model.compatibility_mode,
-        revision=model.revision,
-        log=log,
-    )
-
-
-def _native_refusal(source, revision, components, compatibility_mode) -> str | None:
-    """Why the native engine cannot serve this request (None if it can)."""
-    from layerscope.engine import native
-
-    if compatibility_mode:
-        return "compatibility_mode (folded LayerNorm) exists only in the bridge"
-    try:
-        config = _hf_config(source, revision)
-        have = native.supported_components(config)
-    except (OSError, ValueError, LayerscopeError) as exc:
-        return str(exc)
-    missing = [c for c in components if c not in have]
-    return native.why_unsupported(config, missing[0]) if missing else None
-
-
-def describe_model(
-    bridge,
-    *,
-    source: str | None = None,
-    revision: str | None = None,
-    dtype=None,
-    device: str | None = None,
-    compatibility_mode: bool | None = None,
-) -> dict[str, Any]:
-    """The ``info`` dict of :func:`load_model` for an already booted bridge (or native engine)."""
-    hf = getattr(bridge, "original_model", None) or getattr(bridge, "model", None)
-    config = getattr(hf, "config", None)
-    name_or_path = getattr(config, "_name_or_path", None) or ""
-    source = source if source is not None else (name_or_path or "unknown")
-    if not revision:
-        revision = getattr(config, "_commit_hash", None)
-    if not revision:
-        revision = "local" if os.path.isdir(os.fspath(source)) else None
-    if dtype is None:
-        try:
-            dtype = next(hf.parameters()).dtype
-        except (StopIteration, AttributeError):
-            dtype = "unknown"
-    arch = getattr(bridge.cfg, "architecture", None)
-    if not arch and config is not None and getattr(config, "architectures", None):
-        arch = config.architectures[0]
-    if compatibility_mode is None:
-        compatibility_mode = bool(getattr(bridge, "compatibility_mode", False))
-    return {
-        "model": os.fspath(source),
-        "model_revision": revision,
-        "architecture": arch or "unknown",
-        "n_layers": int(bridge.cfg.n_layers),
-        "d_model": int(bridge.cfg.d_model),
-        "n_ctx": int(getattr(bridge.cfg, "n_ctx", 0) or 0),
-        "dtype": str(dtype).replace("torch.", ""),
-        "device": str(device if device is not None else getattr(bridge.cfg, "device", "cpu")),
-        "compatibility_mode": bool(compatibility_mode),
-        "transformer_lens_version": _tl_version(),
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# tokenization
-
-
-def tokenizer_adds_bos(tokenizer) -> bool:
-    """Whether the model's own tokenizer puts BOS first: it defines a BOS token and either adds it
-    when encoding (Llama, DeepSeek-R1-Distill-Qwen, Gemma, OPT) or, GPT-2 style, adds no special
-    token at all while its BOS is also its EOS document separator (GPT-2, Pythia, Phi: the
-    TransformerLens convention, kept). A tokenizer without a BOS token (Qwen2.5, Qwen3) -> False.
-    """
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return False
-    try:
-        with_special = list(tokenizer("a", add_special_tokens=True)["input_ids"])
-        plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
-    except (TypeError, KeyError, ValueError):  # a minimal tokenizer object: trust its BOS token
-        return True
-    if with_special and with_special[0] == bos:
-        return True
-    return bos == getattr(tokenizer, "eos_token_id", None) and with_special == plain
-
-
-def resolve_bos(tokenizer, policy: str | bool = "auto") -> bool:
-    """``bos: auto | true | false`` -> whether to prepend BOS. ``auto``: iff the model's own
-    tokenizer puts one first (:func:`tokenizer_adds_bos`)."""
-    if isinstance(policy, str):
-        p = policy.strip().lower()
-        if p == "auto":
-            return tokenizer_adds_bos(tokenizer)
-        if p in ("true", "yes", "1"):
-            policy = True
-        elif p in ("false", "no", "0"):
-            policy = False
-        else:
-            raise LayerscopeError(
-                f"bos policy {policy!r} not understood; expected auto, true or false"
-            )
-    if policy and getattr(tokenizer, "bos_token_id", None) is None:
-        raise LayerscopeError(
-            "bos: true, but the tokenizer has no BOS token; use bos: auto or false"
-        )
-    return bool(policy)
-
-
-def tokenize_prompts(tokenizer, texts: Sequence[str], *, prepend_bos: bool) -> list[list[int]]:
-    """Token ids of each text: ``add_special_tokens=False``, then BOS prepended if ``prepend_bos``.
-
-    Never doubles BOS: if the ids already start with the BOS id (a tokenizer that inserts it
-    anyway, or a text that starts with the BOS string) no second one is added. With
-    ``prepend_bos=False`` a BOS the tokenizer inserted on its own is removed.
-    """
-    bos_id = getattr(tokenizer, "bos_token_id", None)
-    bos_str = getattr(tokenizer, "bos_token", None)
-    if prepend_bos and bos_id is None:
-        raise LayerscopeError("prepend_bos=True but the tokenizer has no BOS token")
-    texts = list(texts)
-    if not texts:
-        return []
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    out: list[list[int]] = []
-    for text, ids in zip(texts, encoded):
-        ids = list(ids)
-        starts_with_bos = bool(ids) and bos_id is not None and ids[0] == bos_id
-        if prepend_bos:
-            if not starts_with_bos:
-                ids = [bos_id] + ids
-        elif starts_with_bos and not (bos_str and text.startswith(bos_str)):
-            ids = ids[1:]  # inserted by the tokenizer despite add_special_tokens=False
-        out.append(ids)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# batching
-
-
-def make_batches(
-    lengths: Sequence[int], batch_size: int, max_tokens_per_batch: int | None = None
-) -> list[list[int]]:
-    """Group prompt indices into batches of similar length (longest first).
-
-    A batch holds at most ``batch_size`` prompts and, if given, at most ``max_tokens_per_batch``
-    padded tokens (a single longer prompt still gets a batch of its own). Indices inside a
-    batch are ascending (prompt-table order), so results can be written with one selection.
-    """
-    if batch_size < 1:
-        raise LayerscopeError(f"batch_size must be >= 1, got {batch_size}")
-    if max_tokens_per_batch is not None and max_tokens_per_batch < 1:
-        raise LayerscopeError(f"max_tokens_per_batch must be >= 1, got {max_tokens_per_batch}")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    cur_max = 0
-    for i in order:
-        new_max = max(cur_max, lengths[i])
-        too_many = len(cur) + 1 > batch_size
-        too_big = (
-            max_tokens_per_batch is not None and (len(cur) + 1) * new_max > max_tokens_per_batch
-        )
-        if cur and (too_many or too_big):
-            batches.append(sorted(cur))
-            cur, new_max = [], lengths[i]
-        cur.append(i)
-        cur_max = new_max
-    if cur:
-        batches.append(sorted(cur))
-    return batches
-
-
-def shard_batches(
-    batches: Sequence[Sequence[int]], lengths: Sequence[int], index: int, count: int
-) -> list[list[int]]:
-    """The batches that shard ``index`` of ``count`` runs: whole batches, balanced by padded tokens.
-
-    Sharding cuts the one global batch plan rather than the prompt table, so every prompt is
-    computed in exactly the batch (same neighbours, same padding) it would get unsharded: the
-    arrays are then identical for any shard count, not merely close.
-    """
-    if count < 1 or not 0 <= index < count:
-        raise LayerscopeError(
-            f"shard {index} of {count} does not exist; shards are numbered 0..{count - 1}"
-        )
-    cost = [len(b) * max(lengths[i] for i in b) for b in batches]
-    total = sum(cost)
-    out: list[list[int]] = []
-    done = 0
-    for batch, c in zip(batches, cost):
-        # A batch belongs to the shard its midpoint falls in (integer arithmetic: no float ties).
-        if min(count - 1, (2 * done + c) * count // (2 * total)) == index:
-            out.append(list(batch))
-        done += c
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# caching
-
-
-def _token_ids(
-    tokenizer,
-    texts: Sequence[str],
-    rows: Iterable[int],
-    prepend: bool,
-    *,
-    keep: bool,
-    chunk: int = 1024,
-) -> list[Any]:
-    """Token ids of ``texts[rows]`` as int64 arrays, tokenized ``chunk`` texts at a time (a fast
-    tokenizer's per-text encodings are large; holding all of them at once costs ~6 KB a prompt).
-    With ``keep=False`` only the lengths are kept (one-element placeholders of the right ``len``).
-    """
-    rows = list(rows)
-    out: list[Any] = []
-    for start in range(0, len(rows), chunk):
-        part = [texts[i] for i in rows[start : start + chunk]]
-        for x in tokenize_prompts(tokenizer, part, prepend_bos=prepend):
-            out.append(np.asarray(x, dtype=np.int64) if keep else range(len(x)))
-    return out
 
 
 def _stop_exception(model) -> type:
@@ -501,18 +67,6 @@ def _stop_exception(model) -> type:
     if exc is None:
         from transformer_lens.model_bridge.exceptions import StopAtLayerException as exc
     return exc
-
-
-def model_device(model):
-    """The device of a model's weights: a TransformerBridge's (its original_model) or the native
-    engine's (its HF model); every sweep places its inputs there."""
-    hf = getattr(model, "original_model", None) or getattr(model, "model", None)
-    return next(iter(hf.parameters())).device
-
-
-def hook_name(component: str, layer: int) -> str:
-    """The hook point name of ``component`` in ``layer`` (``blocks.L.hook_<component>``)."""
-    return HOOKS[component].format(L=layer)
 
 
 def _check_choices(values: Iterable[str], allowed: Sequence[str], what: str) -> list[str]:
@@ -529,13 +83,6 @@ def _check_choices(values: Iterable[str], allowed: Sequence[str], what: str) -> 
     if len(set(values)) != len(values):
         raise LayerscopeError(f"duplicate {what}s in {values}")
     return values
-
-
-def _names(ids: Sequence[str], limit: int = 10) -> str:
-    """The first ``limit`` ids, comma-separated, and how many more there are."""
-    ids = [str(i) for i in ids]
-    more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
-    return ", ".join(ids[:limit]) + more
 
 
 @dataclass(frozen=True)
@@ -693,7 +240,7 @@ def _finish_store(run: _CacheRun, f, attrs: Mapping[str, Any]) -> None:
     if req.self_check:
         h5cache.set_attrs(
             f,
-            _self_check(
+            parity.self_check(
                 run.bridge,
                 f,
                 plan.ids,
@@ -782,7 +329,7 @@ def _checked_prompts(prompt_ids, texts, labels, groups) -> tuple[list, list, lis
         )
     dupes = sorted(p for p, k in Counter(prompt_ids).items() if k > 1)
     if dupes:
-        raise LayerscopeError(f"duplicate prompt_id(s): {_names(dupes)}")
+        raise LayerscopeError(f"duplicate prompt_id(s): {name_list(dupes)}")
     return prompt_ids, texts, labels, groups
 
 
@@ -805,6 +352,10 @@ def _checked_model(bridge, req: CacheRequest, model_info) -> tuple[dict[str, Any
                 + ("; parallel-attention blocks have no resid_mid" if comp == "resid_mid" else "")
                 + "); remove it from activations.components"
             )
+    hf = bridge.model if hasattr(bridge, "layout") else getattr(bridge, "original_model", None)
+    if req.self_check and not info.get("compatibility_mode") and hf is not None:
+        # before any forward pass: a component the self-check could not verify is refused now
+        parity.refuse_unchecked(req.components, hf.config, str(info.get("engine", "bridge")))
     return info, n_layers, d_model
 
 
@@ -815,7 +366,7 @@ def _check_lengths(prompt_ids, lengths, n_pooled, skip: int, n_ctx: int) -> None
     if empty:
         raise LayerscopeError(
             "prompt(s) with no tokens left to pool"
-            f"{' after leaving out BOS' if skip else ''}: {_names(empty)}"
+            f"{' after leaving out BOS' if skip else ''}: {name_list(empty)}"
         )
     if n_ctx:
         too_long = [
@@ -823,21 +374,19 @@ def _check_lengths(prompt_ids, lengths, n_pooled, skip: int, n_ctx: int) -> None
         ]
         if too_long:
             raise LayerscopeError(
-                f"prompt(s) longer than the model context of {n_ctx} tokens: {_names(too_long)}"
+                f"prompt(s) longer than the model context of {n_ctx} tokens: {name_list(too_long)}"
             )
 
 
 def _plan(bridge, req: CacheRequest, prompts, info, n_layers: int, d_model: int) -> CachePlan:
     """Tokenize, check lengths, plan the batches and the self-check sample; cut out the shard."""
-    from layerscope.engine import parity
-
     prompt_ids, texts, labels, groups = prompts
     n = len(prompt_ids)
     tokenizer = getattr(bridge, "layerscope_tokenizer", None) or bridge.tokenizer
     prepend = resolve_bos(tokenizer, req.bos_policy)
     # A shard keeps only the lengths of other shards' prompts (for the global batch plan), so its
     # memory does not grow with the dataset; the ids of its own prompts come in a second pass.
-    ids = _token_ids(tokenizer, texts, range(n), prepend, keep=req.shard is None)
+    ids = token_arrays(tokenizer, texts, range(n), prepend, keep=req.shard is None)
     skip = 1 if (prepend and req.exclude_bos_from_pooling) else 0
     lengths = [len(x) for x in ids]
     n_pooled = [max(0, L - skip) for L in lengths]
@@ -863,7 +412,7 @@ def _plan(bridge, req: CacheRequest, prompts, info, n_layers: int, d_model: int)
         prompt_ids, texts, labels, lengths, n_pooled = (
             [seq[i] for i in rows] for seq in (prompt_ids, texts, labels, lengths, n_pooled)
         )
-        ids = _token_ids(tokenizer, texts, range(len(rows)), prepend, keep=True)
+        ids = token_arrays(tokenizer, texts, range(len(rows)), prepend, keep=True)
         check_rows = [local[i] for i in check_rows if i in local]
         if groups is not None:
             groups = [groups[i] for i in rows]
@@ -958,7 +507,7 @@ def _store_attrs(bridge, req: CacheRequest, plan: CachePlan) -> dict[str, Any]:
         "model": info.get("model", "unknown"),
         "model_revision": info.get("model_revision"),
         "architecture": info.get("architecture", "unknown"),
-        "transformer_lens_version": info.get("transformer_lens_version", _tl_version()),
+        "transformer_lens_version": info.get("transformer_lens_version", tl_version()),
         "layerscope_version": LAYERSCOPE_VERSION,
         "n_layers": plan.n_layers,
         "d_model": plan.d_model,
@@ -1017,16 +566,6 @@ def _log_plan(req: CacheRequest, plan: CachePlan, device, log: Callable[[str], A
             f"{max(plan.lengths)} tokens); a prompt is never split, so those batches exceed it: "
             f"raise models.<model>.max_tokens_per_batch to at least {max(plan.lengths)}"
         )
-
-
-def batches_over_cap(
-    lengths: Sequence[int], batches: Sequence[Sequence[int]], cap: int | None
-) -> list[int]:
-    """Indices of batches whose padded size (prompts x longest) exceeds ``cap`` (a batch of one
-    prompt longer than the cap: :func:`make_batches` never splits a prompt)."""
-    if not cap:
-        return []
-    return [i for i, b in enumerate(batches) if len(b) * max(int(lengths[j]) for j in b) > int(cap)]
 
 
 def _overflow_hint(model_dtype: str, dtype_out: str) -> str:
@@ -1124,7 +663,7 @@ def _forward(run: _CacheRun, batch: list[int], T: int) -> dict:
     if len(captured) != len(run.fwd_hooks):
         keys = [(c, L) for L in range(plan.n_layers) for c in run.req.components]
         missing = [h for (h, _), key in zip(run.fwd_hooks, keys) if key not in captured]
-        raise LayerscopeError(f"hooks did not fire: {_names(missing)}")
+        raise LayerscopeError(f"hooks did not fire: {name_list(missing)}")
     return captured
 
 
@@ -1197,82 +736,6 @@ def _run_batches(run: _CacheRun, t0: float) -> None:
                 last_log = now
 
 
-def _reference_model(model, info: Mapping[str, Any]):
-    """The plain HF model the self-check recomputes with: the native engine's own model (it is
-    not wrapped), or for the bridge a separately loaded copy (the bridge swaps the HF
-    submodules)."""
-    if hasattr(model, "layout"):
-        return model.model
-    from transformers import AutoModelForCausalLM
-
-    rev = info.get("model_revision")
-    kw = {"revision": rev} if rev and rev != "local" else {}
-    dtype = torch_dtype(info.get("dtype", "float32"))
-    hf = AutoModelForCausalLM.from_pretrained(info["model"], dtype=dtype, **kw)
-    return hf.to(model_device(model)).eval()
-
-
-def _self_check(
-    model, f, ids, rows, sample_pids, prompt_ids, k, skip, components, poolings, attrs, log
-) -> dict:
-    """Recompute the sampled prompts (local ``rows`` of the open store ``f``) with plain
-    transformers and compare; raise naming architecture, component and difference beyond the
-    tolerance."""
-    from layerscope.engine import parity
-
-    arch = attrs["architecture"]
-    if attrs["compatibility_mode"]:
-        log(
-            "parity self-check skipped: compatibility_mode folds LayerNorm, "
-            "so values are not plain transformers'"
-        )
-        return {"self_check": "skipped (compatibility_mode)"}
-    tol = parity.tolerance(attrs["dtype"], attrs["out_dtype"])
-    common = {"self_check": k, "self_check_tolerance": tol, "self_check_prompts": sample_pids}
-    if not rows:
-        log(f"parity self-check: none of its sample ({_names(sample_pids)}) is in this shard")
-        return common
-    hf = _reference_model(model, attrs)
-    try:
-        ref = {r: parity.reference_pass(hf, [int(t) for t in ids[r]]) for r in rows}
-    except LayerscopeError:
-        raise
-    except Exception as exc:  # an architecture the reference cannot tap: say so, never a traceback
-        raise LayerscopeError(
-            f"parity self-check could not recompute architecture {arch}: "
-            f"{type(exc).__name__}: {exc}; set self_check: 0 to skip it"
-        ) from exc
-    missing = sorted({c for c in components for r in rows if (c, 0) not in ref[r]})
-    checked = [c for c in components if c not in missing]
-    cache: dict[tuple[str, str], np.ndarray] = {}
-
-    def stored(c, p, L, row):
-        if (c, p) not in cache:
-            cache[(c, p)] = f[f"{c}/{p}"][:, rows, :].astype(np.float64)
-        return cache[(c, p)][L, rows.index(row)]
-
-    worst = parity.compare(stored, ref, checked, poolings, attrs["n_layers"], skip)
-    biggest = max((v[0] for v in worst.values()), default=0.0)
-    log(
-        f"parity self-check on {len(rows)} prompt(s) ({_names([prompt_ids[r] for r in rows])}): "
-        f"largest relative difference from plain transformers {biggest:.3g} "
-        f"(tolerance {tol:g} for {attrs['dtype']}); "
-        + ", ".join(f"{c} {v[0]:.2g}" for c, v in worst.items())
-        + (f"; not checked (no plain-transformers tap point): {missing}" if missing else "")
-    )
-    for c, (d, L, r) in worst.items():
-        if d > tol:
-            raise LayerscopeError(
-                f"parity self-check failed: architecture {arch}, component {c}, layer {L}, "
-                f"prompt {prompt_ids[r]}: the {attrs.get('engine', 'model')} engine's values "
-                f"differ from plain transformers by {d:.3g} "
-                f"(relative; tolerance {tol:g} for {attrs['dtype']}). "
-                "These activations are not trustworthy; "
-                "try the other engine (models.<name>.engine) or report the architecture"
-            )
-    return {**common, "self_check_max_diff": biggest}
-
-
 def _write_batch(
     batch,
     captured,
@@ -1339,12 +802,8 @@ def _check_finite(
     bad_prompts = [prompt_ids[batch[r]] for r in np.flatnonzero(~finite.all(axis=0))]
     raise LayerscopeError(
         f"non-finite activations (inf/NaN) in {component}/{pooling} at layer(s) {bad_layers} "
-        f"for prompt(s) {_names(bad_prompts)}{hint}"
+        f"for prompt(s) {name_list(bad_prompts)}{hint}"
     )
-
-
-# --------------------------------------------------------------------------------------------
-# per-layer files and the workflow entry point
 
 
 def extract_layer(
@@ -1429,21 +888,6 @@ def _load_for_cache(model: ModelSettings, act: ActivationSettings, engine, devic
     return bridge, info
 
 
-def _gather_self_check(shard_paths, store_tmp) -> None:
-    """The store's self-check difference is the largest of its shards' (each checked the prompts of
-    the one table-wide sample that it holds), so it equals the unsharded job's."""
-    import h5py
-
-    diffs = []
-    for path in shard_paths:
-        with h5py.File(path, "r") as f:
-            if "self_check_max_diff" in f.attrs:
-                diffs.append(float(f.attrs["self_check_max_diff"]))
-    if diffs:
-        with h5py.File(store_tmp, "r+") as f:
-            f.attrs["self_check_max_diff"] = max(diffs)
-
-
 def gather_store(
     shard_paths: Sequence[str | os.PathLike],
     store_path: str | os.PathLike,
@@ -1452,7 +896,7 @@ def gather_store(
     """Join the shard files of one (model, dataset) into its store, atomically."""
     with atomic_path(store_path) as tmp:
         info = h5cache.gather_shards(shard_paths, tmp, out_path=store_path)
-        _gather_self_check(shard_paths, tmp)
+        parity.gather_max_diff(shard_paths, tmp)
     if log:
         log(f"gathered {len(shard_paths)} shard(s), {info['n_prompts']} prompts, into {store_path}")
     return Path(store_path)
